@@ -1,0 +1,1 @@
+"""NVA core: chart model, normalization, contradiction rules, summaries and audit."""

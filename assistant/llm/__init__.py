@@ -1,0 +1,90 @@
+"""LLM layer: one chat interface (`LlmBackend`) over OpenAI-compatible servers, transformers and llama.cpp."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .base import (
+    ChatMessage,
+    ChatResult,
+    ChatStream,
+    LlmBackend,
+    LlmConfigError,
+    LlmError,
+    LlmRequestError,
+    LlmResponseError,
+    LlmTimeout,
+    LlmUnavailable,
+)
+from .config import LlmSettings
+from .fake import ScriptedBackend
+
+__all__ = [
+    "ChatMessage",
+    "ChatResult",
+    "ChatStream",
+    "LlmBackend",
+    "LlmConfigError",
+    "LlmError",
+    "LlmRequestError",
+    "LlmResponseError",
+    "LlmSettings",
+    "LlmTimeout",
+    "LlmUnavailable",
+    "NoBackend",
+    "ScriptedBackend",
+    "make_backend",
+]
+
+
+class NoBackend(LlmBackend):
+    """Stands in when no LLM is configured: `available` is False and every call raises LlmConfigError.
+
+    Callers check `backend.available` and take their template (non-LLM) path instead.
+    """
+
+    name = "none"
+    model = ""
+
+    @property
+    def available(self) -> bool:
+        return False
+
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResult:
+        raise self._error()
+
+    def stream(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatStream:
+        raise self._error()
+
+    @staticmethod
+    def _error() -> LlmConfigError:
+        return LlmConfigError(
+            "no LLM backend configured: set NVA_LLM_BACKEND to openai, transformers or llama-cpp "
+            "(callers should check backend.available first)"
+        )
+
+
+def make_backend(settings: LlmSettings | Mapping[str, str] | None = None) -> LlmBackend:
+    """Backend named by `settings.backend`; a mapping is read like the environment (NVA_LLM_* keys).
+
+    Never returns None: `none` gives a NoBackend. Heavy imports (torch, llama_cpp) happen only for the
+    backend chosen, and models load on first use (call `.load()` on the transformers backend to warm up).
+    """
+    if settings is None:
+        settings = LlmSettings.from_env()
+    elif not isinstance(settings, LlmSettings):
+        settings = LlmSettings.from_env(settings)
+    if settings.backend == "openai":
+        from .openai_backend import OpenAIBackend
+
+        return OpenAIBackend(settings)
+    if settings.backend == "transformers":
+        from .transformers_backend import TransformersBackend
+
+        return TransformersBackend(settings)
+    if settings.backend == "llama-cpp":
+        from .llamacpp_backend import LlamaCppBackend
+
+        return LlamaCppBackend(settings)
+    return NoBackend()

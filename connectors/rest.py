@@ -1,0 +1,412 @@
+"""FHIR R4 REST client: paged searches, bounded concurrency, retries with backoff, typed OperationOutcome errors."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from assistant.model import DataQualityIssue
+from assistant.normalize import local_ref
+from assistant.settings import load_settings
+from connectors.auth import Auth, BearerAuth, SmartBackendAuth
+from connectors.base import CensusEntry, FhirSource, PatientRecord, Ward, census_from_encounters
+from connectors.errors import (
+    FhirAuthError,
+    FhirError,
+    FhirFatalError,
+    FhirNotFoundError,
+    FhirResponseError,
+    FhirTemporaryError,
+)
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
+OBSERVATION_CATEGORIES = ("laboratory", "vital-signs", "survey", "exam", "procedure", "social-history", "imaging",
+                          "therapy", "activity")
+PATIENT_SEARCHES: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("encounters", "Encounter", {}),
+    ("conditions", "Condition", {}),
+    ("allergies", "AllergyIntolerance", {}),
+    ("medication orders", "MedicationRequest", {}),
+    ("medication administrations", "MedicationAdministration", {}),
+    ("medication statements", "MedicationStatement", {}),
+    *((f"{c} observations", "Observation", {"category": c}) for c in OBSERVATION_CATEGORIES),
+    ("nursing notes", "DocumentReference", {}),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RestOptions:
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    retries: int = 4
+    backoff_base: float = 0.5
+    backoff_cap: float = 20.0
+    concurrency: int = 8
+    page_size: int = 200
+    everything: str = "auto"  # auto | always | never
+    verify: bool | str = True
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        if parsed is None:
+            return None
+        return max(parsed.timestamp() - time.time(), 0.0)
+
+
+def outcome_text(body: Any) -> str:
+    """The diagnostics of an OperationOutcome, for an error message."""
+    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
+        return ""
+    parts = []
+    for issue in body.get("issue") or []:
+        if isinstance(issue, dict):
+            detail = issue.get("diagnostics") or (issue.get("details") or {}).get("text") or issue.get("code")
+            if detail:
+                parts.append(f"{issue.get('severity', 'error')}: {detail}")
+    return "; ".join(parts)
+
+
+class RestFhirSource(FhirSource):
+    def __init__(self, base_url: str, *, auth: Auth | None = None, options: RestOptions | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.base_url = base_url.rstrip("/") + "/"
+        self.description = base_url.rstrip("/")
+        self.auth = auth or Auth()
+        self.options = options or RestOptions()
+        self._sleep = sleep
+        self._local = threading.local()
+        self._gate = threading.BoundedSemaphore(self.options.concurrency)
+        self._capabilities: dict | None = None
+        self.request_count = 0
+
+    @classmethod
+    def from_settings(cls, base_url: str, settings: Mapping[str, str] | None = None, **overrides: Any) -> RestFhirSource:
+        s = dict(load_settings() if settings is None else settings)
+        verify: bool | str = s.get("NVA_FHIR_CA_BUNDLE") or True
+        options = RestOptions(
+            connect_timeout=float(s.get("NVA_FHIR_CONNECT_TIMEOUT", 5)), read_timeout=float(s.get("NVA_FHIR_READ_TIMEOUT", 30)),
+            retries=int(s.get("NVA_FHIR_RETRIES", 4)), concurrency=int(s.get("NVA_FHIR_CONCURRENCY", 8)),
+            page_size=int(s.get("NVA_FHIR_PAGE_SIZE", 200)), everything=s.get("NVA_FHIR_EVERYTHING", "auto"),
+            verify=verify,
+        )
+        for key, value in overrides.items():
+            options = _replace(options, key, value)
+        mode = s.get("NVA_FHIR_AUTH", "none")
+        auth: Auth
+        if mode == "bearer":
+            auth = BearerAuth(s.get("NVA_FHIR_TOKEN", ""))
+        elif mode == "smart":
+            source = cls(base_url, options=options)
+            token_url = s.get("NVA_FHIR_TOKEN_URL") or source.discover_token_url()
+            auth = SmartBackendAuth.from_key_file(
+                s.get("NVA_FHIR_PRIVATE_KEY", ""), token_url=token_url, client_id=s.get("NVA_FHIR_CLIENT_ID", ""),
+                alg=s.get("NVA_FHIR_JWT_ALG", "RS384"), kid=s.get("NVA_FHIR_KEY_ID") or None,
+                scope=s.get("NVA_FHIR_SCOPE", "system/*.read"), verify=verify,
+            )
+        elif mode == "none":
+            auth = Auth()
+        else:
+            raise FhirAuthError(f"NVA_FHIR_AUTH={mode!r} is not one of none, bearer, smart")
+        return cls(base_url, auth=auth, options=options)
+
+    # --- HTTP ---------------------------------------------------------------------------------------------
+    @property
+    def session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.mount("http://", HTTPAdapter(pool_maxsize=4))
+            session.mount("https://", HTTPAdapter(pool_maxsize=4))
+            session.headers["Accept"] = "application/fhir+json, application/json;q=0.9"
+            self._local.session = session
+        return session
+
+    def url_for(self, path: str) -> str:
+        return path if path.startswith(("http://", "https://")) else urljoin(self.base_url, path.lstrip("/"))
+
+    def get_json(self, path: str, params: Mapping[str, Any] | None = None, *, expect: str | None = None) -> dict:
+        """GET with retries, one re-authentication on 401, and typed errors; returns the parsed resource."""
+        url = self.url_for(path)
+        reauthed = False
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                headers = self.auth.headers()
+                with self._gate:
+                    self.request_count += 1
+                    resp = self.session.get(url, params=params, headers=headers, verify=self.options.verify,
+                                            timeout=(self.options.connect_timeout, self.options.read_timeout))
+                    body_bytes = resp.content
+            except FhirTemporaryError as exc:
+                error: FhirError = exc
+                wait = None
+            except requests.Timeout as exc:
+                error = FhirTemporaryError(f"no answer from {_where(url)} within {self.options.read_timeout:g} s "
+                                           "(timeout); the server is slow or down", url=url)
+                error.__cause__ = exc
+                wait = None
+            except requests.ConnectionError as exc:
+                error = FhirTemporaryError(f"cannot connect to {_where(url)} ({exc.__class__.__name__}); check "
+                                           "NVA_SOURCE and that the server is up", url=url)
+                error.__cause__ = exc
+                wait = None
+            else:
+                status = resp.status_code
+                if status == 401 and self.auth.can_refresh and not reauthed:
+                    reauthed = True
+                    self.auth.refresh()
+                    attempt -= 1
+                    continue
+                if status in RETRY_STATUSES:
+                    error = FhirTemporaryError(f"{_where(url)} answered HTTP {status}"
+                                               f"{': ' + outcome_text(_maybe_json(body_bytes)) if body_bytes else ''}",
+                                               url=url, status=status)
+                    wait = _retry_after_seconds(resp.headers.get("Retry-After"))
+                else:
+                    return self._parse(resp, body_bytes, url, expect)
+            if attempt > self.options.retries:
+                raise error
+            delay = wait if wait is not None else random.uniform(  # noqa: S311 - jitter, not crypto
+                0, min(self.options.backoff_cap, self.options.backoff_base * 2 ** (attempt - 1)))
+            log.info("retrying FHIR request in %.2f s (attempt %d): %s", delay, attempt, error.__class__.__name__)
+            self._sleep(min(delay, self.options.backoff_cap * 3))
+
+    def _parse(self, resp: requests.Response, body: bytes, url: str, expect: str | None) -> dict:
+        status = resp.status_code
+        parsed = _maybe_json(body)
+        detail = outcome_text(parsed)
+        if status == 401 or status == 403:
+            raise FhirAuthError(f"{_where(url)} refused access (HTTP {status}){': ' + detail if detail else ''}; check "
+                                "the FHIR credentials and scopes", url=url, status=status)
+        if status == 404 or status == 410:
+            raise FhirNotFoundError(f"not found on the server (HTTP {status}){': ' + detail if detail else ''}",
+                                    url=url, status=status)
+        if status >= 400:
+            raise FhirFatalError(f"{_where(url)} rejected the request (HTTP {status})"
+                                 f"{': ' + detail if detail else ''}", url=url, status=status)
+        ctype = resp.headers.get("Content-Type", "")
+        if "json" not in ctype:
+            raise FhirResponseError(f"{_where(url)} answered {ctype or 'no content type'} instead of FHIR JSON; is "
+                                    "this a FHIR base URL?", url=url, status=status)
+        if not isinstance(parsed, dict):
+            raise FhirResponseError(f"{_where(url)} sent a truncated or invalid JSON body", url=url, status=status)
+        if expect and parsed.get("resourceType") != expect:
+            if parsed.get("resourceType") == "OperationOutcome":
+                raise FhirFatalError(f"{_where(url)} returned an OperationOutcome instead of a {expect}: {detail}",
+                                     url=url, status=status)
+            raise FhirResponseError(f"{_where(url)} returned {parsed.get('resourceType')!r}, expected {expect}",
+                                    url=url, status=status)
+        return parsed
+
+    # --- FHIR operations ----------------------------------------------------------------------------------
+    def capabilities(self) -> dict:
+        if self._capabilities is None:
+            self._capabilities = self.get_json("metadata", expect="CapabilityStatement")
+        return self._capabilities
+
+    def supports_everything(self) -> bool:
+        if self.options.everything in ("always", "never"):
+            return self.options.everything == "always"
+        try:
+            caps = self.capabilities()
+        except FhirError:
+            return False
+        for rest in caps.get("rest") or []:
+            for op in rest.get("operation") or []:
+                if op.get("name") == "everything":
+                    return True
+            for res in rest.get("resource") or []:
+                if res.get("type") == "Patient":
+                    for op in res.get("operation") or []:
+                        if op.get("name") == "everything":
+                            return True
+        return False
+
+    def discover_token_url(self) -> str:
+        conf = self.get_json(".well-known/smart-configuration")
+        token_url = conf.get("token_endpoint")
+        if not token_url:
+            raise FhirAuthError("the server's smart-configuration has no token_endpoint; set NVA_FHIR_TOKEN_URL")
+        return token_url
+
+    def read(self, rtype: str, rid: str) -> dict:
+        return self.get_json(f"{rtype}/{rid}", expect=rtype)
+
+    def search_pages(self, rtype: str, params: Mapping[str, Any]) -> Iterator[list[dict]]:
+        query = {"_count": self.options.page_size, **params}
+        bundle = self.get_json(rtype, query, expect="Bundle")
+        seen_urls = set()
+        while True:
+            yield [e["resource"] for e in bundle.get("entry") or []
+                   if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+                   and (e.get("search") or {}).get("mode", "match") in ("match", "include")]
+            next_url = next((link.get("url") for link in bundle.get("link") or []
+                             if isinstance(link, dict) and link.get("relation") == "next"), None)
+            if not next_url or next_url in seen_urls:
+                return
+            seen_urls.add(next_url)
+            bundle = self.get_json(next_url, expect="Bundle")
+
+    def search(self, rtype: str, params: Mapping[str, Any]) -> list[dict]:
+        out: list[dict] = []
+        for page in self.search_pages(rtype, params):
+            out.extend(page)
+        return out
+
+    def iter_patient_ids(self) -> Iterator[str]:
+        for page in self.search_pages("Patient", {"_elements": "id"}):
+            for r in page:
+                if r.get("resourceType") == "Patient" and isinstance(r.get("id"), str):
+                    yield r["id"]
+
+    def patient_resources(self, patient_id: str) -> PatientRecord:
+        patient = self.read("Patient", patient_id)
+        record = PatientRecord(patient_id, [patient], origin=self.description)
+        if self.supports_everything():
+            try:
+                resources = self.search(f"Patient/{patient_id}/$everything", {})
+                record.resources = [r for r in resources if not (r.get("resourceType") == "Patient"
+                                                                 and r.get("id") == patient_id)] + [patient]
+                self._add_referenced(record)
+                return record
+            except FhirFatalError as exc:
+                if isinstance(exc, FhirAuthError):
+                    raise
+                log.info("$everything failed (%s); falling back to per-type searches", exc.__class__.__name__)
+        searches = [(label, rtype, {"patient": patient_id, **extra}) for label, rtype, extra in PATIENT_SEARCHES]
+        with ThreadPoolExecutor(max_workers=min(len(searches), self.options.concurrency),
+                                thread_name_prefix="fhir-search") as pool:
+            futures = [(label, pool.submit(self.search, rtype, params)) for label, rtype, params in searches]
+            seen: set[str] = {f"Patient/{patient_id}"}
+            for label, future in futures:
+                try:
+                    resources = future.result()
+                except FhirAuthError:
+                    raise
+                except FhirError as exc:
+                    record.issues.append(DataQualityIssue(exc.url or self.description, "fetch-failed",
+                                                          f"{label} could not be loaded: {exc}", "error"))
+                    continue
+                for r in resources:
+                    key = f"{r.get('resourceType')}/{r.get('id')}"
+                    if key not in seen:
+                        seen.add(key)
+                        record.resources.append(r)
+        self._add_referenced(record)
+        return record
+
+    def _add_referenced(self, record: PatientRecord) -> None:
+        """Locations of the encounters and Medications the orders point to live outside the patient compartment."""
+        have = {f"{r.get('resourceType')}/{r.get('id')}" for r in record.resources}
+        wanted: list[str] = []
+        for r in record.resources:
+            if r.get("resourceType") == "Encounter":
+                for loc in r.get("location") or []:
+                    ref = local_ref(((loc or {}).get("location") or {}).get("reference"))
+                    if ref and ref not in have and ref not in wanted:
+                        wanted.append(ref)
+            med = (r.get("medicationReference") or {}).get("reference") if isinstance(r, dict) else None
+            ref = local_ref(med)
+            if ref and not ref.startswith("#") and ref not in have and ref not in wanted:
+                wanted.append(ref)
+        if not wanted:
+            return
+        with ThreadPoolExecutor(max_workers=min(len(wanted), self.options.concurrency)) as pool:
+            results = list(pool.map(self._read_ref, wanted))
+        for ref, result in zip(wanted, results, strict=True):
+            if isinstance(result, dict):
+                record.resources.append(result)
+                if result.get("resourceType") == "Location":
+                    parent = local_ref((result.get("partOf") or {}).get("reference"))
+                    if parent and parent not in have and parent not in wanted:
+                        got = self._read_ref(parent)
+                        if isinstance(got, dict):
+                            record.resources.append(got)
+                            wanted.append(parent)
+            else:
+                record.issues.append(DataQualityIssue(ref, "unresolved-reference", f"could not be read: {result}"))
+
+    def _read_ref(self, ref: str) -> dict | FhirError:
+        rtype, rid = ref.split("/", 1)
+        try:
+            return self.read(rtype, rid)
+        except FhirAuthError:
+            raise
+        except FhirError as exc:
+            return exc
+
+    def charts_concurrently(self, patient_ids: list[str], *, workers: int = 4) -> Iterator[tuple[str, Any]]:
+        """(patient id, Chart or FhirError) for many patients, several at once; order follows patient_ids."""
+        def load(pid: str) -> Any:
+            try:
+                return self.patient_chart(pid)
+            except FhirError as exc:
+                return exc
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fhir-chart") as pool:
+            yield from zip(patient_ids, pool.map(load, patient_ids), strict=True)
+
+    def wards(self) -> list[Ward]:
+        wards = []
+        for r in self.search("Location", {}):
+            kinds = [c.get("code") for c in (r.get("physicalType") or {}).get("coding", []) if isinstance(c, dict)]
+            if "wa" in kinds:
+                wards.append(Ward(f"Location/{r['id']}", r.get("name") or r["id"]))
+        return sorted(wards, key=lambda w: w.name)
+
+    def ward_census(self, ward_ref: str | None = None) -> list[CensusEntry]:
+        params: dict[str, str] = {"status": "in-progress"}
+        if ward_ref:
+            params["location"] = ward_ref
+        encounters = self.search("Encounter", params)
+        locations = {f"Location/{r['id']}": r for r in self.search("Location", {})}
+        by_patient: dict[str, list[dict]] = {}
+        for enc in encounters:
+            subject = local_ref((enc.get("subject") or {}).get("reference"))
+            if subject and subject.startswith("Patient/"):
+                by_patient.setdefault(subject.split("/", 1)[1], []).append(enc)
+        entries = []
+        for pid, encs in by_patient.items():
+            entries.extend(census_from_encounters(pid, encs, locations, ward_ref))
+        return entries
+
+
+def _maybe_json(body: bytes) -> Any:
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _where(url: str) -> str:
+    """The URL without its query string: query parameters may carry patient ids."""
+    return url.split("?", 1)[0]
+
+
+def _replace(options: RestOptions, key: str, value: Any) -> RestOptions:
+    from dataclasses import replace
+
+    return replace(options, **{key: value})

@@ -1,0 +1,1 @@
+"""Nursing guideline ingestion, vector store and hybrid retrieval."""
