@@ -263,3 +263,41 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (datetime, date)):
         return value.isoformat()
     return value
+
+
+SEVERITY_ORDER = {"high": 0, "medium": 1, "low": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class EvidenceValue:
+    """A value a finding rests on, as the nurse should read it."""
+
+    label: str  # e.g. "Potassium", "Potassium chloride 20 mEq PO BID"
+    ref: str  # ResourceType/id
+    value: str | None = None  # "5.9 mmol/L"
+    time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One chart contradiction: what, why, on which resources, and what the nurse should do."""
+
+    patient: str  # Patient/<id>
+    rule_id: str
+    category: str
+    severity: str  # high | medium | low
+    title: str
+    message: str
+    evidence: tuple[str, ...]  # every resource it rests on, ResourceType/id
+    values: tuple[EvidenceValue, ...] = ()
+    action: str = ""
+    guideline_ids: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+    verified: bool = True  # False only for LLM-suggested findings, which are shown as unverified
+
+    @property
+    def sort_key(self) -> tuple:
+        return (SEVERITY_ORDER.get(self.severity, 9), self.rule_id, self.evidence)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
