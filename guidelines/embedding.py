@@ -67,7 +67,8 @@ class SentenceTransformerEmbedder:
             raise EmbeddingModelError(f"cannot load embedding model from {path}: {exc}") from exc
         self.path = path
         self.name = DEFAULT_MODEL_NAME if model_path is None else path.name
-        dim = self._model.get_sentence_embedding_dimension()
+        get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        dim = get_dim()
         self.dimension = int(dim) if dim else int(self.embed_query("probe").shape[0])
         self.batch_size = batch_size
         self._lock = threading.Lock()

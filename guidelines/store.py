@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -257,7 +258,10 @@ class ChromaGuidelineStore(GuidelineStore):
 
     @property
     def hnsw_configuration(self) -> dict[str, Any]:
-        return dict((self._col.configuration or {}).get("hnsw") or {})
+        with warnings.catch_warnings():
+            # chroma warns about the (deliberately absent) embedding function when reading the configuration.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return dict((self._col.configuration or {}).get("hnsw") or {})
 
     def set_ef_search(self, ef_search: int) -> None:
         self._col.modify(configuration={"hnsw": {"ef_search": int(ef_search)}})

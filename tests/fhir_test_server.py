@@ -393,6 +393,8 @@ def _read_json(path: Path) -> Any:
 
 
 def _bundle_files(directory: Path) -> list[Path]:
+    if directory.is_file():
+        return [directory]
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name.endswith((".json", ".json.gz")))
 
 
@@ -463,7 +465,7 @@ def load_resources(
     mapping: dict[str, str] = {}
     if data_dir is not None:
         directory = Path(data_dir)
-        if not directory.is_dir():
+        if not directory.exists():
             raise FileNotFoundError(
                 f"FHIR data directory {directory} does not exist; pass a directory of Bundles"
             )
@@ -486,7 +488,7 @@ _DIR_CACHE_LOCK = threading.Lock()
 def _load_dir_cached(data_dir: str | Path) -> list[dict[str, Any]]:
     """Load a bundle directory once per process; resources are shared read-only between servers."""
     directory = Path(data_dir).resolve()
-    if not directory.is_dir():
+    if not directory.exists():
         raise FileNotFoundError(
             f"FHIR data directory {directory} does not exist; pass a directory of Bundles"
         )
@@ -746,7 +748,20 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class FhirTestServer:
-    """FHIR R4 server on 127.0.0.1 serving in-memory resources; see module docs for the endpoints."""
+    """FHIR R4 server on 127.0.0.1 serving in-memory resources (JSON only).
+
+    Endpoints (relative to `base_url`, i.e. http://127.0.0.1:PORT/fhir): `metadata`, `{type}/{id}`,
+    `{type}?...` and `POST {type}/_search`, `?_getpages=` paging, `Patient/{id}/$everything`, `$export`,
+    `Patient/$export`, `$export-poll-status/{job}` (GET/DELETE), `$export-file/{job}/{name}`,
+    `.well-known/smart-configuration`. Token endpoint: `token_url` (http://127.0.0.1:PORT/auth/token).
+
+    Args: data_dir (directory or file of Bundles, .json/.json.gz), resources (iterable of resource dicts),
+    port (0 = ephemeral), base_path, everything (serve/advertise Patient/$everything), bulk_export
+    (serve/advertise $export; defaults to `everything`), auth (None | "smart" | "bearer:TOKEN"), clients
+    (client_id -> PEM public key, JWK or JWKS), token_lifetime (s), latency_ms (added to every request),
+    default_count/max_count (page sizes), export_polls (202 answers before the manifest),
+    export_retry_after (s), export_max_lines (split ndjson files), search_cache_size (paging states kept).
+    """
 
     def __init__(
         self,
@@ -1413,7 +1428,7 @@ class _Handler(BaseHTTPRequestHandler):
             data = captured.get("data", b"{}")
             half = data[: max(1, len(data) // 2)]
             if p.get("mode", "body") == "connection":
-                self._status = 200
+                self._status = self._rec.status = 200
                 try:
                     self.send_response(200)
                     self.send_header("Content-Type", captured.get("content_type", FHIR_JSON))
@@ -1424,7 +1439,7 @@ class _Handler(BaseHTTPRequestHandler):
                 except OSError:
                     pass
                 self._drop()
-                self._status = 200
+                self._status = self._rec.status = 200
             else:
                 self._send(200, half, captured.get("content_type", FHIR_JSON), captured.get("headers"))
             return True
@@ -1570,7 +1585,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
         count = self._count(query)
-        token = app._store_search(results) if len(results) > count else None
+        token = app._store_search(results) if 0 < count < len(results) else None
         self._json(200, self._bundle(results, 0, count, base, root, token))
 
     def _page(self, query: dict[str, list[str]], base: str, root: str) -> None:

@@ -9,6 +9,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 import requests
@@ -370,7 +371,7 @@ def test_bulk_export_flow(fhir):
     assert done.status_code == 200
     manifest = done.json()
     assert manifest["requiresAccessToken"] is False
-    assert manifest["request"].endswith("/Patient/$export?_type=Patient,Condition")
+    assert unquote(manifest["request"]).endswith("/Patient/$export?_type=Patient,Condition")
     assert datetime.fromisoformat(manifest["transactionTime"].replace("Z", "+00:00"))
     assert {o["type"] for o in manifest["output"]} == {"Patient", "Condition"}
     for item in manifest["output"]:

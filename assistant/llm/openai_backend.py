@@ -239,15 +239,17 @@ class OpenAIBackend(LlmBackend):
             self._payload(msgs, max_tokens, temperature, json_schema, stream=False), msgs, timeout
         )
         try:
-            data = resp.json()
+            body = resp.content  # already read: non-streaming requests load the body inside post()
         except requests.exceptions.RequestException:
-            raise LlmTimeout(f"LLM server did not finish its answer within {timeout:g}s") from None
+            raise LlmUnavailable("connection to the LLM server broke mid-answer: retry") from None
+        finally:
+            resp.close()
+        try:
+            data = json.loads(body)
         except ValueError:
             raise LlmResponseError(
                 "LLM server answered with non-JSON: is NVA_LLM_BASE_URL an OpenAI-compatible /v1 root?"
             ) from None
-        finally:
-            resp.close()
         try:
             choice = data["choices"][0]
             text = choice["message"].get("content") or ""
