@@ -186,7 +186,29 @@ class TransformersBackend(LlmBackend):
 
     def load(self) -> None:
         """Load now rather than on the first call (e.g. at app start)."""
-        load_model(self.source, self.settings.torch_threads)
+        self._load()
+
+    def _load(self) -> tuple[Any, Any]:
+        return load_model(self._effective_source(), self.settings.torch_threads)
+
+    def _effective_source(self) -> ModelSource:
+        """The plain-folder copy of a GGUF when NVA_LLM_CACHE_DIR is set (made on first use), else the source."""
+        if not (self.settings.cache_dir and self.source.gguf_file):
+            return self.source
+        if self.source in _CACHE:
+            return self.source
+        gguf = Path(self.source.directory) / self.source.gguf_file
+        # The size in the name keeps a copy of an older GGUF (package upgrade) from being reused.
+        target = Path(self.settings.cache_dir).expanduser() / f"{gguf.stem}-{gguf.stat().st_size}-hf"
+        if (target / "config.json").is_file():
+            return ModelSource(str(target), None)
+        try:
+            export_hf_folder(self.source, target, self.settings.torch_threads)
+        except OSError as exc:
+            log.warning(
+                "cannot write the model copy to NVA_LLM_CACHE_DIR (%s); using the GGUF", type(exc).__name__
+            )
+        return self.source
 
     def stream(
         self,
@@ -200,7 +222,7 @@ class TransformersBackend(LlmBackend):
         msgs = check_messages(messages)
         check_params(max_tokens, temperature)
         timeout = timeout or self.settings.timeout
-        tokenizer, model = load_model(self.source, self.settings.torch_threads)
+        tokenizer, model = self._load()
         return ChatStream(
             self._generate(tokenizer, model, msgs, max_tokens, temperature, json_schema is not None, timeout)
         )

@@ -1,0 +1,620 @@
+"""Thin glue between dashboard pages and the core: config, per-session chart loading, cached models and stores."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import inspect
+import io
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from assistant.model import SEVERITY_ORDER, Chart, Finding
+from assistant.settings import load_settings, redacted
+
+log = logging.getLogger(__name__)
+
+DEMO_DIRNAME = "demo-ward"
+DEMO_WARD_REF = "Location/ward-4b"
+SEVERITIES = ("high", "medium", "low")
+_DEMO_LOCK = threading.Lock()
+
+
+# --- who is using the app ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class User:
+    name: str
+    role: str
+    local_demo: bool
+
+
+def current_user() -> User:
+    """The signed-in user. Access control arrives with its own issue; until then a local demo user."""
+    return User(name="Local demo user", role="charge-nurse", local_demo=True)
+
+
+# --- configuration -------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    source: str
+    is_demo: bool
+    anchor: datetime | None
+    data_dir: Path
+    llm_backend: str
+    settings: dict[str, str]
+    setup_error: str | None = None
+
+    @property
+    def source_kind(self) -> str:
+        if self.source.startswith(("http://", "https://")):
+            return "FHIR REST server"
+        path = Path(self.source)
+        if path.is_dir() and any(p.name.endswith((".ndjson", ".ndjson.gz")) for p in path.iterdir()):
+            return "NDJSON directory"
+        return "demo ward (bundle directory)" if self.is_demo else "bundle directory"
+
+    def rules_now(self) -> datetime:
+        """The 'now' rules judge against: the demo ward's anchor, so its scenarios stay current; else wall clock."""
+        return self.anchor if self.anchor is not None else datetime.now(UTC)
+
+    @property
+    def now_reason(self) -> str:
+        if self.anchor is not None:
+            return f"demo ward anchor ({self.anchor.isoformat(timespec='minutes')}) from ward.json"
+        return "wall clock (UTC)"
+
+    def redacted_settings(self) -> dict[str, str]:
+        return redacted(self.settings)
+
+
+def default_anchor() -> datetime:
+    return datetime.now(UTC).replace(hour=7, minute=0, second=0, microsecond=0)
+
+
+def demo_anchor(source: str) -> datetime | None:
+    """The anchor recorded in a demo ward's ward.json, or None when the source is not a demo ward."""
+    path = Path(source)
+    if source.startswith(("http://", "https://")) or not path.is_dir():
+        return None
+    manifest = path / "ward.json"
+    if not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        log.warning("ward.json in the source directory is unreadable; using wall clock")
+        return None
+    raw = data.get("anchor") if isinstance(data, dict) else None
+    if not isinstance(raw, str):
+        return None
+    try:
+        anchor = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return anchor if anchor.tzinfo else anchor.replace(tzinfo=UTC)
+
+
+def ensure_demo_ward(outdir: Path) -> None:
+    """Generate the demo ward the first time the app starts without NVA_SOURCE."""
+    with _DEMO_LOCK:
+        if outdir.is_dir() and any(outdir.iterdir()):
+            return
+        from assistant.demo_ward import generate_demo_ward
+
+        outdir.mkdir(parents=True, exist_ok=True)
+        log.info("generating the demo ward in %s", outdir)
+        generate_demo_ward(outdir, anchor=default_anchor(), seed=7)
+
+
+def app_config() -> AppConfig:
+    values = load_settings()
+    data_dir = Path(values.get("NVA_DATA_DIR") or "var")
+    spec = (values.get("NVA_SOURCE") or "").strip()
+    error = None
+    if not spec:
+        demo = data_dir / DEMO_DIRNAME
+        spec = str(demo)
+        try:
+            ensure_demo_ward(demo)
+        except Exception as exc:  # noqa: BLE001 - shown on every page so the operator can fix it
+            log.exception("demo ward generation failed")
+            error = f"the demo ward could not be generated in {demo} ({type(exc).__name__}: {exc})"
+    anchor = demo_anchor(spec)
+    return AppConfig(source=spec, is_demo=anchor is not None, anchor=anchor, data_dir=data_dir,
+                     llm_backend=(values.get("NVA_LLM_BACKEND") or "none").strip().lower(), settings=values,
+                     setup_error=error)
+
+
+# --- the chart source, one per session ---------------------------------------------------------------
+def session_source(cfg: AppConfig):
+    """This session's FhirSource. Kept in session_state (never shared): its index names patients."""
+    ss = st.session_state
+    if ss.get("_nva_source_spec") != cfg.source or ss.get("_nva_source") is None:
+        from connectors import open_source
+
+        old = ss.get("_nva_source")
+        if old is not None:
+            old.close()
+        ss["_nva_source"] = open_source(cfg.source)
+        ss["_nva_source_spec"] = cfg.source
+    return ss["_nva_source"]
+
+
+def source_file_errors(source: Any) -> list[tuple[str, str]]:
+    """Files a directory source skipped, as (file, reason)."""
+    out = []
+    for err in getattr(source, "file_errors", []) or []:
+        out.append((str(getattr(err, "path", "") or getattr(err, "source", "") or "file"),
+                    str(getattr(err, "reason", "") or err)))
+    return out
+
+
+# --- per-patient view model --------------------------------------------------------------------------
+@dataclass(slots=True)
+class News2Point:
+    time: datetime
+    score: int
+    band: str = ""
+    parts: dict[str, int] = field(default_factory=dict)
+    refs: tuple[str, ...] = ()
+    incomplete: bool = False
+
+
+@dataclass(slots=True)
+class PatientView:
+    patient_id: str
+    chart: Chart | None
+    findings: list[Finding] = field(default_factory=list)
+    news2: list[News2Point] = field(default_factory=list)
+    error: str | None = None
+    notices: list[str] = field(default_factory=list)  # parts of the view that are unavailable, and why
+    loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    load_s: float = 0.0
+
+    @property
+    def top_severity(self) -> str | None:
+        return self.findings[0].severity if self.findings else None
+
+    @property
+    def news2_latest(self) -> News2Point | None:
+        return self.news2[-1] if self.news2 else None
+
+    @property
+    def error_issues(self) -> list:
+        return [i for i in (self.chart.issues if self.chart else []) if i.severity == "error"]
+
+
+def _optional(module: str) -> Any | None:
+    """A core module written by another contributor, or None while it does not exist yet."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):
+            return None
+        raise
+
+
+def evaluate_findings(chart: Chart, now: datetime) -> tuple[list[Finding], str | None]:
+    engine = _optional("assistant.rules.engine")
+    if engine is None:
+        return [], "the rules engine is not installed; no flags are computed"
+    try:
+        findings = list(engine.evaluate(chart, now=now))
+    except Exception as exc:  # noqa: BLE001 - one failing rule set must not blank the chart
+        log.exception("rules evaluation failed")
+        return [], f"flags could not be computed ({type(exc).__name__}); the chart below is complete"
+    findings.sort(key=lambda f: f.sort_key)
+    return findings, None
+
+
+def news2_series(chart: Chart) -> tuple[list[News2Point], str | None]:
+    mod = _optional("assistant.rules.news2")
+    if mod is None:
+        return [], "the NEWS2 calculator is not installed"
+    fn = None
+    for name in ("news2_series", "series", "score_series", "news2_over_time"):
+        fn = getattr(mod, name, None)
+        if callable(fn):
+            break
+    if fn is None:
+        return [], "the NEWS2 calculator offers no time series"
+    try:
+        raw = list(fn(chart))
+    except Exception as exc:  # noqa: BLE001
+        log.exception("NEWS2 series failed")
+        return [], f"NEWS2 could not be computed ({type(exc).__name__})"
+    return [p for p in (_news2_point(item) for item in raw) if p is not None], None
+
+
+def _news2_point(item: Any) -> News2Point | None:
+    get = item.get if isinstance(item, dict) else lambda k, d=None: getattr(item, k, d)
+    when = get("time") or get("at") or get("when")
+    score = get("score", None)
+    if score is None:
+        score = get("total", None)
+    if when is None or score is None:
+        return None
+    parts = get("parts") or get("components") or get("subscores") or {}
+    if not isinstance(parts, dict):
+        parts = {str(getattr(p, "parameter", getattr(p, "name", i))): int(getattr(p, "score", 0))
+                 for i, p in enumerate(parts)}
+    return News2Point(time=when, score=int(score), band=str(get("band", "") or get("risk", "") or ""),
+                      parts={str(k): (int(v) if isinstance(v, (int, float)) else 0) for k, v in parts.items()},
+                      refs=tuple(get("refs", ()) or get("evidence", ()) or ()),
+                      incomplete=bool(get("incomplete", False) or get("partial", False)))
+
+
+def load_patient(source: Any, patient_id: str, now: datetime) -> PatientView:
+    """Chart, flags and NEWS2 of one patient. Facts first: nothing here waits for an LLM or an embedding model."""
+    from connectors.errors import FhirError
+
+    t0 = time.perf_counter()
+    try:
+        chart = source.patient_chart(patient_id)
+    except (FhirError, LookupError, ValueError) as exc:
+        return PatientView(patient_id, None, error=f"{type(exc).__name__}: {exc}", now=now,
+                           load_s=time.perf_counter() - t0)
+    view = PatientView(patient_id, chart, now=now)
+    view.findings, note = evaluate_findings(chart, now)
+    if note:
+        view.notices.append(note)
+    view.news2, note = news2_series(chart)
+    if note:
+        view.notices.append(note)
+    view.load_s = time.perf_counter() - t0
+    return view
+
+
+def _views() -> dict[str, PatientView]:
+    return st.session_state.setdefault("_nva_views", {})
+
+
+def patient_view(cfg: AppConfig, patient_id: str) -> PatientView:
+    """This session's view of a patient, loaded once until the user presses refresh."""
+    views = _views()
+    view = views.get(patient_id)
+    if view is None:
+        view = load_patient(session_source(cfg), patient_id, cfg.rules_now())
+        views[patient_id] = view
+    return view
+
+
+def refresh() -> None:
+    """Forget this session's charts and re-read the source (the next render reloads)."""
+    for key in ("_nva_views", "_nva_census", "_nva_summaries", "_nva_handoffs"):
+        st.session_state.pop(key, None)
+    src = st.session_state.pop("_nva_source", None)
+    st.session_state.pop("_nva_source_spec", None)
+    if src is not None:
+        src.close()
+
+
+@dataclass(frozen=True, slots=True)
+class WardChoice:
+    ref: str
+    name: str
+
+
+def ward_choices(cfg: AppConfig) -> list[WardChoice]:
+    source = session_source(cfg)
+    return [WardChoice(w.ref, w.name) for w in source.wards()]
+
+
+def ward_census(cfg: AppConfig, ward_ref: str | None) -> list[Any]:
+    cache = st.session_state.setdefault("_nva_census", {})
+    key = ward_ref or "*"
+    if key not in cache:
+        entries = session_source(cfg).ward_census(ward_ref)
+        seen: set[str] = set()
+        cache[key] = [e for e in entries if not (e.patient_id in seen or seen.add(e.patient_id))]
+    return cache[key]
+
+
+def ward_views(cfg: AppConfig, ward_ref: str | None) -> list[PatientView]:
+    return [patient_view(cfg, e.patient_id) for e in ward_census(cfg, ward_ref)]
+
+
+def acuity_key(view: PatientView) -> tuple:
+    """Sickest first: NEWS2, then the worst flag, then how many high flags."""
+    news = view.news2_latest.score if view.news2_latest else -1
+    worst = SEVERITY_ORDER.get(view.top_severity or "", 9)
+    highs = sum(1 for f in view.findings if f.severity == "high")
+    failed = 0 if (view.error or view.error_issues) else 1
+    return (failed, -news, worst, -highs, bed_label(view))
+
+
+def bed_label(view: PatientView) -> str:
+    enc = view.chart.encounter if view.chart else None
+    return (enc.bed_name or enc.bed_ref or "") if enc else ""
+
+
+def patient_label(view: PatientView) -> str:
+    if view.chart is None:
+        return f"Patient/{view.patient_id} (not loaded)"
+    bed = bed_label(view)
+    return f"{bed + ' · ' if bed else ''}{view.chart.patient.name}"
+
+
+# --- facts derived for display ----------------------------------------------------------------------
+def age_of(chart: Chart, now: datetime) -> int | None:
+    return chart.patient.age_on(now.date())
+
+
+def code_status(chart: Chart) -> tuple[str, str] | None:
+    """(status, ref) when the chart records a code status (resuscitation status observation or flag)."""
+    keys = ("code status", "code_status", "resuscitation", "dnr", "dnacpr", "advance directive")
+    found = None
+    for r in chart.results:
+        label = f"{r.analyte} {r.name}".lower()
+        if any(k in label for k in keys) and (r.value_text or r.value is not None):
+            found = (r.value_text or r.display_value(), r.ref)
+    return found
+
+
+@dataclass(slots=True)
+class MarEvent:
+    order_ref: str
+    order: str
+    time: datetime
+    state: str  # given | held | due | late
+    ref: str | None = None  # the administration, when there is one
+    detail: str = ""
+
+
+MAR_LATE_GRACE = timedelta(minutes=60)  # a scheduled dose counts as late once this window has passed
+
+
+def mar_events(chart: Chart, now: datetime, *, past: timedelta = timedelta(hours=24),
+               ahead: timedelta = timedelta(hours=12)) -> list[MarEvent]:
+    """Administrations and scheduled doses of active orders around `now`, each given, held, due or late."""
+    events: list[MarEvent] = []
+    orders = {o.ref: o for o in chart.orders}
+    lo, hi = now - past, now + ahead
+    matched: set[str] = set()
+    for order in chart.active_orders():
+        interval = order.timing.interval_hours()
+        start = order.start or order.authored_on
+        admins = [a for a in chart.administrations if a.order_ref == order.ref and a.time is not None]
+        if not interval or start is None:
+            continue
+        step = timedelta(hours=interval)
+        tolerance = min(step / 2, timedelta(hours=2))
+        k = max(0, int((lo - start) / step)) if start < lo else 0
+        for _ in range(2000):  # bounded: 12-hourly for years is still far below this
+            due = start + k * step
+            k += 1
+            if due > hi or (order.end and due > order.end):
+                break
+            if due < lo:
+                continue
+            hit = next((a for a in admins if a.ref not in matched and abs(a.time - due) <= tolerance), None)
+            if hit is not None:
+                matched.add(hit.ref)
+                continue
+            state = "late" if due + MAR_LATE_GRACE < now else "due"
+            events.append(MarEvent(order.ref, order.text, due, state, None, f"scheduled {due:%H:%M}"))
+    for a in chart.administrations:
+        if a.time is None or not (lo <= a.time <= hi):
+            continue
+        order = orders.get(a.order_ref or "")
+        state = "given" if a.was_given else "held"
+        detail = a.status if a.was_given else f"{a.status}{': ' + a.status_reason if a.status_reason else ''}"
+        events.append(MarEvent(a.order_ref or a.ref, order.text if order else a.text, a.time, state, a.ref, detail))
+    events.sort(key=lambda e: (e.time, e.order))
+    return events
+
+
+def pending_items(view: PatientView, *, within: timedelta = timedelta(hours=4)) -> list[str]:
+    """What the next shift must not miss: late or upcoming doses and results still pending."""
+    if view.chart is None:
+        return []
+    items: list[str] = []
+    for e in mar_events(view.chart, view.now, ahead=within):
+        if e.state == "late":
+            items.append(f"LATE {e.order} (due {e.time:%H:%M})")
+        elif e.state == "due":
+            items.append(f"{e.order} due {e.time:%H:%M}")
+    for r in view.chart.results:
+        if r.status in ("registered", "preliminary"):
+            items.append(f"{r.name} result {r.status}")
+    return items
+
+
+# --- cached models and stores (shared across sessions; no patient data) -------------------------------
+@st.cache_resource(show_spinner=False)
+def llm_backend(backend: str, settings_items: tuple[tuple[str, str], ...]) -> Any:
+    from assistant.llm import LlmSettings, make_backend
+
+    env = dict(settings_items)
+    env["NVA_LLM_BACKEND"] = backend
+    return make_backend(LlmSettings.from_env(env))
+
+
+def get_llm(cfg: AppConfig) -> Any:
+    keys = tuple(sorted((k, v) for k, v in cfg.settings.items() if k.startswith("NVA_LLM_")))
+    return llm_backend(cfg.llm_backend, keys)
+
+
+@st.cache_resource(show_spinner=False)
+def guideline_store() -> Any:
+    from guidelines.store import open_store
+
+    return open_store()
+
+
+@st.cache_resource(show_spinner=False)
+def guideline_retriever() -> Any:
+    from guidelines.embedding import get_embedder
+    from guidelines.retrieval import GuidelineRetriever
+
+    return GuidelineRetriever(guideline_store(), get_embedder())
+
+
+@dataclass(slots=True)
+class Passage:
+    citation: str
+    title: str
+    section_path: str
+    text: str
+
+
+def guideline_passages(finding: Finding, k: int = 1) -> tuple[list[Passage], str | None]:
+    """The guideline passage(s) linked to a finding: by chunk id when the rule names one, else retrieved."""
+    try:
+        store = guideline_store()
+        if store.count() == 0:
+            return [], "the guideline store is empty (run `nva guidelines ingest guidelines/corpus`)"
+        ids = [g.split(":", 1)[1] if g.startswith("guideline:") else g for g in finding.guideline_ids]
+        chunks = store.get(ids) if ids else []
+        if chunks:
+            return [Passage(f"guideline:{c.chunk_id}", str(c.metadata.get("title", "")),
+                            str(c.metadata.get("section_path", "")), c.text) for c in chunks[:k]], None
+        query = f"{finding.title}. {finding.action}".strip()
+        hits = guideline_retriever().search(query, k=k, rule_ids=[finding.rule_id])
+    except Exception as exc:  # noqa: BLE001 - guidance is helpful, never required to show a flag
+        log.warning("guideline lookup failed: %s", type(exc).__name__)
+        return [], f"guideline passages unavailable ({type(exc).__name__})"
+    return [Passage(h.citation, h.title, h.section_path, h.text) for h in hits], None
+
+
+def guideline_status() -> dict[str, Any]:
+    try:
+        stats = guideline_store().stats()
+    except Exception as exc:  # noqa: BLE001
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    last = datetime.fromtimestamp(stats.last_ingest, UTC) if stats.last_ingest else None
+    return {"ok": True, "documents": stats.documents, "chunks": stats.chunks, "last_ingest": last}
+
+
+def source_health(cfg: AppConfig) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    try:
+        source = session_source(cfg)
+        wards = source.wards()
+        patients = sum(1 for _ in source.iter_patient_ids())
+    except Exception as exc:  # noqa: BLE001 - the status page reports, it does not crash
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - t0}
+    return {"ok": True, "wards": len(wards), "patients": patients, "file_errors": source_file_errors(source),
+            "seconds": time.perf_counter() - t0, "description": getattr(source, "description", cfg.source)}
+
+
+# --- summaries and handoff --------------------------------------------------------------------------
+def summary_module() -> Any | None:
+    return _optional("assistant.summary")
+
+
+def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call a core function passing only the keyword arguments it accepts (its signature is still settling)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn(*args, **kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(*args, **kwargs)
+    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
+
+
+def compose_summary_stream(cfg: AppConfig, view: PatientView) -> Iterator[Any]:
+    """Events of the cited summary as it is composed (see assistant.summary.compose_stream)."""
+    mod = summary_module()
+    fn = getattr(mod, "compose_stream", None) if mod else None
+    if fn is None:
+        raise RuntimeError("the summary composer is not installed")
+    yield from _call(fn, view.chart, findings=view.findings, now=view.now, backend=get_llm(cfg),
+                     llm=get_llm(cfg), retriever=None)
+
+
+def handoff_for(cfg: AppConfig, view: PatientView) -> Any:
+    """I-PASS handoff without waiting for an LLM (template composer)."""
+    cache = st.session_state.setdefault("_nva_handoffs", {})
+    if view.patient_id in cache:
+        return cache[view.patient_id]
+    mod = summary_module()
+    result: Any = None
+    if mod is not None and view.chart is not None:
+        fn = getattr(mod, "ipass_handoff", None) or getattr(mod, "compose_handoff", None) or getattr(
+            mod, "handoff", None)
+        if callable(fn):
+            try:
+                result = _call(fn, view.chart, findings=view.findings, now=view.now, backend=None, llm=None)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("handoff composition failed: %s", type(exc).__name__)
+                result = None
+    cache[view.patient_id] = result
+    return result
+
+
+# --- audit ---------------------------------------------------------------------------------------------
+AUDIT_COLUMNS = ["patient", "ward", "rule_id", "severity", "category", "title", "message", "evidence", "action"]
+
+
+def audit_dir(cfg: AppConfig) -> Path:
+    return cfg.data_dir / "audit"
+
+
+def audit_runs(cfg: AppConfig) -> list[Path]:
+    root = audit_dir(cfg)
+    if not root.is_dir():
+        return []
+    return sorted(root.rglob("*.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def read_audit_jsonl(lines: Iterator[str] | list[str]) -> tuple[list[dict[str, Any]], int]:
+    """Flat finding rows from an audit JSONL (one finding a line, or one patient a line with `findings`)."""
+    rows: list[dict[str, Any]] = []
+    bad = 0
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if not isinstance(obj, dict):
+            bad += 1
+            continue
+        if isinstance(obj.get("findings"), list):
+            for f in obj["findings"]:
+                if isinstance(f, dict):
+                    rows.append(_audit_row({**{k: v for k, v in obj.items() if k != "findings"}, **f}))
+        elif "rule_id" in obj:
+            rows.append(_audit_row(obj))
+    return rows, bad
+
+
+def _audit_row(obj: dict[str, Any]) -> dict[str, Any]:
+    row = dict(obj)
+    patient = row.get("patient") or row.get("patient_ref") or row.get("patient_id") or ""
+    if patient and "/" not in str(patient):
+        patient = f"Patient/{patient}"
+    row["patient"] = patient
+    row["ward"] = row.get("ward") or row.get("ward_ref") or row.get("ward_name") or ""
+    row["severity"] = str(row.get("severity") or "low")
+    return row
+
+
+def audit_csv(rows: list[dict[str, Any]]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=AUDIT_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        flat = dict(r)
+        flat["evidence"] = " ".join(r.get("evidence") or [])
+        writer.writerow(flat)
+    return buf.getvalue().encode("utf-8")
+
+
+def audit_module() -> Any | None:
+    return _optional("assistant.audit")

@@ -1,0 +1,198 @@
+"""Normalization: unit and code tables, medication resolution, and malformed input that must not break a chart."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from assistant.normalize import PatientNotFoundError, build_chart, parse_datetime
+from assistant.terminology import terminology
+
+PID = "p1"
+
+
+def patient(**extra):
+    return {"resourceType": "Patient", "id": PID, "name": [{"given": ["Ada"], "family": "Test"}],
+            "birthDate": "1950-02-03", "gender": "female", **extra}
+
+
+def obs(oid, loinc, value, unit, *, when="2026-03-16T05:00:00Z", status="final", category="laboratory", **extra):
+    return {"resourceType": "Observation", "id": oid, "status": status, "subject": {"reference": f"Patient/{PID}"},
+            "category": [{"coding": [{"code": category}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": loinc}]}, "effectiveDateTime": when,
+            "valueQuantity": {"value": value, "unit": unit}, **extra}
+
+
+def med_request(mid, text=None, code=None, status="active", **extra):
+    concept = {}
+    if text:
+        concept["text"] = text
+    if code:
+        concept["coding"] = [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": code}]
+    return {"resourceType": "MedicationRequest", "id": mid, "status": status, "intent": "order",
+            "subject": {"reference": f"Patient/{PID}"}, "medicationCodeableConcept": concept, **extra}
+
+
+def chart_of(*resources, **kw):
+    return build_chart([patient(), *resources], source="test", **kw)
+
+
+@pytest.mark.parametrize(("loinc", "value", "unit", "analyte", "expected"), [
+    ("2823-3", 5.9, "mmol/L", "potassium", 5.9),
+    ("6298-4", 5.6, "mEq/L", "potassium", 5.6),
+    ("2345-7", 65, "mg/dL", "glucose", 65),
+    ("41653-7", 3.2, "mmol/L", "glucose", 57.6512),
+    ("15074-8", 5.0, "mmol/L", "glucose", 90.08),
+    ("2160-0", 1.2, "mg/dL", "creatinine", 1.2),
+    ("14682-9", 88.4, "umol/L", "creatinine", 1.0),
+    ("33914-3", 22, "mL/min/{1.73_m2}", "egfr", 22),
+    ("62238-1", 45, "mL/min/1.73m2", "egfr", 45),
+    ("98979-8", 28, "mL/min/1.73m2", "egfr", 28),
+    ("6301-6", 4.8, "{INR}", "inr", 4.8),
+    ("777-3", 150000, "/uL", "platelets", 150),
+    ("777-3", 210, "10*9/L", "platelets", 210),
+    ("718-7", 95, "g/L", "hemoglobin", 9.5),
+    ("10535-3", 3.2, "nmol/L", "digoxin", 2.4992),
+    ("14334-7", 1.6, "mEq/L", "lithium", 1.6),
+    ("4090-7", 24, "ug/mL", "vancomycin", 24),
+    ("8636-3", 0.52, "s", "qtc", 520),
+    ("8310-5", 98.6, "[degF]", "temperature", 37.0),
+    ("8310-5", 38.4, "Cel", "temperature", 38.4),
+    ("2951-2", 128, "mEq/L", "sodium", 128),
+])
+def test_units_convert_to_one_canonical_unit_per_analyte(loinc, value, unit, analyte, expected):
+    chart = chart_of(obs("o1", loinc, value, unit))
+    (result,) = chart.results
+    assert result.analyte == analyte
+    assert result.unit == terminology().analytes[analyte].canonical_unit
+    assert result.value == pytest.approx(expected, abs=1e-3)
+    assert result.original.value == value and result.original.unit == unit
+    assert not chart.issues
+
+
+def test_unknown_unit_is_an_issue_and_never_a_value():
+    chart = chart_of(obs("o1", "2823-3", 5.9, "mg/furlong"))
+    (result,) = chart.results
+    assert result.value is None and result.original.unit == "mg/furlong"
+    (issue,) = chart.issues
+    assert issue.code == "unknown-unit" and issue.source == "Observation/o1"
+    assert "lab_analytes.toml" in issue.message
+
+
+def test_unmapped_loinc_keeps_its_own_unit():
+    chart = chart_of(obs("o1", "1234-5", 7, "widgets"))
+    assert chart.results[0].analyte == "loinc:1234-5" and chart.results[0].unit == "widgets"
+
+
+def test_every_loinc_code_maps_to_one_analyte_only():
+    seen = {}
+    for analyte in terminology().analytes.values():
+        for code in analyte.loinc:
+            assert code not in seen, (code, seen.get(code), analyte.key)
+            seen[code] = analyte.key
+
+
+@pytest.mark.parametrize(("text", "code", "ingredient", "how"), [
+    ("KCl 20 mEq PO BID", None, "potassium-chloride", "name"),
+    ("Lasix 40 mg IV daily", None, "furosemide", "name"),
+    ("Coumadin 5 mg", None, "warfarin", "name"),
+    (None, "11289", "warfarin", "rxnorm"),
+    ("Warfarin Sodium 5 MG Oral Tablet", "855332", "warfarin", "rxnorm"),
+    ("Insulin glargine 100 unit/mL", None, "insulin-glargine", "name"),
+    ("amoxicillin 500 MG Oral Capsule", "308191", "amoxicillin", "rxnorm"),
+    ("Acetaminophen 325 MG / oxyCODONE Hydrochloride 5 MG Oral Tablet", None, "oxycodone", "name"),
+])
+def test_medication_resolves_by_rxnorm_or_by_name(text, code, ingredient, how):
+    chart = chart_of(med_request("m1", text=text, code=code))
+    (order,) = chart.orders
+    assert ingredient in order.ingredients
+    assert order.resolved_by == how
+
+
+def test_code_that_contradicts_the_name_is_flagged_and_the_name_wins():
+    chart = chart_of(med_request("m1", text="Furosemide 40 mg", code="11289"))
+    assert chart.orders[0].ingredients == ("furosemide",)
+    assert [i.code for i in chart.issues] == ["code-text-conflict"]
+
+
+def test_unknown_medication_is_an_issue():
+    chart = chart_of(med_request("m1", text="Unobtainium 5 mg"))
+    assert chart.orders[0].resolved_by == "unresolved"
+    assert chart.issues[0].code == "unknown-medication"
+
+
+def test_allergy_to_a_class_keeps_the_class():
+    allergy = {"resourceType": "AllergyIntolerance", "id": "a1", "patient": {"reference": f"Patient/{PID}"},
+               "code": {"text": "Penicillins"}, "category": ["medication"],
+               "clinicalStatus": {"coding": [{"code": "active"}]}}
+    chart = chart_of(allergy)
+    assert "penicillin" in chart.allergies[0].classes and chart.allergies[0].is_active
+
+
+def test_wrong_types_make_one_issue_and_the_rest_of_the_chart_stays():
+    bad = obs("bad", "2823-3", "five point nine", "mmol/L")
+    bad_date = obs("bad-date", "2823-3", 4.0, "mmol/L", when="yesterday")
+    good = obs("good", "2823-3", 4.1, "mmol/L")
+    chart = chart_of(bad, bad_date, good, med_request("m1", text="KCl 20 mEq", dosageInstruction="twice daily"))
+    assert [r.ref for r in chart.results] == ["Observation/good"]
+    codes = {(i.source, i.code) for i in chart.issues}
+    assert codes == {("Observation/bad", "invalid-resource"), ("Observation/bad-date", "invalid-resource"),
+                     ("MedicationRequest/m1", "invalid-resource")}
+    assert all(i.severity == "error" for i in chart.issues)
+
+
+def test_reference_to_a_missing_resource_is_reported():
+    admin = {"resourceType": "MedicationAdministration", "id": "ma1", "status": "completed",
+             "subject": {"reference": f"Patient/{PID}"}, "request": {"reference": "MedicationRequest/gone"},
+             "medicationCodeableConcept": {"text": "heparin 5000 units"}, "effectiveDateTime": "2026-03-16T06:00:00Z"}
+    by_ref = med_request("m2", medicationCodeableConcept=None, medicationReference={"reference": "Medication/x"})
+    chart = chart_of(admin, by_ref)
+    assert chart.administrations[0].order_ref == "MedicationRequest/gone"
+    issues = {(i.source, i.code) for i in chart.issues}
+    assert ("MedicationAdministration/ma1", "unresolved-reference") in issues
+    assert ("MedicationRequest/m2", "unresolved-reference") in issues
+
+
+def test_resources_of_other_patients_are_not_shown():
+    other = obs("o2", "2823-3", 6.5, "mmol/L")
+    other["subject"] = {"reference": "Patient/someone-else"}
+    assert chart_of(other).results == []
+
+
+def test_entries_that_are_not_resources_or_lack_ids():
+    chart = build_chart([patient(), "junk", {"resourceType": "Observation"}], source="t")
+    assert sorted(i.code for i in chart.issues) == ["invalid-resource", "invalid-resource"]
+
+
+def test_missing_patient_is_a_clear_error():
+    with pytest.raises(PatientNotFoundError, match="check the patient id"):
+        build_chart([patient()], source="t", patient_id="other")
+
+
+def test_strict_mode_rejects_what_fhir_resources_rejects():
+    bad = obs("o1", "2823-3", 4.0, "mmol/L", notAnR4Field=True)  # the fast path ignores unknown fields
+    chart = chart_of(bad, obs("o2", "2823-3", 4.2, "mmol/L"), strict=True)
+    assert [r.ref for r in chart.results] == ["Observation/o2"]
+    assert chart.issues[0].source == "Observation/o1" and "R4B" in chart.issues[0].message
+
+
+def test_notes_decode_and_entered_in_error_is_dropped():
+    def note(nid, text, status="current"):
+        return {"resourceType": "DocumentReference", "id": nid, "status": status,
+                "subject": {"reference": f"Patient/{PID}"}, "date": "2026-03-16T04:00:00Z",
+                "content": [{"attachment": {"contentType": "text/plain",
+                                            "data": base64.b64encode(text.encode()).decode()}}]}
+    chart = chart_of(note("n1", "Slept well."), note("n2", "wrong chart", "entered-in-error"))
+    assert [n.text for n in chart.notes] == ["Slept well."]
+
+
+@pytest.mark.parametrize(("text", "iso"), [
+    ("2026", "2026-01-01T00:00:00+00:00"),
+    ("2026-03", "2026-03-01T00:00:00+00:00"),
+    ("2026-03-16", "2026-03-16T00:00:00+00:00"),
+    ("2026-03-16T05:00:00-04:00", "2026-03-16T09:00:00+00:00"),
+    ("2026-03-16T05:00:00Z", "2026-03-16T05:00:00+00:00"),
+])
+def test_fhir_datetimes_become_utc(text, iso):
+    assert parse_datetime(text).isoformat() == iso
