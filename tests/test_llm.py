@@ -465,8 +465,8 @@ def test_real_server_json_schema_and_errors(llm_server):
 
 
 @pytest.mark.slow
-def test_transformers_backend_answers_and_streams():
-    backend = make_backend({"NVA_LLM_BACKEND": "transformers"})
+def test_transformers_backend_answers_and_streams(tmp_path):
+    backend = make_backend({"NVA_LLM_BACKEND": "transformers", "NVA_LLM_CACHE_DIR": str(tmp_path)})
     assert backend.model.endswith(".gguf")
     result = backend.chat(PROMPT, max_tokens=6)
     assert result.text.strip() and result.backend == "transformers"
@@ -483,3 +483,8 @@ def test_transformers_backend_answers_and_streams():
     next(early)
     early.close()
     assert not early.done
+
+    # NVA_LLM_CACHE_DIR got a plain transformers copy that names its architecture (what serve needs).
+    (copy,) = tmp_path.glob("*-hf")
+    assert json.loads((copy / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert "quantization_config" not in json.loads((copy / "config.json").read_text())

@@ -1,0 +1,126 @@
+"""Chart loading over REST (concurrent vs a plain sequential client) and normalization vs full R4B validation."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import requests
+
+from assistant.normalize import CHART_TYPES, build_chart, validate_strict
+from bench.common import SYNTHEA_DIR, median, stamp, table
+from connectors.bundle_dir import BundleDirSource, bundle_resources
+from connectors.rest import PATIENT_SEARCHES, RestFhirSource, RestOptions
+from tests.fhir_test_server import FhirTestServer
+
+
+def sequential_patient(base: str, pid: str, session: requests.Session) -> int:
+    """The baseline: the same searches as NVA, one request after another, following next links."""
+    count = 0
+    session.get(f"{base}/Patient/{pid}", timeout=30).raise_for_status()
+    for _label, rtype, extra in PATIENT_SEARCHES:
+        url, params = f"{base}/{rtype}", {"patient": pid, "_count": 200, **extra}
+        while url:
+            bundle = session.get(url, params=params, timeout=30).json()
+            count += len(bundle.get("entry") or [])
+            url = next((link["url"] for link in bundle.get("link", []) if link["relation"] == "next"), None)
+            params = None
+    return count
+
+
+def bench_rest(ward_dir: Path, latency_ms: int, runs: int) -> str:
+    server = FhirTestServer(ward_dir, everything=False, latency_ms=latency_ms).start()
+    try:
+        ids = sorted(e.patient_id for e in BundleDirSource(ward_dir).ward_census("Location/ward-4b"))
+        one = ids[0]
+        rows = []
+        for label, fn in (
+            ("one patient, NVA (concurrent searches)", lambda: RestFhirSource(
+                server.base_url, options=RestOptions(concurrency=8)).patient_chart(one)),
+            ("one patient, sequential client", lambda: sequential_patient(server.base_url, one, requests.Session())),
+            ("whole ward, NVA (4 patients x 8 requests in flight)", lambda: list(RestFhirSource(
+                server.base_url, options=RestOptions(concurrency=8)).charts_concurrently(ids, workers=4))),
+            ("whole ward, sequential client", lambda: [sequential_patient(server.base_url, p, s)
+                                                      for s in [requests.Session()] for p in ids]),
+        ):
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            rows.append([label, f"{median(times):.2f} s", runs])
+        single = latency_ms / 1000
+        ratio_ward = float(rows[3][1][:-2]) / float(rows[2][1][:-2])
+        ratio_one = float(rows[0][1][:-2]) / single
+        text = table(["load over REST, %d ms latency per request, %d patients" % (latency_ms, len(ids)),
+                      "median", "runs"], rows)
+        text += (f"\n\nWhole ward: NVA is **{ratio_ward:.1f}x** faster than the sequential client (target >= 5x). "
+                 f"One patient: **{ratio_one:.1f}x** the injected single-request latency of {latency_ms} ms "
+                 "(target <= 2x of the slowest single request, which is latency + server time).")
+        return text
+    finally:
+        server.stop()
+
+
+def bench_normalize(runs: int) -> str:
+    bundles = []
+    for path in sorted(SYNTHEA_DIR.glob("*.json.gz")):
+        resources, _ = bundle_resources(json.loads(gzip.decompress(path.read_bytes())), str(path))
+        bundles.append((resources[0]["id"], resources))
+    total = sum(1 for _, rs in bundles for r in rs if r["resourceType"] in CHART_TYPES)
+
+    def normalize():
+        for pid, resources in bundles:
+            build_chart(resources, source="bench", patient_id=pid)
+
+    def validate():
+        for _pid, resources in bundles:
+            for r in resources:
+                if r["resourceType"] in CHART_TYPES:  # the same resources normalization reads
+                    validate_strict(r)
+
+    rows = []
+    results = {}
+    for label, fn, n in (("NVA normalization (fast path, checked accessors)", normalize, runs),
+                         ("fhir.resources R4B full validation (baseline)", validate, 1)):
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        results[label] = median(times)
+        rows.append([label, f"{total / median(times):,.0f} resources/s", f"{median(times):.2f} s", n])
+    ratio = results[rows[1][0]] / results[rows[0][0]]
+    return (table([f"Synthea set, {len(bundles)} patients, {total:,} chart resources", "throughput", "median time", "runs"],
+                  rows) + f"\n\nNormalization is **{ratio:.0f}x** faster than validating the same resources with "
+            "fhir.resources (which builds a pydantic model per resource and does not normalize).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--latency-ms", type=int, default=50)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    from assistant.demo_ward import generate_demo_ward
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ward = Path(tmp) / "ward"
+        generate_demo_ward(ward, anchor=datetime(2026, 3, 16, 7, tzinfo=UTC), seed=7)
+        rest = bench_rest(ward, args.latency_ms, args.runs)
+    norm = bench_normalize(args.runs)
+    text = f"## Chart loading and normalization\n\nMeasured {stamp()}.\n\n{rest}\n\n{norm}\n"
+    sys.stdout.write(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
