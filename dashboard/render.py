@@ -1,0 +1,466 @@
+"""Rendering helpers shared by the dashboard pages: banners, flags, tables, charts and the source viewer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from assistant.model import Chart, Finding, Result
+from dashboard import services
+
+SEVERITY_COLORS = {"high": "#b42318", "medium": "#b54708", "low": "#1d4ed8"}
+SEVERITY_BADGE = {"high": "red", "medium": "orange", "low": "blue"}
+MAR_COLORS = {"given": "#15803d", "held": "#6b7280", "due": "#1d4ed8", "late": "#b42318"}
+VITALS = (("heart_rate", "Heart rate"), ("respiratory_rate", "Respiratory rate"), ("spo2", "SpO2"),
+          ("systolic_bp", "Systolic BP"), ("temperature", "Temperature"))
+
+CSS = """
+<style>
+[class*="st-key-flag-high"] { border-left: 6px solid #b42318 !important; }
+[class*="st-key-flag-medium"] { border-left: 6px solid #b54708 !important; }
+[class*="st-key-flag-low"] { border-left: 6px solid #1d4ed8 !important; }
+.nva-allergy { background:#fef3f2; border:2px solid #b42318; color:#7a271a; padding:0.45rem 0.8rem;
+  border-radius:0.4rem; font-weight:600; margin:0.25rem 0 0.5rem 0; }
+.nva-allergy.nka { background:#ecfdf3; border-color:#15803d; color:#14532d; }
+.nva-allergy.unknown { background:#fffaeb; border-color:#b54708; color:#7a2e0e; }
+.nva-demo { background:#eef4ff; border:1px solid #1d4ed8; color:#1e3a8a; padding:0.3rem 0.7rem;
+  border-radius:0.4rem; font-size:0.85rem; }
+.nva-muted { color:#475467; font-size:0.85rem; }
+@media print {
+  [data-testid="stSidebar"], [data-testid="stHeader"], [data-testid="stToolbar"], .stButton,
+  .stDownloadButton, [data-testid="stSidebarCollapsedControl"] { display:none !important; }
+  .block-container { padding-top: 0 !important; }
+}
+</style>
+"""
+
+
+def page_setup() -> None:
+    st.markdown(CSS, unsafe_allow_html=True)
+
+
+def demo_banner() -> None:
+    user = services.current_user()
+    if user.local_demo:
+        st.markdown(f'<div class="nva-demo">Local demo mode: signed in as {user.name} ({user.role}). '
+                    "No access control is active.</div>", unsafe_allow_html=True)
+
+
+def fmt_time(when: datetime | None, now: datetime | None = None) -> str:
+    if when is None:
+        return "time unknown"
+    text = when.strftime("%d %b %H:%M")
+    if now is not None:
+        delta = now - when
+        if timedelta(0) <= delta < timedelta(hours=48):
+            hours = int(delta.total_seconds() // 3600)
+            text += f" ({hours} h ago)" if hours else f" ({int(delta.total_seconds() // 60)} min ago)"
+    return text
+
+
+def severity_badge(severity: str) -> str:
+    return f":{SEVERITY_BADGE.get(severity, 'gray')}-badge[{severity.upper()}]"
+
+
+# --- banners -----------------------------------------------------------------------------------------
+def load_banners(view: services.PatientView, file_errors: list[tuple[str, str]] | None = None) -> None:
+    """A visible banner for every part of the chart that could not be loaded: which part, and why."""
+    if view.error:
+        st.error(f"**The chart of Patient/{view.patient_id} could not be loaded.** {view.error}", icon=":material/error:")
+    issues = view.error_issues
+    if issues:
+        lines = "\n".join(f"- **{i.source}**: {i.message} ({i.code})" for i in issues[:12])
+        more = f"\n- ... and {len(issues) - 12} more" if len(issues) > 12 else ""
+        st.error(f"**Part of this chart could not be loaded** ({len(issues)} problem"
+                 f"{'s' if len(issues) != 1 else ''}); what is shown may be incomplete:\n{lines}{more}",
+                 icon=":material/report:")
+    if file_errors:
+        lines = "\n".join(f"- **{f}**: {why}" for f, why in file_errors[:12])
+        st.error(f"**{len(file_errors)} source file(s) could not be read**; patients in them are missing:\n{lines}",
+                 icon=":material/report:")
+    for note in view.notices:
+        st.info(note, icon=":material/info:")
+
+
+# --- header ------------------------------------------------------------------------------------------
+def patient_header(view: services.PatientView) -> None:
+    chart = view.chart
+    assert chart is not None
+    p = chart.patient
+    age = services.age_of(chart, view.now)
+    enc = chart.encounter
+    where = " · ".join(x for x in ((enc.ward_name if enc else None), (f"Bed {enc.bed_name}" if enc and enc.bed_name
+                                                                       else None)) if x) or "location not recorded"
+    st.markdown(f"## {p.name}")
+    bits = [f"**{age} y**" if age is not None else "age unknown", (p.sex or "sex not recorded").capitalize(),
+            where, f"MRN {p.mrn}" if p.mrn else None, f"`{p.ref}`"]
+    st.markdown(" · ".join(b for b in bits if b))
+    if enc and enc.reason:
+        st.caption(f"Admitted {fmt_time(enc.start)} for {enc.reason}")
+    allergy_banner(chart)
+    status = services.code_status(chart)
+    if status:
+        st.markdown(f"**Code status:** {status[0]} <span class='nva-muted'>({status[1]})</span>",
+                    unsafe_allow_html=True)
+
+
+def allergy_banner(chart: Chart) -> None:
+    active = chart.active_allergies()
+    if active:
+        parts = []
+        for a in active:
+            crit = f" — {a.criticality} criticality" if a.criticality and a.criticality != "unable-to-assess" else ""
+            react = f" ({', '.join(a.reactions)})" if a.reactions else ""
+            parts.append(f"{a.substance}{react}{crit}")
+        st.markdown(f'<div class="nva-allergy">ALLERGIES: {"; ".join(_esc(x) for x in parts)}</div>',
+                    unsafe_allow_html=True)
+    elif any(a.no_known_allergy for a in chart.allergies):
+        st.markdown('<div class="nva-allergy nka">No known allergies (recorded)</div>', unsafe_allow_html=True)
+    else:
+        st.markdown('<div class="nva-allergy unknown">Allergy status not recorded — ask and document</div>',
+                    unsafe_allow_html=True)
+
+
+def _esc(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# --- flags -------------------------------------------------------------------------------------------
+def flags_section(view: services.PatientView, key: str) -> list[tuple[Finding, Any]]:
+    """Severity-sorted flags; returns (finding, placeholder) pairs to fill with guideline passages later."""
+    st.markdown(f"### Flags ({len(view.findings)})")
+    if not view.findings:
+        st.success("No chart contradictions found by the rules.", icon=":material/check_circle:")
+        return []
+    slots = []
+    for n, f in enumerate(view.findings):
+        with st.container(border=True, key=f"flag-{f.severity}-{key}-{n}"):
+            st.markdown(f"{severity_badge(f.severity)} **{f.title}** <span class='nva-muted'>· {f.rule_id}"
+                        f"{'' if f.verified else ' · UNVERIFIED (LLM-suggested)'}</span>", unsafe_allow_html=True)
+            st.markdown(f.message)
+            if f.values:
+                rows = [{"Evidence": v.label, "Value": v.value or "", "Time": fmt_time(v.time, view.now),
+                         "Source": v.ref} for v in f.values]
+                st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+            if f.action:
+                st.markdown(f"**Suggested nursing action:** {f.action}")
+            citation_buttons(view, list(dict.fromkeys(f.evidence)), key=f"{key}-flag{n}")
+            slots.append((f, st.empty()))
+    return slots
+
+
+def fill_guideline(slot: Any, finding: Finding) -> None:
+    passages, note = services.guideline_passages(finding)
+    with slot.container():
+        if passages:
+            p = passages[0]
+            with st.expander(f"Guideline: {p.title} — {p.section_path}", expanded=False):
+                st.markdown(p.text)
+                st.caption(p.citation)
+        elif note:
+            st.caption(note)
+
+
+# --- source viewer -----------------------------------------------------------------------------------
+def citation_buttons(view: services.PatientView, refs: list[str], key: str, label: str = "Sources") -> None:
+    if not refs:
+        return
+    cols = st.columns(min(len(refs), 4) + 1, vertical_alignment="center")
+    cols[0].caption(label)
+    for i, ref in enumerate(refs):
+        col = cols[1 + i % 4]
+        if col.button(ref, key=f"cite-{key}-{i}", type="tertiary", icon=":material/description:"):
+            show_source(view, ref)
+
+
+@st.dialog("Source", width="large")
+def show_source(view: services.PatientView, ref: str) -> None:
+    render_source(view, ref)
+
+
+def render_source(view: services.PatientView, ref: str) -> None:
+    st.markdown(f"#### {ref}")
+    if ref.startswith("guideline:"):
+        _render_guideline_source(ref)
+        return
+    chart = view.chart
+    raw = chart.resources.get(ref) if chart else None
+    fact = find_fact(chart, ref) if chart else None
+    if raw is None and fact is None:
+        st.warning(f"{ref} is not in this chart; it may have been filtered out or failed to load.")
+        return
+    rows = readable_rows(fact, raw)
+    if rows:
+        st.table(pd.DataFrame(rows, columns=["Field", "Value"]).set_index("Field"))
+    text = getattr(fact, "text", None)
+    if text and type(fact).__name__ == "Note":
+        st.text(text)
+    if raw is not None and st.toggle("Show raw JSON", key=f"raw-{ref}"):
+        st.code(json.dumps(raw, indent=2, ensure_ascii=False), language="json")
+
+
+def _render_guideline_source(ref: str) -> None:
+    try:
+        chunks = services.guideline_store().get([ref.split(":", 1)[1]])
+    except Exception as exc:  # noqa: BLE001
+        st.warning(f"the guideline store is unavailable ({type(exc).__name__})")
+        return
+    if not chunks:
+        st.warning("this guideline passage is no longer in the store")
+        return
+    c = chunks[0]
+    st.markdown(f"**{c.metadata.get('title', '')}** — {c.metadata.get('section_path', '')}")
+    st.markdown(c.text)
+
+
+def find_fact(chart: Chart | None, ref: str) -> Any | None:
+    if chart is None:
+        return None
+    if ref == chart.patient.ref:
+        return chart.patient
+    for group in (chart.results, chart.orders, chart.administrations, chart.allergies, chart.conditions,
+                  chart.notes, chart.encounters):
+        for item in group:
+            if item.ref == ref:
+                return item
+    return None
+
+
+_LABELS = {"ref_low": "Reference low", "ref_high": "Reference high", "value_text": "Value (text)",
+           "order_ref": "Order", "status_reason": "Reason", "dose_text": "Dose", "resolved_by": "Resolved by",
+           "birth_date": "Born", "mrn": "MRN", "bed_name": "Bed", "ward_name": "Ward", "class_code": "Class"}
+_SKIP = {"ref", "ingredients", "classes", "rxnorm_codes", "codes", "ward_ref", "bed_ref", "text"}
+
+
+def readable_rows(fact: Any, raw: dict | None) -> list[tuple[str, str]]:
+    """Field/value rows a nurse can read: the normalized fact when there is one, else the resource's top level."""
+    rows: list[tuple[str, str]] = []
+    if fact is not None and is_dataclass(fact):
+        if isinstance(fact, Result):
+            rows.append(("Value", fact.display_value() or "—"))
+        for k, v in asdict(fact).items():
+            if k in _SKIP or v in (None, "", (), [], {}) or (k == "text" and type(fact).__name__ == "Note"):
+                continue
+            rows.append((_LABELS.get(k, k.replace("_", " ").capitalize()), _fmt_value(v)))
+        if hasattr(fact, "text") and type(fact).__name__ != "Note":
+            rows.insert(0, ("Name", str(fact.text)))
+        return rows
+    if raw:
+        for k, v in raw.items():
+            if k in ("meta", "text", "contained") or isinstance(v, (dict, list)) and k not in ("code", "name",
+                                                                                                   "physicalType"):
+                continue
+            rows.append((k, _fmt_value(v)))
+    return rows
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, datetime):
+        return v.strftime("%Y-%m-%d %H:%M %Z").strip()
+    if isinstance(v, dict):
+        if "value" in v and "unit" in v:
+            return f"{v['value']} {v['unit']}"
+        if "text" in v and v["text"]:
+            return str(v["text"])
+        for c in v.get("coding", []) or []:
+            if isinstance(c, dict) and (c.get("display") or c.get("code")):
+                return str(c.get("display") or c.get("code"))
+        return ", ".join(f"{k}: {_fmt_value(x)}" for k, x in v.items() if x not in (None, "", [], {}))
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt_value(x) for x in v)
+    return str(v)
+
+
+# --- summary -----------------------------------------------------------------------------------------
+def summary_section(cfg: services.AppConfig, view: services.PatientView, slot: Any) -> None:
+    """Stream the cited summary into `slot`; only verified sentences are shown as fact."""
+    from dashboard.summary_view import stream_summary
+
+    stream_summary(cfg, view, slot)
+
+
+# --- labs --------------------------------------------------------------------------------------------
+def _is_lab(r: Result) -> bool:
+    return r.category == "laboratory" and r.is_usable
+
+
+def labs_table(chart: Chart, now: datetime) -> pd.DataFrame:
+    rows = []
+    for r in chart.results:
+        if not _is_lab(r):
+            continue
+        rng = ""
+        if r.ref_low is not None or r.ref_high is not None:
+            rng = f"{'' if r.ref_low is None else _num(r.ref_low)}–{'' if r.ref_high is None else _num(r.ref_high)}"
+        rows.append({"Time": r.time, "Test": r.name, "Value": r.display_value(), "Reference": rng,
+                     "Flag": (r.interpretation or ("abnormal" if r.abnormal else "")) if r.abnormal else "",
+                     "Status": r.status, "Source": r.ref})
+    df = pd.DataFrame(rows, columns=["Time", "Test", "Value", "Reference", "Flag", "Status", "Source"])
+    return df.sort_values("Time", ascending=False) if not df.empty else df
+
+
+def _num(x: float) -> str:
+    from assistant.model import format_number
+
+    return format_number(x)
+
+
+def labs_section(view: services.PatientView, key: str) -> None:
+    chart = view.chart
+    assert chart is not None
+    st.markdown("### Labs")
+    df = labs_table(chart, view.now)
+    if df.empty:
+        st.caption("No laboratory results in this chart.")
+        return
+
+    def highlight(row: pd.Series) -> list[str]:
+        style = "background-color: #fde2e1; color: #7a271a; font-weight: 600" if row["Flag"] else ""
+        return [style] * len(row)
+
+    st.dataframe(df.style.apply(highlight, axis=1), hide_index=True, width="stretch",
+                 column_config={"Time": st.column_config.DatetimeColumn(format="DD MMM HH:mm")})
+    analytes: dict[str, str] = {}
+    for r in chart.results:
+        if _is_lab(r) and r.value is not None:
+            analytes.setdefault(r.analyte, r.name)
+    abnormal = [a for a in analytes if any(r.abnormal for r in chart.results_for(a))]
+    chosen = st.multiselect("Trend", options=list(analytes), default=abnormal[:4] or list(analytes)[:2],
+                            format_func=lambda a: analytes[a], key=f"trend-{key}")
+    cols = st.columns(2)
+    for i, analyte in enumerate(chosen):
+        with cols[i % 2]:
+            st.altair_chart(trend_chart(chart.results_for(analyte), analytes[analyte]), width="stretch")
+
+
+def trend_chart(results: list[Result], title: str) -> alt.LayerChart | alt.Chart:
+    rows = [{"time": r.time, "value": r.value, "abnormal": "abnormal" if r.abnormal else "in range",
+             "display": r.display_value(), "ref": r.ref} for r in results if r.value is not None]
+    df = pd.DataFrame(rows)
+    unit = next((r.unit for r in results if r.unit), "")
+    base = alt.Chart(df).encode(x=alt.X("time:T", title=None, axis=alt.Axis(format="%d %b %H:%M")))
+    line = base.mark_line(color="#334155").encode(y=alt.Y("value:Q", title=unit or None,
+                                                          scale=alt.Scale(zero=False)))
+    points = base.mark_point(filled=True, size=60).encode(
+        y="value:Q",
+        color=alt.Color("abnormal:N", scale=alt.Scale(domain=["in range", "abnormal"], range=["#334155", "#b42318"]),
+                        legend=None),
+        tooltip=[alt.Tooltip("time:T", format="%d %b %H:%M"), "display:N", "ref:N"])
+    layers: list[Any] = []
+    low = next((r.ref_low for r in reversed(results) if r.ref_low is not None), None)
+    high = next((r.ref_high for r in reversed(results) if r.ref_high is not None), None)
+    if low is not None or high is not None and not df.empty:
+        lo = low if low is not None else min(df["value"].min(), high)  # type: ignore[type-var]
+        hi = high if high is not None else max(df["value"].max(), low)  # type: ignore[type-var]
+        band = alt.Chart(pd.DataFrame({"lo": [lo], "hi": [hi]})).mark_rect(color="#16a34a", opacity=0.12).encode(
+            y="lo:Q", y2="hi:Q")
+        layers.append(band)
+    layers += [line, points]
+    return alt.layer(*layers).properties(title=title, height=180)
+
+
+# --- vitals & NEWS2 ------------------------------------------------------------------------------------
+def vitals_section(view: services.PatientView, key: str) -> None:
+    chart = view.chart
+    assert chart is not None
+    st.markdown("### Vital signs and NEWS2")
+    latest = view.news2_latest
+    cols = st.columns(len(VITALS) + 1)
+    cols[0].metric("NEWS2", "—" if latest is None else str(latest.score),
+                   help=None if latest is None else f"{latest.band} at {fmt_time(latest.time, view.now)}")
+    for col, (analyte, label) in zip(cols[1:], VITALS, strict=True):
+        r = chart.latest(analyte)
+        col.metric(label, r.display_value() if r else "—", help=f"{fmt_time(r.time, view.now)} · {r.ref}" if r else None)
+    rows = []
+    for analyte, label in VITALS:
+        for r in chart.results_for(analyte):
+            if r.value is not None:
+                rows.append({"time": r.time, "value": r.value, "vital": label, "display": r.display_value()})
+    if not rows and not view.news2:
+        st.caption("No vital signs recorded.")
+        return
+    charts = []
+    if view.news2:
+        nd = pd.DataFrame([{"time": p.time, "NEWS2": p.score, "band": p.band or "",
+                            "parts": ", ".join(f"{k} {v}" for k, v in p.parts.items() if v)} for p in view.news2])
+        bands = alt.Chart(pd.DataFrame({"lo": [0, 5, 7], "hi": [4.5, 6.5, 20],
+                                        "risk": ["low", "medium", "high"]})).mark_rect(opacity=0.10).encode(
+            y="lo:Q", y2="hi:Q", color=alt.Color("risk:N", scale=alt.Scale(
+                domain=["low", "medium", "high"], range=["#16a34a", "#f59e0b", "#b42318"]), legend=None))
+        news = alt.Chart(nd).mark_line(point=True, color="#0f172a", interpolate="step-after").encode(
+            x=alt.X("time:T", title=None), y=alt.Y("NEWS2:Q", scale=alt.Scale(domain=[0, max(10, int(nd.NEWS2.max()) + 1)])),
+            tooltip=[alt.Tooltip("time:T", format="%d %b %H:%M"), "NEWS2:Q", "band:N", "parts:N"])
+        charts.append((bands + news).properties(title="NEWS2 over time", height=170))
+    if rows:
+        vd = pd.DataFrame(rows)
+        vit = alt.Chart(vd).mark_line(point=True).encode(
+            x=alt.X("time:T", title=None), y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
+            color=alt.Color("vital:N", legend=None),
+            tooltip=[alt.Tooltip("time:T", format="%d %b %H:%M"), "vital:N", "display:N"],
+        ).properties(height=110, width="container").facet(row=alt.Row("vital:N", title=None)).resolve_scale(y="independent")
+        charts.append(vit)
+    for c in charts:
+        st.altair_chart(c, width="stretch")
+
+
+# --- medications -------------------------------------------------------------------------------------
+def meds_section(view: services.PatientView, key: str) -> None:
+    chart = view.chart
+    assert chart is not None
+    st.markdown("### Active medications")
+    orders = chart.active_orders()
+    if not orders:
+        st.caption("No active medication orders.")
+    else:
+        rows = [{"Medication": o.text, "Dose": o.dose_text or (str(o.dose) if o.dose else ""), "Route": o.route or "",
+                 "Schedule": o.timing.text or _schedule(o), "Started": o.start or o.authored_on, "Source": o.ref}
+                for o in orders]
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
+                     column_config={"Started": st.column_config.DatetimeColumn(format="DD MMM HH:mm")})
+    events = services.mar_events(chart, view.now)
+    if not events:
+        return
+    counts = {s: sum(1 for e in events if e.state == s) for s in MAR_COLORS}
+    st.markdown("**MAR timeline** (24 h back, 12 h ahead) — " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    df = pd.DataFrame([{"time": e.time, "order": e.order[:48], "state": e.state, "detail": e.detail,
+                        "ref": e.ref or e.order_ref} for e in events])
+    marks = alt.Chart(df).mark_point(filled=True, size=110).encode(
+        x=alt.X("time:T", title=None, axis=alt.Axis(format="%d %b %H:%M")),
+        y=alt.Y("order:N", title=None, axis=alt.Axis(labelLimit=260)),
+        color=alt.Color("state:N", scale=alt.Scale(domain=list(MAR_COLORS), range=list(MAR_COLORS.values())),
+                        legend=alt.Legend(orient="top", title=None)),
+        shape=alt.Shape("state:N", scale=alt.Scale(domain=list(MAR_COLORS),
+                                                   range=["circle", "square", "triangle-up", "diamond"]), legend=None),
+        tooltip=[alt.Tooltip("time:T", format="%d %b %H:%M"), "order:N", "state:N", "detail:N", "ref:N"])
+    now_rule = alt.Chart(pd.DataFrame({"time": [view.now]})).mark_rule(color="#0f172a", strokeDash=[4, 3]).encode(
+        x="time:T")
+    st.altair_chart((marks + now_rule).properties(height=max(120, 34 * df.order.nunique())), width="stretch")
+
+
+def _schedule(order: Any) -> str:
+    t = order.timing
+    if t.as_needed:
+        return "as needed"
+    hours = t.interval_hours()
+    return f"every {hours:g} h" if hours else ""
+
+
+# --- notes -------------------------------------------------------------------------------------------
+def notes_section(view: services.PatientView, key: str, limit: int = 5) -> None:
+    chart = view.chart
+    assert chart is not None
+    st.markdown("### Recent nursing notes")
+    notes = sorted(chart.notes, key=lambda n: n.time or datetime.min.replace(tzinfo=view.now.tzinfo), reverse=True)
+    if not notes:
+        st.caption("No notes in this chart.")
+        return
+    for n in notes[:limit]:
+        with st.expander(f"{fmt_time(n.time, view.now)} — {n.title}{' — ' + n.author if n.author else ''}"):
+            st.text(n.text or "(empty note)")
+            st.caption(n.ref)
