@@ -41,8 +41,9 @@ def format_chart_text(chart: Chart) -> str:
     lines = [f"{p.name}  {p.sex or ''}  born {p.birth_date or '?'}  MRN {p.mrn or '-'}  [{p.ref}]"]
     if chart.encounter:
         e = chart.encounter
-        lines.append(f"Encounter {e.status} since {e.start:%Y-%m-%d %H:%M} on {e.ward_name or '?'} bed "
-                     f"{e.bed_name or '?'}  [{e.ref}]" if e.start else f"Encounter {e.status}  [{e.ref}]")
+        since = f" since {e.start:%Y-%m-%d %H:%M}" if e.start else ""
+        lines.append(f"Encounter {e.status}{since}, {e.ward_name or 'ward unknown'}, {e.bed_name or 'bed unknown'}"
+                     f"  [{e.ref}]")
     lines.append("Allergies:")
     lines += [f"  - {a.substance} ({a.criticality or 'criticality unknown'})  [{a.ref}]" for a in chart.active_allergies()]
     if not chart.active_allergies():
@@ -161,7 +162,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.handler(args, out) or 0)
+        handler = getattr(args, "handler", None)
+        if handler is None:  # subcommands registered by capability modules take (args) and write to stdout
+            return int(args.func(args) or 0)
+        return int(handler(args, out) or 0)
+    except BrokenPipeError:  # `nva ... | head` closed the pipe: not an error worth a traceback
+        sys.stderr.close()
+        return 0
     except FhirError as exc:
         sys.stderr.write(f"nva: error: {exc}\n")
         return 2

@@ -426,7 +426,7 @@ class ChartBuilder:
             dose_text=dose_text, route=route, timing=timing,
             authored_on=parse_datetime(r.get("authoredOn"), f"{ref}.authoredOn"),
             start=parse_datetime(period.get("start"), ref) or _timing_start(instructions, ref),
-            end=parse_datetime(period.get("end"), ref),
+            end=parse_datetime(period.get("end"), ref) or _timing_end(instructions, ref),
         )
 
     def _statement(self, r: dict, ref: str) -> MedicationOrder:
@@ -512,7 +512,15 @@ class ChartBuilder:
                 try:
                     value = self.terms.to_canonical(analyte, original.value, original.unit)
                 except UnknownUnitError as exc:
-                    self.issues.append(DataQualityIssue(ref, "unknown-unit", str(exc)))
+                    # The human-readable unit may be free text ("beats/minute"); the UCUM code is authoritative.
+                    vq = holder.get("valueQuantity")
+                    code = vq.get("code") if isinstance(vq, dict) else None
+                    try:
+                        if not isinstance(code, str) or code == original.unit:
+                            raise exc
+                        value = self.terms.to_canonical(analyte, original.value, code)
+                    except UnknownUnitError:
+                        self.issues.append(DataQualityIssue(ref, "unknown-unit", str(exc)))
             else:
                 value, unit = original.value, original.unit
         if ranges and isinstance(ranges[0], dict):
@@ -608,6 +616,16 @@ def _timing_start(instructions: list, where: str) -> datetime | None:
             bounds = _dict(_dict(_dict(d, "timing", where), "repeat", where), "boundsPeriod", where)
             if bounds.get("start"):
                 return parse_datetime(bounds["start"], f"{where}.boundsPeriod.start")
+    return None
+
+
+def _timing_end(instructions: list, where: str) -> datetime | None:
+    """The end of the dosing period (Timing.repeat.boundsPeriod.end): when a stopped order actually stopped."""
+    for d in instructions:
+        if isinstance(d, dict):
+            bounds = _dict(_dict(_dict(d, "timing", where), "repeat", where), "boundsPeriod", where)
+            if bounds.get("end"):
+                return parse_datetime(bounds["end"], f"{where}.boundsPeriod.end")
     return None
 
 

@@ -105,6 +105,7 @@ class Terminology:
             for label in labels:
                 names.setdefault(label.lower(), ("class", cls))
         self._names = names
+        self._class_rxcui: dict[str, str] = {str(k): v for k, v in medications.get("allergy_class_rxcui", {}).items()}
         # Longest names first so "insulin glargine" wins over "insulin" and "penicillin v" over "penicillin".
         alternatives = sorted(names, key=len, reverse=True)
         self._name_re = re.compile(r"(?<![\w-])(" + "|".join(re.escape(a) for a in alternatives) + r")(?![\w-])")
@@ -167,7 +168,8 @@ class Terminology:
         """Ingredients and classes an allergy names; a class allergy (e.g. penicillins) keeps the class."""
         match = self.resolve_medication(rxnorm_codes, text)
         _, named_classes = self.match_names(text)
-        classes = dict.fromkeys((*match.classes, *named_classes))
+        coded_classes = [self._class_rxcui[c] for c in rxnorm_codes if c in self._class_rxcui]
+        classes = dict.fromkeys((*match.classes, *named_classes, *coded_classes))
         return match.ingredients, tuple(classes)
 
     def class_label(self, cls: str) -> str:

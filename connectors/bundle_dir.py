@@ -16,6 +16,8 @@ from connectors.base import SHARED_TYPES, CensusEntry, FhirSource, PatientRecord
 from connectors.errors import FhirNotFoundError, SourceFileError
 
 log = logging.getLogger(__name__)
+# Files a bundle directory may carry that are not FHIR: the demo ward's metadata and answer key.
+METADATA_FILES = frozenset({"ward.json", "answer_key.json"})
 
 
 def read_json_file(path: Path) -> Any:
@@ -124,7 +126,8 @@ class BundleDirSource(FhirSource):
         if self.path.is_file():
             return [self.path]
         return sorted(p for p in self.path.iterdir()
-                      if p.is_file() and p.name.endswith((".json", ".json.gz")) and not p.name.startswith("."))
+                      if p.is_file() and p.name.endswith((".json", ".json.gz")) and not p.name.startswith(".")
+                      and p.name not in METADATA_FILES)
 
     def _read(self, path: Path) -> tuple[dict[str, list[dict]], list[dict], list[DataQualityIssue]]:
         resources, issues = bundle_resources(read_json_file(path), str(path))

@@ -95,8 +95,10 @@ def patient_header(view: services.PatientView) -> None:
     p = chart.patient
     age = services.age_of(chart, view.now)
     enc = chart.encounter
-    where = " · ".join(x for x in ((enc.ward_name if enc else None), (f"Bed {enc.bed_name}" if enc and enc.bed_name
-                                                                       else None)) if x) or "location not recorded"
+    where = "location not recorded"
+    if enc and (enc.ward_name or enc.bed_name):
+        bed = enc.bed_name or ""
+        where = bed if enc.ward_name and enc.ward_name in bed else " · ".join(x for x in (enc.ward_name, bed) if x)
     st.markdown(f"## {p.name}")
     bits = [f"**{age} y**" if age is not None else "age unknown", (p.sex or "sex not recorded").capitalize(),
             where, f"MRN {p.mrn}" if p.mrn else None, f"`{p.ref}`"]
@@ -155,7 +157,7 @@ def flags_section(view: services.PatientView, key: str) -> list[tuple[Finding, A
     return slots
 
 
-def fill_guideline(slot: Any, finding: Finding) -> None:
+def fill_guideline(slot: Any, finding: Finding) -> list[services.Passage]:
     passages, note = services.guideline_passages(finding)
     with slot.container():
         if passages:
@@ -165,6 +167,7 @@ def fill_guideline(slot: Any, finding: Finding) -> None:
                 st.caption(p.citation)
         elif note:
             st.caption(note)
+    return passages
 
 
 # --- source viewer -----------------------------------------------------------------------------------
@@ -278,11 +281,56 @@ def _fmt_value(v: Any) -> str:
 
 
 # --- summary -----------------------------------------------------------------------------------------
-def summary_section(cfg: services.AppConfig, view: services.PatientView, slot: Any) -> None:
-    """Stream the cited summary into `slot`; only verified sentences are shown as fact."""
-    from dashboard.summary_view import stream_summary
+def sentence_markdown(sentences: list[Any], numbers: dict[str, int]) -> str:
+    """Sentences with numbered citations; an unverified sentence says so (dropped ones never reach here)."""
+    lines = []
+    for sent in sentences:
+        for c in sent.citations:
+            numbers.setdefault(c, len(numbers) + 1)
+        cites = "".join(f"<sup>[{numbers[c]}]</sup>" for c in sent.citations)
+        mark = "" if sent.verified else " :orange-badge[unverified]"
+        lines.append(f"- {sent.text}{cites}{mark}")
+    return "\n".join(lines)
 
-    stream_summary(cfg, view, slot)
+
+def summary_section(cfg: services.AppConfig, view: services.PatientView, slot: Any,
+                    passages: list[services.Passage] | None = None) -> None:
+    """Stream the cited summary into `slot`; only sentences the verifier let through are shown."""
+    cache = st.session_state.setdefault("_nva_summaries", {})
+    result = cache.get(view.patient_id)
+    if result is None:
+        try:
+            stream = services.compose_summary_stream(cfg, view, passages)
+        except Exception as exc:  # noqa: BLE001 - the summary is an aid; facts above stand alone
+            slot.warning(f"The summary could not be composed ({type(exc).__name__}: {exc}). The facts and flags "
+                         "above are complete.")
+            return
+        shown: list[Any] = []
+        numbers: dict[str, int] = {}
+        for sentence in stream:
+            shown.append(sentence)
+            slot.markdown(sentence_markdown(shown, dict(numbers)) + "\n\n*composing…*", unsafe_allow_html=True)
+        result = stream.result
+        cache[view.patient_id] = result
+    with slot.container():
+        render_summary(view, result, key=f"sum-{view.patient_id}")
+
+
+def render_summary(view: services.PatientView, result: Any, key: str) -> None:
+    numbers: dict[str, int] = {}
+    st.markdown(sentence_markdown(list(result.sentences), numbers) or "_No facts to summarize._",
+                unsafe_allow_html=True)
+    origin = "LLM, verified sentence by sentence" if any(s.origin == "llm" for s in result.sentences) else "template"
+    extra = [f"{len(result.dropped)} sentence(s) dropped by the verifier and not shown"] if result.dropped else []
+    st.caption(" · ".join([f"Composed by {origin}" + (f" ({result.model})" if result.model else ""), *extra,
+                           *result.notes]))
+    if numbers:
+        with st.expander(f"Sources ({len(numbers)})", expanded=False):
+            refs = sorted(numbers, key=numbers.get)
+            for i, ref in enumerate(refs):
+                if st.button(f"[{numbers[ref]}] {ref}", key=f"{key}-src-{i}", type="tertiary",
+                             icon=":material/description:"):
+                    show_source(view, ref)
 
 
 # --- labs --------------------------------------------------------------------------------------------
@@ -370,10 +418,16 @@ def vitals_section(view: services.PatientView, key: str) -> None:
     chart = view.chart
     assert chart is not None
     st.markdown("### Vital signs and NEWS2")
-    latest = view.news2_latest
+    score = view.news2_score
     cols = st.columns(len(VITALS) + 1)
-    cols[0].metric("NEWS2", "—" if latest is None else str(latest.score),
-                   help=None if latest is None else f"{latest.band} at {fmt_time(latest.time, view.now)}")
+    cols[0].metric("NEWS2", "—" if view.news2_total is None else str(view.news2_total),
+                   delta=None if score is None or view.news2_total is None else f"{score.band} risk",
+                   delta_color="off")
+    if score is not None and view.news2_total is not None:
+        parts = ", ".join(f"{p.label} {p.value} (+{p.points})" for p in score.parameters if p.points)
+        st.caption(f"NEWS2 {score.total} ({score.band}): {score.response or 'routine monitoring'}"
+                   + (f" — scored: {parts}" if parts else "")
+                   + (f" — **missing, may be understated:** {', '.join(score.missing)}" if score.missing else ""))
     for col, (analyte, label) in zip(cols[1:], VITALS, strict=True):
         r = chart.latest(analyte)
         col.metric(label, r.display_value() if r else "—", help=f"{fmt_time(r.time, view.now)} · {r.ref}" if r else None)
@@ -464,3 +518,74 @@ def notes_section(view: services.PatientView, key: str, limit: int = 5) -> None:
         with st.expander(f"{fmt_time(n.time, view.now)} — {n.title}{' — ' + n.author if n.author else ''}"):
             st.text(n.text or "(empty note)")
             st.caption(n.ref)
+
+
+# --- page scaffolding ----------------------------------------------------------------------------------
+def boot() -> services.AppConfig:
+    """Config and this session's source, or an error banner and a stopped page."""
+    from connectors.errors import FhirError
+
+    cfg = services.app_config()
+    if cfg.setup_error:
+        st.error(f"**NVA could not start:** {cfg.setup_error}. Set NVA_SOURCE to a FHIR server or bundle directory.",
+                 icon=":material/error:")
+        st.stop()
+    try:
+        services.session_source(cfg)
+    except (FhirError, OSError) as exc:
+        st.error(f"**The data source could not be opened** ({cfg.source}): {exc}", icon=":material/error:")
+        st.stop()
+    return cfg
+
+
+def ward_picker(cfg: services.AppConfig) -> str | None:
+    """The ward this session works on (sidebar); None when the source has no wards (all patients)."""
+    wards = services.ward_choices(cfg)
+    if not wards:
+        st.sidebar.caption("This source lists no wards: showing all patients.")
+        return None
+    refs = [w.ref for w in wards]
+    names = {w.ref: w.name for w in wards}
+    current = st.session_state.get("nva_ward")
+    if current not in refs:
+        st.session_state["nva_ward"] = services.DEMO_WARD_REF if services.DEMO_WARD_REF in refs else refs[0]
+    return st.sidebar.selectbox("Ward", refs, format_func=lambda r: names.get(r, r), key="nva_ward")
+
+
+def freshness(cfg: services.AppConfig, loaded_at: Any, key: str) -> None:
+    """'Data as of' and the refresh button, in the sidebar."""
+    with st.sidebar:
+        if loaded_at is not None:
+            st.caption(f"Data as of {loaded_at:%d %b %Y %H:%M:%S} UTC")
+        st.caption(f"Rules judged at {cfg.rules_now():%d %b %H:%M} UTC ({'demo anchor' if cfg.anchor else 'wall clock'})")
+        if st.button("Refresh data", key=f"refresh-{key}", icon=":material/refresh:"):
+            services.refresh()
+            st.rerun()
+
+
+# --- handoff -------------------------------------------------------------------------------------------
+def ipass_block(row: services.HandoffRow, key: str, interactive: bool) -> None:
+    view = row.view
+    if view.chart is None:
+        st.error(f"Chart not loaded: {view.error}")
+        return
+    if row.result is None:
+        st.warning("The I-PASS handoff could not be composed; open the patient view.")
+        return
+    numbers: dict[str, int] = {}
+    for heading, sentences in services.ipass_sections(row.result):
+        st.markdown(f"**{heading}**")
+        if sentences:
+            st.markdown(sentence_markdown(sentences, numbers), unsafe_allow_html=True)
+        else:
+            st.caption("nothing recorded")
+        if heading.startswith("A") and row.pending:
+            st.markdown("\n".join(f"- Pending: {p}" for p in row.pending))
+    st.markdown("**S — Synthesis by receiver:** read back the action list and contingencies; ask questions.")
+    if interactive and numbers:
+        refs = sorted(numbers, key=numbers.get)
+        pick = st.selectbox("Open a cited source", refs, index=None, key=f"{key}-pick",
+                            format_func=lambda r: f"[{numbers[r]}] {r}", placeholder="Open a cited source")
+        if pick:
+            with st.container(border=True):
+                render_source(view, pick)

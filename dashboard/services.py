@@ -149,12 +149,27 @@ def session_source(cfg: AppConfig):
     return ss["_nva_source"]
 
 
-def source_file_errors(source: Any) -> list[tuple[str, str]]:
+def demo_side_files(source: str) -> set[str]:
+    """Non-FHIR files a demo ward keeps next to its bundles (manifest, answer key): not load failures."""
+    names = {"ward.json"}
+    try:
+        data = json.loads((Path(source) / "ward.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return names
+    if isinstance(data, dict):
+        names.update(str(v) for k, v in data.items() if k.endswith("_file") and isinstance(v, str))
+    return names
+
+
+def source_file_errors(source: Any, cfg: AppConfig | None = None) -> list[tuple[str, str]]:
     """Files a directory source skipped, as (file, reason)."""
+    side = demo_side_files(cfg.source) if cfg is not None and cfg.is_demo else set()
     out = []
     for err in getattr(source, "file_errors", []) or []:
-        out.append((str(getattr(err, "path", "") or getattr(err, "source", "") or "file"),
-                    str(getattr(err, "reason", "") or err)))
+        where = str(getattr(err, "path", "") or getattr(err, "source", "") or "file")
+        if Path(where).name in side:
+            continue
+        out.append((where, str(getattr(err, "reason", "") or err)))
     return out
 
 
@@ -180,6 +195,11 @@ class PatientView:
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
     load_s: float = 0.0
+    news2_score: Any = None  # assistant.rules.news2.News2Score at `now`
+
+    @property
+    def news2_total(self) -> int | None:
+        return self.news2_score.total if self.news2_score is not None and self.news2_score.parameters else None
 
     @property
     def top_severity(self) -> str | None:
@@ -217,41 +237,38 @@ def evaluate_findings(chart: Chart, now: datetime) -> tuple[list[Finding], str |
     return findings, None
 
 
-def news2_series(chart: Chart) -> tuple[list[News2Point], str | None]:
+def news2_series(chart: Chart, now: datetime, *, window: timedelta = timedelta(hours=72),
+                 limit: int = 80) -> tuple[list[News2Point], str | None]:
+    """NEWS2 as it stood at each charted vital-sign time in the window (the core scores one moment)."""
     mod = _optional("assistant.rules.news2")
-    if mod is None:
+    if mod is None or not callable(getattr(mod, "news2", None)):
         return [], "the NEWS2 calculator is not installed"
-    fn = None
-    for name in ("news2_series", "series", "score_series", "news2_over_time"):
-        fn = getattr(mod, name, None)
-        if callable(fn):
-            break
-    if fn is None:
-        return [], "the NEWS2 calculator offers no time series"
     try:
-        raw = list(fn(chart))
-    except Exception as exc:  # noqa: BLE001
+        table = mod.news2_table()
+        analytes = {spec["analyte"] for spec in table["parameters"].values() if "analyte" in spec}
+        times = sorted({r.time for r in chart.results if r.is_usable and r.time is not None and
+                        (r.analyte in analytes or r.category == "vital-signs") and now - window <= r.time <= now})
+        points = []
+        for t in times[-limit:]:
+            score = mod.news2(chart, now=t)
+            if score.parameters:
+                points.append(News2Point(time=t, score=score.total, band=score.band, parts=dict(score.points),
+                                         refs=tuple(score.evidence), incomplete=bool(score.missing)))
+    except Exception as exc:  # noqa: BLE001 - NEWS2 helps, the chart must still show
         log.exception("NEWS2 series failed")
         return [], f"NEWS2 could not be computed ({type(exc).__name__})"
-    return [p for p in (_news2_point(item) for item in raw) if p is not None], None
+    return points, None
 
 
-def _news2_point(item: Any) -> News2Point | None:
-    get = item.get if isinstance(item, dict) else lambda k, d=None: getattr(item, k, d)
-    when = get("time") or get("at") or get("when")
-    score = get("score", None)
-    if score is None:
-        score = get("total", None)
-    if when is None or score is None:
+def news2_now(chart: Chart, now: datetime) -> Any | None:
+    mod = _optional("assistant.rules.news2")
+    if mod is None:
         return None
-    parts = get("parts") or get("components") or get("subscores") or {}
-    if not isinstance(parts, dict):
-        parts = {str(getattr(p, "parameter", getattr(p, "name", i))): int(getattr(p, "score", 0))
-                 for i, p in enumerate(parts)}
-    return News2Point(time=when, score=int(score), band=str(get("band", "") or get("risk", "") or ""),
-                      parts={str(k): (int(v) if isinstance(v, (int, float)) else 0) for k, v in parts.items()},
-                      refs=tuple(get("refs", ()) or get("evidence", ()) or ()),
-                      incomplete=bool(get("incomplete", False) or get("partial", False)))
+    try:
+        return mod.news2(chart, now=now)
+    except Exception:  # noqa: BLE001
+        log.exception("NEWS2 failed")
+        return None
 
 
 def load_patient(source: Any, patient_id: str, now: datetime) -> PatientView:
@@ -268,9 +285,10 @@ def load_patient(source: Any, patient_id: str, now: datetime) -> PatientView:
     view.findings, note = evaluate_findings(chart, now)
     if note:
         view.notices.append(note)
-    view.news2, note = news2_series(chart)
+    view.news2, note = news2_series(chart, now)
     if note:
         view.notices.append(note)
+    view.news2_score = news2_now(chart, now)
     view.load_s = time.perf_counter() - t0
     return view
 
@@ -326,7 +344,7 @@ def ward_views(cfg: AppConfig, ward_ref: str | None) -> list[PatientView]:
 
 def acuity_key(view: PatientView) -> tuple:
     """Sickest first: NEWS2, then the worst flag, then how many high flags."""
-    news = view.news2_latest.score if view.news2_latest else -1
+    news = view.news2_total if view.news2_total is not None else -1
     worst = SEVERITY_ORDER.get(view.top_severity or "", 9)
     highs = sum(1 for f in view.findings if f.severity == "high")
     failed = 0 if (view.error or view.error_issues) else 1
@@ -336,6 +354,13 @@ def acuity_key(view: PatientView) -> tuple:
 def bed_label(view: PatientView) -> str:
     enc = view.chart.encounter if view.chart else None
     return (enc.bed_name or enc.bed_ref or "") if enc else ""
+
+
+def bed_sort_key(bed: str) -> tuple:
+    """Beds in ward order: 'bed 2' before 'bed 10'."""
+    import re
+
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.findall(r"\d+|\D+", bed))
 
 
 def patient_label(view: PatientView) -> str:
@@ -474,13 +499,11 @@ def guideline_passages(finding: Finding, k: int = 1) -> tuple[list[Passage], str
         store = guideline_store()
         if store.count() == 0:
             return [], "the guideline store is empty (run `nva guidelines ingest guidelines/corpus`)"
-        ids = [g.split(":", 1)[1] if g.startswith("guideline:") else g for g in finding.guideline_ids]
-        chunks = store.get(ids) if ids else []
-        if chunks:
-            return [Passage(f"guideline:{c.chunk_id}", str(c.metadata.get("title", "")),
-                            str(c.metadata.get("section_path", "")), c.text) for c in chunks[:k]], None
         query = f"{finding.title}. {finding.action}".strip()
-        hits = guideline_retriever().search(query, k=k, rule_ids=[finding.rule_id])
+        retriever = guideline_retriever()
+        hits = retriever.search(query, k=k, rule_ids=[finding.rule_id], doc_ids=list(finding.guideline_ids) or None)
+        if not hits and finding.guideline_ids:  # linked documents not ingested: best passage from the rest
+            hits = retriever.search(query, k=k, rule_ids=[finding.rule_id])
     except Exception as exc:  # noqa: BLE001 - guidance is helpful, never required to show a flag
         log.warning("guideline lookup failed: %s", type(exc).__name__)
         return [], f"guideline passages unavailable ({type(exc).__name__})"
@@ -504,7 +527,7 @@ def source_health(cfg: AppConfig) -> dict[str, Any]:
         patients = sum(1 for _ in source.iter_patient_ids())
     except Exception as exc:  # noqa: BLE001 - the status page reports, it does not crash
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - t0}
-    return {"ok": True, "wards": len(wards), "patients": patients, "file_errors": source_file_errors(source),
+    return {"ok": True, "wards": len(wards), "patients": patients, "file_errors": source_file_errors(source, cfg),
             "seconds": time.perf_counter() - t0, "description": getattr(source, "description", cfg.source)}
 
 
@@ -524,34 +547,67 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
 
 
-def compose_summary_stream(cfg: AppConfig, view: PatientView) -> Iterator[Any]:
-    """Events of the cited summary as it is composed (see assistant.summary.compose_stream)."""
-    mod = summary_module()
-    fn = getattr(mod, "compose_stream", None) if mod else None
-    if fn is None:
+def summary_news2(view: PatientView) -> Any | None:
+    """The NEWS2 aggregate in the shape the fact sheet takes (assistant.summary.facts.News2)."""
+    score = view.news2_score
+    facts = _optional("assistant.summary.facts")
+    if score is None or not score.parameters or facts is None or not hasattr(facts, "News2"):
+        return None
+    adapt = getattr(facts, "news2_from_score", None)
+    if callable(adapt):
+        return adapt(score)
+    times = [p.time for p in score.parameters if p.time is not None]
+    return facts.News2(score=score.total, refs=tuple(score.evidence),
+                       single_param_3=any(p.points >= 3 for p in score.parameters), time=max(times) if times else None)
+
+
+def compose_summary_stream(cfg: AppConfig | None, view: PatientView, passages: list[Passage] | None = None,
+                           *, use_llm: bool = True) -> Any:
+    """A SummaryStream of displayed sentences (assistant.summary.composer); `.result` once exhausted."""
+    composer = _optional("assistant.summary.composer")
+    if composer is None:
         raise RuntimeError("the summary composer is not installed")
-    yield from _call(fn, view.chart, findings=view.findings, now=view.now, backend=get_llm(cfg),
-                     llm=get_llm(cfg), retriever=None)
+    backend = get_llm(cfg) if (use_llm and cfg is not None) else None
+    return composer.compose_stream(view.chart, view.findings, passages or (), backend, now=view.now,
+                                   news2=summary_news2(view))
 
 
-def handoff_for(cfg: AppConfig, view: PatientView) -> Any:
-    """I-PASS handoff without waiting for an LLM (template composer)."""
+IPASS_SECTIONS = (("illness", "I — Illness severity"), ("patient", "P — Patient summary"),
+                  ("action", "A — Action list"), ("situation", "S — Situation awareness and contingency"))
+
+
+def handoff_for(view: PatientView) -> Any | None:
+    """I-PASS handoff of one patient from the template composer (no LLM wait); cached for this session only."""
     cache = st.session_state.setdefault("_nva_handoffs", {})
     if view.patient_id in cache:
         return cache[view.patient_id]
-    mod = summary_module()
-    result: Any = None
-    if mod is not None and view.chart is not None:
-        fn = getattr(mod, "ipass_handoff", None) or getattr(mod, "compose_handoff", None) or getattr(
-            mod, "handoff", None)
-        if callable(fn):
-            try:
-                result = _call(fn, view.chart, findings=view.findings, now=view.now, backend=None, llm=None)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("handoff composition failed: %s", type(exc).__name__)
-                result = None
+    result = None
+    if view.chart is not None:
+        try:
+            handoff_mod = _optional("assistant.summary.handoff")
+            fn = getattr(handoff_mod, "ipass_handoff", None) if handoff_mod else None
+            if callable(fn):
+                result = _call(fn, view.chart, findings=view.findings, now=view.now, news2=summary_news2(view))
+            else:
+                result = compose_summary_stream(None, view, use_llm=False).collect()
+        except Exception as exc:  # noqa: BLE001 - one patient's handoff must not break the ward list
+            log.warning("handoff composition failed: %s", type(exc).__name__)
+            result = None
     cache[view.patient_id] = result
     return result
+
+
+def ipass_sections(result: Any) -> list[tuple[str, list[Any]]]:
+    """(heading, sentences) in I-PASS order from a summary/handoff result; only shown (verified) sentences."""
+    sentences = list(getattr(result, "sentences", []) or [])
+    out = []
+    known = {k for k, _ in IPASS_SECTIONS}
+    for key, heading in IPASS_SECTIONS:
+        rows = [s for s in sentences if getattr(s, "section", "") == key]
+        if key == "patient":
+            rows += [s for s in sentences if getattr(s, "section", "") not in known]
+        out.append((heading, rows))
+    return out
 
 
 # --- audit ---------------------------------------------------------------------------------------------
@@ -618,3 +674,41 @@ def audit_csv(rows: list[dict[str, Any]]) -> bytes:
 
 def audit_module() -> Any | None:
     return _optional("assistant.audit")
+
+
+def illness_level(result: Any) -> str:
+    """'unstable' | 'watcher' | 'stable' from a handoff's fact sheet ('' when unknown)."""
+    for fact in getattr(getattr(result, "facts", None), "facts", []) or []:
+        if getattr(fact, "kind", "") == "severity":
+            return str(getattr(fact, "value", "") or "")
+    return ""
+
+
+@dataclass(slots=True)
+class HandoffRow:
+    view: PatientView
+    result: Any
+    level: str
+    pending: list[str]
+
+    @property
+    def patient_id(self) -> str:
+        return self.view.patient_id
+
+
+LEVEL_ORDER = {"unstable": 0, "watcher": 1, "stable": 2}
+
+
+def ward_handoff(cfg: AppConfig, ward_ref: str | None) -> list[HandoffRow]:
+    """The ward sorted by acuity (NEWS2, worst flag, I-PASS illness severity), one row per patient."""
+    rows = []
+    for view in ward_views(cfg, ward_ref):
+        result = handoff_for(view)
+        rows.append(HandoffRow(view, result, illness_level(result), pending_items(view)))
+    rows.sort(key=lambda r: (acuity_key(r.view)[0], LEVEL_ORDER.get(r.level, 3), *acuity_key(r.view)[1:]))
+    return rows
+
+
+def flag_counts(view: PatientView) -> str:
+    counts = {s: sum(1 for f in view.findings if f.severity == s) for s in SEVERITIES}
+    return " ".join(f"{n} {s}" for s, n in counts.items() if n) or "none"

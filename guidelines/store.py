@@ -263,9 +263,6 @@ class ChromaGuidelineStore(GuidelineStore):
             warnings.simplefilter("ignore", DeprecationWarning)
             return dict((self._col.configuration or {}).get("hnsw") or {})
 
-    def set_ef_search(self, ef_search: int) -> None:
-        self._col.modify(configuration={"hnsw": {"ef_search": int(ef_search)}})
-
     def upsert_chunks(self, chunks: Sequence[Chunk], embeddings: np.ndarray) -> None:
         if len(chunks) != len(embeddings):
             raise GuidelineStoreError(f"{len(chunks)} chunks but {len(embeddings)} embeddings")

@@ -401,6 +401,8 @@ def _bundle_files(directory: Path) -> list[Path]:
 def _collect(doc: Any, out: list[dict[str, Any]], mapping: dict[str, str]) -> None:
     if not isinstance(doc, dict):
         return
+    if not isinstance(doc.get("resourceType"), str):
+        return  # metadata files beside the bundles (the demo ward's ward.json, answer_key.json) are not FHIR
     if doc.get("resourceType") != "Bundle":
         out.append(doc)
         return

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import requests
 
-DEFAULT_CACHE = Path.home() / ".cache" / "nva" / "smollm2-135m-instruct-hf"
+# Shared with the transformers backend's NVA_LLM_CACHE_DIR copy (same folder name), so one conversion serves both.
+DEFAULT_CACHE_ROOT = Path.home() / ".cache" / "nva"
 READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 15.0
 
@@ -25,7 +26,11 @@ class LlmServerError(RuntimeError):
 
 
 def model_cache_dir() -> Path:
-    return Path(os.environ.get("NVA_TEST_MODEL_CACHE") or DEFAULT_CACHE).expanduser()
+    """Folder of the converted model: $NVA_TEST_MODEL_CACHE, else ~/.cache/nva/<gguf stem>-<size>-hf."""
+    from assistant.llm.transformers_backend import default_gguf, hf_copy_dir
+
+    override = os.environ.get("NVA_TEST_MODEL_CACHE")
+    return Path(override).expanduser() if override else hf_copy_dir(default_gguf(), DEFAULT_CACHE_ROOT)
 
 
 def ensure_hf_model(cache_dir: Path | None = None) -> Path:

@@ -414,14 +414,17 @@ def test_stream_that_stalls_times_out():
 # --- OpenAI client against a real `transformers serve` ----------------------------------------------
 
 
+def _llm_server():
+    try:
+        from tests import llm_server
+    except ImportError:  # tests/ itself is on sys.path (rootdir-less import mode)
+        import llm_server
+    return llm_server
+
+
 @pytest.fixture(scope="module")
 def llm_server() -> Iterator[tuple[str, str]]:
-    try:
-        from tests.llm_server import start_llm_server
-    except ImportError:  # tests/ is on sys.path itself (rootdir-less import mode)
-        from llm_server import start_llm_server
-
-    base_url, model, stop = start_llm_server()
+    base_url, model, stop = _llm_server().start_llm_server()
     try:
         yield base_url, model
     finally:
@@ -465,8 +468,11 @@ def test_real_server_json_schema_and_errors(llm_server):
 
 
 @pytest.mark.slow
-def test_transformers_backend_answers_and_streams(tmp_path):
-    backend = make_backend({"NVA_LLM_BACKEND": "transformers", "NVA_LLM_CACHE_DIR": str(tmp_path)})
+def test_transformers_backend_answers_and_streams():
+    # A persistent cache dir: the first run de-quantizes the GGUF (~20 s) and writes a copy, later runs
+    # load the copy (~5 s).
+    cache_dir = _llm_server().model_cache_dir().parent
+    backend = make_backend({"NVA_LLM_BACKEND": "transformers", "NVA_LLM_CACHE_DIR": str(cache_dir)})
     assert backend.model.endswith(".gguf")
     result = backend.chat(PROMPT, max_tokens=6)
     assert result.text.strip() and result.backend == "transformers"
@@ -485,6 +491,6 @@ def test_transformers_backend_answers_and_streams(tmp_path):
     assert not early.done
 
     # NVA_LLM_CACHE_DIR got a plain transformers copy that names its architecture (what serve needs).
-    (copy,) = tmp_path.glob("*-hf")
+    (copy,) = cache_dir.glob("SmolLM2-135M-Instruct.Q4_1-*-hf")
     assert json.loads((copy / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert "quantization_config" not in json.loads((copy / "config.json").read_text())

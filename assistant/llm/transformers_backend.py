@@ -163,6 +163,15 @@ def export_hf_folder(source: ModelSource, out_dir: str | os.PathLike[str], torch
     return out
 
 
+def hf_copy_dir(source: ModelSource, cache_dir: str | os.PathLike[str]) -> Path:
+    """Folder under `cache_dir` for the plain copy of a GGUF source."""
+    if not source.gguf_file:
+        raise ValueError("only GGUF sources need a plain copy")
+    gguf = Path(source.directory) / source.gguf_file
+    # The size in the name keeps a copy of an older GGUF (package upgrade) from being reused.
+    return Path(cache_dir).expanduser() / f"{gguf.stem}-{gguf.stat().st_size}-hf"
+
+
 class _StopFlag:
     """StoppingCriteria-compatible callable that ends generate() when the consumer goes away."""
 
@@ -197,9 +206,7 @@ class TransformersBackend(LlmBackend):
             return self.source
         if self.source in _CACHE:
             return self.source
-        gguf = Path(self.source.directory) / self.source.gguf_file
-        # The size in the name keeps a copy of an older GGUF (package upgrade) from being reused.
-        target = Path(self.settings.cache_dir).expanduser() / f"{gguf.stem}-{gguf.stat().st_size}-hf"
+        target = hf_copy_dir(self.source, self.settings.cache_dir)
         if (target / "config.json").is_file():
             return ModelSource(str(target), None)
         try:

@@ -1,0 +1,591 @@
+"""Deterministic chart-contradiction engine: generic evaluators parameterized by the rule catalogue."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from assistant.model import (
+    SEVERITY_ORDER,
+    Administration,
+    AllergyFact,
+    Chart,
+    EvidenceValue,
+    Finding,
+    MedicationOrder,
+    Quantity,
+    Result,
+    format_number,
+)
+from assistant.terminology import Terminology, terminology
+
+log = logging.getLogger(__name__)
+
+CATALOGUE_PATH = Path(__file__).with_name("catalogue.yaml")
+KINDS = ("threshold-latest", "relative-change", "allergy-conflict", "duplicate-class",
+         "administration-without-order", "order-not-administered", "monitoring-gap")
+OPS: dict[str, Callable[[float, float], bool]] = {
+    ">": lambda a, b: a > b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
+}
+# Results and thresholds are compared after rounding, so 1.2 - 0.9 counts as a 0.3 rise.
+PRECISION = 6
+
+
+class CatalogueError(ValueError):
+    """The rule catalogue is malformed; the message names the rule and field to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Threshold:
+    op: str
+    value: float  # in the analyte's canonical unit
+    display: str  # as written in the catalogue, e.g. "70 mg/dL (3.9 mmol/L)"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    id: str
+    category: str
+    title: str
+    kind: str
+    severity: str
+    message: str
+    action: str
+    sources: tuple[str, ...]
+    guideline_ids: tuple[str, ...] = ()
+    drug_ingredients: frozenset[str] = frozenset()
+    drug_classes: frozenset[str] = frozenset()
+    analyte: str | None = None
+    loinc: frozenset[str] | None = None
+    threshold: Threshold | None = None
+    window_hours: float | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def matches_order(self, order: MedicationOrder) -> bool:
+        return bool(self.drug_ingredients.intersection(order.ingredients)
+                    or self.drug_classes.intersection(order.classes))
+
+
+@dataclass(frozen=True, slots=True)
+class Catalogue:
+    rules: tuple[Rule, ...]
+    version: int
+    path: str
+    guideline_note: str = ""
+
+    def rule(self, rule_id: str) -> Rule:
+        for r in self.rules:
+            if r.id == rule_id:
+                return r
+        raise KeyError(rule_id)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(r.id for r in self.rules)
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+def guideline_corpus_dir() -> Path | None:
+    spec = importlib.util.find_spec("guidelines")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "corpus"
+    return path if path.is_dir() else None
+
+
+def guideline_links(corpus: Path | None = None) -> dict[str, tuple[str, ...]]:
+    """rule id -> guideline document ids, from each corpus document's front matter `rules:` list."""
+    corpus = corpus or guideline_corpus_dir()
+    links: dict[str, list[str]] = {}
+    if corpus is None:
+        return {}
+    for path in sorted(corpus.glob("*.md")):
+        text = path.read_text(encoding="utf-8")
+        if not text.startswith("---"):
+            continue
+        end = text.find("\n---", 3)
+        if end < 0:
+            continue
+        try:
+            meta = yaml.safe_load(text[3:end]) or {}
+        except yaml.YAMLError:
+            log.warning("guideline front matter unreadable: %s", path.name)
+            continue
+        doc_id = str(meta.get("id") or path.stem)
+        for rule_id in meta.get("rules") or []:
+            links.setdefault(str(rule_id), []).append(doc_id)
+    return {k: tuple(sorted(set(v))) for k, v in links.items()}
+
+
+def _fail(rule_id: str, text: str) -> CatalogueError:
+    return CatalogueError(f"rule {rule_id!r}: {text} (fix assistant/rules/catalogue.yaml)")
+
+
+def _parse_rule(spec: dict, terms: Terminology, links: dict[str, tuple[str, ...]]) -> Rule:
+    rid = spec.get("id")
+    if not isinstance(rid, str) or not rid:
+        raise CatalogueError("a rule has no id (fix assistant/rules/catalogue.yaml)")
+    for key in ("category", "title", "kind", "severity", "message", "action"):
+        if not isinstance(spec.get(key), str):
+            raise _fail(rid, f"missing text field {key!r}")
+    if spec["kind"] not in KINDS:
+        raise _fail(rid, f"kind {spec['kind']!r} is not one of {', '.join(KINDS)}")
+    if spec["severity"] not in SEVERITY_ORDER:
+        raise _fail(rid, f"severity {spec['severity']!r} is not one of {', '.join(SEVERITY_ORDER)}")
+    drugs = spec.get("drugs") or {}
+    ingredients = frozenset(drugs.get("ingredients") or ())
+    classes = frozenset(drugs.get("classes") or ())
+    unknown = (ingredients - set(terms.ingredients)) | (classes - set(terms.class_names))
+    if unknown:
+        raise _fail(rid, f"unknown ingredients or classes {sorted(unknown)}")
+    analyte = loinc = threshold = None
+    lab = spec.get("lab")
+    if lab:
+        analyte = lab.get("analyte")
+        if analyte not in terms.analytes:
+            raise _fail(rid, f"unknown analyte {analyte!r}; see assistant/data/lab_analytes.toml")
+        if lab.get("loinc"):
+            loinc = frozenset(str(c) for c in lab["loinc"])
+            stray = loinc - set(terms.analytes[analyte].loinc)
+            if stray:
+                raise _fail(rid, f"LOINC {sorted(stray)} are not codes of {analyte}")
+    if spec.get("threshold"):
+        t = spec["threshold"]
+        if analyte is None or t.get("op") not in OPS:
+            raise _fail(rid, "a threshold needs a lab and an op among " + ", ".join(OPS))
+        canonical = terms.to_canonical(terms.analytes[analyte], float(t["value"]), t.get("unit"))
+        display = str(t.get("display") or f"{t['value']} {t.get('unit', '')}".strip())
+        if t.get("also"):
+            display += f" ({t['also']})"
+        threshold = Threshold(t["op"], round(canonical, PRECISION), display)
+    if spec["kind"] in ("threshold-latest",) and threshold is None:
+        raise _fail(rid, "threshold-latest needs a threshold")
+    if spec["kind"] in ("threshold-latest", "relative-change", "monitoring-gap") and not (ingredients or classes):
+        raise _fail(rid, "needs a drug set")
+    params = {k: v for k, v in spec.items() if k not in (
+        "id", "category", "title", "kind", "severity", "message", "action", "sources", "drugs", "lab", "threshold",
+        "window_hours", "guidelines")}
+    if spec["kind"] == "relative-change":
+        for c in params.get("change", {}).get("criteria", []):
+            if c.get("measure") not in ("absolute", "ratio", "fall-fraction") or c.get("op") not in OPS:
+                raise _fail(rid, f"criterion {c} needs measure absolute|ratio|fall-fraction and an op")
+            if c.get("unit") and analyte:
+                c["value_canonical"] = terms.to_canonical(terms.analytes[analyte], float(c["value"]), c["unit"])
+    if spec["kind"] == "duplicate-class":
+        for g in params.get("groups", []):
+            if g.get("text_pattern"):
+                g["_regex"] = re.compile(g["text_pattern"], re.IGNORECASE)
+    guideline_ids = tuple(sorted(set(links.get(rid, ())) | set(spec.get("guidelines") or ())))
+    return Rule(
+        id=rid, category=spec["category"], title=spec["title"], kind=spec["kind"], severity=spec["severity"],
+        message=spec["message"], action=spec["action"], sources=tuple(spec.get("sources") or ()),
+        guideline_ids=guideline_ids, drug_ingredients=ingredients, drug_classes=classes, analyte=analyte,
+        loinc=loinc, threshold=threshold,
+        window_hours=float(spec["window_hours"]) if spec.get("window_hours") is not None else None, params=params,
+    )
+
+
+def load_catalogue(path: str | Path | None = None, *, corpus: Path | None = None) -> Catalogue:
+    """Parse and validate a catalogue file (the packaged one by default)."""
+    path = Path(path) if path else CATALOGUE_PATH
+    with path.open("r", encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
+        raise CatalogueError(f"{path} has no `rules:` list")
+    terms = terminology()
+    corpus = corpus or guideline_corpus_dir()
+    links = guideline_links(corpus)
+    note = "" if corpus else "guideline corpus not found; guideline_ids are empty"
+    rules = tuple(_parse_rule(spec, terms, links) for spec in data["rules"])
+    seen: set[str] = set()
+    for r in rules:
+        if r.id in seen:
+            raise CatalogueError(f"rule id {r.id!r} appears twice in {path}")
+        seen.add(r.id)
+    return Catalogue(rules=rules, version=int(data.get("version", 1)), path=str(path), guideline_note=note)
+
+
+@cache
+def default_catalogue() -> Catalogue:
+    return load_catalogue()
+
+
+# --- evaluation context ---------------------------------------------------------------------------------------
+
+class _Context:
+    """One chart seen at `now`: active orders and results up to now, computed once for all rules."""
+
+    def __init__(self, chart: Chart, now: datetime) -> None:
+        self.chart = chart
+        self.now = now
+        self.orders = [o for o in chart.orders if o.is_active and not (o.end is not None and o.end <= now)]
+        self.orders.sort(key=lambda o: o.ref)
+        self.orders_by_ref = {o.ref: o for o in chart.orders}
+        self._results: dict[str, list[Result]] = {}
+        for r in chart.results:
+            if r.is_usable and r.time <= now:  # type: ignore[operator]
+                self._results.setdefault(r.analyte, []).append(r)
+        for rows in self._results.values():
+            rows.sort(key=lambda r: (r.time, r.ref))
+
+    def drugs(self, rule: Rule) -> list[MedicationOrder]:
+        return [o for o in self.orders if rule.matches_order(o)]
+
+    def results(self, rule: Rule, *, numeric: bool = True) -> list[Result]:
+        rows = self._results.get(rule.analyte or "", [])
+        if rule.loinc is not None:
+            rows = [r for r in rows if r.loinc in rule.loinc]
+        if numeric:
+            rows = [r for r in rows if r.value is not None]
+        return rows
+
+    def since(self, hours: float) -> datetime:
+        return self.now - timedelta(hours=hours)
+
+
+def _when(t: datetime | None) -> str:
+    return f"{t:%Y-%m-%d %H:%M} UTC" if t else "time unknown"
+
+
+UNIT_DISPLAY = {"{INR}": "", "10*3/uL": "x10^3/uL", "Cel": "°C", "mm[Hg]": "mmHg", "{score}": "", "/min": "/min"}
+
+
+def _num(value: float) -> str:
+    """A chart-style number: two decimals below 10, one below 100, none above."""
+    digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
+    return format_number(round(value, digits))
+
+
+def _value(r: Result) -> str:
+    """The value as the nurse reads it: the charted unit first, the canonical one after a conversion."""
+    if r.value is None:
+        return r.display_value()
+    unit = UNIT_DISPLAY.get(r.unit or "", r.unit or "")
+    canonical = f"{_num(r.value)} {unit}".strip()
+    orig = r.original
+    if orig is not None and orig.unit and orig.unit.replace(" ", "").lower() != (r.unit or "").lower() \
+            and abs(orig.value - r.value) > 1e-9:
+        return f"{str(Quantity(orig.value, orig.unit))} (= {canonical})"
+    return canonical
+
+
+def _order_label(o: MedicationOrder) -> str:
+    detail = o.dose_text or (str(o.dose) if o.dose else "")
+    return f"{o.text} {detail}".strip() if detail and detail not in o.text else o.text
+
+
+def _join(items: Iterable[str]) -> str:
+    items = list(dict.fromkeys(items))
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _order_values(orders: Iterable[MedicationOrder]) -> list[EvidenceValue]:
+    return [EvidenceValue(_order_label(o), o.ref, o.dose_text or (str(o.dose) if o.dose else None),
+                          o.start or o.authored_on) for o in orders]
+
+
+def _result_value(r: Result) -> EvidenceValue:
+    return EvidenceValue(r.name, r.ref, _value(r), r.time)
+
+
+def _finding(rule: Rule, ctx: _Context, evidence: Iterable[str], values: Iterable[EvidenceValue],
+             **fields: Any) -> Finding:
+    orders = fields.pop("orders", None)
+    if orders is not None:
+        fields.setdefault("drugs", _join(o.text for o in orders))
+        fields.setdefault("is_are", "is" if len({o.text for o in orders}) == 1 else "are")
+    message = rule.message.format_map(_Blank(fields))
+    return Finding(
+        patient=ctx.chart.patient_ref, rule_id=rule.id, category=rule.category, severity=rule.severity,
+        title=rule.title, message=message, evidence=tuple(dict.fromkeys(evidence)), values=tuple(values),
+        action=rule.action, guideline_ids=rule.guideline_ids, sources=rule.sources,
+    )
+
+
+class _Blank(dict):
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+# --- evaluators -------------------------------------------------------------------------------------------------
+
+def _threshold_latest(rule: Rule, ctx: _Context) -> list[Finding]:
+    orders = ctx.drugs(rule)
+    if not orders:
+        return []
+    start = ctx.since(rule.window_hours or 24)
+    rows = [r for r in ctx.results(rule) if r.time > start]  # type: ignore[operator]
+    if not rows:
+        return []  # no value is not a normal value; monitoring-gap rules report the absence
+    t = rule.threshold
+    assert t is not None
+    crossing = [r for r in rows if OPS[t.op](round(r.value, PRECISION), t.value)]  # type: ignore[arg-type]
+    if rule.params.get("decide", "latest") == "any":
+        # An episode anywhere in the window counts (e.g. a treated hypoglycaemia); cite the most extreme value.
+        if not crossing:
+            return []
+        worst = min if t.op in ("<", "<=") else max
+        latest = worst(reversed(crossing), key=lambda r: r.value)  # type: ignore[arg-type, return-value]
+    else:
+        latest = rows[-1]  # the newest value decides: a high value superseded by a normal one does not fire
+        if latest not in crossing:
+            return []
+    return [_finding(rule, ctx, [*(o.ref for o in orders), latest.ref], [_result_value(latest), *_order_values(orders)],
+                     orders=orders, value=_value(latest), time=_when(latest.time), threshold=t.display,
+                     lab=latest.name)]
+
+
+def _drug_start(orders: list[MedicationOrder]) -> datetime | None:
+    starts = [o.start or o.authored_on for o in orders if (o.start or o.authored_on)]
+    return min(starts) if starts else None  # type: ignore[type-var]
+
+
+def _relative_change(rule: Rule, ctx: _Context) -> list[Finding]:
+    orders = ctx.drugs(rule)
+    if not orders:
+        return []
+    rows = ctx.results(rule)
+    if not rows:
+        return []
+    latest = rows[-1]
+    if latest.time <= ctx.since(float(rule.params.get("latest_within_hours", 48))):  # type: ignore[operator]
+        return []
+    change = rule.params.get("change", {})
+    rising = change.get("direction", "rise") == "rise"
+    for c in change.get("criteria", []):
+        if c.get("baseline_since_drug_start"):
+            started = _drug_start(orders)
+            lookback = float(c.get("baseline_before_start_hours", 0))
+            floor = (started - timedelta(hours=lookback)) if started else latest.time - timedelta(
+                hours=float(c.get("baseline_hours", 336)))
+        else:
+            floor = latest.time - timedelta(hours=float(c.get("baseline_hours", 48)))  # type: ignore[operator]
+        prior = [r for r in rows[:-1] if floor <= r.time < latest.time]  # type: ignore[operator]
+        if not prior:
+            continue
+        pick = min if c.get("baseline", "lowest" if rising else "highest") == "lowest" else max
+        base = pick(prior, key=lambda r: (r.value, r.time))
+        b, v = float(base.value), float(latest.value)  # type: ignore[arg-type]
+        if c["measure"] == "absolute":
+            measured = (v - b) if rising else (b - v)
+            target = float(c.get("value_canonical", c["value"]))
+        elif c["measure"] == "ratio":
+            if b <= 0:
+                continue
+            measured = v / b if rising else b / v if v > 0 else float("inf")
+            target = float(c["value"])
+        else:  # fall-fraction (or rise-fraction when rising)
+            if b <= 0:
+                continue
+            measured = (b - v) / b if not rising else (v - b) / b
+            target = float(c["value"])
+        if OPS[c["op"]](round(measured, PRECISION), target):
+            return [_finding(rule, ctx, [*(o.ref for o in orders), base.ref, latest.ref],
+                             [_result_value(base), _result_value(latest), *_order_values(orders)],
+                             orders=orders, value=_value(latest), time=_when(latest.time), baseline=_value(base),
+                             baseline_time=_when(base.time), criterion=c.get("label", ""), lab=latest.name)]
+    return []
+
+
+def _allergy_conflict(rule: Rule, ctx: _Context) -> list[Finding]:
+    cross = set(rule.params.get("cross_reactive_classes") or ())
+    out = []
+    allergies: list[AllergyFact] = sorted(ctx.chart.active_allergies(), key=lambda a: a.ref)
+    for allergy in allergies:
+        for order in ctx.orders:
+            same = [i for i in order.ingredients if i in allergy.ingredients]
+            classes = [c for c in order.classes if c in allergy.classes and c in cross]
+            if not same and not classes:
+                continue
+            terms = terminology()
+            if same:
+                match = "same drug: " + _join(terms.ingredients[i].name for i in same)
+            else:
+                match = "cross-reactive class: " + _join(terms.class_label(c) for c in classes)
+            reaction = f" (reaction: {', '.join(allergy.reactions)})" if allergy.reactions else ""
+            crit = f", criticality {allergy.criticality}" if allergy.criticality else ""
+            out.append(_finding(
+                rule, ctx, [order.ref, allergy.ref],
+                [*_order_values([order]), EvidenceValue(f"Allergy: {allergy.substance}", allergy.ref,
+                                                        (", ".join(allergy.reactions) or None))],
+                order=_order_label(order), allergy=allergy.substance + crit, reaction=reaction, match=match))
+    return out
+
+
+def _duplicate_class(rule: Rule, ctx: _Context) -> list[Finding]:
+    ignore_prn = bool(rule.params.get("ignore_prn", True))
+    out = []
+    for group in rule.params.get("groups", []):
+        classes = set(group.get("classes") or ())
+        text_classes = set(group.get("text_classes") or ())
+        regex = group.get("_regex")
+        members = []
+        for o in ctx.orders:
+            if ignore_prn and o.timing.as_needed:
+                continue
+            if classes.intersection(o.classes) or (
+                    regex is not None and text_classes.intersection(o.classes) and regex.search(o.text)):
+                members.append(o)
+        if len(members) < 2:
+            continue
+        allowed = [set(p) for p in group.get("allow_class_pairs") or ()]
+        involved: dict[str, MedicationOrder] = {}
+        for i, a in enumerate(members):
+            for b in members[i + 1:]:
+                ok = any((x in a.classes and y in b.classes) or (y in a.classes and x in b.classes)
+                         for x, y in (tuple(p) for p in allowed if len(p) == 2))
+                if not ok:
+                    involved[a.ref], involved[b.ref] = a, b
+        if len(involved) < 2:
+            continue
+        orders = sorted(involved.values(), key=lambda o: o.ref)
+        out.append(_finding(rule, ctx, [o.ref for o in orders], _order_values(orders), orders=orders,
+                            count=str(len(orders)), group=group.get("label", group.get("name", "one class")),
+                            drugs=_join(_order_label(o) for o in orders)))
+    return out
+
+
+def _administration_without_order(rule: Rule, ctx: _Context) -> list[Finding]:
+    start = ctx.since(rule.window_hours or 24)
+    out = []
+    for admin in ctx.chart.administrations:
+        if not admin.was_given or admin.time is None or not (start < admin.time <= ctx.now):
+            continue
+        reason = _why_unordered(admin, ctx)
+        if reason is None:
+            continue
+        evidence = [admin.ref]
+        values = [EvidenceValue(admin.text, admin.ref, str(admin.dose) if admin.dose else None, admin.time)]
+        order = ctx.orders_by_ref.get(admin.order_ref or "")
+        if order is not None:
+            evidence.append(order.ref)
+            values.append(EvidenceValue(f"{_order_label(order)} ({order.status})", order.ref, None,
+                                        order.start or order.authored_on))
+        out.append(_finding(rule, ctx, evidence, values, admin=admin.text, time=_when(admin.time), reason=reason))
+    return out
+
+
+def _why_unordered(admin: Administration, ctx: _Context) -> str | None:
+    if admin.order_ref:
+        order = ctx.orders_by_ref.get(admin.order_ref)
+        if order is None:
+            return f"the order it points to ({admin.order_ref}) is not in the chart"
+        if order.is_active:
+            if order.start and admin.time and admin.time < order.start:
+                return f"its order only starts at {_when(order.start)}"
+            if order.end and admin.time and admin.time > order.end:
+                return f"its order ended at {_when(order.end)}"
+            return None
+        if order.status in ("cancelled", "entered-in-error", "draft"):
+            return f"its order was {order.status} (never a valid order)"
+        if order.end is not None and admin.time is not None and admin.time > order.end:
+            return f"its order was {order.status} at {_when(order.end)}"
+        return None  # stopped or on hold later, with no stop time before this dose: given while it ran
+    # No link: any active order for the same drug covers it.
+    for order in ctx.orders:
+        if (admin.ingredients and set(admin.ingredients) & set(order.ingredients)) or (
+                not admin.ingredients and admin.text.strip().lower() == order.text.strip().lower()):
+            return None
+    return "there is no active order for this drug"
+
+
+def _schedule_text(order: MedicationOrder, interval: float) -> str:
+    t = order.timing
+    if t.frequency and t.period and t.period_unit:
+        per = {"h": "hour", "d": "day", "wk": "week", "min": "minute", "s": "second"}.get(t.period_unit,
+                                                                                           t.period_unit)
+        period = f"{format_number(t.period)} {per}s" if t.period != 1 else per
+        return f"{t.frequency} time{'s' if t.frequency != 1 else ''} per {period}"
+    return f"every {format_number(interval)} h"
+
+
+def _order_not_administered(rule: Rule, ctx: _Context) -> list[Finding]:
+    if rule.params.get("requires_admission") and ctx.chart.encounter is None:
+        return []
+    started_hours = float(rule.params.get("started_hours", 24))
+    factor = float(rule.params.get("interval_factor", 1.5))
+    out = []
+    for order in ctx.orders:
+        interval = order.timing.interval_hours()
+        if interval is None:
+            continue  # PRN or no fixed schedule
+        started = order.start or order.authored_on
+        if started is None or started > ctx.since(started_hours):
+            continue
+        hours = max(rule.window_hours or 24, interval * factor)
+        floor = ctx.since(hours)
+        given = [a for a in ctx.chart.administrations
+                 if a.was_given and a.time is not None and a.time <= ctx.now and _covers(a, order)]
+        if any(a.time > floor for a in given):  # type: ignore[operator]
+            continue
+        last = max(given, key=lambda a: a.time) if given else None  # type: ignore[arg-type, return-value]
+        values = _order_values([order])
+        if last is not None:
+            values.append(EvidenceValue(f"Last administration: {last.text}", last.ref, None, last.time))
+        out.append(_finding(rule, ctx, [order.ref], values, order=_order_label(order),
+                            schedule=_schedule_text(order, interval), hours=format_number(round(hours, 1)),
+                            last=f" (last charted {_when(last.time)})" if last else " (none charted)"))
+    return out
+
+
+def _covers(admin: Administration, order: MedicationOrder) -> bool:
+    if admin.order_ref:
+        return admin.order_ref == order.ref
+    return bool(set(admin.ingredients) & set(order.ingredients))
+
+
+def _monitoring_gap(rule: Rule, ctx: _Context) -> list[Finding]:
+    if rule.params.get("requires_admission") and ctx.chart.encounter is None:
+        return []
+    orders = ctx.drugs(rule)
+    if not orders:
+        return []
+    hours = rule.window_hours or 72
+    rows = ctx.results(rule, numeric=False)
+    floor = ctx.since(hours)
+    if any(r.time > floor for r in rows):  # type: ignore[operator]
+        return []
+    last = rows[-1] if rows else None
+    values = _order_values(orders)
+    if last is not None:
+        values.append(_result_value(last))
+    analyte = terminology().analytes[rule.analyte].name if rule.analyte else "result"  # type: ignore[index]
+    tail = f" (last {analyte} {_value(last)} at {_when(last.time)})" if last else f" (no {analyte} on file)"
+    return [_finding(rule, ctx, [o.ref for o in orders], values, orders=orders, hours=format_number(hours),
+                     last=tail)]
+
+
+EVALUATORS: dict[str, Callable[[Rule, _Context], list[Finding]]] = {
+    "threshold-latest": _threshold_latest,
+    "relative-change": _relative_change,
+    "allergy-conflict": _allergy_conflict,
+    "duplicate-class": _duplicate_class,
+    "administration-without-order": _administration_without_order,
+    "order-not-administered": _order_not_administered,
+    "monitoring-gap": _monitoring_gap,
+}
+
+
+def evaluate(chart: Chart, *, now: datetime, catalogue: Catalogue | None = None) -> list[Finding]:
+    """Every finding the catalogue's rules raise on `chart` as of `now`, most severe first; pure and deterministic."""
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware (e.g. datetime.now(UTC))")
+    catalogue = catalogue or default_catalogue()
+    ctx = _Context(chart, now)
+    findings: list[Finding] = []
+    for rule in catalogue.rules:
+        findings.extend(EVALUATORS[rule.kind](rule, ctx))
+    findings.sort(key=lambda f: f.sort_key)
+    return findings

@@ -1,0 +1,1 @@
+"""Cited patient summaries and I-PASS handoffs: fact sheet, composer, verifier."""

@@ -1,0 +1,3 @@
+"""audit page."""
+import streamlit as st
+st.write('todo')

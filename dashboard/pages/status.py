@@ -1,0 +1,3 @@
+"""status page."""
+import streamlit as st
+st.write('todo')
