@@ -58,7 +58,7 @@ def bench_rest(ward_dir: Path, latency_ms: int, runs: int) -> str:
         single = latency_ms / 1000
         ratio_ward = float(rows[3][1][:-2]) / float(rows[2][1][:-2])
         ratio_one = float(rows[0][1][:-2]) / single
-        text = table(["load over REST, %d ms latency per request, %d patients" % (latency_ms, len(ids)),
+        text = table([f"load over REST, {latency_ms} ms latency per request, {len(ids)} patients",
                       "median", "runs"], rows)
         text += (f"\n\nWhole ward: NVA is **{ratio_ward:.1f}x** faster than the sequential client (target >= 5x). "
                  f"One patient: **{ratio_one:.1f}x** the injected single-request latency of {latency_ms} ms "
