@@ -55,7 +55,7 @@ class RestOptions:
     retries: int = 4
     backoff_base: float = 0.5
     backoff_cap: float = 20.0
-    concurrency: int = 8
+    concurrency: int = 16
     page_size: int = 200
     everything: str = "auto"  # auto | always | never
     verify: bool | str = True
@@ -97,6 +97,8 @@ class RestFhirSource(FhirSource):
         self._local = threading.local()
         self._gate = threading.BoundedSemaphore(self.options.concurrency)
         self._capabilities: dict | None = None
+        self._shared_cache: dict[str, dict] = {}  # Locations and Medications: shared by every patient of a ward
+        self._shared_lock = threading.Lock()
         self.request_count = 0
 
     @classmethod
@@ -281,23 +283,28 @@ class RestFhirSource(FhirSource):
                     yield r["id"]
 
     def patient_resources(self, patient_id: str) -> PatientRecord:
-        patient = self.read("Patient", patient_id)
-        record = PatientRecord(patient_id, [patient], origin=self.description)
-        if self.supports_everything():
-            try:
-                resources = self.search(f"Patient/{patient_id}/$everything", {})
-                record.resources = [r for r in resources if not (r.get("resourceType") == "Patient"
-                                                                 and r.get("id") == patient_id)] + [patient]
-                self._add_referenced(record)
-                return record
-            except FhirFatalError as exc:
-                if isinstance(exc, FhirAuthError):
+        use_everything = self.supports_everything()
+        with ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="fhir-search") as pool:
+            # The Patient read goes out with the searches, not before them: one round trip fewer.
+            patient_future = pool.submit(self.read, "Patient", patient_id)
+            if use_everything:
+                everything = pool.submit(self.search, f"Patient/{patient_id}/$everything", {})
+                patient = patient_future.result()
+                record = PatientRecord(patient_id, [patient], origin=self.description)
+                try:
+                    resources = everything.result()
+                    record.resources += [r for r in resources if not (r.get("resourceType") == "Patient"
+                                                                      and r.get("id") == patient_id)]
+                    self._add_referenced(record)
+                    return record
+                except FhirAuthError:
                     raise
-                log.info("$everything failed (%s); falling back to per-type searches", exc.__class__.__name__)
-        searches = [(label, rtype, {"patient": patient_id, **extra}) for label, rtype, extra in PATIENT_SEARCHES]
-        with ThreadPoolExecutor(max_workers=min(len(searches), self.options.concurrency),
-                                thread_name_prefix="fhir-search") as pool:
+                except FhirFatalError as exc:
+                    log.info("$everything failed (%s); falling back to per-type searches", exc.__class__.__name__)
+            searches = [(label, rtype, {"patient": patient_id, **extra}) for label, rtype, extra in PATIENT_SEARCHES]
             futures = [(label, pool.submit(self.search, rtype, params)) for label, rtype, params in searches]
+            patient = patient_future.result()
+            record = PatientRecord(patient_id, [patient], origin=self.description)
             seen: set[str] = {f"Patient/{patient_id}"}
             for label, future in futures:
                 try:
@@ -348,13 +355,20 @@ class RestFhirSource(FhirSource):
                 record.issues.append(DataQualityIssue(ref, "unresolved-reference", f"could not be read: {result}"))
 
     def _read_ref(self, ref: str) -> dict | FhirError:
+        with self._shared_lock:
+            cached = self._shared_cache.get(ref)
+        if cached is not None:
+            return cached
         rtype, rid = ref.split("/", 1)
         try:
-            return self.read(rtype, rid)
+            resource = self.read(rtype, rid)
         except FhirAuthError:
             raise
         except FhirError as exc:
             return exc
+        with self._shared_lock:
+            self._shared_cache[ref] = resource
+        return resource
 
     def charts_concurrently(self, patient_ids: list[str], *, workers: int = 4) -> Iterator[tuple[str, Any]]:
         """(patient id, Chart or FhirError) for many patients, several at once; order follows patient_ids."""

@@ -118,7 +118,7 @@ def _patient_section(pdf: _HandoffPdf, r: services.HandoffRow) -> None:
             cites = "".join(f"[{numbers[c]}]" for c in s.citations)
             items.append(f"{s.text} {cites}{'' if s.verified else ' (unverified)'}")
         if heading.startswith("A"):
-            items += [f"Pending: {x}" for x in r.pending]
+            items += [f"Pending: {x}" for x in services.pending_results(view)]
         for line in items or ["nothing recorded"]:
             pdf.multi_cell(0, 4.3, t(f"- {line}"), new_x="LMARGIN", new_y="NEXT")
     pdf.set_font(f, "B", 8.5)

@@ -178,13 +178,28 @@ def citation_buttons(view: services.PatientView, refs: list[str], key: str, labe
     cols[0].caption(label)
     for i, ref in enumerate(refs):
         col = cols[1 + i % 4]
-        if col.button(ref, key=f"cite-{key}-{i}", type="tertiary", icon=":material/description:"):
-            show_source(view, ref)
+        col.button(ref, key=f"cite-{key}-{i}", type="tertiary", icon=":material/description:",
+                   on_click=_open_source, args=(view.patient_id, ref))
 
 
-@st.dialog("Source", width="large")
+def _open_source(patient_id: str, ref: str) -> None:
+    st.session_state["_nva_open_ref"] = (patient_id, ref)
+
+
+def _close_source() -> None:
+    st.session_state.pop("_nva_open_ref", None)
+
+
+@st.dialog("Source", width="large", on_dismiss=_close_source)
 def show_source(view: services.PatientView, ref: str) -> None:
     render_source(view, ref)
+
+
+def source_dialog(view: services.PatientView) -> None:
+    """Open the cited source the user clicked (kept in session state so the dialog survives reruns)."""
+    opened = st.session_state.get("_nva_open_ref")
+    if opened and opened[0] == view.patient_id:
+        show_source(view, opened[1])
 
 
 def render_source(view: services.PatientView, ref: str) -> None:
@@ -328,9 +343,8 @@ def render_summary(view: services.PatientView, result: Any, key: str) -> None:
         with st.expander(f"Sources ({len(numbers)})", expanded=False):
             refs = sorted(numbers, key=numbers.get)
             for i, ref in enumerate(refs):
-                if st.button(f"[{numbers[ref]}] {ref}", key=f"{key}-src-{i}", type="tertiary",
-                             icon=":material/description:"):
-                    show_source(view, ref)
+                st.button(f"[{numbers[ref]}] {ref}", key=f"{key}-src-{i}", type="tertiary",
+                          icon=":material/description:", on_click=_open_source, args=(view.patient_id, ref))
 
 
 # --- labs --------------------------------------------------------------------------------------------
@@ -579,8 +593,9 @@ def ipass_block(row: services.HandoffRow, key: str, interactive: bool) -> None:
             st.markdown(sentence_markdown(sentences, numbers), unsafe_allow_html=True)
         else:
             st.caption("nothing recorded")
-        if heading.startswith("A") and row.pending:
-            st.markdown("\n".join(f"- Pending: {p}" for p in row.pending))
+        pending_results = services.pending_results(view)
+        if heading.startswith("A") and pending_results:
+            st.markdown("\n".join(f"- Pending: {p}" for p in pending_results))
     st.markdown("**S — Synthesis by receiver:** read back the action list and contingencies; ask questions.")
     if interactive and numbers:
         refs = sorted(numbers, key=numbers.get)

@@ -396,38 +396,25 @@ class MarEvent:
     detail: str = ""
 
 
-MAR_LATE_GRACE = timedelta(minutes=60)  # a scheduled dose counts as late once this window has passed
+def _administration_facts(chart: Chart, now: datetime) -> list[dict[str, Any]]:
+    """Due / overdue / not-given doses as the summary's fact sheet sees them (one definition of 'late')."""
+    facts = _optional("assistant.summary.facts")
+    fn = getattr(facts, "administration_facts", None) if facts else None
+    if not callable(fn):
+        return []
+    try:
+        return list(fn(chart, now))
+    except Exception:  # noqa: BLE001
+        log.exception("administration facts failed")
+        return []
 
 
 def mar_events(chart: Chart, now: datetime, *, past: timedelta = timedelta(hours=24),
                ahead: timedelta = timedelta(hours=12)) -> list[MarEvent]:
-    """Administrations and scheduled doses of active orders around `now`, each given, held, due or late."""
+    """Doses around `now`: given and held (administrations), late and due (next dose of each scheduled order)."""
     events: list[MarEvent] = []
     orders = {o.ref: o for o in chart.orders}
     lo, hi = now - past, now + ahead
-    matched: set[str] = set()
-    for order in chart.active_orders():
-        interval = order.timing.interval_hours()
-        start = order.start or order.authored_on
-        admins = [a for a in chart.administrations if a.order_ref == order.ref and a.time is not None]
-        if not interval or start is None:
-            continue
-        step = timedelta(hours=interval)
-        tolerance = min(step / 2, timedelta(hours=2))
-        k = max(0, int((lo - start) / step)) if start < lo else 0
-        for _ in range(2000):  # bounded: 12-hourly for years is still far below this
-            due = start + k * step
-            k += 1
-            if due > hi or (order.end and due > order.end):
-                break
-            if due < lo:
-                continue
-            hit = next((a for a in admins if a.ref not in matched and abs(a.time - due) <= tolerance), None)
-            if hit is not None:
-                matched.add(hit.ref)
-                continue
-            state = "late" if due + MAR_LATE_GRACE < now else "due"
-            events.append(MarEvent(order.ref, order.text, due, state, None, f"scheduled {due:%H:%M}"))
     for a in chart.administrations:
         if a.time is None or not (lo <= a.time <= hi):
             continue
@@ -435,24 +422,51 @@ def mar_events(chart: Chart, now: datetime, *, past: timedelta = timedelta(hours
         state = "given" if a.was_given else "held"
         detail = a.status if a.was_given else f"{a.status}{': ' + a.status_reason if a.status_reason else ''}"
         events.append(MarEvent(a.order_ref or a.ref, order.text if order else a.text, a.time, state, a.ref, detail))
+    for fact in _administration_facts(chart, now):
+        if fact.get("severity") not in ("overdue", "due") or not fact.get("time"):
+            continue
+        order_ref = fact["provenance"][0]
+        order = orders.get(order_ref)
+        due = fact["time"]
+        label = order.text if order else str(fact.get("label", order_ref))
+        events.append(MarEvent(order_ref, label, due, "late" if fact["severity"] == "overdue" else "due", None,
+                               fact.get("text", "")))
+        interval = order.timing.interval_hours() if order else None
+        if interval:
+            step = timedelta(hours=interval)
+            nxt = due + step
+            for _ in range(200):  # bounded: hourly doses over 12 h is 12
+                if nxt > hi or (order and order.end and nxt > order.end):
+                    break
+                if nxt > now:
+                    events.append(MarEvent(order_ref, label, nxt, "due", None, f"scheduled {nxt:%d %b %H:%M}"))
+                nxt += step
     events.sort(key=lambda e: (e.time, e.order))
     return events
 
 
 def pending_items(view: PatientView, *, within: timedelta = timedelta(hours=4)) -> list[str]:
-    """What the next shift must not miss: late or upcoming doses and results still pending."""
+    """What the next shift must not miss: overdue and upcoming doses, doses not given, results still pending."""
     if view.chart is None:
         return []
     items: list[str] = []
-    for e in mar_events(view.chart, view.now, ahead=within):
-        if e.state == "late":
-            items.append(f"LATE {e.order} (due {e.time:%H:%M})")
-        elif e.state == "due":
-            items.append(f"{e.order} due {e.time:%H:%M}")
-    for r in view.chart.results:
-        if r.status in ("registered", "preliminary"):
-            items.append(f"{r.name} result {r.status}")
+    for fact in sorted(_administration_facts(view.chart, view.now), key=lambda f: f.get("priority", 9)):
+        when = fact.get("time")
+        label = str(fact.get("label", ""))[:60]
+        if fact.get("severity") == "overdue":
+            items.append(f"OVERDUE {label} (due {when:%d %b %H:%M})")
+        elif fact.get("severity") == "due" and when and when <= view.now + within:
+            items.append(f"{label} due {when:%H:%M}")
+        elif fact.get("severity") == "not-given":
+            items.append(f"Not given: {label}")
+    items += pending_results(view)
     return items
+
+
+def pending_results(view: PatientView) -> list[str]:
+    if view.chart is None:
+        return []
+    return [f"{r.name} result {r.status}" for r in view.chart.results if r.status in ("registered", "preliminary")]
 
 
 # --- cached models and stores (shared across sessions; no patient data) -------------------------------
@@ -611,7 +625,8 @@ def ipass_sections(result: Any) -> list[tuple[str, list[Any]]]:
 
 
 # --- audit ---------------------------------------------------------------------------------------------
-AUDIT_COLUMNS = ["patient", "ward", "rule_id", "severity", "category", "title", "message", "evidence", "action"]
+CSV_FIELDS = ("patient", "ward", "rule_id", "category", "severity", "title", "message", "evidence", "values",
+              "action", "guideline_ids", "sources")
 
 
 def audit_dir(cfg: AppConfig) -> Path:
@@ -622,14 +637,16 @@ def audit_runs(cfg: AppConfig) -> list[Path]:
     root = audit_dir(cfg)
     if not root.is_dir():
         return []
-    return sorted(root.rglob("*.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return sorted((p for p in root.rglob("*.jsonl") if ".work" not in p.parent.name),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def read_audit_jsonl(lines: Iterator[str] | list[str]) -> tuple[list[dict[str, Any]], int]:
-    """Flat finding rows from an audit JSONL (one finding a line, or one patient a line with `findings`)."""
+def read_audit_jsonl(lines: Any) -> tuple[list[dict[str, Any]], int]:
+    """Finding rows from an audit JSONL (one finding a line, or one patient a line with `findings`); bad lines counted."""
     rows: list[dict[str, Any]] = []
     bad = 0
     for line in lines:
+        line = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
         line = line.strip()
         if not line:
             continue
@@ -640,40 +657,69 @@ def read_audit_jsonl(lines: Iterator[str] | list[str]) -> tuple[list[dict[str, A
             continue
         if not isinstance(obj, dict):
             bad += 1
-            continue
-        if isinstance(obj.get("findings"), list):
+        elif isinstance(obj.get("findings"), list):
             for f in obj["findings"]:
                 if isinstance(f, dict):
-                    rows.append(_audit_row({**{k: v for k, v in obj.items() if k != "findings"}, **f}))
+                    rows.append(_audit_row({**f, "ward": obj.get("ward")}))
         elif "rule_id" in obj:
             rows.append(_audit_row(obj))
+        else:
+            bad += 1
     return rows, bad
 
 
 def _audit_row(obj: dict[str, Any]) -> dict[str, Any]:
     row = dict(obj)
-    patient = row.get("patient") or row.get("patient_ref") or row.get("patient_id") or ""
-    if patient and "/" not in str(patient):
+    patient = str(row.get("patient") or "")
+    if patient and "/" not in patient and ":" not in patient:
         patient = f"Patient/{patient}"
     row["patient"] = patient
-    row["ward"] = row.get("ward") or row.get("ward_ref") or row.get("ward_name") or ""
+    row["ward"] = row.get("ward") or "(no ward)"
     row["severity"] = str(row.get("severity") or "low")
+    row["evidence"] = list(row.get("evidence") or [])
+    row["values"] = list(row.get("values") or [])
     return row
 
 
 def audit_csv(rows: list[dict[str, Any]]) -> bytes:
+    """The filtered findings as CSV, in the column layout of `nva audit --format csv`."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=AUDIT_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
-    for r in rows:
-        flat = dict(r)
-        flat["evidence"] = " ".join(r.get("evidence") or [])
-        writer.writerow(flat)
+    for f in rows:
+        values = "; ".join(f"{v.get('label')}={v.get('value') or ''}@{v.get('time') or ''} [{v.get('ref')}]"
+                           for v in f.get("values") or [] if isinstance(v, dict))
+        writer.writerow({**f, "evidence": " ".join(f.get("evidence") or []), "values": values,
+                         "guideline_ids": " ".join(f.get("guideline_ids") or []),
+                         "sources": " | ".join(f.get("sources") or [])})
     return buf.getvalue().encode("utf-8")
 
 
-def audit_module() -> Any | None:
-    return _optional("assistant.audit")
+def run_ward_audit(cfg: AppConfig, ward_ref: str | None, progress: Any = None) -> Path:
+    """Audit every patient on the ward with the audit runner's per-patient step; writes JSONL under the data dir."""
+    from assistant.audit.report import write_output
+    from assistant.audit.runner import audit_record
+    from assistant.rules.engine import default_catalogue
+    from connectors.base import PatientRecord
+    from connectors.errors import FhirError
+
+    source = session_source(cfg)
+    census = ward_census(cfg, ward_ref)
+    now = cfg.rules_now()
+    catalogue = default_catalogue()
+    rows = []
+    for i, entry in enumerate(census):
+        try:
+            record = source.patient_resources(entry.patient_id)
+        except FhirError as exc:
+            record = PatientRecord(patient_id=entry.patient_id, error=exc, origin=cfg.source)
+        rows.append(audit_record(record, now, catalogue))
+        if progress is not None:
+            progress(i + 1, len(census))
+    slug = (ward_ref or "all").split("/")[-1]
+    out = audit_dir(cfg) / f"audit-{slug}-{datetime.now(UTC):%Y%m%dT%H%M%S}.jsonl"
+    write_output(lambda: rows, out, fmt="jsonl", now=now.isoformat(), source=cfg.source)
+    return out
 
 
 def illness_level(result: Any) -> str:

@@ -94,9 +94,6 @@ class GuidelineStore(ABC):
     @abstractmethod
     def stats(self) -> StoreStats: ...
 
-    def close(self) -> None:
-        """Release client resources (no-op by default)."""
-
 
 def matches_where(where: Where | None, metadata: dict[str, Any]) -> bool:
     """Evaluate a chroma-style where filter ($and/$or, $eq/$ne/$in/$nin/$gt/$gte/$lt/$lte) in Python."""

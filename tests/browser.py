@@ -156,12 +156,18 @@ class Browser:
         raise BrowserError(f"page not rendered within {timeout}s (state={last.get('state')}, missing={missing})")
 
     def full_height(self) -> int:
-        return int(self.evaluate("""(() => { const m = document.querySelector('[data-testid="stMain"]')
-            || document.querySelector('section.main'); const b = m ? m.scrollHeight : 0;
-            return Math.max(b, document.body.scrollHeight); })()""") or 1000)
+        return int(self.evaluate("""(() => {
+            const c = document.querySelector('[data-testid="stMainBlockContainer"]');
+            const s = document.querySelector('[data-testid="stSidebarContent"]');
+            const main = document.querySelector('[data-testid="stMain"]');
+            const top = main ? main.scrollTop : 0;
+            const bottom = (el) => el ? el.getBoundingClientRect().bottom + top : 0;
+            return Math.ceil(Math.max(bottom(c), s ? s.scrollHeight : 0) + 48); })()""") or 1000)
 
     def screenshot(self, path: Path, *, width: int = 1440, max_height: int = 4000) -> Path:
         """PNG of the whole app (the main area is the scroller, so the viewport grows to fit it)."""
+        self.set_viewport(width, 900)
+        self.wait_for(finished=True, timeout=30)
         height = min(max(self.full_height(), 900), max_height)
         self.set_viewport(width, height)
         self.wait_for(finished=True, timeout=30)

@@ -82,7 +82,7 @@ def _tail(path: Path, limit: int = 3000) -> str:
 
 
 def start_llm_server(
-    model_dir: Path | None = None, ready_timeout: float = READY_TIMEOUT_S, threads: int = 2
+    model_dir: Path | None = None, ready_timeout: float = READY_TIMEOUT_S, threads: int = 1
 ) -> tuple[str, str, Callable[[], None]]:
     """Start `transformers serve`; returns (base_url ending in /v1, model name to request, stop function)."""
     model_dir = model_dir or ensure_hf_model()

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from assistant.summary.facts import build_fact_sheet
-from assistant.summary.verifier import SentenceSplitter, Verifier, extract_claims, parse_citations, split_sentences
+from assistant.summary.verifier import (
+    SentenceSplitter,
+    Verifier,
+    extract_claims,
+    parse_citations,
+    split_sentences,
+)
 from tests.test_summary_support import INJECTION, NOW, high_k_finding, make_chart, medium_finding
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser when libyaml is present
+
 from assistant.model import (
     SEVERITY_ORDER,
     Administration,
@@ -117,7 +119,7 @@ def guideline_links(corpus: Path | None = None) -> dict[str, tuple[str, ...]]:
         if end < 0:
             continue
         try:
-            meta = yaml.safe_load(text[3:end]) or {}
+            meta = yaml.load(text[3:end], Loader=_LOADER) or {}  # noqa: S506 - a safe loader
         except yaml.YAMLError:
             log.warning("guideline front matter unreadable: %s", path.name)
             continue
@@ -199,7 +201,7 @@ def load_catalogue(path: str | Path | None = None, *, corpus: Path | None = None
     """Parse and validate a catalogue file (the packaged one by default)."""
     path = Path(path) if path else CATALOGUE_PATH
     with path.open("r", encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
+        data = yaml.load(fh, Loader=_LOADER)  # noqa: S506 - a safe loader
     if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
         raise CatalogueError(f"{path} has no `rules:` list")
     terms = terminology()

@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser when libyaml is present
+
 from assistant.model import Chart, Result
 
 NEWS2_PATH = Path(__file__).with_name("news2.yaml")
@@ -46,7 +48,7 @@ class News2Score:
 @cache
 def news2_table(path: str | None = None) -> dict[str, Any]:
     with Path(path or NEWS2_PATH).open("r", encoding="utf-8") as fh:
-        return yaml.safe_load(fh)
+        return yaml.load(fh, Loader=_LOADER)  # noqa: S506 - a safe loader
 
 
 def _band_points(bands: list[dict], value: float) -> int:

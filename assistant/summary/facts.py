@@ -125,6 +125,9 @@ def frequency_of(order: MedicationOrder) -> str | None:
     return None
 
 
+FREQ_PHRASES = {"q24h": ("daily", "once daily", "qd", "every 24 hours", "nightly", "at bedtime"),
+                "q12h": ("twice daily", "bid", "every 12 hours"), "q8h": ("three times daily", "tid", "every 8 hours"),
+                "q6h": ("four times daily", "qid", "every 6 hours"), "prn": ("as needed", "prn")}
 FREQ_WORDS = {"q24h": "once daily", "q12h": "twice daily", "q8h": "three times daily", "q6h": "four times daily",
               "prn": "as needed"}
 
@@ -139,18 +142,25 @@ def frequency_words(freq: str | None) -> str:
 
 
 def order_phrase(order: MedicationOrder) -> str:
-    parts = [order.text.strip()]
-    lower = order.text.lower()
+    """Drug, dose, route and frequency, each said once."""
+    phrase = order.text.strip()
+
+    def has(words: Iterable[str]) -> bool:
+        low = phrase.lower()
+        return any(re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", low) for w in words)
+
     dose = order.dose_text or (str(order.dose) if order.dose else "")
-    if dose and dose.lower() not in lower:
-        parts.append(dose)
-    if order.route and not any(re.search(rf"\b{re.escape(w)}\b", lower) for w in ROUTE_WORDS.get(
-            order.route.lower(), (order.route.lower(),))):
-        parts.append(order.route)
-    freq = frequency_words(frequency_of(order))
-    if freq and freq not in lower:
-        parts.append(freq)
-    return " ".join(p for p in parts if p)
+    if dose and dose.lower() not in phrase.lower():
+        phrase += f" {dose}"
+    if order.route:
+        route = re.sub(r"\s+route$", "", order.route.strip(), flags=re.I)
+        if not has(ROUTE_WORDS.get(route.lower(), (route.lower(),))):
+            phrase += f" {route.lower()}"
+    freq = frequency_of(order)
+    words = frequency_words(freq)
+    if words and freq and not has(FREQ_PHRASES.get(freq, (words,))):
+        phrase += f" {words}"
+    return phrase
 
 
 ROUTE_WORDS = {"oral": ("oral", "po", "by mouth"), "intravenous": ("intravenous", "iv"),
@@ -249,7 +259,7 @@ def _result_fact(chart: Chart, r: Result, priority: int, must: bool) -> dict[str
 
 def _flag_fact(f: Finding) -> dict[str, Any]:
     tm = terminology()
-    values = "; ".join(f"{v.label} {v.value}" if v.value else v.label for v in f.values)
+    values = "; ".join(f"{v.label} {v.value}" if v.value and v.value not in v.label else v.label for v in f.values)
     text = f"{f.severity}-severity flag: {_strip_period(f.title)}. {_strip_period(f.message)}."
     if values:
         text += f" Values: {values}."
@@ -348,10 +358,15 @@ def build_fact_sheet(
     *,
     now: datetime,
     max_facts: int = DEFAULT_MAX_FACTS,
-    news2: Any | None = None,
+    news2: News2 | None | str = "auto",
     include_context: bool = True,
 ) -> FactSheet:
-    """Candidate facts ranked by clinical priority; high-severity flags and critical values always stay."""
+    """Candidate facts ranked by clinical priority; high-severity flags and critical values always stay.
+
+    `news2="auto"` scores NEWS2 with assistant.rules.news2 (pure, from the chart's vital signs); None skips it.
+    """
+    if news2 == "auto":
+        news2 = news2_from_rules(chart, now)
     cands: list[_Candidate] = []
 
     def add(priority: int, kw: dict[str, Any]) -> None:
@@ -362,7 +377,7 @@ def build_fact_sheet(
     for f in sorted((f for f in findings if f.patient == patient), key=lambda f: f.sort_key):
         add(0, _flag_fact(f))
 
-    sev = illness_severity_fact(chart, findings, news2, patient)
+    sev = illness_severity_fact(chart, findings, news2 if isinstance(news2, News2) else None, patient)
     if sev is not None:
         add(1, sev)
 
@@ -437,7 +452,12 @@ def build_fact_sheet(
                     section="patient"))
         e = chart.encounter
         if e is not None:
-            where = ", ".join(x for x in (f"ward {e.ward_name}" if e.ward_name else "", f"bed {e.bed_name}" if e.bed_name else "") if x)
+            bed = e.bed_name or ""
+            if e.ward_name and bed.startswith(e.ward_name):
+                bed = bed[len(e.ward_name):].strip()
+            if bed and "bed" not in bed.lower():
+                bed = f"bed {bed}"
+            where = ", ".join(x for x in (f"ward {e.ward_name}" if e.ward_name else "", bed) if x)
             text = "Admitted " + (fmt_time(e.start) if e.start else "(date not recorded)")
             if e.reason:
                 text += f" for {quote_chart_text(e.reason, 80)}"
@@ -481,6 +501,21 @@ class News2:
     refs: tuple[str, ...]
     single_param_3: bool = False
     time: datetime | None = None
+    missing: int = 0  # parameters without a recent value: the score may be understated
+
+
+def news2_from_rules(chart: Chart, now: datetime) -> News2 | None:
+    """NEWS2 from assistant.rules.news2 when that module is installed; None when no vital sign was scored."""
+    try:
+        from assistant.rules.news2 import news2 as score_news2
+    except ImportError:
+        return None
+    score = score_news2(chart, now=now)
+    if not score.parameters:
+        return None
+    times = [p.time for p in score.parameters if p.time]
+    return News2(score=score.total, refs=tuple(score.evidence), single_param_3=any(p.points >= 3 for p in score.parameters),
+                 time=max(times) if times else None, missing=len(score.missing))
 
 
 def illness_severity_fact(chart: Chart, findings: Sequence[Finding], news2: News2 | None,
@@ -501,6 +536,8 @@ def illness_severity_fact(chart: Chart, findings: Sequence[Finding], news2: News
             level = "watcher"
         if news2.single_param_3:
             reasons.append("a single NEWS2 parameter scores 3")
+        if news2.missing:
+            reasons.append(f"{news2.missing} NEWS2 parameter{'s' if news2.missing > 1 else ''} not recorded recently")
     if high:
         n = len(high)
         reasons.append(f"{n} high-severity flag" + ("s" if n > 1 else ""))

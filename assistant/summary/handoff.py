@@ -9,7 +9,14 @@ from typing import Any
 
 from assistant.model import Chart, Finding
 from assistant.summary.composer import SummaryResult, compose, template_sentence
-from assistant.summary.facts import DEFAULT_MAX_FACTS, Fact, GuidelinePassage, News2, build_fact_sheet, severity_rank
+from assistant.summary.facts import (
+    DEFAULT_MAX_FACTS,
+    Fact,
+    GuidelinePassage,
+    News2,
+    build_fact_sheet,
+    severity_rank,
+)
 from assistant.summary.verifier import Sentence, Verifier
 
 SECTIONS = (
@@ -81,7 +88,7 @@ def compose_handoff(
     backend: Any | None = None,
     *,
     now: datetime,
-    news2: News2 | None = None,
+    news2: News2 | None | str = "auto",
     max_facts: int = DEFAULT_MAX_FACTS,
     max_tokens: int = 256,
     timeout: float | None = None,

@@ -46,11 +46,15 @@ render.load_banners(view, services.source_file_errors(source, cfg))
 if view.chart is None:
     st.stop()
 
+render.source_dialog(view)
 render.patient_header(view)
-slots = render.flags_section(view, key=pid)
-st.markdown("### Summary")
-summary_slot = st.empty()
-summary_slot.caption("Composing the cited summary…")
+col_flags, col_summary = st.columns([3, 2], gap="medium")
+with col_flags:
+    slots = render.flags_section(view, key=pid)
+with col_summary:
+    st.markdown("### Summary")
+    summary_slot = st.empty()
+    summary_slot.caption("Composing the cited summary…")
 tabs = st.tabs(["Labs", "Vitals and NEWS2", "Medications and MAR", "Nursing notes"])
 with tabs[0]:
     render.labs_section(view, pid)

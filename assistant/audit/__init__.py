@@ -1,0 +1,1 @@
+"""Batch chart audit: partitioning, local and dask engines, checkpointed runs and reports."""

@@ -1,0 +1,174 @@
+"""Audit output: JSONL (one finding a line), CSV, or a self-contained HTML report with counts and data quality."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("jsonl", "csv", "html")
+CSV_FIELDS = ("patient", "ward", "rule_id", "category", "severity", "title", "message", "evidence", "values",
+              "action", "guideline_ids", "sources")
+SEVERITY_COLOURS = {"high": "#c0392b", "medium": "#e67e22", "low": "#2980b9"}
+EXAMPLES_PER_CODE = 10
+
+
+def finding_rows(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Each finding of each audited patient, with the patient's ward."""
+    for row in rows:
+        for f in row["findings"]:
+            yield {**f, "ward": row.get("ward")}
+
+
+def write_output(rows: Callable[[], Iterable[dict[str, Any]]], out: Path, *, fmt: str, now: str, source: str,
+                 global_issues: list[dict] | None = None) -> None:
+    """Assemble the output from the per-batch rows, atomically (tmp file + os.replace)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tmp.open("w", encoding="utf-8", newline="") as fh:
+        if fmt == "jsonl":
+            for f in finding_rows(rows()):
+                fh.write(json.dumps(f, ensure_ascii=False, separators=(",", ":")) + "\n")
+        elif fmt == "csv":
+            writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            for f in finding_rows(rows()):
+                writer.writerow(_csv_row(f))
+        else:
+            fh.write(render_html(rows, now=now, source=source, global_issues=global_issues or []))
+    os.replace(tmp, out)
+
+
+def _csv_row(f: dict[str, Any]) -> dict[str, Any]:
+    values = "; ".join(f"{v['label']}={v.get('value') or ''}@{v.get('time') or ''} [{v['ref']}]" for v in f["values"])
+    return {**f, "evidence": " ".join(f["evidence"]), "values": values,
+            "guideline_ids": " ".join(f["guideline_ids"]), "sources": " | ".join(f["sources"])}
+
+
+def read_findings(path: Path) -> list[dict[str, Any]]:
+    """Findings back from a JSONL or CSV output (for comparisons); evidence always as a list."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".csv":
+        rows = list(csv.DictReader(io.StringIO(text)))
+        return [{**r, "evidence": r["evidence"].split()} for r in rows]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# --- HTML ---------------------------------------------------------------------------------------------------------
+
+def _bars(counts: list[tuple[str, int]], *, colour: Callable[[str], str] = lambda _k: "#34495e") -> str:
+    """Horizontal bar chart as inline SVG (no scripts, no CDN)."""
+    if not counts:
+        return "<p><em>none</em></p>"
+    top = max(n for _, n in counts) or 1
+    row_h, label_w, bar_w = 22, 260, 360
+    parts = [f'<svg role="img" width="{label_w + bar_w + 60}" height="{row_h * len(counts) + 4}" '
+             'font-family="sans-serif" font-size="12">']
+    for i, (label, n) in enumerate(counts):
+        y = i * row_h + 2
+        w = max(1, round(bar_w * n / top))
+        parts.append(f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end">{html.escape(label)}</text>'
+                     f'<rect x="{label_w}" y="{y + 3}" width="{w}" height="{row_h - 6}" fill="{colour(label)}">'
+                     f'<title>{html.escape(label)}: {n}</title></rect>'
+                     f'<text x="{label_w + w + 6}" y="{y + 15}">{n}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def render_html(rows: Callable[[], Iterable[dict[str, Any]]], *, now: str, source: str,
+                global_issues: list[dict]) -> str:
+    by_rule: Counter[str] = Counter()
+    by_severity: Counter[str] = Counter()
+    by_ward: Counter[str] = Counter()
+    per_patient: dict[str, list[dict]] = {}
+    patient_ward: dict[str, str] = {}
+    issue_counts: Counter[tuple[str, str]] = Counter()
+    issue_examples: dict[tuple[str, str], list[str]] = {}
+    unreadable: list[dict] = []
+    patients = resources = 0
+    for row in rows():
+        if row["error"]:
+            unreadable.append(row)
+        else:
+            patients += 1
+        resources += row["resources"]
+        ward = row.get("ward") or "(no current ward)"
+        patient_ward[row["patient"]] = ward
+        for f in row["findings"]:
+            by_rule[f["rule_id"]] += 1
+            by_severity[f["severity"]] += 1
+            by_ward[ward] += 1
+            per_patient.setdefault(row["patient"], []).append(f)
+        for issue in row["issues"]:
+            key = (issue["code"], issue["severity"])
+            issue_counts[key] += 1
+            examples = issue_examples.setdefault(key, [])
+            if len(examples) < EXAMPLES_PER_CODE:
+                examples.append(f"{issue['source']}: {issue['message']}")
+    for issue in global_issues:
+        key = (issue["code"], issue["severity"])
+        issue_counts[key] += 1
+        examples = issue_examples.setdefault(key, [])
+        if len(examples) < EXAMPLES_PER_CODE:
+            examples.append(f"{issue['source']}: {issue['message']}")
+
+    weight = {"high": 100, "medium": 10, "low": 1}
+    top = sorted(per_patient.items(), key=lambda kv: (-sum(weight.get(f["severity"], 0) for f in kv[1]), kv[0]))[:25]
+    total = sum(by_rule.values())
+    e = html.escape
+    out = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>NVA chart audit</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
+        ".high{color:#c0392b;font-weight:bold}.medium{color:#e67e22}.low{color:#2980b9}"
+        "code{font-size:90%}</style></head><body>",
+        "<h1>Chart audit</h1>",
+        f"<p>Source <code>{e(source)}</code>, audited as of <strong>{e(now)}</strong>: {patients} patients, "
+        f"{resources} resources, <strong>{total}</strong> findings; {len(unreadable)} records could not be "
+        "audited (see data quality).</p>",
+        "<h2>Findings by severity</h2>",
+        _bars([(s, by_severity[s]) for s in ("high", "medium", "low") if by_severity[s]],
+              colour=lambda k: SEVERITY_COLOURS.get(k, "#34495e")),
+        "<h2>Findings by rule</h2>", _bars(by_rule.most_common()),
+        "<h2>Findings by ward</h2>", _bars(by_ward.most_common()),
+        "<h2>Top patients</h2>",
+    ]
+    if top:
+        out.append("<table><tr><th>Patient</th><th>Ward</th><th>Findings</th></tr>")
+        for patient, findings in top:
+            items = "".join(f"<li><span class='{e(f['severity'])}'>{e(f['severity'])}</span> "
+                            f"<code>{e(f['rule_id'])}</code>: {e(f['message'])}<br><small>Evidence: "
+                            f"{e(', '.join(f['evidence']))}</small></li>" for f in findings)
+            out.append(f"<tr><td><code>{e(patient)}</code></td><td>{e(patient_ward.get(patient, ''))}</td>"
+                       f"<td><ul>{items}</ul></td></tr>")
+        out.append("</table>")
+    else:
+        out.append("<p><em>No findings.</em></p>")
+    out.append("<h2>Data quality</h2>")
+    if unreadable:
+        out.append("<h3>Records that could not be audited</h3><table><tr><th>Record</th><th>Why</th></tr>")
+        for row in unreadable:
+            err = row["error"]
+            out.append(f"<tr><td><code>{e(row['patient'])}</code></td><td>{e(err['code'])}: {e(err['message'])}"
+                       "</td></tr>")
+        out.append("</table>")
+    if issue_counts:
+        out.append("<h3>Issues in the data that was read</h3><table><tr><th>Issue</th><th>Severity</th>"
+                   "<th>Count</th><th>Examples</th></tr>")
+        for (code, severity), n in sorted(issue_counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            examples = "<br>".join(e(x) for x in issue_examples[(code, severity)])
+            out.append(f"<tr><td><code>{e(code)}</code></td><td>{e(severity)}</td><td>{n}</td>"
+                       f"<td><small>{examples}</small></td></tr>")
+        out.append("</table>")
+    if not unreadable and not issue_counts:
+        out.append("<p>Every record was read without issues.</p>")
+    out.append("</body></html>\n")
+    return "".join(out)

@@ -1,0 +1,322 @@
+"""Batch chart audit: per-patient rule evaluation in batches, checkpointed so a killed run resumes exactly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from assistant.audit.partition import PartitionedExport, partition_export, read_partition
+from assistant.normalize import CHART_TYPES, build_chart
+from assistant.rules.engine import Catalogue, default_catalogue, evaluate, load_catalogue
+from connectors.base import FhirSource, PatientRecord
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.json"
+PARTS = "parts"
+# Test hook: simulate a kill after N checkpoints ("N") or after writing part N+1 but before its checkpoint ("N+").
+CRASH_ENV = "NVA_AUDIT_CRASH_AFTER"
+
+
+class AuditError(RuntimeError):
+    """The audit cannot start or resume as asked; the message says what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """One batch of work: a partition file of an NDJSON export, or patient records read by the driver."""
+
+    index: int
+    partition: str | None = None
+    shared: tuple[dict, ...] = ()
+    records: tuple[PatientRecord, ...] = ()
+    patients: int = 0
+
+
+@dataclass(slots=True)
+class AuditOptions:
+    now: datetime
+    engine: str = "local"  # local | dask
+    workers: int = 1
+    scheduler: str | None = None
+    batch_size: int = 50
+    partitions: int | None = None
+    catalogue_path: str | None = None
+    progress: bool | None = None  # None: when stderr is a terminal
+    dask_processes: bool = True  # False runs the LocalCluster's workers as threads (tests)
+
+
+@dataclass(slots=True)
+class AuditSummary:
+    patients: int = 0
+    resources: int = 0
+    findings: int = 0
+    errors: int = 0
+    units: int = 0
+    resumed_units: int = 0
+    seconds: float = 0.0
+    by_severity: dict[str, int] = field(default_factory=dict)
+    global_issues: list[dict] = field(default_factory=list)
+
+
+# --- per patient ------------------------------------------------------------------------------------------------
+
+def audit_record(record: PatientRecord, now: datetime, catalogue: Catalogue) -> dict[str, Any]:
+    """One patient's audit as a JSON-able row; any failure is caught and reported, never raised."""
+    row: dict[str, Any] = {"patient": f"Patient/{record.patient_id}", "ward": None,
+                           "resources": len(record.resources), "findings": [], "issues": [], "error": None}
+    if record.error is not None:
+        row["patient"] = record.patient_id if ":" in record.patient_id else row["patient"]
+        row["error"] = {"code": "unreadable", "message": str(record.error), "source": record.origin}
+        return row
+    try:
+        chart = build_chart(record.resources, source=record.origin, patient_id=record.patient_id,
+                            issues=record.issues)
+        findings = evaluate(chart, now=now, catalogue=catalogue)
+    except Exception as exc:  # one broken patient must never stop the run; report why and move on
+        row["error"] = {"code": exc.__class__.__name__, "message": str(exc)[:500], "source": record.origin}
+        row["issues"] = [asdict(i) for i in record.issues]
+        log.debug("patient skipped: %s", "".join(traceback.format_exception_only(exc)).strip())
+        return row
+    row["ward"] = (chart.encounter.ward_name or chart.encounter.ward_ref) if chart.encounter else None
+    row["findings"] = [f.to_dict() for f in findings]
+    row["issues"] = [asdict(i) for i in chart.issues]
+    return row
+
+
+_CATALOGUES: dict[str | None, Catalogue] = {}
+
+
+def _catalogue(path: str | None) -> Catalogue:
+    if path is None:
+        return default_catalogue()
+    if path not in _CATALOGUES:
+        _CATALOGUES[path] = load_catalogue(path)
+    return _CATALOGUES[path]
+
+
+def run_unit(unit: Unit, now_iso: str, catalogue_path: str | None = None) -> tuple[int, list[dict[str, Any]]]:
+    """Audit one batch; runs in a worker process (local pool or dask) as well as in-process."""
+    now = datetime.fromisoformat(now_iso)
+    catalogue = _catalogue(catalogue_path)
+    if unit.partition is not None:
+        records: Iterable[PatientRecord] = read_partition(Path(unit.partition), list(unit.shared))
+    else:
+        records = unit.records
+    return unit.index, [audit_record(r, now, catalogue) for r in records]
+
+
+# --- planning ---------------------------------------------------------------------------------------------------
+
+def plan_units(source: FhirSource, workdir: Path, options: AuditOptions) -> tuple[Iterator[Unit], int | None, list]:
+    """Work units in a fixed order (so a resumed run sees the same batches), the patient total, global issues."""
+    from connectors.ndjson_dir import NdjsonDirSource
+
+    if isinstance(source, NdjsonDirSource):
+        root = workdir / "partitions"
+        export = PartitionedExport.load(root)
+        if export is None:
+            shutil.rmtree(root, ignore_errors=True)
+            export = partition_export(source, outdir=root, partitions=options.partitions,
+                                      keep_types=CHART_TYPES, gz=False)
+        shared = tuple(export.shared())
+        units = (Unit(i, partition=str(p), shared=shared, patients=export.patients[i])
+                 for i, p in enumerate(export.paths))
+        issues = [asdict(i) for i in export.issues]
+        if export.skipped_types:
+            issues.append({"source": str(source.path), "code": "not-audited", "severity": "info",
+                           "message": "resource types not used by the audit were skipped: " + ", ".join(
+                               f"{t} ({n})" for t, n in sorted(export.skipped_types.items()))})
+        return units, sum(export.patients), issues
+    return _record_batches(source.iter_patient_records(), options.batch_size), None, []
+
+
+def _record_batches(records: Iterator[PatientRecord], size: int) -> Iterator[Unit]:
+    batch: list[PatientRecord] = []
+    index = 0
+    for record in records:
+        batch.append(record)
+        if len(batch) >= size:
+            yield Unit(index, records=tuple(batch), patients=len(batch))
+            index += 1
+            batch = []
+    if batch:
+        yield Unit(index, records=tuple(batch), patients=len(batch))
+
+
+# --- checkpointing ----------------------------------------------------------------------------------------------
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def catalogue_fingerprint(path: str | None) -> str:
+    from assistant.rules.engine import CATALOGUE_PATH
+
+    return hashlib.sha256(Path(path or CATALOGUE_PATH).read_bytes()).hexdigest()[:16]
+
+
+class Checkpoint:
+    """Completed batches of one run, kept next to the output; written atomically after each batch's part file."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+        self.workdir = workdir
+        self.config = config
+        self.completed: set[int] = set()
+        self.global_issues: list[dict] = []
+        self._crash = os.environ.get(CRASH_ENV)
+
+    @property
+    def path(self) -> Path:
+        return self.workdir / CHECKPOINT
+
+    def part(self, index: int) -> Path:
+        return self.workdir / PARTS / f"batch-{index:06d}.jsonl"
+
+    def start(self, resume: bool) -> None:
+        if resume and self.path.exists():
+            saved = json.loads(self.path.read_text(encoding="utf-8"))
+            mismatch = {k: (saved["config"].get(k), v) for k, v in self.config.items()
+                        if saved["config"].get(k) != v and k != "now"}
+            if mismatch:
+                raise AuditError("the interrupted run used different settings "
+                                 + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in mismatch.items())
+                                 + "; rerun with the same settings or without --resume")
+            self.config["now"] = saved["config"]["now"]
+            self.completed = set(saved["completed"])
+            self.completed = {i for i in self.completed if self.part(i).exists()}
+            return
+        if self.workdir.exists():
+            shutil.rmtree(self.workdir)
+        (self.workdir / PARTS).mkdir(parents=True)
+        self._save()
+
+    def _save(self) -> None:
+        _atomic_write(self.path, json.dumps({"config": self.config, "completed": sorted(self.completed)}))
+
+    def record(self, index: int, rows: list[dict[str, Any]]) -> None:
+        _atomic_write(self.part(index), "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
+        if self._crash and self._crash.endswith("+") and len(self.completed) >= int(self._crash[:-1]):
+            os._exit(137)  # test hook: killed after the part file, before the checkpoint names it
+        self.completed.add(index)
+        self._save()
+        if self._crash and not self._crash.endswith("+") and len(self.completed) >= int(self._crash):
+            os._exit(137)  # test hook: killed right after a checkpoint
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        for index in sorted(self.completed):
+            with self.part(index).open("r", encoding="utf-8") as fh:
+                for line in fh:
+                    yield json.loads(line)
+
+
+# --- engines ----------------------------------------------------------------------------------------------------
+
+ResultSink = Callable[[int, list[dict[str, Any]]], None]
+
+
+def run_local(units: Iterator[Unit], now_iso: str, options: AuditOptions, sink: ResultSink) -> None:
+    if options.workers <= 1:
+        for unit in units:
+            sink(*run_unit(unit, now_iso, options.catalogue_path))
+        return
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    window = options.workers * 2  # bounded in-flight batches: memory stays flat however large the source
+    with ProcessPoolExecutor(max_workers=options.workers, mp_context=ctx) as pool:
+        pending: set[Future] = set()
+        for unit in units:
+            pending.add(pool.submit(run_unit, unit, now_iso, options.catalogue_path))
+            if len(pending) >= window:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    sink(*fut.result())
+        for fut in pending:
+            sink(*fut.result())
+
+
+def run_audit(source: FhirSource, out: Path, *, options: AuditOptions, fmt: str = "jsonl", resume: bool = False,
+              source_label: str | None = None, keep_work: bool = False) -> AuditSummary:
+    """Audit every patient of `source` and write `out`; resumable from the work directory next to `out`."""
+    from assistant.audit.report import write_output
+
+    started = time.perf_counter()
+    out = Path(out)
+    workdir = out.with_name(out.name + ".work")
+    config = {"source": source_label or getattr(source, "description", ""), "now": options.now.isoformat(),
+              "catalogue": catalogue_fingerprint(options.catalogue_path), "batch_size": options.batch_size,
+              "partitions": options.partitions}
+    checkpoint = Checkpoint(workdir, config)
+    checkpoint.start(resume)
+    now_iso = checkpoint.config["now"]
+    summary = AuditSummary()
+    summary.resumed_units = len(checkpoint.completed)
+    units, total, global_issues = plan_units(source, workdir, options)
+    summary.global_issues = global_issues
+    bar = _progress(options, total)
+
+    def todo() -> Iterator[Unit]:
+        for unit in units:
+            summary.units += 1
+            if unit.index in checkpoint.completed:
+                if bar is not None:
+                    bar.update(unit.patients)
+                continue
+            yield unit
+
+    def sink(index: int, rows: list[dict[str, Any]]) -> None:
+        checkpoint.record(index, rows)
+        if bar is not None:
+            bar.update(len(rows))
+
+    try:
+        if options.engine == "dask":
+            from assistant.audit.dask_engine import run_dask
+
+            run_dask(todo(), now_iso, options, sink)
+        elif options.engine == "local":
+            run_local(todo(), now_iso, options, sink)
+        else:
+            raise AuditError(f"unknown engine {options.engine!r}; use local or dask")
+    finally:
+        if bar is not None:
+            bar.close()
+    for row in checkpoint.rows():
+        summary.patients += 0 if row["error"] and ":" in row["patient"] else 1
+        summary.resources += row["resources"]
+        summary.errors += 1 if row["error"] else 0
+        for f in row["findings"]:
+            summary.findings += 1
+            summary.by_severity[f["severity"]] = summary.by_severity.get(f["severity"], 0) + 1
+    write_output(checkpoint.rows, out, fmt=fmt, now=now_iso, source=config["source"], global_issues=global_issues)
+    if not keep_work:
+        shutil.rmtree(workdir, ignore_errors=True)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _progress(options: AuditOptions, total: int | None) -> Any:
+    show = sys.stderr.isatty() if options.progress is None else options.progress
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="patient", desc="audit", file=sys.stderr, dynamic_ncols=True)

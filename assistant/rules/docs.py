@@ -1,0 +1,121 @@
+"""Render docs/RULES.md from the rule catalogue, so the documentation never drifts from the data."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from assistant.rules.engine import Catalogue, Rule, default_catalogue
+from assistant.terminology import terminology
+
+KIND_TEXT = {
+    "threshold-latest": "Fires when the latest result in the window crosses the threshold while a matching order is "
+                        "active (a newer normal value supersedes an older abnormal one).",
+    "relative-change": "Fires when the latest result, taken within the recency window, has changed from a baseline "
+                       "(lowest or highest earlier value in a baseline window) by the stated criterion.",
+    "allergy-conflict": "Fires for each active, non-refuted allergy and active order that share an ingredient or a "
+                        "cross-reactive class.",
+    "duplicate-class": "Fires when two or more scheduled active orders fall in the same therapeutic group, unless the "
+                       "pair is an intended combination.",
+    "administration-without-order": "Fires for each administration given in the window whose order is missing, "
+                                    "never valid, or had ended before the dose.",
+    "order-not-administered": "Fires for each scheduled (non-PRN) active order started long enough ago that has no "
+                              "given administration in its window.",
+    "monitoring-gap": "Fires when a matching order is active and no result of the lab exists in the window.",
+}
+
+
+def _drugs(rule: Rule) -> str:
+    terms = terminology()
+    parts = [f"{terms.class_label(c)} (`{c}`)" for c in sorted(rule.drug_classes)]
+    parts += [f"{terms.ingredients[i].name} (RxNorm {terms.ingredients[i].rxcui})" for i in sorted(rule.drug_ingredients)]
+    return ", ".join(parts) or "any active order"
+
+
+def _lab(rule: Rule) -> str:
+    if not rule.analyte:
+        return "-"
+    a = terminology().analytes[rule.analyte]
+    codes = sorted(rule.loinc) if rule.loinc else list(a.loinc)
+    return f"{a.name} (`{a.key}`, canonical unit {a.canonical_unit}); LOINC {', '.join(codes)}"
+
+
+def _criterion(rule: Rule) -> str:
+    p = rule.params
+    if rule.threshold:
+        text = f"latest value {rule.threshold.op} {rule.threshold.display} within {rule.window_hours:g} h"
+        if p.get("decide") == "any":
+            text = f"any value {rule.threshold.op} {rule.threshold.display} within {rule.window_hours:g} h"
+        return text
+    if rule.kind == "relative-change":
+        crit = " or ".join(c.get("label", c["measure"]) for c in p.get("change", {}).get("criteria", []))
+        return f"{crit}; latest value within {p.get('latest_within_hours', 48)} h"
+    if rule.kind == "allergy-conflict":
+        return "same ingredient, or shared class among " + ", ".join(p.get("cross_reactive_classes", []))
+    if rule.kind == "duplicate-class":
+        return "; ".join(g.get("label", g["name"]) for g in p.get("groups", [])) + (
+            " (PRN orders not counted)" if p.get("ignore_prn", True) else "")
+    if rule.kind == "administration-without-order":
+        return f"administrations given in the last {rule.window_hours:g} h"
+    if rule.kind == "order-not-administered":
+        return (f"order started > {p.get('started_hours', 24)} h ago, no given dose in max({rule.window_hours:g} h, "
+                f"dosing interval x {p.get('interval_factor', 1.5)}); admitted patients only")
+    if rule.kind == "monitoring-gap":
+        return f"no result in the last {rule.window_hours:g} h" + ("; admitted patients only"
+                                                                    if p.get("requires_admission") else "")
+    return ""
+
+
+def render_rules_markdown(catalogue: Catalogue | None = None) -> str:
+    catalogue = catalogue or default_catalogue()
+    lines = [
+        "# Chart-contradiction rules",
+        "",
+        "<!-- Generated from assistant/rules/catalogue.yaml by `nva rules --markdown` "
+        "(python -m assistant.rules.docs); do not edit by hand. -->",
+        "",
+        "Rules are data (`assistant/rules/catalogue.yaml`); the engine (`assistant/rules/engine.py`) has one generic "
+        "evaluator per rule kind. Only active orders count, units are converted to the analyte's canonical unit "
+        "before any comparison, a text-only medication is resolved by name, and a missing value never counts as "
+        "normal: a rule lacking its lab simply does not fire (monitoring-gap rules report the absence).",
+        "",
+        "| Rule | Severity | Kind | Checks |",
+        "|---|---|---|---|",
+    ]
+    for r in catalogue.rules:
+        lines.append(f"| `{r.id}` | {r.severity} | {r.kind} | {r.title} |")
+    lines.append("")
+    if catalogue.guideline_note:
+        lines += [f"> Note: {catalogue.guideline_note}.", ""]
+    for r in catalogue.rules:
+        lines += [
+            f"## `{r.id}` - {r.title}",
+            "",
+            f"- **Category / severity:** {r.category} / {r.severity}",
+            f"- **Kind:** {r.kind}. {KIND_TEXT[r.kind]}",
+        ]
+        if r.kind not in ("allergy-conflict", "duplicate-class", "administration-without-order",
+                          "order-not-administered"):
+            lines.append(f"- **Drugs:** {_drugs(r)}")
+            lines.append(f"- **Lab:** {_lab(r)}")
+        lines += [
+            f"- **Threshold / window:** {_criterion(r)}",
+            f"- **Message:** {r.message}",
+            f"- **Nursing action:** {r.action}",
+            f"- **Guidelines:** {', '.join(f'`{g}`' for g in r.guideline_ids) or '(none linked)'}",
+            "- **Sources:**",
+            *[f"  - {s}" for s in r.sources],
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def write_rules_doc(path: Path | str = "docs/RULES.md") -> Path:
+    path = Path(path)
+    path.write_text(render_rules_markdown(), encoding="utf-8")
+    return path
+
+
+if __name__ == "__main__":
+    target = write_rules_doc(sys.argv[1] if len(sys.argv) > 1 else "docs/RULES.md")
+    sys.stdout.write(f"wrote {target}\n")

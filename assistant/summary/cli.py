@@ -1,0 +1,161 @@
+"""`nva summarize` and `nva handoff`: read charts, run the rules, compose verified summaries, print."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from connectors.errors import FhirError
+
+log = logging.getLogger(__name__)
+BACKENDS = ("openai", "transformers", "llama-cpp", "none")
+
+
+def parse_now(text: str | None) -> datetime:
+    if not text:
+        return datetime.now(UTC)
+    when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def make_llm(name: str | None) -> Any | None:
+    """The backend named on the command line (or NVA_LLM_BACKEND); None for `none`."""
+    from assistant.llm import LlmSettings, make_backend
+
+    settings = LlmSettings.from_env()
+    if name:
+        settings = dataclasses.replace(settings, backend=name)
+    if settings.backend == "none":
+        return None
+    return make_backend(settings)
+
+
+def findings_for(chart: Any, now: datetime) -> list[Any]:
+    try:
+        from assistant.rules.engine import evaluate
+    except ImportError:
+        log.warning("rules engine not installed; summaries carry no flags")
+        return []
+    return list(evaluate(chart, now=now))
+
+
+def guideline_hits(findings: list[Any], k: int = 3) -> list[Any]:
+    """Passages linked to the findings' rules; none when the guideline store is unavailable."""
+    if not findings:
+        return []
+    try:
+        from guidelines.embedding import get_embedder
+        from guidelines.retrieval import GuidelineRetriever
+        from guidelines.store import open_store
+
+        retriever = GuidelineRetriever(open_store(), get_embedder())
+        query = " ".join(f.title for f in findings[:3])
+        rule_ids = [f.rule_id for f in findings]
+        return retriever.search(query, k=k, rule_ids=rule_ids)
+    except Exception as exc:  # noqa: BLE001 -- guidance is optional; the summary must still be produced
+        log.warning("guideline retrieval unavailable (%s); summary without guideline passages", type(exc).__name__)
+        return []
+
+
+def format_summary_text(res: Any) -> str:
+    lines = [f"Summary for {res.patient} (backend {res.backend}{' ' + res.model if res.model else ''}, "
+             f"{res.latency_s:.2f} s)"]
+    for s in res.sentences:
+        origin = "LLM" if s.origin == "llm" else "template"
+        flag = "" if s.verified else " UNVERIFIED"
+        lines.append(f"- {s.text}  [{', '.join(s.citations)}] ({origin}{flag})")
+    for note in res.notes:
+        lines.append(f"note: {note}")
+    if res.dropped:
+        lines.append(f"dropped {len(res.dropped)} sentence(s):")
+        lines += [f"  x {s.text}  ({s.reason})" for s in res.dropped]
+    return "\n".join(lines) + "\n"
+
+
+def _cmd_summarize(args: argparse.Namespace, out: TextIO) -> int:
+    from assistant.summary.composer import compose
+    from connectors import open_source
+
+    now = parse_now(args.now)
+    backend = make_llm(args.backend)
+    with open_source(args.source) as source:
+        chart = source.patient_chart(args.patient)
+    findings = findings_for(chart, now)
+    hits = guideline_hits(findings) if args.guidelines else []
+    res = compose(chart, findings, hits, backend, now=now, max_tokens=args.max_tokens)
+    if args.format == "json":
+        json.dump(res.to_dict(), out, indent=2)
+        out.write("\n")
+    else:
+        out.write(format_summary_text(res))
+    return 0
+
+
+def resolve_ward(source: Any, ward: str | None) -> tuple[str | None, str | None]:
+    """(Location reference, display name) for a ward given by name or reference; (None, None) for all wards."""
+    if not ward:
+        return None, None
+    wards = source.wards()
+    for w in wards:
+        if ward in (w.ref, w.ref.split("/", 1)[-1]) or ward.lower() == w.name.lower():
+            return w.ref, w.name
+    if ward.startswith("Location/"):
+        return ward, ward
+    names = ", ".join(f"{w.name} ({w.ref})" for w in wards) or "none found"
+    raise LookupError(f"ward {ward!r} not found; known wards: {names}")
+
+
+def _cmd_handoff(args: argparse.Namespace, out: TextIO) -> int:
+    from assistant.summary.handoff import compose_handoff, compose_ward_handoff, handoff_markdown
+    from connectors import open_source
+
+    now = parse_now(args.now)
+    backend = make_llm(args.backend)
+    entries = []
+    errors: list[str] = []
+    with open_source(args.source) as source:
+        ward_ref, ward_name = resolve_ward(source, args.ward)
+        census = source.ward_census(ward_ref) if ward_ref or source.wards() else []
+        ids = [c.patient_id for c in census] if census else ([] if ward_ref else list(source.iter_patient_ids()))
+        for pid in dict.fromkeys(ids):
+            try:
+                chart = source.patient_chart(pid)
+            except (FhirError, LookupError) as exc:
+                errors.append(f"Patient/{pid}: {type(exc).__name__}")
+                continue
+            findings = findings_for(chart, now)
+            hits = guideline_hits(findings) if args.guidelines else []
+            entries.append(compose_handoff(chart, findings, hits, backend, now=now, max_tokens=args.max_tokens))
+    handoff = compose_ward_handoff(entries, ward=ward_name, now=now, errors=errors)
+    if args.format == "json":
+        json.dump(handoff.to_dict(), out, indent=2)
+        out.write("\n")
+    else:
+        out.write(handoff_markdown(handoff))
+    return 0
+
+
+def add_subparsers(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("summarize", help="one patient's cited, verified summary")
+    p.add_argument("source", help="FHIR base URL, bundle directory or NDJSON directory")
+    p.add_argument("--patient", required=True, help="patient id")
+    p.add_argument("--format", choices=("json", "text"), default="text")
+    p.add_argument("--backend", choices=BACKENDS, help="LLM backend (default: NVA_LLM_BACKEND); none = template")
+    p.add_argument("--now", help="ISO time the summary is written for (default: now)")
+    p.add_argument("--guidelines", action="store_true", help="add guideline passages linked to the flags")
+    p.add_argument("--max-tokens", type=int, default=320, help="LLM completion budget")
+    p.set_defaults(handler=_cmd_summarize)
+
+    p = subparsers.add_parser("handoff", help="I-PASS handoff for a ward (or every patient)")
+    p.add_argument("source", help="FHIR base URL, bundle directory or NDJSON directory")
+    p.add_argument("--ward", help="ward name or Location reference (default: all patients)")
+    p.add_argument("--format", choices=("json", "md"), default="md")
+    p.add_argument("--backend", choices=BACKENDS, help="LLM backend for the patient summary (default: NVA_LLM_BACKEND)")
+    p.add_argument("--now", help="ISO time the handoff is written for (default: now)")
+    p.add_argument("--guidelines", action="store_true", help="add guideline passages linked to the flags")
+    p.add_argument("--max-tokens", type=int, default=256, help="LLM completion budget per patient")
+    p.set_defaults(handler=_cmd_handoff)

@@ -1,0 +1,230 @@
+"""Audit throughput and memory on a Synthea-grown population vs a fhir.resources R4B validation baseline.
+
+Usage: .venv/bin/python bench/bench_audit.py [--small 1000] [--large 2000] [--out docs/BENCHMARKS_audit.md]
+Grows /work/shared/data/synthea-r4 to N patients as NDJSON with fresh ids (every id of a patient's own resources
+gets a per-clone suffix; references are rewritten with them), then runs `nva audit` in subprocesses: local engine
+with 1 and 2 workers and a dask LocalCluster (2 worker processes), sampling the process tree's RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from connectors.base import SHARED_TYPES  # noqa: E402
+from connectors.bundle_dir import bundle_resources, read_json_file  # noqa: E402
+
+SYNTHEA = Path("/work/shared/data/synthea-r4")
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+MARK = "\x00"
+NOW = "2026-03-02T07:00:00Z"
+
+
+def load_templates() -> list[dict[str, list[str]]]:
+    """Per base patient: resource type -> NDJSON lines with a marker after every id the clone must change."""
+    templates = []
+    for path in sorted(SYNTHEA.glob("*.json*")):
+        resources, _ = bundle_resources(read_json_file(path), str(path))
+        own = {r["id"] for r in resources if r.get("resourceType") not in SHARED_TYPES and isinstance(r.get("id"), str)}
+        by_type: dict[str, list[str]] = {}
+        for r in resources:
+            if r.get("resourceType") in SHARED_TYPES:
+                continue
+            line = json.dumps(r, separators=(",", ":"))
+            line = UUID_RE.sub(lambda m: m.group(0) + MARK if m.group(0) in own else m.group(0), line)
+            by_type.setdefault(r["resourceType"], []).append(line)
+        templates.append(by_type)
+    return templates
+
+
+def grow(templates: list[dict[str, list[str]]], n: int, outdir: Path) -> int:
+    """Write n patients (clones of the base set with fresh ids) as one NDJSON file per type."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    handles: dict[str, object] = {}
+    count = 0
+    try:
+        for i in range(n):
+            base = templates[i % len(templates)]
+            suffix = f"-c{i // len(templates)}"
+            for rtype, lines in base.items():
+                fh = handles.get(rtype)
+                if fh is None:
+                    fh = handles[rtype] = (outdir / f"{rtype}.ndjson").open("w", encoding="utf-8")
+                fh.write("\n".join(lines).replace(MARK, suffix) + "\n")  # type: ignore[attr-defined]
+                count += len(lines)
+    finally:
+        for fh in handles.values():
+            fh.close()  # type: ignore[attr-defined]
+    return count
+
+
+class PeakRss:
+    """Samples the RSS of a process and all its descendants; keeps the peak sum."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+                total = 0
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                return
+            self._stop.wait(0.05)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def run_audit(source: Path, out: Path, *extra: str) -> tuple[float, int, str]:
+    cmd = [sys.executable, "-m", "assistant.cli", "audit", str(source), "--out", str(out), "--now", NOW,
+           "--no-progress", *extra]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = PeakRss(proc.pid)
+    stdout, stderr = proc.communicate(timeout=900)
+    peak = sampler.stop()
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"audit failed: {stderr[-2000:]}")
+    return seconds, peak, stdout.strip()
+
+
+def baseline(source: Path, budget_s: float) -> tuple[int, float]:
+    """Read + parse + validate every resource with fhir.resources R4B, round-robin over types, for budget_s."""
+    from fhir.resources.R4B import get_fhir_model_class
+
+    files = sorted(source.glob("*.ndjson"))
+    handles = [f.open("r", encoding="utf-8") for f in files]
+    n = 0
+    start = time.perf_counter()
+    try:
+        while handles and time.perf_counter() - start < budget_s:
+            for fh in list(handles):
+                for _ in range(50):
+                    line = fh.readline()
+                    if not line:
+                        handles.remove(fh)
+                        break
+                    r = json.loads(line)
+                    try:
+                        get_fhir_model_class(r["resourceType"]).model_validate(r)
+                    except Exception:  # noqa: S110 - an invalid resource still costs its validation
+                        pass
+                    n += 1
+    finally:
+        for fh in handles:
+            fh.close()
+    return n, time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--small", type=int, default=1000)
+    parser.add_argument("--large", type=int, default=2000)
+    parser.add_argument("--baseline-seconds", type=float, default=40.0)
+    parser.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS_audit.md"))
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="nva-bench-audit-"))
+    t0 = time.perf_counter()
+    templates = load_templates()
+    small_dir, large_dir = work / f"pop-{args.small}", work / f"pop-{args.large}"
+    small_res = grow(templates, args.small, small_dir)
+    large_res = grow(templates, args.large, large_dir)
+    gen_s = time.perf_counter() - t0
+    print(f"generated {args.small} and {args.large} patients ({small_res} / {large_res} resources) in {gen_s:.0f} s",
+          file=sys.stderr)
+
+    rows = []
+    runs = [
+        ("local, 1 worker", args.small, small_dir, small_res, ()),
+        ("local, 1 worker", args.large, large_dir, large_res, ()),
+        ("local, 2 workers", args.large, large_dir, large_res, ("--workers", "2")),
+        ("dask LocalCluster, 2 worker processes", args.large, large_dir, large_res,
+         ("--engine", "dask", "--workers", "2")),
+    ]
+    outputs = {}
+    for label, n, src, res, extra in runs:
+        out = work / f"out-{len(rows)}.jsonl"
+        seconds, peak, summary = run_audit(src, out, *extra)
+        rows.append((label, n, res, seconds, peak))
+        outputs[(label, n)] = out
+        print(f"{label} @ {n}: {seconds:.1f} s, {n / seconds:.0f} patients/s, {res / seconds:.0f} resources/s, "
+              f"peak RSS {peak / 2**20:.0f} MiB -- {summary}", file=sys.stderr)
+    identical = len({outputs[(lbl, args.large)].read_bytes() for lbl, n, *_ in rows if n == args.large}) == 1
+    base_n, base_s = baseline(large_dir, args.baseline_seconds)
+    base_rate = base_n / base_s
+
+    one = next(r for r in rows if r[0] == "local, 1 worker" and r[1] == args.large)
+    two = next(r for r in rows if r[0] == "local, 2 workers")
+    small_one = next(r for r in rows if r[0] == "local, 1 worker" and r[1] == args.small)
+    lines = [
+        "# Audit benchmark",
+        "",
+        f"Generated by `bench/bench_audit.py` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: "
+        f"{platform.machine()}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
+        f"Python {platform.python_version()}, {platform.platform()}.",
+        "",
+        f"Population: the {len(templates)} Synthea R4 patients of `/work/shared/data/synthea-r4`, cloned with fresh "
+        f"ids to {args.small} and {args.large} patients as a Bulk-Data style NDJSON directory (all resource types, "
+        "including claims, which the audit skips after routing). Each run is a fresh `nva audit` process "
+        "(start-up, partitioning, audit and JSONL output included); peak RSS is the sum over the process tree.",
+        "",
+        "| Engine | Patients | Resources | Wall time (s) | Patients/s | Resources/s | Peak RSS (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, n, res, seconds, peak in rows:
+        lines.append(f"| {label} | {n} | {res} | {seconds:.1f} | {n / seconds:.1f} | {res / seconds:.0f} | "
+                     f"{peak / 2**20:.0f} |")
+    lines.append(f"| baseline: json.loads + fhir.resources R4B `model_validate` per resource, 1 process | - | "
+                 f"{base_n} (sampled for {base_s:.0f} s) | - | - | {base_rate:.0f} | - |")
+    lines += [
+        "",
+        f"- Audit (1 worker) vs validation baseline: **{(one[2] / one[3]) / base_rate:.1f}x** resources/s; "
+        f"2 workers: **{(two[2] / two[3]) / base_rate:.1f}x**.",
+        f"- Second worker: **{one[3] / two[3]:.2f}x** speed-up (partitioning is a single serial pass in the driver).",
+        f"- Peak memory, 1 worker: {small_one[4] / 2**20:.0f} MiB at {args.small} patients vs "
+        f"{one[4] / 2**20:.0f} MiB at {args.large} patients (flat: each partition is read on its own).",
+        f"- Findings identical across engines at {args.large} patients: **{'yes' if identical else 'NO'}**.",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    Path(args.out).write_text(text, encoding="utf-8")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""Summary composer, streaming, coverage, prompt-injection handling, I-PASS handoff and the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Generator
+
+import pytest
+
+from assistant.llm import ChatResult, ChatStream, LlmBackend, LlmTimeout, ScriptedBackend
+from assistant.summary.composer import (
+    SYSTEM_PROMPT,
+    build_messages,
+    compose,
+    compose_stream,
+    template_summary,
+)
+from assistant.summary.facts import build_fact_sheet
+from assistant.summary.handoff import compose_handoff, compose_ward_handoff, handoff_markdown
+from tests.test_summary_support import INJECTION, NOW, high_k_finding, make_chart, medium_finding
+
+
+def _tag(sheet, kind: str, label: str | None = None) -> str:
+    return next(f.tag for f in sheet.facts if f.kind == kind and (label is None or f.label.startswith(label)))
+
+
+def test_template_summary_fully_verified_and_covers_flags():
+    chart = make_chart()
+    res = template_summary(chart, [high_k_finding(), medium_finding()], now=NOW)
+    assert res.sentences and all(s.verified for s in res.sentences)
+    assert all(s.origin == "template" and s.citations for s in res.sentences)
+    assert not res.dropped
+    # every fact with a template sentence is shown: 100 % of template sentences pass
+    with_sentence = [f for f in res.facts.facts if f.sentence]
+    assert {t for s in res.sentences for t in s.tags} == {f.tag for f in with_sentence}
+    assert res.sentences[0].citations == ("Observation/k2", "MedicationRequest/m1")  # the high flag comes first
+    assert any("Penicillin" in s.text for s in res.sentences)
+    assert res.latency_s < 1.0
+
+
+def test_llm_stub_omitting_high_flag_still_shows_it():
+    chart = make_chart()
+    findings = [high_k_finding(), medium_finding()]
+    sheet = build_fact_sheet(chart, findings, now=NOW)
+    inr = _tag(sheet, "result", "INR")
+    demo = _tag(sheet, "demographics")
+    backend = ScriptedBackend([f"The patient is a 74-year-old female [{demo}]. INR was 3.8 [{inr}]. "
+                               f"The patient is stable [{demo}]."])
+    res = compose(chart, findings, backend=backend, now=NOW)
+    texts = [s.text for s in res.sentences]
+    assert any(t.startswith("High-severity flag: Potassium supplement") for t in texts)
+    assert any("6.4 mmol/L" in t and s.origin == "template" for t, s in zip(texts, res.sentences, strict=True))
+    llm = [s for s in res.sentences if s.origin == "llm"]
+    assert [s.text for s in llm] == ["The patient is a 74-year-old female.", "INR was 3.8."]
+    assert [d.reason for d in res.dropped if d.origin == "llm"] == ["'flat' is not what the cited facts say"]
+    assert res.backend == "scripted" and res.prompt_tokens and res.completion_tokens
+    # allergies are always shown, even when the LLM leaves them out
+    assert any("Penicillin" in s.text and s.origin == "template" for s in res.sentences)
+
+
+def test_injected_note_cannot_remove_allergies():
+    chart = make_chart(note_text=INJECTION)
+    sheet = build_fact_sheet(chart, [high_k_finding()], now=NOW)
+    note = _tag(sheet, "note")
+
+    def obedient(messages):
+        # a model that follows the planted instruction
+        return f"The patient has no allergies [{note}]. No known drug allergies. NKDA [{note}]."
+
+    backend = ScriptedBackend(obedient)
+    res = compose(chart, [high_k_finding()], backend=backend, now=NOW)
+    shown = " ".join(s.text for s in res.sentences).lower()
+    assert "no allergies" not in shown and "nkda" not in shown and "no known" not in shown
+    assert "penicillin" in shown
+    assert len([d for d in res.dropped if d.origin == "llm"]) == 3
+    system, user = backend.calls[0][0][0], backend.calls[0][0][-1]
+    assert system.role == "system" and system.content == SYSTEM_PROMPT and "Ignore previous" not in system.content
+    assert "Ignore previous instructions" in user.content  # the note is in the user message, quoted as data
+    assert f'[{note}] Note "Nursing note"' in user.content
+
+
+def test_llm_failure_returns_template_summary_with_note():
+    chart = make_chart()
+    res = compose(chart, [high_k_finding()], backend=ScriptedBackend([LlmTimeout("timed out after 60 s")]), now=NOW)
+    assert res.sentences and all(s.origin == "template" and s.verified for s in res.sentences)
+    assert any("LlmTimeout" in n for n in res.notes)
+
+
+def test_llm_output_that_never_verifies_falls_back_to_template():
+    chart = make_chart()
+    res = compose(chart, [], backend=ScriptedBackend(["Everything is fine. The patient can go home."]), now=NOW)
+    assert all(s.origin == "template" for s in res.sentences)
+    assert len(res.dropped) == 2 and all(d.reason == "cites no fact" for d in res.dropped)
+    assert any("no LLM sentence could be verified" in n for n in res.notes)
+
+
+class _SlowStream(LlmBackend):
+    """Yields one sentence, then records whether the consumer already saw it before yielding the rest."""
+
+    name = "probe"
+    model = "probe"
+
+    def __init__(self, first: str, rest: str) -> None:
+        self.first, self.rest = first, rest
+        self.seen_before_rest: list[str] = []
+        self.consumer: list = []
+
+    def stream(self, messages, **kwargs) -> ChatStream:
+        def gen() -> Generator[str, None, ChatResult]:
+            yield self.first
+            yield " "
+            yield self.rest[:1]  # the next sentence begins: the first one is complete
+            self.seen_before_rest = [s.text for s in self.consumer]
+            yield self.rest[1:]
+            return ChatResult(text=self.first + " " + self.rest, model="probe", backend="probe", prompt_tokens=10,
+                              completion_tokens=12, latency_s=0.01, first_token_s=0.0)
+
+        return ChatStream(gen())
+
+
+def test_stream_yields_flags_first_then_each_llm_sentence_early():
+    chart = make_chart()
+    findings = [high_k_finding()]
+    sheet = build_fact_sheet(chart, findings, now=NOW)
+    inr = _tag(sheet, "result", "INR")
+    demo = _tag(sheet, "demographics")
+    probe = _SlowStream(f"INR was 3.8 [{inr}].", f"The patient is a 74-year-old female [{demo}].")
+    stream = compose_stream(chart, findings, backend=probe, now=NOW)
+    first = next(stream)
+    assert first.origin == "template" and first.text.startswith("High-severity flag")
+    probe.consumer.append(first)
+    for s in stream:
+        probe.consumer.append(s)
+    assert "INR was 3.8." in probe.seen_before_rest
+    res = stream.result
+    assert res.first_llm_sentence_s is not None and res.first_sentence_s <= res.first_llm_sentence_s
+    assert [s.text for s in res.sentences if s.origin == "llm"] == ["INR was 3.8.", "The patient is a 74-year-old female."]
+
+
+def test_messages_ask_for_tags_and_keep_facts_in_user_message():
+    sheet = build_fact_sheet(make_chart(), [high_k_finding()], now=NOW, max_facts=8)
+    msgs = build_messages(sheet)
+    assert [m.role for m in msgs] == ["system", "user", "assistant", "user"]
+    assert "[F1] high-severity flag: Potassium" in msgs[-1].content and "Potassium" not in msgs[0].content
+    assert len(sheet.facts) <= 8 + 2  # pinned facts (flags, critical values, allergies, severity) may exceed
+    assert sheet.omitted > 0
+
+
+def test_result_to_dict_is_json():
+    res = template_summary(make_chart(), [high_k_finding()], now=NOW)
+    data = json.loads(json.dumps(res.to_dict()))
+    assert data["patient"] == "Patient/p1" and data["backend"] == "none"
+    assert data["sentences"][0]["citations"] == ["Observation/k2", "MedicationRequest/m1"]
+
+
+def test_handoff_ipass_sections():
+    chart = make_chart()
+    entry = compose_handoff(chart, [high_k_finding(), medium_finding()], now=NOW)
+    assert entry.illness_severity == "watcher"
+    assert all(entry.sections[k] for k in ("illness", "patient", "action", "situation"))
+    assert all(s.verified for s in entry.sentences())
+    actions = " ".join(s.text for s in entry.sections["action"])
+    assert "Hold the potassium chloride dose" in actions and "Overdue dose" in actions and "Pending result" in actions
+    situation = " ".join(s.text for s in entry.sections["situation"])
+    assert "High-severity flag" in situation
+    md = handoff_markdown(compose_ward_handoff([entry], ward="4B", now=NOW))
+    assert "**Illness severity**" in md and "Synthesis by receiver" in md and "WATCHER" in md
+
+
+def test_handoff_with_llm_patient_summary():
+    chart = make_chart(note_text=INJECTION)
+    sheet = build_fact_sheet(chart, [high_k_finding()], now=NOW)
+    demo = _tag(sheet, "demographics")
+    note = _tag(sheet, "note")
+    backend = ScriptedBackend([f"The patient is a 74-year-old female [{demo}]. She has no allergies [{note}]."])
+    entry = compose_handoff(chart, [high_k_finding()], backend=backend, now=NOW)
+    patient = entry.sections["patient"]
+    assert patient[0].origin == "llm" and patient[0].text == "The patient is a 74-year-old female."
+    assert not any("no allergies" in s.text for s in entry.sentences())
+    assert any("Penicillin" in s.text for s in patient)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    from datetime import UTC, datetime
+
+    from assistant.demo_ward import generate_demo_ward
+
+    out = tmp_path_factory.mktemp("summary-demo")
+    generate_demo_ward(out, anchor=datetime(2026, 3, 16, 7, 0, tzinfo=UTC), seed=7)
+    return out
+
+
+def test_demo_ward_template_summaries_verified_and_cover_flags(demo_dir):
+    from datetime import UTC, datetime
+
+    from assistant.rules.engine import evaluate
+    from connectors import open_source
+
+    now = datetime(2026, 3, 16, 7, 0, tzinfo=UTC)
+    key = json.loads((demo_dir / "answer_key.json").read_text())
+    injected = set(key["injection_notes"])
+    with open_source(demo_dir) as src:
+        for pid in src.iter_patient_ids():
+            chart = src.patient_chart(pid)
+            findings = evaluate(chart, now=now)
+            res = template_summary(chart, findings, now=now)
+            assert all(s.verified for s in res.sentences), [s.reason for s in res.sentences if not s.verified]
+            shown = {t for s in res.sentences for t in s.tags}
+            assert {f.tag for f in res.facts.must_cover()} <= shown
+            high = [f for f in findings if f.severity == "high"]
+            assert len([f for f in res.facts.facts if f.kind == "flag" and f.severity == "high"]) == len(high)
+            if any(n.ref in injected for n in chart.notes) and chart.active_allergies():
+                text = " ".join(s.text for s in res.sentences).lower()
+                assert "no allergies" not in text and "allergy:" in text
+
+
+def test_cli_summarize_and_handoff(demo_dir):
+    from assistant.cli import main
+
+    out = io.StringIO()
+    with __import__("connectors").open_source(demo_dir) as src:
+        pid = next(iter(src.iter_patient_ids()))
+    rc = main(["summarize", str(demo_dir), "--patient", pid, "--format", "json", "--backend", "none",
+               "--now", "2026-03-16T07:00:00+00:00"], out=out)
+    assert rc == 0
+    data = json.loads(out.getvalue())
+    assert data["patient"] == f"Patient/{pid}" and data["sentences"]
+    assert all(s["verified"] for s in data["sentences"])
+    out = io.StringIO()
+    rc = main(["handoff", str(demo_dir), "--ward", "4B Med-Surg", "--format", "md", "--backend", "none",
+               "--now", "2026-03-16T07:00:00Z"], out=out)
+    assert rc == 0
+    md = out.getvalue()
+    assert md.startswith("# I-PASS handoff - 4B Med-Surg") and md.count("## ") >= 5
+    assert "Synthesis by receiver" in md
