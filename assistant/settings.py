@@ -43,6 +43,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("NVA_LLM_API_KEY", "", "API key for the OpenAI-compatible server.", secret=True),
     Setting("NVA_LLM_MODEL_PATH", "", "Local model folder or GGUF file for the in-process backends."),
     Setting("NVA_LLM_TIMEOUT", "60", "Seconds before an LLM call is abandoned (the template summary is shown)."),
+    Setting("NVA_LLM_CONNECT_TIMEOUT", "5", "Seconds to wait for a connection to the LLM server."),
+    Setting("NVA_LLM_CA_BUNDLE", "", "CA bundle for an LLM server with a private CA."),
+    Setting("NVA_LLM_TORCH_THREADS", "2", "CPU threads for the in-process model (1 is faster on a busy shared host)."),
+    Setting("NVA_LLM_MAX_TOKENS", "256", "Most tokens the LLM may write for one summary."),
+    Setting("NVA_LLM_ALLOW_HTTP", "false", "Allow plain http:// to a non-loopback LLM server (TLS is the default)."),
+    Setting("NVA_LLM_CACHE_DIR", "", "Where the in-process backend keeps a fast-loading copy of the GGUF model."),
     Setting("NVA_LLM_ALLOW_REMOTE", "false", "Allow the openai backend to send fact sheets to a non-loopback host."),
     Setting("NVA_LLM_ALLOW_HOSTS", "", "Comma-separated LLM hosts approved by a privacy review (no flag needed)."),
     Setting("NVA_LLM_DEIDENTIFY", "true", "De-identify fact sheets (names removed, ids tokenized, dates shifted) "

@@ -251,7 +251,7 @@ def find_fact(chart: Chart | None, ref: str) -> Any | None:
 
 
 _LABELS = {"ref_low": "Reference low", "ref_high": "Reference high", "value_text": "Value (text)",
-           "order_ref": "Order", "status_reason": "Reason", "dose_text": "Dose", "resolved_by": "Resolved by",
+           "order_ref": "Order", "status_reason": "Reason", "dose_text": "Dose (as written)", "resolved_by": "Resolved by",
            "birth_date": "Born", "mrn": "MRN", "bed_name": "Bed", "ward_name": "Ward", "class_code": "Class"}
 _SKIP = {"ref", "ingredients", "classes", "rxnorm_codes", "codes", "ward_ref", "bed_ref", "text"}
 
@@ -283,7 +283,14 @@ def _fmt_value(v: Any) -> str:
         return v.strftime("%Y-%m-%d %H:%M %Z").strip()
     if isinstance(v, dict):
         if "value" in v and "unit" in v:
-            return f"{v['value']} {v['unit']}"
+            from assistant.model import Quantity
+
+            return str(Quantity(float(v["value"]), str(v["unit"] or ""))) if isinstance(v["value"], (int, float)) \
+                else f"{v['value']} {v['unit']}"
+        if "frequency" in v and "period_unit" in v:
+            return str(v.get("text") or "") or (
+                "as needed" if v.get("as_needed") else
+                f"{v.get('frequency') or '?'} per {_num(v['period']) if v.get('period') else '?'} {v.get('period_unit') or ''}")
         if "text" in v and v["text"]:
             return str(v["text"])
         for c in v.get("coding", []) or []:

@@ -142,7 +142,8 @@ def export_files(source: Any) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.name.endswith((".ndjson", ".ndjson.gz")))
 
 
-def choose_partitions(files: Iterable[Path], *, minimum: int = 1) -> int:
+def choose_partitions(files: Iterable[Path], *, minimum: int = 8) -> int:
+    """From the export size only (never the worker count), so every engine sees the same batches."""
     size = sum(p.stat().st_size * (5 if p.name.endswith(".gz") else 1) for p in files)
     return max(1, min(MAX_PARTITIONS, max(minimum, math.ceil(size / TARGET_PARTITION_BYTES))))
 

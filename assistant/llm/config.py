@@ -76,7 +76,11 @@ class LlmSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LlmSettings:
-        env = os.environ if environ is None else environ
+        if environ is None:
+            from assistant.settings import load_settings  # environment over .streamlit/secrets.toml over defaults
+
+            environ = load_settings()
+        env = environ
         kwargs: dict[str, object] = {}
         for var, (attr, kind) in ENV_VARS.items():
             raw = env.get(var)
