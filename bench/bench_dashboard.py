@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 browser.navigate(f"{base}/?patient={pid}")
                 # Usable: header, flags and labs on screen (guideline passages and the summary may still stream).
-                browser.wait_for((charts[pid].patient.name, "Flags (", "Labs", "Test"), finished=False, timeout=120)
+                browser.wait_for((charts[pid].patient.name, "Flags (", "Labs", "Trend"), finished=False, timeout=120)
                 patient_s.append(time.perf_counter() - t0)
                 browser.wait_for((charts[pid].patient.name,), finished=True, timeout=300)
                 patient_done_s.append(time.perf_counter() - t0)

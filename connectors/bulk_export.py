@@ -21,7 +21,14 @@ from connectors.errors import (
     FhirResponseError,
     FhirTemporaryError,
 )
-from connectors.rest import RETRY_STATUSES, RestFhirSource, _maybe_json, _retry_after_seconds, _where, outcome_text
+from connectors.rest import (
+    RETRY_STATUSES,
+    RestFhirSource,
+    _maybe_json,
+    _retry_after_seconds,
+    _where,
+    outcome_text,
+)
 
 log = logging.getLogger(__name__)
 

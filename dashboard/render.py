@@ -32,6 +32,11 @@ CSS = """
 .nva-demo { background:#eef4ff; border:1px solid #1d4ed8; color:#1e3a8a; padding:0.3rem 0.7rem;
   border-radius:0.4rem; font-size:0.85rem; }
 .nva-muted { color:#475467; font-size:0.85rem; }
+table.nva-labs { width:100%; border-collapse:collapse; font-size:0.9rem; }
+table.nva-labs th, table.nva-labs td { border-bottom:1px solid #d0d5dd; padding:0.25rem 0.5rem; text-align:left; }
+table.nva-labs th { background:#f2f4f7; }
+table.nva-labs tr.abn td { background:#fde2e1; color:#7a271a; }
+table.nva-labs code { font-size:0.75rem; color:#475467; background:none; }
 @media print {
   [data-testid="stSidebar"], [data-testid="stHeader"], [data-testid="stToolbar"], .stButton,
   .stDownloadButton, [data-testid="stSidebarCollapsedControl"] { display:none !important; }
@@ -147,14 +152,24 @@ def flags_section(view: services.PatientView, key: str) -> list[tuple[Finding, A
                         f"{'' if f.verified else ' · UNVERIFIED (LLM-suggested)'}</span>", unsafe_allow_html=True)
             st.markdown(f.message)
             if f.values:
-                rows = [{"Evidence": v.label, "Value": v.value or "", "Time": fmt_time(v.time, view.now),
-                         "Source": v.ref} for v in f.values]
-                st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+                st.markdown(evidence_table(f.values, view.now))
             if f.action:
                 st.markdown(f"**Suggested nursing action:** {f.action}")
             citation_buttons(view, list(dict.fromkeys(f.evidence)), key=f"{key}-flag{n}")
             slots.append((f, st.empty()))
     return slots
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def evidence_table(values: Any, now: datetime | None) -> str:
+    """Evidence values as a Markdown table (light to render: flags must paint first)."""
+    rows = ["| Evidence | Value | Time | Source |", "| --- | --- | --- | --- |"]
+    rows += [f"| {_cell(v.label)} | {_cell(v.value or '')} | {_cell(fmt_time(v.time, now))} | `{v.ref}` |"
+             for v in values]
+    return "\n".join(rows)
 
 
 def fill_guideline(slot: Any, finding: Finding) -> list[services.Passage]:
@@ -380,21 +395,17 @@ def _num(x: float) -> str:
     return format_number(x)
 
 
-def labs_section(view: services.PatientView, key: str) -> None:
+def labs_section(view: services.PatientView, key: str) -> Any:
+    """The labs table and trend picker now; returns a callable that draws the trend charts (after first paint)."""
     chart = view.chart
     assert chart is not None
     st.markdown("### Labs")
     df = labs_table(chart, view.now)
     if df.empty:
         st.caption("No laboratory results in this chart.")
-        return
+        return lambda: None
 
-    def highlight(row: pd.Series) -> list[str]:
-        style = "background-color: #fde2e1; color: #7a271a; font-weight: 600" if row["Flag"] else ""
-        return [style] * len(row)
-
-    st.dataframe(df.style.apply(highlight, axis=1), hide_index=True, width="stretch",
-                 column_config={"Time": st.column_config.DatetimeColumn(format="DD MMM HH:mm")})
+    st.markdown(latest_labs_html(chart, view.now), unsafe_allow_html=True)
     analytes: dict[str, str] = {}
     for r in chart.results:
         if _is_lab(r) and r.value is not None:
@@ -402,10 +413,46 @@ def labs_section(view: services.PatientView, key: str) -> None:
     abnormal = [a for a in analytes if any(r.abnormal for r in chart.results_for(a))]
     chosen = st.multiselect("Trend", options=list(analytes), default=abnormal[:4] or list(analytes)[:2],
                             format_func=lambda a: analytes[a], key=f"trend-{key}")
-    cols = st.columns(2)
-    for i, analyte in enumerate(chosen):
-        with cols[i % 2]:
-            st.altair_chart(trend_chart(chart.results_for(analyte), analytes[analyte]), width="stretch")
+    holder = st.container()
+
+    def draw() -> None:
+        with holder.expander(f"All laboratory results ({len(df)})"):
+            st.dataframe(df.style.apply(_highlight, axis=1), hide_index=True, width="stretch",
+                         column_config={"Time": st.column_config.DatetimeColumn(format="DD MMM HH:mm")})
+        cols = holder.columns(2)
+        for i, analyte in enumerate(chosen):
+            cols[i % 2].altair_chart(trend_chart(chart.results_for(analyte), analytes[analyte]), width="stretch")
+
+    return draw
+
+
+def _highlight(row: pd.Series) -> list[str]:
+    style = "background-color: #fde2e1; color: #7a271a; font-weight: 600" if row["Flag"] else ""
+    return [style] * len(row)
+
+
+def latest_labs_html(chart: Chart, now: datetime) -> str:
+    """Latest value of each lab with the one before it; abnormal rows highlighted (plain HTML: paints at once)."""
+    latest: dict[str, list[Result]] = {}
+    for r in chart.results:
+        if _is_lab(r):
+            latest.setdefault(r.analyte, []).append(r)
+    rows = []
+    for series in sorted(latest.values(), key=lambda xs: (not xs[-1].abnormal, xs[-1].name)):
+        series.sort(key=lambda r: r.time)  # type: ignore[arg-type, return-value]
+        cur, prev = series[-1], (series[-2] if len(series) > 1 else None)
+        rng = ""
+        if cur.ref_low is not None or cur.ref_high is not None:
+            rng = f"{'' if cur.ref_low is None else _num(cur.ref_low)}–{'' if cur.ref_high is None else _num(cur.ref_high)}"
+        flag = (cur.interpretation or "abnormal") if cur.abnormal else ""
+        cls = ' class="abn"' if cur.abnormal else ""
+        rows.append(f"<tr{cls}><td>{_esc(cur.name)}</td><td><b>{_esc(cur.display_value())}</b></td>"
+                    f"<td>{_esc(flag)}</td><td>{_esc(fmt_time(cur.time, now))}</td>"
+                    f"<td>{_esc(prev.display_value()) if prev else ''}</td><td>{_esc(rng)}</td>"
+                    f"<td><code>{_esc(cur.ref)}</code></td></tr>")
+    head = ("<tr><th>Test</th><th>Latest</th><th>Flag</th><th>Time</th><th>Previous</th><th>Reference</th>"
+            "<th>Source</th></tr>")
+    return f'<table class="nva-labs"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def trend_chart(results: list[Result], title: str) -> alt.LayerChart | alt.Chart:
@@ -594,16 +641,15 @@ def ipass_block(row: services.HandoffRow, key: str, interactive: bool) -> None:
         st.warning("The I-PASS handoff could not be composed; open the patient view.")
         return
     numbers: dict[str, int] = {}
+    parts = []
+    pending_results = services.pending_results(view)
     for heading, sentences in services.ipass_sections(row.result):
-        st.markdown(f"**{heading}**")
-        if sentences:
-            st.markdown(sentence_markdown(sentences, numbers), unsafe_allow_html=True)
-        else:
-            st.caption("nothing recorded")
-        pending_results = services.pending_results(view)
+        body = sentence_markdown(sentences, numbers) if sentences else "- nothing recorded"
         if heading.startswith("A") and pending_results:
-            st.markdown("\n".join(f"- Pending: {p}" for p in pending_results))
-    st.markdown("**S — Synthesis by receiver:** read back the action list and contingencies; ask questions.")
+            body += "\n" + "\n".join(f"- Pending: {p}" for p in pending_results)
+        parts.append(f"**{heading}**\n\n{body}")
+    parts.append("**S — Synthesis by receiver:** read back the action list and contingencies; ask questions.")
+    st.markdown("\n\n".join(parts), unsafe_allow_html=True)  # one element per patient keeps the page light
     if interactive and numbers:
         refs = sorted(numbers, key=numbers.get)
         pick = st.selectbox("Open a cited source", refs, index=None, key=f"{key}-pick",

@@ -49,12 +49,21 @@ class AbbreviationExpander:
     def __init__(self, mapping: dict[str, list[str]], case_sensitive: set[str] | None = None) -> None:
         self.mapping = mapping
         cs = case_sensitive or set()
-        self._patterns: list[tuple[re.Pattern[str], list[str]]] = []
-        # Longest keys first so "NEWS2" is matched before "NEWS".
-        for key in sorted(mapping, key=len, reverse=True):
-            flags = 0 if key in cs else re.IGNORECASE
-            pat = re.compile(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9+])", flags)
-            self._patterns.append((pat, list(mapping[key])))
+        # One alternation per case mode (longest keys first so "NEWS2" wins over "NEWS", "K+" over "K"):
+        # a single regex pass keeps indexing 100k chunks fast.
+        self._lookup_ci: dict[str, list[str]] = {}
+        self._lookup_cs: dict[str, list[str]] = {}
+        for key, longs in mapping.items():
+            table, k = (self._lookup_cs, key) if key in cs else (self._lookup_ci, key.lower())
+            table.setdefault(k, [])
+            table[k] += [x for x in longs if x not in table[k]]
+        self._patterns: list[tuple[re.Pattern[str], dict[str, list[str]], bool]] = []
+        for table, ci in ((self._lookup_cs, False), (self._lookup_ci, True)):
+            if table:
+                keys = sorted(table, key=len, reverse=True)
+                alt = "|".join(re.escape(k) for k in keys)
+                pat = re.compile(rf"(?<![A-Za-z0-9])(?:{alt})(?![A-Za-z0-9+])", re.IGNORECASE if ci else 0)
+                self._patterns.append((pat, table, ci))
 
     @classmethod
     def from_file(cls, path: str | Path = ABBREVIATIONS_FILE) -> AbbreviationExpander:
@@ -65,9 +74,9 @@ class AbbreviationExpander:
     def expansions(self, text: str) -> list[str]:
         found: list[str] = []
         lowered = text.lower()
-        for pat, longs in self._patterns:
-            if pat.search(text):
-                for long in longs:
+        for pat, table, ci in self._patterns:
+            for m in pat.finditer(text):
+                for long in table[m.group(0).lower() if ci else m.group(0)]:
                     if long.lower() not in lowered and long not in found:
                         found.append(long)
         return found

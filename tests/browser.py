@@ -127,33 +127,34 @@ class Browser:
         self.send("Emulation.setDeviceMetricsOverride",
                   {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
 
-    STATE_JS = """(() => {
+    # textContent (not innerText): no forced layout, so polling does not slow the page it measures.
+    STATE_JS = """((texts) => {
       const app = document.querySelector('[data-testid="stApp"]');
       const running = !!document.querySelector('[data-testid="stStatusWidgetRunningIcon"],'
         + '[data-testid="stStatusWidgetRunningManIcon"]');
-      return {state: app ? app.getAttribute('data-test-script-state') : null,
-              connection: app ? app.getAttribute('data-test-connection-state') : null,
-              running: running, text: document.body ? document.body.innerText : '',
+      const text = document.body ? document.body.textContent : '';
+      return {state: app ? app.getAttribute('data-test-script-state') : null, running: running,
+              missing: texts.filter(t => !text.includes(t)),
               skeleton: !!document.querySelector('[data-testid="stSkeleton"]')};
-    })()"""
+    })(%s)"""
 
     def wait_for(self, texts: tuple[str, ...] = (), *, finished: bool = True, timeout: float = 60.0,
                  poll_s: float = 0.05) -> float:
         """Seconds until every text is on the page (and, with `finished`, the script run is over)."""
         t0 = time.monotonic()
         last: dict[str, Any] = {}
+        expression = self.STATE_JS % json.dumps(list(texts))
         while time.monotonic() - t0 < timeout:
-            last = self.evaluate(self.STATE_JS) or {}
-            text = last.get("text") or ""
-            ready = all(t in text for t in texts) and last.get("state") not in (None, "initial")
+            last = self.evaluate(expression) or {}
+            ready = not last.get("missing", texts) and last.get("state") not in (None, "initial")
             if finished:
                 ready = ready and last.get("state") != "running" and not last.get("running") and not last.get(
                     "skeleton")
             if ready:
                 return time.monotonic() - t0
             time.sleep(poll_s)
-        missing = [t for t in texts if t not in (last.get("text") or "")]
-        raise BrowserError(f"page not rendered within {timeout}s (state={last.get('state')}, missing={missing})")
+        raise BrowserError(f"page not rendered within {timeout}s (state={last.get('state')}, "
+                           f"missing={last.get('missing', texts)})")
 
     def full_height(self) -> int:
         return int(self.evaluate("""(() => {
@@ -188,7 +189,7 @@ def chromium(width: int = 1440, height: int = 1000, startup_s: float = 30.0) -> 
     if exe is None:
         raise BrowserError("chromium is not installed")
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="nva-chromium-") as profile:
+    with tempfile.TemporaryDirectory(prefix="nva-chromium-", ignore_cleanup_errors=True) as profile:
         cmd = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
                "--remote-debugging-address=127.0.0.1", f"--window-size={width},{height}", "about:blank"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603

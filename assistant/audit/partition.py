@@ -46,7 +46,7 @@ def _open_read(path: Path) -> IO[str]:
 def _open_write(path: Path) -> IO[str]:
     if path.name.endswith(".gz"):
         return gzip.open(path, "wt", encoding="utf-8", compresslevel=1)
-    return path.open("w", encoding="utf-8", buffering=1 << 20)
+    return path.open("w", encoding="utf-8", buffering=1 << 16)  # small: up to 256 open at once
 
 
 def _clean(text: str) -> str:

@@ -107,7 +107,49 @@ def render_rules_markdown(catalogue: Catalogue | None = None) -> str:
             *[f"  - {s}" for s in r.sources],
             "",
         ]
+    lines += _news2_section() + AUDIT_SECTION
     return "\n".join(lines)
+
+
+def _news2_section() -> list[str]:
+    from assistant.rules.news2 import news2_table
+
+    table = news2_table()
+    lines = ["## NEWS2 (handoff acuity)", "",
+             "`assistant.rules.news2.news2(chart, now=...)` scores the latest value of each parameter (RCP 2017, SpO2 "
+             f"scale 1; thresholds in `assistant/rules/news2.yaml`). Values older than {table['max_age_hours']} h are "
+             "reported as missing, never as normal.", "", "| Parameter | Bands (value <= max: points) |", "|---|---|"]
+    for spec in table["parameters"].values():
+        if "bands" in spec:
+            bands = ", ".join(f"<= {b['max']}: {b['points']}" if "max" in b else f"above: {b['points']}"
+                              for b in spec["bands"])
+        else:
+            bands = f"alert: 0, new confusion / voice / pain / unresponsive: {spec.get('points_not_alert', 3)}"
+        lines.append(f"| {spec['label']} | {bands} |")
+    lines += ["", "| Response band | When | Response |", "|---|---|---|"]
+    for r in table["responses"]:
+        when = f"total >= {r['min_total']}" if "min_total" in r else f"any single parameter scores {r['single_parameter_points']}"
+        lines.append(f"| {r['band']} | {when} | {r['response']} |")
+    return [*lines, ""]
+
+
+AUDIT_SECTION = [
+    "## Batch audit (`nva audit`)",
+    "",
+    "`nva audit SOURCE --out FILE [--format jsonl|csv|html] [--engine local|dask] [--workers N] "
+    "[--scheduler ADDRESS] [--resume] [--now ISO]` runs these rules over every patient of a FHIR base URL (Bulk Data "
+    "`$export` when the server advertises it, per-patient searches otherwise), a bundle directory or an NDJSON "
+    "directory. JSONL has one finding per line (`patient` is `Patient/<id>`, `evidence` a list of `ResourceType/id`, "
+    "plus `ward`), ordered by patient then severity so every engine writes the same bytes; HTML adds counts per "
+    "rule, severity and ward, the top patients and a data-quality section (records that could not be read and why).",
+    "",
+    "A run writes per-batch part files and a checkpoint to `FILE.work/` (atomic writes); after a kill, rerun with "
+    "`--resume` to finish with exactly the findings of an uninterrupted run. NDJSON exports are first routed by "
+    "patient into partition files (one streaming pass, crc32 of the patient id), so memory stays flat; the local "
+    "engine audits partitions in a process pool, `--engine dask` on a LocalCluster (127.0.0.1, no dashboard) or a "
+    "`--scheduler` whose workers share the filesystem. A broken record is reported and skipped.",
+    "",
+]
 
 
 def write_rules_doc(path: Path | str = "docs/RULES.md") -> Path:

@@ -14,8 +14,6 @@ from typing import Any
 
 import yaml
 
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser when libyaml is present
-
 from assistant.model import (
     SEVERITY_ORDER,
     Administration,
@@ -30,6 +28,7 @@ from assistant.model import (
 )
 from assistant.terminology import Terminology, terminology
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser when libyaml is present
 log = logging.getLogger(__name__)
 
 CATALOGUE_PATH = Path(__file__).with_name("catalogue.yaml")

@@ -10,10 +10,9 @@ from typing import Any
 
 import yaml
 
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser when libyaml is present
-
 from assistant.model import Chart, Result
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser when libyaml is present
 NEWS2_PATH = Path(__file__).with_name("news2.yaml")
 
 

@@ -103,6 +103,9 @@ def resolve_ward(source: Any, ward: str | None) -> tuple[str | None, str | None]
     for w in wards:
         if ward in (w.ref, w.ref.split("/", 1)[-1]) or ward.lower() == w.name.lower():
             return w.ref, w.name
+    prefix = [w for w in wards if w.name.lower().startswith(ward.lower())]
+    if len(prefix) == 1:
+        return prefix[0].ref, prefix[0].name
     if ward.startswith("Location/"):
         return ward, ward
     names = ", ".join(f"{w.name} ({w.ref})" for w in wards) or "none found"

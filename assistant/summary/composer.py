@@ -42,6 +42,8 @@ EXAMPLE_ANSWER = """Sodium is 124 mmol/L while hydrochlorothiazide is ordered [F
 The patient is allergic to latex [F2].
 Metformin 500 mg is due at 09:00 [F3]."""
 DEFAULT_PROMPT_FACTS = 16
+_EXAMPLE_KEYS = frozenset(line.rsplit("[", 1)[0].strip().lower().rstrip(".") + "."
+                          for line in EXAMPLE_ANSWER.splitlines())
 
 
 def prompt_line(fact: Fact) -> str:
@@ -287,6 +289,9 @@ def _compose(chart: Chart, findings: Sequence[Finding], guidelines: Iterable[Gui
 def _llm_sentence(verifier: Verifier, raw: str, covered: set[str], seen: set[str], sheet: FactSheet,
                   res: SummaryResult) -> Sentence | None:
     s = verifier.verify(raw, origin="llm")
+    if s.text.lower() in _EXAMPLE_KEYS:
+        s.verified = False
+        s.reason = "copied the prompt's example"
     if not s.verified:
         res.dropped.append(s)
         return None

@@ -452,11 +452,7 @@ def build_fact_sheet(
                     section="patient"))
         e = chart.encounter
         if e is not None:
-            bed = e.bed_name or ""
-            if e.ward_name and bed.startswith(e.ward_name):
-                bed = bed[len(e.ward_name):].strip()
-            if bed and "bed" not in bed.lower():
-                bed = f"bed {bed}"
+            bed = bed_label(e)
             where = ", ".join(x for x in (f"ward {e.ward_name}" if e.ward_name else "", bed) if x)
             text = "Admitted " + (fmt_time(e.start) if e.start else "(date not recorded)")
             if e.reason:
@@ -502,6 +498,16 @@ class News2:
     single_param_3: bool = False
     time: datetime | None = None
     missing: int = 0  # parameters without a recent value: the score may be understated
+
+
+def bed_label(e: Any) -> str:
+    """'bed 03' from a bed name that may repeat the ward ('4B Med-Surg bed 03')."""
+    bed = (e.bed_name or "") if e is not None else ""
+    if e is not None and e.ward_name and bed.startswith(e.ward_name):
+        bed = bed[len(e.ward_name):].strip()
+    if bed and "bed" not in bed.lower():
+        bed = f"bed {bed}"
+    return bed
 
 
 def news2_from_rules(chart: Chart, now: datetime) -> News2 | None:

@@ -14,6 +14,7 @@ from assistant.summary.facts import (
     Fact,
     GuidelinePassage,
     News2,
+    bed_label,
     build_fact_sheet,
     severity_rank,
 )
@@ -136,7 +137,7 @@ def compose_handoff(
     return HandoffPatient(
         patient=chart.patient_ref,
         name=chart.patient.name,
-        bed=(e.bed_name if e else None),
+        bed=bed_label(e) or None,
         illness_severity=severity.value if severity and severity.value else "stable",
         sections=sections,
         synthesis=SYNTHESIS,
@@ -160,7 +161,7 @@ def handoff_markdown(handoff: WardHandoff) -> str:
     lines = [f"# I-PASS handoff{' - ' + handoff.ward if handoff.ward else ''}",
              f"Generated for {handoff.now:%Y-%m-%d %H:%M} UTC. Every line cites its chart sources.", ""]
     for p in handoff.patients:
-        bed = f"bed {p.bed} - " if p.bed else ""
+        bed = f"{p.bed} - " if p.bed else ""
         lines.append(f"## {bed}{p.name} ({p.patient}) - {p.illness_severity.upper()}")
         for key, title in SECTIONS:
             lines.append(f"**{title}**")

@@ -42,7 +42,7 @@ table = pd.DataFrame([{
 col_a, col_b, _ = st.columns([1, 1, 3], vertical_alignment="center")
 printable = col_a.toggle("Print-friendly layout", key="handoff-print",
                          help="Plain layout for the browser's Print (Ctrl+P); sidebar and buttons are hidden.")
-col_b.download_button("Export PDF", data=pdf.ward_handoff_pdf(ward_name, rows, cfg.rules_now()),
+col_b.download_button("Export PDF", data=lambda: pdf.ward_handoff_pdf(ward_name, rows, cfg.rules_now()),
                       file_name=f"handoff-{ward_name.replace(' ', '_')}-{cfg.rules_now():%Y%m%d-%H%M}.pdf",
                       mime="application/pdf", icon=":material/picture_as_pdf:", key="handoff-pdf")
 
