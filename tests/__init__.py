@@ -1,0 +1,1 @@
+"""NVA test suite."""
