@@ -67,7 +67,8 @@ if view.chart is not None:
     with tabs[3]:
         render.notes_section(view, pid)
     # Header, flags and the labs table are on screen; charts next (vega renders in the browser).
-    st.stop()
+    import time; time.sleep(0.15)
+    draw_trends()
     with tabs[1]:
         render.vitals_section(view, pid)
     with tabs[2]:
