@@ -1022,7 +1022,7 @@ def generate_demo_ward(outdir: Path, *, anchor: datetime, seed: int = 7) -> Demo
             must_not.append({"patient": patient_ref, "rule": m["rule"], "reason": m["reason"]})
         if "injection_note" in b.spec:
             injections.append(_resolve(b, f"note:{int(b.spec['injection_note'])}"))
-        if b.spec.get("vitals", {}).get("trend"):
+        if b.spec.get("vitals", {}).get("deteriorating"):
             deteriorating.append(
                 {
                     "patient": patient_ref,

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from connectors import open_source
 
     anchor = datetime.now(UTC).replace(hour=7, minute=0, second=0, microsecond=0)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="nva-bench-") as tmp:
         demo = Path(tmp) / "demo-ward"
         generate_demo_ward(demo, anchor=anchor, seed=7)
@@ -99,12 +100,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"run {i + 1}: patient usable {patient_s[-1]:.2f} s (complete {patient_done_s[-1]:.2f} s), "
                       f"handoff {handoff_s[-1]:.2f} s")
 
+    load_after = os.getloadavg()[0]
     med_p, med_pd, med_h = (statistics.median(x) for x in (patient_s, patient_done_s, handoff_s))
     ok_p, ok_h = med_p <= PATIENT_BUDGET_S, med_h <= HANDOFF_BUDGET_S
     report = f"""# Dashboard benchmark
 
 Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC
 Machine: {_machine()}
+Load: 1-minute load average {load_before:.1f} before, {load_after:.1f} after (the machine is shared; figures are
+upper bounds on an idle machine).
 Data: demo ward 4B Med-Surg, {len(census)} patients, anchor {anchor:%Y-%m-%d %H:%M} UTC; NVA_LLM_BACKEND=none;
 guideline store: {"ingested (" + args.data_dir + ")" if args.data_dir else "empty"}.
 Method: `bench/bench_dashboard.py --runs {args.runs}`; `streamlit run` on 127.0.0.1 and headless chromium driven over

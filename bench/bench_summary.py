@@ -42,6 +42,8 @@ class Row:
     first_llm: list[float] = field(default_factory=list)
     tps: list[float] = field(default_factory=list)
     completion_tokens: int = 0
+    prompt_tokens: list[int] = field(default_factory=list)
+    reasons: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
 
     def cells(self) -> list[object]:
@@ -83,6 +85,12 @@ def run(backend_name: str, backend: Any, charts: list, max_tokens: int, timeout:
         if res.tokens_per_s:
             row.tps.append(res.tokens_per_s)
         row.completion_tokens += res.completion_tokens or 0
+        if res.prompt_tokens:
+            row.prompt_tokens.append(res.prompt_tokens)
+        for d in res.dropped:
+            if d.origin == "llm" and d.reason:
+                key = d.reason.split(":")[0].split("'")[0].strip()
+                row.reasons[key] = row.reasons.get(key, 0) + 1
         row.failures += [n for n in res.notes if "unavailable" in n]
         llm = res.llm_sentences()
         row.llm_sentences += len(llm)
@@ -150,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 stop()
     for r in rows:
+        if r.prompt_tokens:
+            notes.append(f"{r.backend}: prompt {int(median(r.prompt_tokens))} tokens (median), "
+                         f"{r.completion_tokens} completion tokens in all")
+        if r.reasons:
+            top = sorted(r.reasons.items(), key=lambda kv: -kv[1])[:6]
+            notes.append(f"{r.backend}: why LLM sentences were dropped: " + "; ".join(f"{k} ({n})" for k, n in top))
         if r.failures:
             notes.append(f"{r.backend}: {len(r.failures)} LLM call(s) failed and fell back to the template: "
                          f"{r.failures[0][:160]}")

@@ -101,13 +101,14 @@ def _patient_section(pdf: _HandoffPdf, r: services.HandoffRow) -> None:
     pdf.multi_cell(0, 4.5, t("Allergies: " + ("; ".join(a.substance for a in allergies) if allergies else
                                               "none recorded as active")), new_x="LMARGIN", new_y="NEXT")
     pdf.set_text_color(0, 0, 0)
-    if r.result is None:
+    result = r.handoff()
+    if result is None:
         pdf.set_font(f, "", 8.5)
         pdf.multi_cell(0, 4.5, t("I-PASS handoff could not be composed; see the patient view."),
                        new_x="LMARGIN", new_y="NEXT")
         return
     numbers: dict[str, int] = {}
-    for heading, sentences in services.ipass_sections(r.result):
+    for heading, sentences in services.ipass_sections(result):
         pdf.set_font(f, "B", 8.5)
         pdf.cell(0, 5, t(heading), new_x="LMARGIN", new_y="NEXT")
         pdf.set_font(f, "", 8.5)
@@ -122,8 +123,8 @@ def _patient_section(pdf: _HandoffPdf, r: services.HandoffRow) -> None:
         for line in items or ["nothing recorded"]:
             pdf.multi_cell(0, 4.3, t(f"- {line}"), new_x="LMARGIN", new_y="NEXT")
     pdf.set_font(f, "B", 8.5)
-    pdf.cell(0, 5, t("S - Synthesis by receiver: read back actions and contingencies."), new_x="LMARGIN",
-             new_y="NEXT")
+    pdf.multi_cell(0, 5, t(services.synthesis_line(result).replace("[ ]", "[  ]")), new_x="LMARGIN",
+                   new_y="NEXT")
     if numbers:
         pdf.set_font(f, "", 6.5)
         pdf.set_text_color(71, 84, 103)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -343,10 +344,13 @@ def summary_section(cfg: services.AppConfig, view: services.PatientView, slot: A
                          "above are complete.")
             return
         shown: list[Any] = []
-        numbers: dict[str, int] = {}
+        last = 0.0
         for sentence in stream:
             shown.append(sentence)
-            slot.markdown(sentence_markdown(shown, dict(numbers)) + "\n\n*composing…*", unsafe_allow_html=True)
+            # Redraw at most 4 times a second: each redraw re-renders the whole block in the browser.
+            if time.monotonic() - last >= 0.25:
+                slot.markdown(sentence_markdown(shown, {}) + "\n\n*composing…*", unsafe_allow_html=True)
+                last = time.monotonic()
         result = stream.result
         cache[view.patient_id] = result
     with slot.container():
@@ -637,18 +641,20 @@ def ipass_block(row: services.HandoffRow, key: str, interactive: bool) -> None:
     if view.chart is None:
         st.error(f"Chart not loaded: {view.error}")
         return
-    if row.result is None:
+    result = row.handoff()
+    if result is None:
         st.warning("The I-PASS handoff could not be composed; open the patient view.")
         return
     numbers: dict[str, int] = {}
     parts = []
     pending_results = services.pending_results(view)
-    for heading, sentences in services.ipass_sections(row.result):
+    for heading, sentences in services.ipass_sections(result):
         body = sentence_markdown(sentences, numbers) if sentences else "- nothing recorded"
         if heading.startswith("A") and pending_results:
             body += "\n" + "\n".join(f"- Pending: {p}" for p in pending_results)
         parts.append(f"**{heading}**\n\n{body}")
-    parts.append("**S — Synthesis by receiver:** read back the action list and contingencies; ask questions.")
+    synthesis = services.synthesis_line(result).replace("Synthesis by receiver:", "").strip()
+    parts.append(f"**S — Synthesis by receiver:** {synthesis.replace('[ ]', '☐')}")
     st.markdown("\n\n".join(parts), unsafe_allow_html=True)  # one element per patient keeps the page light
     if interactive and numbers:
         refs = sorted(numbers, key=numbers.get)

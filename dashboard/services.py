@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import csv
 import importlib
-import inspect
 import io
 import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -204,10 +202,6 @@ class PatientView:
     @property
     def top_severity(self) -> str | None:
         return self.findings[0].severity if self.findings else None
-
-    @property
-    def news2_latest(self) -> News2Point | None:
-        return self.news2[-1] if self.news2 else None
 
     @property
     def error_issues(self) -> list:
@@ -546,21 +540,6 @@ def source_health(cfg: AppConfig) -> dict[str, Any]:
 
 
 # --- summaries and handoff --------------------------------------------------------------------------
-def summary_module() -> Any | None:
-    return _optional("assistant.summary")
-
-
-def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call a core function passing only the keyword arguments it accepts (its signature is still settling)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return fn(*args, **kwargs)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return fn(*args, **kwargs)
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
-
-
 def summary_news2(view: PatientView) -> Any | None:
     """The NEWS2 aggregate in the shape the fact sheet takes (assistant.summary.facts.News2)."""
     score = view.news2_score
@@ -599,9 +578,11 @@ def handoff_for(view: PatientView) -> Any | None:
     if view.chart is not None:
         try:
             handoff_mod = _optional("assistant.summary.handoff")
-            fn = getattr(handoff_mod, "ipass_handoff", None) if handoff_mod else None
+            fn = getattr(handoff_mod, "compose_handoff", None) if handoff_mod else None
             if callable(fn):
-                result = _call(fn, view.chart, findings=view.findings, now=view.now, news2=summary_news2(view))
+                news2 = summary_news2(view)
+                result = fn(view.chart, view.findings, (), None, now=view.now,
+                            news2=news2 if news2 is not None else "auto")
             else:
                 result = compose_summary_stream(None, view, use_llm=False).collect()
         except Exception as exc:  # noqa: BLE001 - one patient's handoff must not break the ward list
@@ -613,6 +594,9 @@ def handoff_for(view: PatientView) -> Any | None:
 
 def ipass_sections(result: Any) -> list[tuple[str, list[Any]]]:
     """(heading, sentences) in I-PASS order from a summary/handoff result; only shown (verified) sentences."""
+    sections = getattr(result, "sections", None)
+    if isinstance(sections, dict):  # assistant.summary.handoff.HandoffPatient
+        return [(heading, list(sections.get(key, []))) for key, heading in IPASS_SECTIONS]
     sentences = list(getattr(result, "sentences", []) or [])
     out = []
     known = {k for k, _ in IPASS_SECTIONS}
@@ -722,24 +706,41 @@ def run_ward_audit(cfg: AppConfig, ward_ref: str | None, progress: Any = None) -
     return out
 
 
-def illness_level(result: Any) -> str:
-    """'unstable' | 'watcher' | 'stable' from a handoff's fact sheet ('' when unknown)."""
-    for fact in getattr(getattr(result, "facts", None), "facts", []) or []:
-        if getattr(fact, "kind", "") == "severity":
-            return str(getattr(fact, "value", "") or "")
-    return ""
+def synthesis_line(result: Any) -> str:
+    return str(getattr(result, "synthesis", "") or
+               "Synthesis by receiver: read back the action list and contingencies; ask questions.")
 
 
 @dataclass(slots=True)
 class HandoffRow:
     view: PatientView
-    result: Any
+    result: Any  # the composed I-PASS (SummaryResult); None until asked for
     level: str
     pending: list[str]
 
     @property
     def patient_id(self) -> str:
         return self.view.patient_id
+
+    def handoff(self) -> Any:
+        """The I-PASS for this patient, composed on first use (template, no LLM wait)."""
+        if self.result is None:
+            self.result = handoff_for(self.view)
+        return self.result
+
+
+def illness_severity(view: PatientView) -> str:
+    """I-PASS illness severity (stable | watcher | unstable) from the fact sheet's rule, without composing."""
+    facts = _optional("assistant.summary.facts")
+    fn = getattr(facts, "illness_severity_fact", None) if facts else None
+    if view.chart is None or not callable(fn):
+        return ""
+    try:
+        fact = fn(view.chart, view.findings, summary_news2(view), view.chart.patient.ref)
+    except Exception:  # noqa: BLE001
+        log.exception("illness severity failed")
+        return ""
+    return str((fact or {}).get("value") or "")
 
 
 LEVEL_ORDER = {"unstable": 0, "watcher": 1, "stable": 2}
@@ -749,8 +750,7 @@ def ward_handoff(cfg: AppConfig, ward_ref: str | None) -> list[HandoffRow]:
     """The ward sorted by acuity (NEWS2, worst flag, I-PASS illness severity), one row per patient."""
     rows = []
     for view in ward_views(cfg, ward_ref):
-        result = handoff_for(view)
-        rows.append(HandoffRow(view, result, illness_level(result), pending_items(view)))
+        rows.append(HandoffRow(view, None, illness_severity(view), pending_items(view)))
     rows.sort(key=lambda r: (acuity_key(r.view)[0], LEVEL_ORDER.get(r.level, 3), *acuity_key(r.view)[1:]))
     return rows
 

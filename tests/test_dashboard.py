@@ -78,15 +78,35 @@ def test_patient_view_shows_header_flags_labs_and_cited_summary(env: Path, ward_
     assert f"### Flags ({len(findings)})" in text
     assert findings[0].title in text and ":red-badge[HIGH]" in text
     assert findings[0].action[:40] in text
-    # Labs: a table plus the trend charts; the abnormal value of the first flag is in the table.
+    # Labs: latest values with abnormal rows highlighted, the full history table, and trend charts.
+    assert "### Labs" in text and 'class="nva-labs"' in text and '<tr class="abn">' in text
     labs = [d.value for d in at.dataframe if "Test" in getattr(d.value, "columns", [])]
     assert labs and len(labs[0]) > 0
-    assert "### Labs" in text and "### Vital signs and NEWS2" in text and "### Active medications" in text
+    assert at.multiselect(key=f"trend-{pid}").value, "abnormal analytes are trended by default"
     # The summary: template sentences with numbered citations, composed without an LLM.
     assert "### Summary" in text and "<sup>[1]</sup>" in text
     assert any("Composed by template" in c.value for c in at.caption)
     assert any(c.value.startswith("Data as of") for c in at.caption)
     assert not at.error
+
+
+def test_vitals_and_medication_tabs_render_on_demand(env: Path, ward_facts: dict) -> None:
+    pid = ward_facts["flagged"]
+    at = _app(patient=pid)
+    assert "### Vital signs and NEWS2" not in _md(at)  # lazy tabs: hidden charts are not drawn at first paint
+    at.session_state["nva_tab"] = "Vitals and NEWS2"
+    at.run()
+    assert not at.exception
+    assert "### Vital signs and NEWS2" in _md(at)
+    assert any(m.label == "NEWS2" for m in at.metric)
+    at.session_state["nva_tab"] = "Medications and MAR"
+    at.run()
+    assert not at.exception
+    text = _md(at)
+    assert "### Active medications" in text and "**MAR timeline**" in text
+    at.session_state["nva_tab"] = "Nursing notes"
+    at.run()
+    assert "### Recent nursing notes" in _md(at)
 
 
 def test_patient_picker_sets_the_url(env: Path, ward_facts: dict) -> None:

@@ -444,3 +444,19 @@ def test_planted_units_and_codes_are_present(ward):
         if r["resourceType"] == "MedicationRequest" and "coding" not in r["medicationCodeableConcept"]
     ]
     assert len(text_only) >= 3
+
+
+def test_deteriorating_patients_in_the_answer_key_score_news2_high(demo_ward_dir, demo_anchor):
+    import json
+
+    from assistant.rules.news2 import news2
+    from connectors.bundle_dir import BundleDirSource
+
+    key = json.loads((demo_ward_dir / "answer_key.json").read_text())
+    source = BundleDirSource(demo_ward_dir)
+    flagged = {d["patient"] for d in key["deteriorating"]}
+    assert flagged
+    for pid in source.iter_patient_ids():
+        score = news2(source.patient_chart(pid), now=demo_anchor)
+        if f"Patient/{pid}" in flagged:
+            assert score.total >= 7, pid

@@ -74,12 +74,12 @@ m4.metric("Rules firing", view.rule_id.nunique())
 counts = view.groupby(["rule_id", "severity"]).size().reset_index(name="findings")
 if not counts.empty:
     chart = alt.Chart(counts).mark_bar().encode(
-        y=alt.Y("rule_id:N", sort="-x", title=None, axis=alt.Axis(labelLimit=320)),
-        x=alt.X("findings:Q", title="Findings"),
+        y=alt.Y("rule_id:N", sort="-x", title=None, axis=alt.Axis(labelLimit=320, labelOverlap=False)),
+        x=alt.X("sum(findings):Q", title="Findings", axis=alt.Axis(tickMinStep=1, format="d")),
         color=alt.Color("severity:N", scale=alt.Scale(domain=list(render.SEVERITY_COLORS),
                                                       range=list(render.SEVERITY_COLORS.values())),
                         legend=alt.Legend(orient="top", title=None)),
-        tooltip=["rule_id:N", "severity:N", "findings:Q"]).properties(height=max(120, 24 * counts.rule_id.nunique()))
+        tooltip=["rule_id:N", "severity:N", "findings:Q"]).properties(height=max(120, 26 * counts.rule_id.nunique()))
     st.altair_chart(chart, width="stretch")
 
 table = view[["patient", "ward", "severity", "rule_id", "title"]].copy()

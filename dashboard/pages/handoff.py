@@ -63,5 +63,8 @@ for n, r in enumerate(rows):
         render.ipass_block(r, key=f"ho-{n}", interactive=False)
         st.divider()
     else:
-        with st.expander(title, expanded=n < 3):
-            render.ipass_block(r, key=f"ho-{n}", interactive=True)
+        # Lazy expanders: an I-PASS is composed when its patient is opened (the top three start open).
+        box = st.expander(title, expanded=n < 3, key=f"ho-exp-{r.patient_id}", on_change="rerun")
+        if box.open is not False:
+            with box:
+                render.ipass_block(r, key=f"ho-{n}", interactive=True)

@@ -51,6 +51,7 @@ render.freshness(cfg, view.loaded_at, "patient")
 render.load_banners(view, services.source_file_errors(source, cfg))
 slots: list = []
 summary_slot = None
+draw_trends = None
 if view.chart is not None:
     render.source_dialog(view)
     render.patient_header(view)
@@ -61,22 +62,27 @@ if view.chart is not None:
         st.markdown("### Summary")
         summary_slot = st.empty()
         summary_slot.caption("Composing the cited summary…")
-    tabs = st.tabs(["Labs", "Vitals and NEWS2", "Medications and MAR", "Nursing notes"])
-    with tabs[0]:
-        draw_trends = render.labs_section(view, pid)
-    with tabs[3]:
-        render.notes_section(view, pid)
-    # Header, flags and the labs table are on screen; charts next (vega renders in the browser).
-    import time; time.sleep(0.15)
-    draw_trends()
-    with tabs[1]:
-        render.vitals_section(view, pid)
-    with tabs[2]:
-        render.meds_section(view, pid)
-
-# Then the slower parts: the ward picker, guideline passages, the LLM summary.
+    # Lazy tabs: only the open tab is drawn, so the first paint carries no hidden charts.
+    labs_tab, vitals_tab, meds_tab, notes_tab = st.tabs(
+        ["Labs", "Vitals and NEWS2", "Medications and MAR", "Nursing notes"], key="nva_tab", on_change="rerun")
+    if labs_tab.open is not False:
+        with labs_tab:
+            draw_trends = render.labs_section(view, pid)
+    if notes_tab.open:
+        with notes_tab:
+            render.notes_section(view, pid)
+    if vitals_tab.open:
+        with vitals_tab:
+            render.vitals_section(view, pid)
+    if meds_tab.open:
+        with meds_tab:
+            render.meds_section(view, pid)
+# Header, flags and the labs table are on screen. Then the slower parts: the ward picker (server work while the
+# browser paints), trend charts (vega renders in the browser), guideline passages, the LLM summary.
 if not drawn:
     patient_picker(pid)
+if draw_trends is not None:
+    draw_trends()
 if view.chart is not None and summary_slot is not None:
     passages = [p for finding, slot in slots for p in render.fill_guideline(slot, finding)]
     render.summary_section(cfg, view, summary_slot, passages)
