@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+from assistant.logsetup import configure_logging
 from assistant.model import Chart
 from connectors.errors import FhirError
 
@@ -159,8 +160,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         handler = getattr(args, "handler", None)
         if handler is None:  # subcommands registered by capability modules take (args) and write to stdout

@@ -258,6 +258,8 @@ class ChartBuilder:
         chart.administrations.sort(key=lambda a: (a.time or datetime.min.replace(tzinfo=UTC), a.ref))
         chart.notes.sort(key=lambda n: (n.time or datetime.min.replace(tzinfo=UTC), n.ref))
         chart.issues = self.issues
+        log.debug("chart built: %d resources, %d results, %d orders, %d issues", self.count, len(chart.results),
+                  len(chart.orders), len(chart.issues))
         return chart
 
     def _patient(self) -> Demographics:

@@ -321,6 +321,7 @@ class RestFhirSource(FhirSource):
                         seen.add(key)
                         record.resources.append(r)
         self._add_referenced(record)
+        log.debug("patient searches done: %d resources, %d fetch issues", len(record.resources), len(record.issues))
         return record
 
     def _add_referenced(self, record: PatientRecord) -> None:
