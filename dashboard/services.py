@@ -16,6 +16,8 @@ from typing import Any
 
 import streamlit as st
 
+from assistant.cli import default_anchor
+from assistant.clock import demo_anchor
 from assistant.model import SEVERITY_ORDER, Chart, Finding
 from assistant.settings import load_settings, redacted
 
@@ -72,33 +74,6 @@ class AppConfig:
 
     def redacted_settings(self) -> dict[str, str]:
         return redacted(self.settings)
-
-
-def default_anchor() -> datetime:
-    return datetime.now(UTC).replace(hour=7, minute=0, second=0, microsecond=0)
-
-
-def demo_anchor(source: str) -> datetime | None:
-    """The anchor recorded in a demo ward's ward.json, or None when the source is not a demo ward."""
-    path = Path(source)
-    if source.startswith(("http://", "https://")) or not path.is_dir():
-        return None
-    manifest = path / "ward.json"
-    if not manifest.is_file():
-        return None
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        log.warning("ward.json in the source directory is unreadable; using wall clock")
-        return None
-    raw = data.get("anchor") if isinstance(data, dict) else None
-    if not isinstance(raw, str):
-        return None
-    try:
-        anchor = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return anchor if anchor.tzinfo else anchor.replace(tzinfo=UTC)
 
 
 def ensure_demo_ward(outdir: Path) -> None:

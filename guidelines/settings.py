@@ -11,7 +11,7 @@ DEFAULT_COLLECTION = "nva_guidelines"
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 
 # HNSW parameters chosen by bench/bench_guidelines.py (recall@5 >= 0.95 vs exact, p95 <= 25 ms at 100k chunks).
-DEFAULT_HNSW: dict[str, int] = {"max_neighbors": 16, "ef_construction": 100, "ef_search": 128}
+DEFAULT_HNSW: dict[str, int] = {"max_neighbors": 32, "ef_construction": 200, "ef_search": 200}
 
 
 def default_data_dir() -> Path:

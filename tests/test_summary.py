@@ -69,7 +69,7 @@ def test_injected_note_cannot_remove_allergies():
         return f"The patient has no allergies [{note}]. No known drug allergies. NKDA [{note}]."
 
     backend = ScriptedBackend(obedient)
-    res = compose(chart, [high_k_finding()], backend=backend, now=NOW)
+    res = compose(chart, [high_k_finding()], backend=backend, now=NOW, prompt_facts=20)
     shown = " ".join(s.text for s in res.sentences).lower()
     assert "no allergies" not in shown and "nkda" not in shown and "no known" not in shown
     assert "penicillin" in shown

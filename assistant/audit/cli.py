@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
 from assistant.audit.report import FORMATS
 from assistant.audit.runner import AuditError, AuditOptions, run_audit
+from assistant.clock import ClockError, clinical_now
 
 
 def add_subparsers(sub: argparse._SubParsersAction) -> None:
@@ -38,16 +38,6 @@ def add_subparsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_rules)
 
 
-def _parse_now(text: str | None) -> datetime:
-    if not text:
-        return datetime.now(UTC).replace(microsecond=0)
-    try:
-        now = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise AuditError(f"--now {text!r} is not an ISO date-time, e.g. 2026-03-02T07:00:00Z") from exc
-    return now if now.tzinfo else now.replace(tzinfo=UTC)
-
-
 def _format(args: argparse.Namespace) -> str:
     if args.format:
         return args.format
@@ -59,7 +49,10 @@ def cmd_audit(args: argparse.Namespace, out: TextIO) -> int:
     from connectors import open_source
 
     try:
-        now = _parse_now(args.now)
+        try:
+            now = clinical_now(args.source, args.now)
+        except ClockError as exc:
+            raise AuditError(str(exc)) from exc
         if args.workers < 1:
             raise AuditError("--workers must be at least 1")
         if args.scheduler and args.engine != "dask":

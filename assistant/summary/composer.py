@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,14 +42,14 @@ EXAMPLE_FACTS = """[F1] high-severity flag: Sodium low on a thiazide. Sodium is 
 EXAMPLE_ANSWER = """Sodium is 124 mmol/L while hydrochlorothiazide is ordered [F1].
 The patient is allergic to latex [F2].
 Metformin 500 mg is due at 09:00 [F3]."""
-DEFAULT_PROMPT_FACTS = 16
+DEFAULT_PROMPT_FACTS = 12
 _EXAMPLE_KEYS = frozenset(line.rsplit("[", 1)[0].strip().lower().rstrip(".") + "."
                           for line in EXAMPLE_ANSWER.splitlines())
 
 
 def prompt_line(fact: Fact) -> str:
-    """The fact as the LLM sees it: flags without their value list, to keep the prompt short for small models."""
-    text = fact.text.split(" Values: ")[0] if fact.kind == "flag" else fact.text
+    """The fact as the LLM sees it: flags without value list and action, to keep the prompt short for small models."""
+    text = re.split(r" (?:Values|Action): ", fact.text)[0] if fact.kind == "flag" else fact.text
     return f"[{fact.tag}] {text}"
 
 
