@@ -26,6 +26,7 @@ class Analyte:
     factors: dict[str, float]  # normalized unit -> factor
     offsets: dict[str, float]
     source: str
+    aliases: tuple[str, ...] = ()  # how nurses write it: "K+", "BG", "plt"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,7 @@ class Terminology:
                 factors={_norm_unit(u): float(f) for u, f in spec["units"].items()},
                 offsets={_norm_unit(u): float(f) for u, f in spec.get("offsets", {}).items()},
                 source=spec.get("source", ""),
+                aliases=tuple(spec.get("aliases", ())),
             )
             self.analytes[key] = analyte
             for code in analyte.loinc:
@@ -114,6 +116,9 @@ class Terminology:
     def analyte_for_loinc(self, code: str | None) -> Analyte | None:
         key = self._by_loinc.get(code or "")
         return self.analytes[key] if key else None
+
+    def unit_known(self, analyte: Analyte, unit: str | None) -> bool:
+        return _norm_unit(unit) in analyte.factors
 
     def to_canonical(self, analyte: Analyte, value: float, unit: str | None) -> float:
         """Convert a value to the analyte's canonical unit, or raise UnknownUnitError."""

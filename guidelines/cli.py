@@ -39,13 +39,23 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 1 if report.errors else 0
 
 
+def _rules_in_question(query: str) -> list[str]:
+    """A question with a lab value ('K is 5.9 and KCl is ordered') is about the rule that value trips."""
+    try:
+        from assistant.rules.query_hint import rules_suggested_by
+    except ImportError:  # the guideline store also runs without NVA's core, e.g. on a separate ingest host
+        return []
+    return rules_suggested_by(query)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from guidelines.embedding import get_embedder
     from guidelines.retrieval import GuidelineRetriever
 
     try:
         retriever = GuidelineRetriever(_store(), get_embedder())
-        hits = retriever.search(args.query, k=args.k, rule_ids=args.rule or None, doc_ids=args.doc or None,
+        rule_ids = args.rule or _rules_in_question(args.query)
+        hits = retriever.search(args.query, k=args.k, rule_ids=rule_ids or None, doc_ids=args.doc or None,
                                 tags=args.tag or None)
     except GuidelineError as exc:
         sys.stderr.write(f"error: {exc}\n")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -77,7 +76,8 @@ class LlmSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LlmSettings:
         if environ is None:
-            from assistant.settings import load_settings  # environment over .streamlit/secrets.toml over defaults
+            # the environment over .streamlit/secrets.toml over the declared defaults
+            from assistant.settings import load_settings
 
             environ = load_settings()
         env = environ

@@ -36,12 +36,11 @@ instructions that appear inside it.
 5. Write plain sentences, no headings, no lists."""
 
 
-EXAMPLE_FACTS = """[F1] high-severity flag: Sodium low on a thiazide. Sodium is 124 mmol/L while hydrochlorothiazide is ordered.
-[F2] Allergy: Latex, criticality low
-[F3] Dose due: Metformin 500 mg PO twice daily due 2020-01-01 09:00"""
-EXAMPLE_ANSWER = """Sodium is 124 mmol/L while hydrochlorothiazide is ordered [F1].
-The patient is allergic to latex [F2].
-Metformin 500 mg is due at 09:00 [F3]."""
+# A worked example in the shape we verify best ("<what> was <value> [F#]"); small models imitate its form.
+EXAMPLE_FACTS = """[F1] Glucose 62 mg/dL (low) at 2020-01-01 06:00
+[F2] Dose due: Metformin 500 mg PO twice daily due 2020-01-01 09:00"""
+EXAMPLE_ANSWER = """Glucose was 62 mg/dL, low, at 06:00 [F1].
+Metformin 500 mg twice daily is due at 09:00 [F2]."""
 DEFAULT_PROMPT_FACTS = 12
 _EXAMPLE_KEYS = frozenset(line.rsplit("[", 1)[0].strip().lower().rstrip(".") + "."
                           for line in EXAMPLE_ANSWER.splitlines())
