@@ -34,6 +34,7 @@ __all__ = [
     "LlmUnavailable",
     "NoBackend",
     "ScriptedBackend",
+    "for_chart",
     "make_backend",
 ]
 
@@ -65,6 +66,15 @@ class NoBackend(LlmBackend):
         )
 
 
+def for_chart(backend: LlmBackend, chart: Any) -> LlmBackend:
+    """The backend to use for one patient: wrapped in de-identification when its facts leave the machine."""
+    if getattr(backend, "requires_deid", False):
+        from assistant.security.deid import DeidentifyingBackend
+
+        return DeidentifyingBackend(backend, chart)
+    return backend
+
+
 def make_backend(settings: LlmSettings | Mapping[str, str] | None = None) -> LlmBackend:
     """Backend named by `settings.backend`; a mapping is read like the environment (NVA_LLM_* keys).
 
@@ -76,9 +86,18 @@ def make_backend(settings: LlmSettings | Mapping[str, str] | None = None) -> Llm
     elif not isinstance(settings, LlmSettings):
         settings = LlmSettings.from_env(settings)
     if settings.backend == "openai":
+        from assistant.security.egress import EgressDenied, check_llm_egress
+
         from .openai_backend import OpenAIBackend
 
-        return OpenAIBackend(settings)
+        backend = OpenAIBackend(settings)  # validates the URL, TLS and CA settings first
+        hosts = tuple(h.strip() for h in settings.allow_hosts.split(",") if h.strip())
+        try:
+            egress = check_llm_egress(settings.base_url or "", allow_remote=settings.allow_remote, allow_list=hosts)
+        except EgressDenied as exc:
+            raise LlmConfigError(str(exc)) from exc
+        backend.requires_deid = egress != "local" and settings.deidentify  # type: ignore[attr-defined]
+        return backend
     if settings.backend == "transformers":
         from .transformers_backend import TransformersBackend
 

@@ -24,6 +24,9 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "NVA_LLM_MAX_TOKENS": ("max_tokens", "int"),
     "NVA_LLM_ALLOW_HTTP": ("allow_http", "bool"),
     "NVA_LLM_CACHE_DIR": ("cache_dir", "str"),
+    "NVA_LLM_ALLOW_REMOTE": ("allow_remote", "bool"),
+    "NVA_LLM_ALLOW_HOSTS": ("allow_hosts", "str"),
+    "NVA_LLM_DEIDENTIFY": ("deidentify", "bool"),
 }
 
 
@@ -56,6 +59,9 @@ class LlmSettings:
     max_tokens: int = DEFAULT_MAX_TOKENS
     allow_http: bool = False
     cache_dir: str | None = None
+    allow_remote: bool = False  # send fact sheets to a non-loopback host at all
+    allow_hosts: str = ""  # comma-separated hosts approved by a privacy review
+    deidentify: bool = True  # de-identify fact sheets that leave the machine
 
     def __post_init__(self) -> None:
         backend = (self.backend or DEFAULT_BACKEND).strip().lower().replace("_", "-")
