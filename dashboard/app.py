@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -12,19 +13,48 @@ if str(_ROOT) not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from dashboard import render  # noqa: E402
+from dashboard import render, services  # noqa: E402
 
 PAGES = Path(__file__).resolve().parent / "pages"
 
 st.set_page_config(page_title="NVA — Nurse Virtual Assistant", layout="wide",
                    page_icon=":material/medical_services:")
 render.page_setup()
-nav = st.navigation([
+
+try:
+    gate = services.gate()
+except services.RoleFileError as exc:
+    gate = services.Gate("config-error", message=f"**NVA cannot check roles:** {exc}")
+if gate.user is None:
+    if gate.state == "no-role" and st.session_state.get("_nva_refused") != gate.who:
+        try:  # best effort: the refusal stands even if it cannot be logged
+            services.access_log(services.app_config()).record(user=gate.who, role="none", action="access-denied",
+                                                              target="nva", detail="signed in without an NVA role")
+            st.session_state["_nva_refused"] = gate.who
+        except services.AccessLogError:
+            logging.getLogger(__name__).exception("no-role refusal could not be logged")
+
+    def refused() -> None:
+        render.gate_page(gate)
+
+    # Always through st.navigation: without it streamlit would list dashboard/pages/ in the sidebar.
+    st.navigation([st.Page(refused, title="NVA", url_path="nva", default=True)], position="hidden").run()
+    st.stop()
+
+user = gate.user
+services.forget_other_user(user)
+pages = [
     st.Page(PAGES / "patient.py", title="Patient", icon=":material/person:", default=True),
     st.Page(PAGES / "handoff.py", title="Ward handoff", icon=":material/assignment:", url_path="handoff"),
-    st.Page(PAGES / "audit.py", title="Audit", icon=":material/fact_check:", url_path="audit"),
-    st.Page(PAGES / "status.py", title="Settings and status", icon=":material/settings:", url_path="status"),
-])
+]
+# Pages a role may not open are not listed; each page checks again (a URL can be typed).
+if user.can("audit"):
+    pages.append(st.Page(PAGES / "audit.py", title="Audit", icon=":material/fact_check:", url_path="audit"))
+if user.can("access-log"):
+    pages.append(st.Page(PAGES / "access_log.py", title="Access log", icon=":material/policy:",
+                         url_path="access-log"))
+pages.append(st.Page(PAGES / "status.py", title="Settings and status", icon=":material/settings:", url_path="status"))
+nav = st.navigation(pages)
 with st.sidebar:
-    render.demo_banner()
+    render.user_box(user)
 nav.run()

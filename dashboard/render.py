@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import time
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timedelta
@@ -13,11 +15,13 @@ import pandas as pd
 import streamlit as st
 
 from assistant.model import Chart, Finding, Result
+from assistant.security.roles import User
 from dashboard import services
 
 SEVERITY_COLORS = {"high": "#b42318", "medium": "#b54708", "low": "#1d4ed8"}
 SEVERITY_BADGE = {"high": "red", "medium": "orange", "low": "blue"}
 MAR_COLORS = {"given": "#15803d", "held": "#6b7280", "due": "#1d4ed8", "late": "#b42318"}
+log = logging.getLogger(__name__)
 VITALS = (("heart_rate", "Heart rate"), ("respiratory_rate", "Respiratory rate"), ("spo2", "SpO2"),
           ("systolic_bp", "Systolic BP"), ("temperature", "Temperature"))
 
@@ -51,11 +55,61 @@ def page_setup() -> None:
     st.markdown(CSS, unsafe_allow_html=True)
 
 
-def demo_banner() -> None:
-    user = services.current_user()
-    if user.local_demo:
-        st.markdown(f'<div class="nva-demo">Local demo mode: signed in as {user.name} ({user.role}). '
-                    "No access control is active.</div>", unsafe_allow_html=True)
+def user_box(user: User) -> None:
+    """Sidebar: the demo banner, or who is signed in with which role and wards, and sign-out."""
+    if user.demo:
+        st.markdown('<div class="nva-demo"><b>Local demo mode</b> (127.0.0.1 only): no sign-in, no access control; '
+                    "every page is open. Configure sign-in before real patients.</div>", unsafe_allow_html=True)
+        return
+    wards = "all wards" if user.all_wards else (", ".join(w.split("/")[-1] for w in user.wards) or "no wards")
+    st.caption(f"Signed in as **{user.name}** · {user.role} · {wards}")
+    st.button("Sign out", key="nva-logout", icon=":material/logout:", on_click=st.logout)
+
+
+def gate_page(g: services.Gate) -> None:
+    """Everything a run shows when nobody may use the app yet: sign in, no role, or an exposed demo."""
+    st.markdown("## NVA — Nurse Virtual Assistant")
+    if g.state == "sign-in":
+        st.info("Sign in with your hospital account to open NVA.", icon=":material/login:")
+        if importlib.util.find_spec("authlib") is None:
+            st.error("Sign-in is configured but Authlib is not installed: `pip install 'streamlit[auth]'`.",
+                     icon=":material/error:")
+            return
+        for provider in services.auth_providers():
+            st.button(f"Sign in with {provider}" if provider else "Sign in", key=f"login-{provider or 'default'}",
+                      type="primary", icon=":material/login:", on_click=st.login,
+                      args=(provider,) if provider else ())
+    elif g.state == "no-role":
+        st.error(f"**You have no NVA role — ask your administrator.** Signed in as {g.who}; an administrator must "
+                 "give you the role nurse, charge-nurse or auditor (identity provider claim or NVA role file).",
+                 icon=":material/block:")
+        st.button("Sign out", key="nva-logout", icon=":material/logout:", on_click=st.logout)
+    elif g.state == "demo-exposed":
+        st.error(f"**NVA refuses to start in local demo mode.** {g.message}", icon=":material/gpp_bad:")
+    else:
+        st.error(g.message or "NVA cannot start.", icon=":material/error:")
+
+
+def refuse(cfg: services.AppConfig, user: User, target: str, message: str, detail: str) -> None:
+    """Show a refusal, log it (best effort: the refusal stands either way) and stop the page."""
+    try:
+        services.record_access(cfg, user, "access-denied", target, detail, once=True)
+    except services.AccessLogError:
+        log.exception("access-denied could not be logged")
+    st.error(message, icon=":material/block:")
+    st.stop()
+
+
+def record_or_stop(cfg: services.AppConfig, user: User, action: str, target: str, detail: str = "",
+                   *, once: bool = True) -> None:
+    """Log an access before showing it; if the log cannot be written, show nothing but the reason."""
+    try:
+        services.record_access(cfg, user, action, target, detail, once=once)
+    except services.AccessLogError as exc:
+        st.error(f"**Not shown: the access could not be recorded.** NVA only shows patient data it can log. {exc}. "
+                 "Check NVA_ACCESS_LOG / NVA_DATA_DIR (writable, disk not full) or call your administrator.",
+                 icon=":material/error:")
+        st.stop()
 
 
 def fmt_time(when: datetime | None, now: datetime | None = None) -> str:
@@ -338,6 +392,11 @@ def summary_section(cfg: services.AppConfig, view: services.PatientView, slot: A
     result = cache.get(view.patient_id)
     if result is None:
         try:
+            services.record_access(cfg, services.current_user(), "summary", f"Patient/{view.patient_id}")
+        except services.AccessLogError as exc:
+            slot.error(f"The summary was not composed: the access could not be recorded ({exc}).")
+            return
+        try:
             stream = services.compose_summary_stream(cfg, view, passages)
         except Exception as exc:  # noqa: BLE001 - the summary is an aid; facts above stand alone
             slot.warning(f"The summary could not be composed ({type(exc).__name__}: {exc}). The facts and flags "
@@ -593,11 +652,20 @@ def notes_section(view: services.PatientView, key: str, limit: int = 5) -> None:
 
 
 # --- page scaffolding ----------------------------------------------------------------------------------
-def boot() -> services.AppConfig:
-    """Config and this session's source, or an error banner and a stopped page."""
+PAGE_TITLES = {"patient": "the patient view", "handoff-view": "the ward handoff", "audit": "the audit",
+               "access-log": "the access log"}
+
+
+def boot(permission: str) -> tuple[services.AppConfig, User]:
+    """Config, the user (refused unless their role grants `permission`) and this session's source, or a stopped page."""
     from connectors.errors import FhirError
 
     cfg = services.app_config()
+    user = services.current_user()
+    if not user.can(permission):
+        refuse(cfg, user, f"page:{permission}", f"**Your role ({user.role}) may not open "
+               f"{PAGE_TITLES.get(permission, permission)}.** Ask your administrator if you need it.",
+               "page not allowed for role")
     if cfg.setup_error:
         st.error(f"**NVA could not start:** {cfg.setup_error}. Set NVA_SOURCE to a FHIR server or bundle directory.",
                  icon=":material/error:")
@@ -607,12 +675,17 @@ def boot() -> services.AppConfig:
     except (FhirError, OSError) as exc:
         st.error(f"**The data source could not be opened** ({cfg.source}): {exc}", icon=":material/error:")
         st.stop()
-    return cfg
+    return cfg, user
 
 
-def ward_picker(cfg: services.AppConfig) -> str | None:
-    """The ward this session works on (sidebar); None when the source has no wards (all patients)."""
-    wards = services.ward_choices(cfg)
+def ward_picker(cfg: services.AppConfig, user: User) -> str | None:
+    """The ward this session works on, among the user's wards (sidebar); None for all patients of a source with
+    no wards (only for users who may see every ward)."""
+    wards = services.ward_choices(cfg, user)
+    if not wards and not user.all_wards:
+        st.error("**No ward of this data source is assigned to you.** Ask your administrator to assign your wards "
+                 "(identity provider claim or NVA role file).", icon=":material/block:")
+        st.stop()
     if not wards:
         st.sidebar.caption("This source lists no wards: showing all patients.")
         return None

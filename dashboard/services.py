@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import functools
 import importlib
 import io
 import json
 import logging
+import sqlite3
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,6 +22,9 @@ import streamlit as st
 from assistant.cli import default_anchor
 from assistant.clock import demo_anchor
 from assistant.model import SEVERITY_ORDER, Chart, Finding
+from assistant.security.access_log import AccessLog, AccessLogError
+from assistant.security.gate import Gate, resolve_gate
+from assistant.security.roles import AccessDenied, User, load_role_file, visible_wards
 from assistant.settings import load_settings, redacted
 
 log = logging.getLogger(__name__)
@@ -30,16 +36,117 @@ _DEMO_LOCK = threading.Lock()
 
 
 # --- who is using the app ------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class User:
-    name: str
-    role: str
-    local_demo: bool
+def auth_section() -> dict[str, Any]:
+    """The [auth] section of streamlit's secrets.toml (identity provider), or {} when sign-in is not configured."""
+    try:
+        if not st.secrets.load_if_toml_exists():
+            return {}
+        section = st.secrets.get("auth")
+    except Exception:  # noqa: BLE001 - an unreadable secrets file means no provider; the demo gate then applies
+        log.warning("secrets.toml could not be read for [auth]")
+        return {}
+    return dict(section) if isinstance(section, Mapping) else {}
+
+
+def auth_configured() -> bool:
+    return bool(auth_section())
+
+
+def auth_providers() -> list[str | None]:
+    """Named providers ([auth.<name>] sections) to offer, or [None] for the single provider in [auth] itself."""
+    named = [k for k, v in auth_section().items() if isinstance(v, Mapping)]
+    return named or [None]
+
+
+class RoleFileError(RuntimeError):
+    """NVA_AUTH_ROLE_FILE is set but cannot be read; nobody is let in on a guess."""
+
+
+@functools.lru_cache(maxsize=4)
+def _role_file(path: str, mtime: float) -> dict[str, dict[str, Any]]:
+    return load_role_file(path)
+
+
+def role_file(values: dict[str, str]) -> dict[str, dict[str, Any]] | None:
+    path = (values.get("NVA_AUTH_ROLE_FILE") or "").strip()
+    if not path:
+        return None
+    try:
+        return _role_file(path, Path(path).stat().st_mtime)
+    except (OSError, ValueError) as exc:
+        raise RoleFileError(f"the role file NVA_AUTH_ROLE_FILE={path} cannot be read ({exc}); fix it or unset it"
+                            ) from exc
+
+
+def gate() -> Gate:
+    """This run's user: signed in with a role, refused, or the local demo (loopback only)."""
+    values = load_settings()
+    configured = auth_configured()
+    claims = st.user.to_dict() if configured else None
+    return resolve_gate(auth_configured=configured, server_address=st.get_option("server.address"), claims=claims,
+                        role_claim=(values.get("NVA_AUTH_ROLE_CLAIM") or "nva_role").strip(),
+                        role_file=role_file(values) if configured else None)
 
 
 def current_user() -> User:
-    """The signed-in user. Access control arrives with its own issue; until then a local demo user."""
-    return User(name="Local demo user", role="charge-nurse", local_demo=True)
+    """The user the app let in (app.py has gated the run); pages ask it what they may show."""
+    g = gate()
+    if g.user is None:
+        raise AccessDenied(g.message or "not signed in")
+    return g.user
+
+
+def forget_other_user(user: User) -> None:
+    """A different identity in the same browser session starts clean: no charts or log marks carried over."""
+    ss = st.session_state
+    if ss.get("_nva_who") != (user.name, user.role):
+        refresh()
+        ss.pop("_nva_logged", None)
+        ss["_nva_who"] = (user.name, user.role)
+
+
+# --- access audit log ------------------------------------------------------------------------------------
+def access_log_path(cfg: AppConfig) -> Path:
+    configured = (cfg.settings.get("NVA_ACCESS_LOG") or "").strip()
+    return Path(configured) if configured else cfg.data_dir / "access_log.sqlite"
+
+
+@st.cache_resource(show_spinner=False)
+def _access_log(path: str) -> AccessLog:
+    return AccessLog(path)
+
+
+def access_log(cfg: AppConfig) -> AccessLog:
+    path = access_log_path(cfg)
+    try:
+        return _access_log(str(path))
+    except (OSError, sqlite3.Error) as exc:
+        raise AccessLogError(f"cannot open the access log at {path}: {exc}") from exc
+
+
+def record_access(cfg: AppConfig, user: User, action: str, target: str, detail: str = "", *,
+                  once: bool = False) -> None:
+    """Write one access event (references only). `once`: at most once per session for this action and target.
+
+    Raises AccessLogError: the caller must not go ahead with what it was about to show.
+    """
+    done = st.session_state.setdefault("_nva_logged", set())
+    key = (action, target)
+    if once and key in done:
+        return
+    access_log(cfg).record(user=user.name, role=user.role, action=action, target=target, detail=detail)
+    done.add(key)
+
+
+def exporter(cfg: AppConfig, user: User, target: str, detail: str, make: Any) -> Any:
+    """A deferred download callable that logs the export before it builds the file (no log, no file)."""
+    log_ = access_log(cfg)
+
+    def build() -> Any:
+        log_.record(user=user.name, role=user.role, action="handoff-export", target=target, detail=detail)
+        return make()
+
+    return build
 
 
 # --- configuration -------------------------------------------------------------------------------------
@@ -292,9 +399,21 @@ class WardChoice:
     name: str
 
 
-def ward_choices(cfg: AppConfig) -> list[WardChoice]:
-    source = session_source(cfg)
-    return [WardChoice(w.ref, w.name) for w in source.wards()]
+def ward_choices(cfg: AppConfig, user: User | None = None) -> list[WardChoice]:
+    """The source's wards; with a user, only those the user may open."""
+    wards = [WardChoice(w.ref, w.name) for w in session_source(cfg).wards()]
+    if user is None:
+        return wards
+    allowed = set(visible_wards(user, [w.ref for w in wards]))
+    return [w for w in wards if w.ref in allowed]
+
+
+def patient_ward(cfg: AppConfig, user: User, patient_id: str) -> str | None:
+    """The user's ward this patient is on (census), or None: the question is asked before the chart is opened."""
+    for w in ward_choices(cfg, user):
+        if any(e.patient_id == patient_id for e in ward_census(cfg, w.ref)):
+            return w.ref
+    return None
 
 
 def ward_census(cfg: AppConfig, ward_ref: str | None) -> list[Any]:

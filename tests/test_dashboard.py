@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -42,14 +43,23 @@ def ward_facts(demo: Path) -> dict:
 
 
 @pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, demo: Path, tmp_path: Path) -> Path:
+def env(monkeypatch: pytest.MonkeyPatch, demo: Path, tmp_path: Path) -> Iterator[Path]:
+    from streamlit import config
+
+    from dashboard import services
+
+    # Local demo mode whatever the checkout's secrets.toml or config.toml say: no provider, loopback address.
+    monkeypatch.setattr(services, "auth_configured", lambda: False)
+    old_address = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
     monkeypatch.setenv("NVA_SOURCE", str(demo))
     monkeypatch.setenv("NVA_LLM_BACKEND", "none")
     monkeypatch.setenv("NVA_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("NVA_SECRETS_FILE", str(tmp_path / "no-secrets.toml"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    return demo
+    yield demo
+    config.set_option("server.address", old_address)
 
 
 def _app(patient: str | None = None, page: str | None = None) -> AppTest:

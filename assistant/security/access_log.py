@@ -65,9 +65,16 @@ class AccessLog:
         except sqlite3.Error as exc:
             raise AccessLogError(f"cannot write the access log at {self.path}: {exc}") from exc
 
-    def events(self, *, limit: int = 500, user: str | None = None, target: str | None = None) -> list[AccessEvent]:
+    def events(self, *, limit: int = 500, user: str | None = None, target: str | None = None,
+               actions: tuple[str, ...] | list[str] = (), since: str | None = None) -> list[AccessEvent]:
         query = "SELECT seq, at, user, role, action, target, detail FROM access_log"
         where, args = [], []
+        if actions:
+            where.append(f"action IN ({','.join('?' * len(actions))})")
+            args.extend(actions)
+        if since:
+            where.append("at >= ?")
+            args.append(since)
         if user:
             where.append("user = ?")
             args.append(user)

@@ -8,9 +8,9 @@ import streamlit as st
 
 from dashboard import render, services
 
-cfg = render.boot()
-ward_ref = render.ward_picker(cfg)
-ward_name = next((w.name for w in services.ward_choices(cfg) if w.ref == ward_ref), "all patients")
+cfg, user = render.boot("audit")
+ward_ref = render.ward_picker(cfg, user)
+ward_name = next((w.name for w in services.ward_choices(cfg, user) if w.ref == ward_ref), "all patients")
 st.markdown("## Audit")
 st.caption(f"Audit runs are read from {services.audit_dir(cfg)}; rules judged at {cfg.rules_now():%d %b %Y %H:%M} UTC.")
 
@@ -19,6 +19,7 @@ col_run, col_up, col_new = st.columns([2, 2, 1.3], vertical_alignment="bottom")
 runs = services.audit_runs(cfg)
 with col_new:
     if st.button(f"Audit {ward_name} now", key="audit-start", icon=":material/play_arrow:", type="primary"):
+        render.record_or_stop(cfg, user, "audit-run", ward_ref or "all-patients", once=False)
         bar = st.progress(0.0, text="Auditing…")
         path = services.run_ward_audit(cfg, ward_ref, lambda i, n: bar.progress(i / max(n, 1),
                                                                                  text=f"Audited {i} of {n} patients"))
@@ -34,9 +35,11 @@ with col_up:
     upload = st.file_uploader("…or open a JSONL file", type=["jsonl"], key="audit-upload")
 
 if upload is not None:
+    render.record_or_stop(cfg, user, "audit-view", f"uploaded-file:{upload.file_id}", f"{upload.size} bytes")
     rows, bad = services.read_audit_jsonl(upload.getvalue().splitlines())
     label = upload.name
 elif chosen:
+    render.record_or_stop(cfg, user, "audit-view", f"audit-run:{chosen.split('/')[-1]}")
     with open(chosen, encoding="utf-8") as fh:
         rows, bad = services.read_audit_jsonl(fh)
     label = chosen.split("/")[-1]

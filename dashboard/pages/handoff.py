@@ -7,10 +7,12 @@ import streamlit as st
 
 from dashboard import pdf, render, services
 
-cfg = render.boot()
-ward_ref = render.ward_picker(cfg)
+cfg, user = render.boot("handoff-view")
+ward_ref = render.ward_picker(cfg, user)
 source = services.session_source(cfg)
-ward_name = next((w.name for w in services.ward_choices(cfg) if w.ref == ward_ref), "All patients")
+ward_name = next((w.name for w in services.ward_choices(cfg, user) if w.ref == ward_ref), "All patients")
+target = ward_ref or "all-patients"
+render.record_or_stop(cfg, user, "handoff-view", target)
 
 rows = services.ward_handoff(cfg, ward_ref)
 loaded = min((r.view.loaded_at for r in rows), default=None)
@@ -39,12 +41,26 @@ table = pd.DataFrame([{
     "Pending": "; ".join(r.pending[:3]) + (f" (+{len(r.pending) - 3})" if len(r.pending) > 3 else ""),
     "Open": f"/?patient={r.patient_id}",
 } for r in rows])
-col_a, col_b, _ = st.columns([1, 1, 3], vertical_alignment="center")
-printable = col_a.toggle("Print-friendly layout", key="handoff-print",
-                         help="Plain layout for the browser's Print (Ctrl+P); sidebar and buttons are hidden.")
-col_b.download_button("Export PDF", data=lambda: pdf.ward_handoff_pdf(ward_name, rows, cfg.rules_now()),
-                      file_name=f"handoff-{ward_name.replace(' ', '_')}-{cfg.rules_now():%Y%m%d-%H%M}.pdf",
-                      mime="application/pdf", icon=":material/picture_as_pdf:", key="handoff-pdf")
+printable = False
+if user.can("handoff-export"):
+    col_a, col_b, _ = st.columns([1, 1, 3], vertical_alignment="center")
+    printable = col_a.toggle("Print-friendly layout", key="handoff-print",
+                             help="Plain layout for the browser's Print (Ctrl+P); sidebar and buttons are hidden.")
+    # Each switch to the print layout is an export; logged before the layout is drawn.
+    if printable and not st.session_state.get("_nva_print_logged"):
+        render.record_or_stop(cfg, user, "handoff-export", target, "print layout", once=False)
+        st.session_state["_nva_print_logged"] = True
+    elif not printable:
+        st.session_state.pop("_nva_print_logged", None)
+    try:
+        build_pdf = services.exporter(cfg, user, target, "pdf",
+                                      lambda: pdf.ward_handoff_pdf(ward_name, rows, cfg.rules_now()))
+    except services.AccessLogError as exc:
+        col_b.error(f"PDF export unavailable: the access log cannot be written ({exc}).")
+    else:
+        col_b.download_button("Export PDF", data=build_pdf,
+                              file_name=f"handoff-{ward_name.replace(' ', '_')}-{cfg.rules_now():%Y%m%d-%H%M}.pdf",
+                              mime="application/pdf", icon=":material/picture_as_pdf:", key="handoff-pdf")
 
 if not printable:
     st.dataframe(table, hide_index=True, width="stretch", height=min(38 * (len(table) + 1) + 4, 900),

@@ -6,8 +6,8 @@ import streamlit as st
 
 from dashboard import render, services
 
-cfg = render.boot()
-ward_ref = render.ward_picker(cfg)
+cfg, user = render.boot("patient")
+ward_ref = render.ward_picker(cfg, user)
 source = services.session_source(cfg)
 
 # The URL names the patient (?patient=<id>); a new id in the URL wins over the last pick.
@@ -46,6 +46,12 @@ if st.query_params.get("patient") != pid:
     st.query_params["patient"] = pid
     st.session_state["_nva_req"] = pid
 
+# Ward access is decided from the census before the chart is read; the view is logged before it is shown.
+if not user.all_wards and not user.may_see_ward(services.patient_ward(cfg, user, pid)):
+    render.refuse(cfg, user, f"Patient/{pid}", f"**Patient/{pid} is not on a ward assigned to you.** You may open "
+                  "patients of your own wards only; ask the charge nurse if you need this chart.",
+                  "patient not on an assigned ward")
+render.record_or_stop(cfg, user, "view-chart", f"Patient/{pid}")
 view = services.patient_view(cfg, pid)
 render.freshness(cfg, view.loaded_at, "patient")
 render.load_banners(view, services.source_file_errors(source, cfg))

@@ -14,7 +14,9 @@ if cfg.setup_error:
 
 user = services.current_user()
 st.markdown(f"**User:** {user.name} · role `{user.role}`" + (" · local demo mode (no access control)"
-                                                             if user.local_demo else ""))
+                                                             if user.demo else ""))
+st.markdown(f"**Sign-in:** {'identity provider (OIDC)' if services.auth_configured() else 'not configured'} · "
+            f"access log `{services.access_log_path(cfg)}`")
 
 st.markdown("### Data source")
 health = services.source_health(cfg)
