@@ -179,3 +179,14 @@ def test_splitter_emits_sentence_when_next_begins():
             assert out == ["Potassium is 6.4 mmol/L [F1]."]
     out += sp.flush()
     assert out == ["Potassium is 6.4 mmol/L [F1].", "INR is 3.8 [F2]."]
+
+
+def test_a_date_and_a_time_from_two_different_readings_do_not_make_a_supported_time(sheet, verifier):
+    """A fact with two readings supports each reading's date-with-time, never the date of one with the other's time."""
+    fact = next(f for f in sheet.facts if f.kind == "result" and f.related_times and f.time)
+    now, before = fact.time, fact.related_times[0]
+    assert (now.date(), now.hour) != (before.date(), before.hour)
+    good = verifier.verify(f"{fact.label} was measured at {now:%Y-%m-%d %H:%M} [{fact.tag}].", origin="llm")
+    assert good.verified, good.reason
+    mixed = verifier.verify(f"{fact.label} was measured at {now:%Y-%m-%d} {before:%H:%M} [{fact.tag}].", origin="llm")
+    assert not mixed.verified and "not a time in the cited facts" in mixed.reason

@@ -137,6 +137,8 @@ class Claims:
     dates: set[tuple[int | None, int, int]] = field(default_factory=set)
     date_options: list[set[tuple[int | None, int, int]]] = field(default_factory=list)  # ambiguous d/m forms
     times: set[tuple[int, int]] = field(default_factory=set)
+    # A date written with its time is one claim: 2026-03-16 17:00 is not supported by "16th at 05:00, 15th at 17:00".
+    stamps: set[tuple[int, int, int, int, int]] = field(default_factory=set)
     ingredients: set[str] = field(default_factory=set)
     classes: set[str] = field(default_factory=set)
     analytes: set[str] = field(default_factory=set)
@@ -207,6 +209,7 @@ def extract_claims(text: str, now: datetime | None = None) -> Claims:
         c.dates.add((int(mt.group(1)), int(mt.group(2)), int(mt.group(3))))
         if mt.group(4):
             c.times.add((int(mt.group(4)), int(mt.group(5))))
+            c.stamps.add((int(mt.group(1)), int(mt.group(2)), int(mt.group(3)), int(mt.group(4)), int(mt.group(5))))
 
     def dmy(mt: re.Match[str]) -> None:
         c.dates.add((_y(mt.group(3)), MONTHS[mt.group(2).lower()], int(mt.group(1))))
@@ -301,6 +304,7 @@ class Support:
     numbers: list[tuple[float, str | None]] = field(default_factory=list)
     dates: set[tuple[int, int, int]] = field(default_factory=set)
     times: set[tuple[int, int]] = field(default_factory=set)
+    stamps: set[tuple[int, int, int, int, int]] = field(default_factory=set)
     ingredients: set[str] = field(default_factory=set)
     classes: set[str] = field(default_factory=set)
     analytes: set[str] = field(default_factory=set)
@@ -318,6 +322,7 @@ class Support:
         for opts in c.date_options:
             self.dates |= {d for d in opts if d[0] is not None}  # type: ignore[misc]
         self.times |= c.times
+        self.stamps |= c.stamps
         self.ingredients |= c.ingredients
         self.classes |= c.classes
         self.analytes |= c.analytes
@@ -334,6 +339,7 @@ def _add_time(s: Support, when: datetime | None) -> None:
     if when is not None:
         s.dates.add((when.year, when.month, when.day))
         s.times.add((when.hour, when.minute))
+        s.stamps.add((when.year, when.month, when.day, when.hour, when.minute))
 
 
 def fact_support(fact: Fact, now: datetime | None = None) -> Support:
@@ -364,6 +370,7 @@ def _merge(supports: Iterable[Support]) -> Support:
         out.numbers += s.numbers
         out.dates |= s.dates
         out.times |= s.times
+        out.stamps |= s.stamps
         out.ingredients |= s.ingredients
         out.classes |= s.classes
         out.analytes |= s.analytes
@@ -530,6 +537,8 @@ class Verifier:
         for t in claims.times:
             if t not in sup.times:
                 return f"time {t[0]:02d}:{t[1]:02d} is not in the cited facts"
+        for st in sorted(claims.stamps - sup.stamps):
+            return f"{st[0]:04d}-{st[1]:02d}-{st[2]:02d} {st[3]:02d}:{st[4]:02d} is not a time in the cited facts"
         for ing in sorted(claims.ingredients - sup.ingredients):
             return f"drug {terminology().ingredients[ing].name} is not in the cited facts"
         for cls in sorted(claims.classes - sup.classes):
