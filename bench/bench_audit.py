@@ -1,10 +1,10 @@
-"""Audit throughput and memory on a Synthea-grown population vs a fhir.resources R4B validation baseline.
+"""Audit throughput and memory on a Synthea-grown population vs a fhir.resources R4B validation baseline."""
 
-Usage: .venv/bin/python bench/bench_audit.py [--small 1000] [--large 2000] [--out docs/BENCHMARKS_audit.md]
-Grows /work/shared/data/synthea-r4 to N patients as NDJSON with fresh ids (every id of a patient's own resources
-gets a per-clone suffix; references are rewritten with them), then runs `nva audit` in subprocesses: local engine
-with 1 and 2 workers and a dask LocalCluster (2 worker processes), sampling the process tree's RSS.
-"""
+# Usage: .venv/bin/python bench/bench_audit.py [--small 1000] [--large 2000] [--out docs/BENCHMARKS_audit.md]
+# Grows /work/shared/data/synthea-r4 to N patients as NDJSON with fresh ids (every id of a patient's own resources
+# gets a per-clone suffix; references are rewritten with them), then runs `nva audit` in subprocesses: local engine
+# with 1 and 2 workers and a dask LocalCluster (2 worker processes), sampling the process tree's RSS.
+
 
 from __future__ import annotations
 

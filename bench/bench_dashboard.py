@@ -1,8 +1,8 @@
-"""Dashboard latency in a real browser: patient view usable and ward handoff rendered, medians of several runs.
+"""Dashboard latency in a real browser: patient view usable and ward handoff rendered, medians of several runs."""
 
-Run: .venv/bin/python bench/bench_dashboard.py [--runs 5] [--data-dir DIR] [--out docs/BENCHMARKS_dashboard.md]
-Needs Debian chromium and websocket-client. Writes a Markdown report with the date and the machine.
-"""
+# Run: .venv/bin/python bench/bench_dashboard.py [--runs 5] [--data-dir DIR] [--out docs/BENCHMARKS_dashboard.md]
+# Needs Debian chromium and websocket-client. Writes a Markdown report with the date and the machine.
+
 
 from __future__ import annotations
 

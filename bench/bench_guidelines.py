@@ -1,9 +1,9 @@
-"""Guideline store benchmark: ingest throughput, query latency at 10k/100k chunks, HNSW recall vs exact.
+"""Guideline store benchmark: ingest throughput, query latency at 10k/100k chunks, HNSW recall vs exact."""
 
-Usage: .venv/bin/python bench/bench_guidelines.py [--sizes 10000 100000] [--queries 200] [--write-doc]
-The corpus is grown synthetically: real chunk embeddings are mixed pairwise with small noise (distinct vectors,
-realistic topic clusters) and given perturbed ids, so the model embeds only the real corpus once.
-"""
+# Usage: .venv/bin/python bench/bench_guidelines.py [--sizes 10000 100000] [--queries 200] [--write-doc]
+# The corpus is grown synthetically: real chunk embeddings are mixed pairwise with small noise (distinct vectors,
+# realistic topic clusters) and given perturbed ids, so the model embeds only the real corpus once.
+
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Evaluate guideline retrieval on tests/data/guideline_eval.yaml; write docs/GUIDELINE_EVAL.md.
+"""Evaluate guideline retrieval on tests/data/guideline_eval.yaml; write docs/GUIDELINE_EVAL.md."""
 
-Usage: .venv/bin/python bench/eval_guidelines.py [--eval PATH] [--no-write]
-"""
+# Usage: .venv/bin/python bench/eval_guidelines.py [--eval PATH] [--no-write]
+
 
 from __future__ import annotations
 

@@ -190,3 +190,15 @@ def test_a_date_and_a_time_from_two_different_readings_do_not_make_a_supported_t
     assert good.verified, good.reason
     mixed = verifier.verify(f"{fact.label} was measured at {now:%Y-%m-%d} {before:%H:%M} [{fact.tag}].", origin="llm")
     assert not mixed.verified and "not a time in the cited facts" in mixed.reason
+
+
+def test_a_due_time_is_not_a_given_time(sheet, verifier):
+    fact = next(f for f in sheet.facts if f.kind == "administration" and " due " in f" {f.text} " and "given" in f.text)
+    claims = extract_claims(fact.text)
+    due = next(st for role, st in claims.roles if role == "due")
+    stamp = f"{due[0]:04d}-{due[1]:02d}-{due[2]:02d} {due[3]:02d}:{due[4]:02d}"
+    drug = fact.label
+    right = verifier.verify(f"{drug} is due {stamp} [{fact.tag}].", origin="llm")
+    assert right.verified, right.reason
+    wrong = verifier.verify(f"{drug} was last given {stamp} [{fact.tag}].", origin="llm")
+    assert not wrong.verified and "not when the dose was given" in wrong.reason

@@ -139,6 +139,8 @@ class Claims:
     times: set[tuple[int, int]] = field(default_factory=set)
     # A date written with its time is one claim: 2026-03-16 17:00 is not supported by "16th at 05:00, 15th at 17:00".
     stamps: set[tuple[int, int, int, int, int]] = field(default_factory=set)
+    # "due 09:00" and "given 09:00" are different claims: a time keeps the role word in front of it.
+    roles: set[tuple[str, tuple[int, int, int, int, int]]] = field(default_factory=set)
     ingredients: set[str] = field(default_factory=set)
     classes: set[str] = field(default_factory=set)
     analytes: set[str] = field(default_factory=set)
@@ -191,12 +193,20 @@ def _hour(h: int, ampm: str | None) -> int:
     return (h % 12) + (12 if pm else 0)
 
 
+_ROLE_RE = re.compile(r"\b(due|given|administered|held|not given)\b[^.\d]{0,24}?(\d{4})-(\d{1,2})-(\d{1,2})[T ](\d{1,2}):(\d{2})",
+                      re.I)
+_ROLE_NAMES = {"administered": "given", "not given": "held"}
+
+
 def extract_claims(text: str, now: datetime | None = None) -> Claims:
     """Numbers with units, dates, times, drugs, analytes, frequencies, qualifiers, negations and content words."""
     m = matchers()
     tm = terminology()
     c = Claims()
     work = text.replace("\u00a0", " ").replace("−", "-")
+    for mt in _ROLE_RE.finditer(work):
+        role = mt.group(1).lower()
+        c.roles.add((_ROLE_NAMES.get(role, role), tuple(int(g) for g in mt.groups()[1:])))  # type: ignore[misc]
 
     def take(regex: re.Pattern[str], fn) -> None:
         nonlocal work
@@ -305,6 +315,7 @@ class Support:
     dates: set[tuple[int, int, int]] = field(default_factory=set)
     times: set[tuple[int, int]] = field(default_factory=set)
     stamps: set[tuple[int, int, int, int, int]] = field(default_factory=set)
+    roles: set[tuple[str, tuple[int, int, int, int, int]]] = field(default_factory=set)
     ingredients: set[str] = field(default_factory=set)
     classes: set[str] = field(default_factory=set)
     analytes: set[str] = field(default_factory=set)
@@ -323,6 +334,7 @@ class Support:
             self.dates |= {d for d in opts if d[0] is not None}  # type: ignore[misc]
         self.times |= c.times
         self.stamps |= c.stamps
+        self.roles |= c.roles
         self.ingredients |= c.ingredients
         self.classes |= c.classes
         self.analytes |= c.analytes
@@ -371,6 +383,7 @@ def _merge(supports: Iterable[Support]) -> Support:
         out.dates |= s.dates
         out.times |= s.times
         out.stamps |= s.stamps
+        out.roles |= s.roles
         out.ingredients |= s.ingredients
         out.classes |= s.classes
         out.analytes |= s.analytes
@@ -539,6 +552,10 @@ class Verifier:
                 return f"time {t[0]:02d}:{t[1]:02d} is not in the cited facts"
         for st in sorted(claims.stamps - sup.stamps):
             return f"{st[0]:04d}-{st[1]:02d}-{st[2]:02d} {st[3]:02d}:{st[4]:02d} is not a time in the cited facts"
+        known_roles = {role for role, _ in sup.roles}
+        for role, st in sorted(claims.roles):
+            if role in known_roles and (role, st) not in sup.roles:
+                return f"{st[0]:04d}-{st[1]:02d}-{st[2]:02d} {st[3]:02d}:{st[4]:02d} is not when the dose was {role}"
         for ing in sorted(claims.ingredients - sup.ingredients):
             return f"drug {terminology().ingredients[ing].name} is not in the cited facts"
         for cls in sorted(claims.classes - sup.classes):
