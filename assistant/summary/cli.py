@@ -6,20 +6,14 @@ import argparse
 import dataclasses
 import json
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TextIO
 
+from assistant.clock import clinical_now
 from connectors.errors import FhirError
 
 log = logging.getLogger(__name__)
 BACKENDS = ("openai", "transformers", "llama-cpp", "none")
-
-
-def parse_now(text: str | None) -> datetime:
-    if not text:
-        return datetime.now(UTC)
-    when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def make_llm(name: str | None) -> Any | None:
@@ -80,7 +74,7 @@ def _cmd_summarize(args: argparse.Namespace, out: TextIO) -> int:
     from assistant.summary.composer import compose
     from connectors import open_source
 
-    now = parse_now(args.now)
+    now = clinical_now(args.source, args.now)
     backend = make_llm(args.backend)
     with open_source(args.source) as source:
         chart = source.patient_chart(args.patient)
@@ -116,7 +110,7 @@ def _cmd_handoff(args: argparse.Namespace, out: TextIO) -> int:
     from assistant.summary.handoff import compose_handoff, compose_ward_handoff, handoff_markdown
     from connectors import open_source
 
-    now = parse_now(args.now)
+    now = clinical_now(args.source, args.now)
     backend = make_llm(args.backend)
     entries = []
     errors: list[str] = []
