@@ -97,11 +97,21 @@ if HAS_RULES:
 
 
 if HAS_VERIFIER:
-    from assistant.summary import verifier as verifier_module
+    from assistant.summary.facts import build_fact_sheet
+    from assistant.summary.verifier import Verifier
+    from tests.test_summary_support import NOW as SHEET_NOW
+    from tests.test_summary_support import high_k_finding, make_chart
 
-    @settings(max_examples=200, deadline=None)
-    @given(st.text(max_size=200))
-    def test_verifier_never_raises_on_arbitrary_sentences(sentence):
-        check = getattr(verifier_module, "fuzz_check", None)
-        if check is not None:
-            check(sentence)
+    _SHEET = build_fact_sheet(make_chart(), [high_k_finding()], now=SHEET_NOW)
+    _VERIFIER = Verifier(_SHEET)
+    tags = st.lists(st.sampled_from([f.tag for f in _SHEET.facts] + ["F999", "F0"]), max_size=3)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(max_size=200), tags)
+    def test_verifier_never_raises_and_never_passes_an_uncited_sentence(text, cited):
+        sentence = text + "".join(f" [{t}]" for t in cited)
+        result = _VERIFIER.verify(sentence, origin="llm")
+        if result.verified:
+            assert result.citations and result.tags
+            known = {f.tag for f in _SHEET.facts}
+            assert set(result.tags) <= known
