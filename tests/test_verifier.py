@@ -202,3 +202,14 @@ def test_a_due_time_is_not_a_given_time(sheet, verifier):
     assert right.verified, right.reason
     wrong = verifier.verify(f"{drug} was last given {stamp} [{fact.tag}].", origin="llm")
     assert not wrong.verified and "not when the dose was given" in wrong.reason
+
+
+@pytest.mark.parametrize(("sentence", "negated"), [
+    ("No known allergies.", True),
+    ("The patient is not allergic to penicillin.", True),
+    ("NKDA.", True),
+    ("Do not give the drug; confirm the allergy with the patient.", False),
+    ("Allergy to penicillin; do not give amoxicillin.", False),
+])
+def test_allergy_negation_is_about_the_allergy_not_any_negation(sentence, negated):
+    assert extract_claims(sentence).allergy_negated is negated

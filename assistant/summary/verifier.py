@@ -149,6 +149,7 @@ class Claims:
     severities: set[str] = field(default_factory=set)
     negation: bool = False
     allergy: bool = False
+    allergy_negated: bool = False  # "no known allergies", "not allergic to", "NKDA": a claim about allergy status
     advice: set[str] = field(default_factory=set)
     words: set[str] = field(default_factory=set)
 
@@ -296,7 +297,13 @@ def extract_claims(text: str, now: datetime | None = None) -> Claims:
     take(m.qual_mask_re, lambda mt: None)
     take(m.qual_re, lambda mt: c.qualifiers.add(m.qual_map[mt.group(1).lower()]))
     c.allergy = bool(m.allergy_re.search(work))
-    c.negation = bool(m.neg_re.search(work)) or bool(re.search(r"\bnkda\b|\bnka\b", text, re.I))
+    nkda = bool(re.search(r"\bnkda\b|\bnka\b", text, re.I))
+    c.negation = bool(m.neg_re.search(work)) or nkda
+    # A negation negates the allergy only when it stands just before it in the same clause
+    # ("no known allergies"), not in "do not give the drug; confirm the allergy".
+    c.allergy_negated = nkda or any(
+        0 <= a.start() - n.end() <= 25 and not re.search(r"[;:.,]", work[n.end():a.start()])
+        for n in m.neg_re.finditer(work) for a in m.allergy_re.finditer(work))
     for w in _WORD_RE.findall(work):
         s = stem(w)
         if w.lower() in m.advice:
@@ -531,7 +538,7 @@ class Verifier:
         if claims.allergy:
             if not sup.allergy:
                 return "allergy claim cites no allergy fact"
-            if claims.negation:
+            if claims.allergy_negated:
                 if claims.ingredients or claims.classes:
                     if self._allergic_to(claims.ingredients, claims.classes):
                         return "says the patient is not allergic to a drug the allergy facts list"
