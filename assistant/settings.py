@@ -48,7 +48,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("NVA_LLM_TORCH_THREADS", "2", "CPU threads for the in-process model (1 is faster on a busy shared host)."),
     Setting("NVA_LLM_MAX_TOKENS", "256", "Most tokens the LLM may write for one summary."),
     Setting("NVA_LLM_ALLOW_HTTP", "false", "Allow plain http:// to a non-loopback LLM server (TLS is the default)."),
-    Setting("NVA_LLM_CACHE_DIR", "", "Where the in-process backend keeps a fast-loading copy of the GGUF model."),
+    Setting("NVA_LLM_CACHE_DIR", "", "Where the in-process backend keeps a fast-loading copy of the GGUF model (empty: NVA_DATA_DIR/models)."),
     Setting("NVA_LLM_ALLOW_REMOTE", "false", "Allow the openai backend to send fact sheets to a non-loopback host."),
     Setting("NVA_LLM_ALLOW_HOSTS", "", "Comma-separated LLM hosts approved by a privacy review (no flag needed)."),
     Setting("NVA_LLM_DEIDENTIFY", "true", "De-identify fact sheets (names removed, ids tokenized, dates shifted) "

@@ -58,6 +58,7 @@ PER_FACT_EXAMPLE = ("FACT: Glucose 62 mg/dL (low) at 2020-01-01 06:00",
 PER_FACT_KINDS = frozenset({"result", "medication", "administration", "pending", "encounter", "condition",
                             "demographics", "news2"})
 PER_FACT_MAX_TOKENS = 60
+PER_FACT_LIMIT = 8  # facts phrased by a small model; the rest keep their template sentences
 SMALL_MODEL_BACKENDS = frozenset({"transformers", "llama-cpp"})
 
 
@@ -335,7 +336,7 @@ def _per_fact(backend: Any, sheet: FactSheet, verifier: Verifier, res: SummaryRe
     t_llm = time.perf_counter()
     prompt_tokens = completion_tokens = 0
     candidates = [f for f in sheet.facts if f.kind in PER_FACT_KINDS and f.tag not in covered and not f.quoted]
-    for fact in candidates[:prompt_facts]:
+    for fact in candidates[:min(prompt_facts, PER_FACT_LIMIT)]:
         try:
             result = backend.chat(build_fact_messages(fact), max_tokens=PER_FACT_MAX_TOKENS, temperature=0.0,
                                   timeout=timeout)
