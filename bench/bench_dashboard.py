@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.common import machine  # noqa: E402
 from tests.browser import chromium, chromium_path, missing_requirements, streamlit_server  # noqa: E402
 
 PATIENT_BUDGET_S = 2.0
@@ -27,14 +27,6 @@ HANDOFF_BUDGET_S = 3.0
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     try:
         chrome = subprocess.run([chromium_path() or "chromium", "--version"], capture_output=True, text=True,
                                 timeout=30).stdout.strip()
@@ -42,8 +34,7 @@ def _machine() -> str:
         chrome = "chromium (version unknown)"
     import streamlit
 
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, Streamlit {streamlit.__version__}, {chrome}")
+    return f"{machine()}, Streamlit {streamlit.__version__}, {chrome}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,12 +66,13 @@ def s(xs: list[float]) -> str:
     return f"{median(xs):.2f} s / {max(xs):.2f} s" if xs else "n/a"
 
 
-def run(backend_name: str, backend: Any, charts: list, max_tokens: int, timeout: float) -> Row:
+def run(backend_name: str, backend: Any, charts: list, max_tokens: int, timeout: float, mode: str = "auto") -> Row:
     row = Row(backend_name)
     for chart in charts:
         findings = evaluate(chart, now=ANCHOR)
         t0 = time.perf_counter()
-        stream = compose_stream(chart, findings, backend=backend, now=ANCHOR, max_tokens=max_tokens, timeout=timeout)
+        stream = compose_stream(chart, findings, backend=backend, now=ANCHOR, max_tokens=max_tokens, timeout=timeout,
+                                mode=mode)
         for _ in stream:
             pass
         total = time.perf_counter() - t0
@@ -109,10 +110,38 @@ def run(backend_name: str, backend: Any, charts: list, max_tokens: int, timeout:
     return row
 
 
+def _SPEED_PROMPT() -> list:  # noqa: N802 - a constant built lazily
+    from assistant.llm import ChatMessage
+
+    return [ChatMessage("system", "You write short nursing summaries."),
+            ChatMessage("user", "Summarize in three sentences: potassium 5.9 mmol/L at 05:00, rising from 4.6; "
+                                "potassium chloride 20 mEq PO twice daily is ordered; enoxaparin 40 mg SC daily.")]
+
+
+def speed_side_by_side(transformers_backend: Any, llama_backend: Any, runs: int = 3) -> str:
+    """Same prompt, same GGUF weights, greedy, 64 new tokens: decode speed of the two in-process backends."""
+    out = {}
+    for name, backend in (("transformers", transformers_backend), ("llama-cpp", llama_backend)):
+        speeds, firsts = [], []
+        for _ in range(runs):
+            stream = backend.stream(_SPEED_PROMPT(), max_tokens=64, temperature=0.0)
+            for _delta in stream:
+                pass
+            if stream.result.tokens_per_s:
+                speeds.append(stream.result.tokens_per_s)
+            if stream.result.first_token_s is not None:
+                firsts.append(stream.result.first_token_s)
+        out[name] = (median(speeds) if speeds else 0.0, median(firsts) if firsts else 0.0)
+    ratio = out["llama-cpp"][0] / out["transformers"][0] if out["transformers"][0] else float("nan")
+    return (f"side by side, same prompt and GGUF, {runs} runs each: transformers {out['transformers'][0]:.1f} "
+            f"tokens/s (first token {out['transformers'][1]:.2f} s), llama-cpp {out['llama-cpp'][0]:.1f} tokens/s "
+            f"(first token {out['llama-cpp'][1]:.2f} s): llama-cpp is {ratio:.1f}x faster")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--llm-patients", type=int, default=4, help="patients summarized with each LLM backend")
-    ap.add_argument("--backends", default="template,transformers,openai")
+    ap.add_argument("--backends", default="template,transformers,llama-cpp,openai")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--out", default="docs/BENCHMARKS_summary.md")
@@ -140,7 +169,26 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         backend.load()  # type: ignore[attr-defined]
         notes.append(f"transformers: model load {time.perf_counter() - t0:.1f} s (not counted in the latencies)")
-        rows.append(run("transformers (SmolLM2-135M, in-process)", backend, subset, args.max_tokens, args.timeout))
+        rows.append(run("transformers (SmolLM2-135M, in-process, per-fact)", backend, subset, args.max_tokens,
+                        args.timeout))
+        rows.append(run("transformers (SmolLM2-135M, in-process, whole sheet)", backend, subset, args.max_tokens,
+                        args.timeout, mode="sheet"))
+        transformers_backend = backend
+    else:
+        transformers_backend = None
+    if "llama-cpp" in wanted:
+        from assistant.llm import LlmConfigError, make_backend
+
+        try:
+            llama = make_backend({"NVA_LLM_BACKEND": "llama-cpp"})
+            llama.chat(_SPEED_PROMPT(), max_tokens=4)  # loads the model
+        except LlmConfigError as exc:
+            notes.append(f"llama-cpp: not run ({str(exc)[:160]})")
+        else:
+            rows.append(run("llama-cpp (same GGUF, in-process, per-fact)", llama, subset, args.max_tokens,
+                            args.timeout))
+            if transformers_backend is not None:
+                notes.append(speed_side_by_side(transformers_backend, llama))
     if "openai" in wanted:
         try:
             from assistant.llm import make_backend
@@ -153,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 backend = make_backend({"NVA_LLM_BACKEND": "openai", "NVA_LLM_BASE_URL": base_url,
                                         "NVA_LLM_MODEL": model})
-                rows.append(run("openai (`transformers serve`, SmolLM2-135M)", backend, subset, args.max_tokens,
-                                args.timeout))
+                rows.append(run("openai (`transformers serve`, SmolLM2-135M, whole sheet)", backend, subset,
+                                args.max_tokens, args.timeout))
+                rows.append(run("openai (`transformers serve`, SmolLM2-135M, per-fact)", backend, subset,
+                                args.max_tokens, args.timeout, mode="per-fact"))
             finally:
                 stop()
     for r in rows:

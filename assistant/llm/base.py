@@ -7,7 +7,10 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_TIMEOUT_S = 60.0
@@ -98,21 +101,22 @@ class LlmConfigError(LlmError):
     retryable = False
 
 
-class ChatStream(Iterator[str]):
-    """Iterator of text deltas; after it is exhausted, `.result` holds the final ChatResult.
+class ResultStream(Iterator[T], Generic[T, R]):
+    """Iterator over a generator's yields; after it is exhausted, `.result` holds what the generator returned.
 
-    Wraps a generator that yields deltas and *returns* the ChatResult. Use as a context manager (or call
-    `.close()`) to stop early; closing releases the HTTP connection or stops in-process generation.
+    Use as a context manager (or call `.close()`) to stop early; closing runs the generator's cleanup.
     """
 
-    def __init__(self, gen: Generator[str, None, ChatResult]) -> None:
-        self._gen = gen
-        self._result: ChatResult | None = None
+    unfinished_error: type[Exception] = RuntimeError
 
-    def __iter__(self) -> ChatStream:
+    def __init__(self, gen: Generator[T, None, R]) -> None:
+        self._gen = gen
+        self._result: R | None = None
+
+    def __iter__(self) -> ResultStream[T, R]:
         return self
 
-    def __next__(self) -> str:
+    def __next__(self) -> T:
         try:
             return next(self._gen)
         except StopIteration as stop:
@@ -124,13 +128,13 @@ class ChatStream(Iterator[str]):
         return self._result is not None
 
     @property
-    def result(self) -> ChatResult:
+    def result(self) -> R:
         if self._result is None:
-            raise LlmError("stream not finished: iterate it to the end before reading .result")
+            raise self.unfinished_error("stream not finished: iterate it to the end before reading .result")
         return self._result
 
-    def collect(self) -> ChatResult:
-        """Drain the remaining deltas and return the final result."""
+    def collect(self) -> R:
+        """Drain the remaining items and return the final result."""
         for _ in self:
             pass
         return self.result
@@ -138,11 +142,17 @@ class ChatStream(Iterator[str]):
     def close(self) -> None:
         self._gen.close()
 
-    def __enter__(self) -> ChatStream:
+    def __enter__(self) -> ResultStream[T, R]:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ChatStream(ResultStream[str, ChatResult]):
+    """Text deltas of one completion; `.result` is the final ChatResult (closing releases the connection)."""
+
+    unfinished_error = LlmError
 
 
 class LlmBackend(ABC):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from assistant.llm import for_chart
+from assistant.llm.base import ResultStream
 from assistant.model import Chart, Finding
 from assistant.summary.facts import (
     DEFAULT_MAX_FACTS,
@@ -159,36 +160,8 @@ def _r(x: float | None) -> float | None:
     return round(x, 4) if x is not None else None
 
 
-class SummaryStream(Iterator[Sentence]):
+class SummaryStream(ResultStream[Sentence, "SummaryResult"]):
     """Displayed sentences as they are verified; `.result` holds the SummaryResult once exhausted."""
-
-    def __init__(self, gen: Generator[Sentence, None, SummaryResult]) -> None:
-        self._gen = gen
-        self._result: SummaryResult | None = None
-
-    def __iter__(self) -> SummaryStream:
-        return self
-
-    def __next__(self) -> Sentence:
-        try:
-            return next(self._gen)
-        except StopIteration as stop:
-            self._result = stop.value
-            raise StopIteration from None
-
-    @property
-    def result(self) -> SummaryResult:
-        if self._result is None:
-            raise RuntimeError("summary stream not finished: iterate it to the end before reading .result")
-        return self._result
-
-    def collect(self) -> SummaryResult:
-        for _ in self:
-            pass
-        return self.result
-
-    def close(self) -> None:
-        self._gen.close()
 
 
 def template_sentence(fact: Fact) -> str:
