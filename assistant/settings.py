@@ -35,7 +35,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("NVA_FHIR_READ_TIMEOUT", "30", "Seconds to wait for a response."),
     Setting("NVA_FHIR_RETRIES", "4", "Retries for 408/429/5xx and network errors (exponential backoff, jitter)."),
     Setting("NVA_FHIR_CONCURRENCY", "16", "Most FHIR requests in flight at once."),
-    Setting("NVA_FHIR_PAGE_SIZE", "200", "_count asked for on searches."),
+    Setting("NVA_FHIR_PAGE_SIZE", "500", "_count asked for on searches."),
     Setting("NVA_FHIR_EVERYTHING", "auto", "Use Patient/$everything: auto (when offered), always or never."),
     Setting("NVA_LLM_BACKEND", "transformers", "Summary LLM: openai, transformers, llama-cpp or none."),
     Setting("NVA_LLM_BASE_URL", "", "OpenAI-compatible server base URL, e.g. http://127.0.0.1:8000/v1."),

@@ -34,8 +34,9 @@ from connectors.errors import (
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
-OBSERVATION_CATEGORIES = ("laboratory", "vital-signs", "survey", "exam", "procedure", "social-history", "imaging",
-                          "therapy", "activity")
+# The two big categories get a search each so they page in parallel; the small ones share one OR search.
+OBSERVATION_SEARCHES = (("laboratory", "laboratory"), ("vital-signs", "vital-signs"),
+                        ("other", "survey,exam,procedure,social-history,imaging,therapy,activity"))
 PATIENT_SEARCHES: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("encounters", "Encounter", {}),
     ("conditions", "Condition", {}),
@@ -43,7 +44,7 @@ PATIENT_SEARCHES: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("medication orders", "MedicationRequest", {}),
     ("medication administrations", "MedicationAdministration", {}),
     ("medication statements", "MedicationStatement", {}),
-    *((f"{c} observations", "Observation", {"category": c}) for c in OBSERVATION_CATEGORIES),
+    *((f"{label} observations", "Observation", {"category": codes}) for label, codes in OBSERVATION_SEARCHES),
     ("nursing notes", "DocumentReference", {}),
 )
 
@@ -56,7 +57,7 @@ class RestOptions:
     backoff_base: float = 0.5
     backoff_cap: float = 20.0
     concurrency: int = 16
-    page_size: int = 200
+    page_size: int = 500
     everything: str = "auto"  # auto | always | never
     verify: bool | str = True
 
@@ -108,7 +109,7 @@ class RestFhirSource(FhirSource):
         options = RestOptions(
             connect_timeout=float(s.get("NVA_FHIR_CONNECT_TIMEOUT", 5)), read_timeout=float(s.get("NVA_FHIR_READ_TIMEOUT", 30)),
             retries=int(s.get("NVA_FHIR_RETRIES", 4)), concurrency=int(s.get("NVA_FHIR_CONCURRENCY", 8)),
-            page_size=int(s.get("NVA_FHIR_PAGE_SIZE", 200)), everything=s.get("NVA_FHIR_EVERYTHING", "auto"),
+            page_size=int(s.get("NVA_FHIR_PAGE_SIZE", 500)), everything=s.get("NVA_FHIR_EVERYTHING", "auto"),
             verify=verify,
         )
         for key, value in overrides.items():
