@@ -43,7 +43,12 @@ test: $(VENV)/.installed-test
 	$(VENV)/bin/pytest -q
 
 bench: $(VENV)/.installed-test
-	$(PY) -m bench
+	$(PY) -m bench.bench_connectors --out docs/BENCHMARKS_connectors.md
+	$(PY) bench/bench_audit.py
+	$(PY) -m bench.bench_summary
+	$(PY) bench/bench_dashboard.py --out docs/BENCHMARKS_dashboard.md
+	$(PY) bench/eval_guidelines.py
+	$(PY) bench/bench_guidelines.py --write-doc
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .pytest_cache .ruff_cache

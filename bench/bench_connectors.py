@@ -47,8 +47,14 @@ def bench_rest(ward_dir: Path, latency_ms: int, runs: int) -> str:
             RestFhirSource(server.base_url, options=RestOptions()).patient_chart(one)
             slowest.append(max(r.duration or 0 for r in server.requests))
 
+        # The dashboard's case: the source already knows the server's capabilities and the ward's Locations
+        # (from the census), so selecting a patient costs one round of concurrent searches.
+        warm = RestFhirSource(server.base_url, options=RestOptions())
+        warm.patient_chart(ids[1])
+
         for label, fn in (
-            ("one patient, NVA (concurrent searches)", one_patient_nva),
+            ("one patient, NVA, cold source (capabilities, searches, Locations: 3 rounds)", one_patient_nva),
+            ("one patient, NVA, warm source (as in the dashboard: 1 round)", lambda: warm.patient_chart(one)),
             ("one patient, sequential client", lambda: sequential_patient(server.base_url, one, requests.Session())),
             ("whole ward, NVA (4 patients at once, 16 requests in flight)", lambda: list(RestFhirSource(
                 server.base_url, options=RestOptions()).charts_concurrently(ids, workers=4))),
@@ -62,12 +68,13 @@ def bench_rest(ward_dir: Path, latency_ms: int, runs: int) -> str:
                 times.append(time.perf_counter() - t0)
             rows.append([label, f"{median(times):.2f} s", runs])
         single = median(slowest)
-        ratio_ward = float(rows[3][1][:-2]) / float(rows[2][1][:-2])
+        ratio_ward = float(rows[4][1][:-2]) / float(rows[3][1][:-2])
         ratio_one = float(rows[0][1][:-2]) / single
+        ratio_warm = float(rows[1][1][:-2]) / single
         text = table([f"load over REST, {latency_ms} ms latency per request, {len(ids)} patients",
                       "median", "runs"], rows)
         text += (f"\n\nWhole ward: NVA is **{ratio_ward:.1f}x** faster than the sequential client (target >= 5x). "
-                 f"One patient: **{ratio_one:.1f}x** the slowest single request of the same load "
+                 f"One patient: **{ratio_warm:.1f}x** (warm source) and {ratio_one:.1f}x (cold source) the slowest single request of the same load "
                  f"({single * 1000:.0f} ms median, server-side, including the {latency_ms} ms injected latency; "
                  "target <= 2x).")
         return text
