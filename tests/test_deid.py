@@ -69,3 +69,48 @@ def test_make_backend_enforces_egress_and_marks_remote_backends_for_deidentifica
     trusted = make_backend({"NVA_LLM_BACKEND": "openai", "NVA_LLM_BASE_URL": "https://llm.hospital.org/v1",
                             "NVA_LLM_ALLOW_HOSTS": "llm.hospital.org", "NVA_LLM_DEIDENTIFY": "false", "NVA_LLM_MODEL": "m"})
     assert for_chart(trusted, chart()) is trusted
+
+
+def test_deidentified_summary_through_a_real_openai_compatible_server(demo_ward_dir, demo_anchor):
+    """`transformers serve` stands in for a remote LLM: what it receives is de-identified, what the nurse sees is
+    re-identified and verified against the real chart."""
+    import pytest
+
+    pytest.importorskip("fastapi")
+    from assistant.llm import make_backend
+    from assistant.rules.engine import evaluate
+    from assistant.summary.composer import compose
+    from connectors.bundle_dir import BundleDirSource
+    from tests.llm_server import start_llm_server
+
+    source = BundleDirSource(demo_ward_dir)
+    pid = sorted(source.iter_patient_ids())[0]
+    chart_ = source.patient_chart(pid)
+    base_url, model, stop = start_llm_server()
+    try:
+        backend = make_backend({"NVA_LLM_BACKEND": "openai", "NVA_LLM_BASE_URL": base_url, "NVA_LLM_MODEL": model,
+                                "NVA_LLM_MAX_TOKENS": "48"})
+        backend.requires_deid = True  # as make_backend marks a remote host; the server itself is on loopback
+        sent: list[str] = []
+        original_stream = backend.stream
+
+        def spy(messages, **kwargs):
+            sent.extend(m.content for m in messages)
+            return original_stream(messages, **kwargs)
+
+        backend.stream = spy
+        result = compose(chart_, evaluate(chart_, now=demo_anchor), (), backend, now=demo_anchor, mode="per-fact",
+                         prompt_facts=3, timeout=120)
+    finally:
+        stop()
+    assert sent, "the server was never called"
+    outgoing = "\n".join(sent)
+    name_parts = [p for p in chart_.patient.name.split() if len(p) > 2]
+    for secret in [*name_parts, chart_.patient.mrn, pid]:
+        assert secret and secret not in outgoing
+    assert demo_anchor.strftime("%Y-%m-%d") not in outgoing  # dates were shifted before leaving
+    # what is shown is verified against the real (re-identified) facts; nothing unverified is displayed
+    assert result.sentences and all(s.verified for s in result.sentences)
+    assert result.backend == "openai"
+    # the round trip works: the model's shifted dates came back as the chart's own and passed the verifier
+    assert any(s.origin == "llm" for s in result.sentences), [d.reason for d in result.dropped]
