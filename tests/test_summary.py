@@ -235,3 +235,28 @@ def test_cli_summarize_and_handoff(demo_dir):
     md = out.getvalue()
     assert md.startswith("# I-PASS handoff - 4B Med-Surg") and md.count("## ") >= 5
     assert "Synthesis by receiver" in md
+
+
+def test_per_fact_mode_cites_by_construction_and_still_verifies():
+    """Small models phrase one fact per call; a wrong number is dropped and that fact keeps its template."""
+    from assistant.llm.fake import ScriptedBackend
+    from assistant.summary.composer import compose
+    from tests.test_summary_support import NOW, high_k_finding, make_chart
+
+    chart = make_chart()
+
+    def answer(messages):
+        fact_line = messages[-1].content.removeprefix("FACT: ")
+        if fact_line.startswith("INR"):
+            return "INR was 9.99 at 05:00. And more text the model goes on with."
+        return fact_line.split(" (")[0].rstrip(".") + ". Then it rambles on."
+
+    result = compose(chart, [high_k_finding()], (), ScriptedBackend(answer), now=NOW, mode="per-fact")
+    llm = [s for s in result.sentences if s.origin == "llm"]
+    assert llm and all(s.verified and len(s.tags) == 1 for s in llm)
+    assert not any("rambles" in s.text for s in result.sentences)
+    assert any("9.99" in d.raw and not d.verified for d in result.dropped)
+    assert all("9.99" not in s.text for s in result.sentences)
+    assert any(s.origin == "template" and "INR was 3.8" in s.text for s in result.sentences)  # the fact still shows
+    shown_tags = {t for s in result.sentences for t in s.tags}
+    assert all(f.tag in shown_tags for f in result.facts.must_cover())

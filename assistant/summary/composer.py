@@ -311,15 +311,15 @@ def _per_fact(backend: Any, sheet: FactSheet, verifier: Verifier, res: SummaryRe
     candidates = [f for f in sheet.facts if f.kind in PER_FACT_KINDS and f.tag not in covered and not f.quoted]
     for fact in candidates[:min(prompt_facts, PER_FACT_LIMIT)]:
         try:
-            result = backend.chat(build_fact_messages(fact), max_tokens=PER_FACT_MAX_TOKENS, temperature=0.0,
-                                  timeout=timeout)
+            text, used = _first_sentence_streamed(backend, build_fact_messages(fact), timeout)
         except Exception as exc:  # noqa: BLE001 -- any backend failure ends in the template summary, not a crash
             log.warning("LLM per-fact call failed (%s); template sentences shown", type(exc).__name__)
             res.notes.append(f"LLM unavailable ({type(exc).__name__}); the template summary is shown")
             break
-        prompt_tokens += result.prompt_tokens or 0
-        completion_tokens += result.completion_tokens or 0
-        first = _first_sentence(result.text)
+        if used is not None:
+            prompt_tokens += used.prompt_tokens or 0
+            completion_tokens += used.completion_tokens or 0
+        first = _first_sentence(text)
         if not first:
             continue
         raw = first if re.search(r"\[F\d+\]", first) else f"{first.rstrip()} [{fact.tag}]"
@@ -336,6 +336,21 @@ def _per_fact(backend: Any, sheet: FactSheet, verifier: Verifier, res: SummaryRe
     res.prompt_tokens = prompt_tokens or None
     res.completion_tokens = completion_tokens or None
     res.llm_latency_s = time.perf_counter() - t_llm
+
+
+def _first_sentence_streamed(backend: Any, messages: list[Any], timeout: float | None) -> tuple[str, Any]:
+    """Stream one answer and stop generating once its first sentence is complete: one fact, one sentence."""
+    stream = backend.stream(messages, max_tokens=PER_FACT_MAX_TOKENS, temperature=0.0, timeout=timeout)
+    text = ""
+    try:
+        for delta in stream:
+            text += delta
+            if re.search(r"[.!?]\s", text):  # a full stop is an end only once whitespace follows ("5.9" is not)
+                break
+    finally:
+        if not getattr(stream, "done", True):
+            stream.close()
+    return text, (stream.result if getattr(stream, "done", False) else None)
 
 
 def _first_sentence(text: str) -> str:
