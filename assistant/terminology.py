@@ -27,6 +27,7 @@ class Analyte:
     offsets: dict[str, float]
     source: str
     aliases: tuple[str, ...] = ()  # how nurses write it: "K+", "BG", "plt"
+    bare_value_unit: tuple[float, str] | None = None  # a unitless value below this is in this unit
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +74,8 @@ class Terminology:
                 offsets={_norm_unit(u): float(f) for u, f in spec.get("offsets", {}).items()},
                 source=spec.get("source", ""),
                 aliases=tuple(spec.get("aliases", ())),
+                bare_value_unit=((float(spec["bare_value_unit"]["below"]), spec["bare_value_unit"]["unit"])
+                                 if "bare_value_unit" in spec else None),
             )
             self.analytes[key] = analyte
             for code in analyte.loinc:

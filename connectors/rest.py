@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urljoin
 
@@ -112,8 +112,7 @@ class RestFhirSource(FhirSource):
             page_size=int(s.get("NVA_FHIR_PAGE_SIZE", 500)), everything=s.get("NVA_FHIR_EVERYTHING", "auto"),
             verify=verify,
         )
-        for key, value in overrides.items():
-            options = _replace(options, key, value)
+        options = replace(options, **overrides)
         mode = s.get("NVA_FHIR_AUTH", "none")
         auth: Auth
         if mode == "bearer":
@@ -420,9 +419,3 @@ def _maybe_json(body: bytes) -> Any:
 def _where(url: str) -> str:
     """The URL without its query string: query parameters may carry patient ids."""
     return url.split("?", 1)[0]
-
-
-def _replace(options: RestOptions, key: str, value: Any) -> RestOptions:
-    from dataclasses import replace
-
-    return replace(options, **{key: value})

@@ -229,28 +229,10 @@ def session_source(cfg: AppConfig):
     return ss["_nva_source"]
 
 
-def demo_side_files(source: str) -> set[str]:
-    """Non-FHIR files a demo ward keeps next to its bundles (manifest, answer key): not load failures."""
-    names = {"ward.json"}
-    try:
-        data = json.loads((Path(source) / "ward.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return names
-    if isinstance(data, dict):
-        names.update(str(v) for k, v in data.items() if k.endswith("_file") and isinstance(v, str))
-    return names
-
-
-def source_file_errors(source: Any, cfg: AppConfig | None = None) -> list[tuple[str, str]]:
-    """Files a directory source skipped, as (file, reason)."""
-    side = demo_side_files(cfg.source) if cfg is not None and cfg.is_demo else set()
-    out = []
-    for err in getattr(source, "file_errors", []) or []:
-        where = str(getattr(err, "path", "") or getattr(err, "source", "") or "file")
-        if Path(where).name in side:
-            continue
-        out.append((where, str(getattr(err, "reason", "") or err)))
-    return out
+def source_file_errors(source: Any) -> list[tuple[str, str]]:
+    """Files a directory source skipped, as (file, reason); the demo ward's own metadata is never among them."""
+    return [(str(getattr(err, "path", "") or "file"), str(getattr(err, "reason", "") or err))
+            for err in getattr(source, "file_errors", []) or []]
 
 
 # --- per-patient view model --------------------------------------------------------------------------
@@ -629,7 +611,7 @@ def source_health(cfg: AppConfig) -> dict[str, Any]:
         patients = sum(1 for _ in source.iter_patient_ids())
     except Exception as exc:  # noqa: BLE001 - the status page reports, it does not crash
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - t0}
-    return {"ok": True, "wards": len(wards), "patients": patients, "file_errors": source_file_errors(source, cfg),
+    return {"ok": True, "wards": len(wards), "patients": patients, "file_errors": source_file_errors(source),
             "seconds": time.perf_counter() - t0, "description": getattr(source, "description", cfg.source)}
 
 

@@ -39,8 +39,8 @@ def lab_mentions(text: str, terms: Terminology | None = None) -> list[tuple[str,
                     value = terms.to_canonical(analyte, value, unit)
                 except UnknownUnitError:
                     continue
-            elif key == "glucose" and value < 35:
-                value = terms.to_canonical(analyte, value, "mmol/L")  # "BG 3.1": only mmol/L reads that low
+            elif analyte.bare_value_unit and value < analyte.bare_value_unit[0]:
+                value = terms.to_canonical(analyte, value, analyte.bare_value_unit[1])  # "BG 3.1" is mmol/L
             found.append((key, value))
     return found
 

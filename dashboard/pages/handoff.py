@@ -21,7 +21,7 @@ render.freshness(cfg, loaded, "handoff")
 st.markdown(f"## Ward handoff — {ward_name}")
 st.caption(f"{len(rows)} patients, sickest first (NEWS2, I-PASS illness severity, worst flag). "
            f"Judged at {cfg.rules_now():%d %b %Y %H:%M} UTC.")
-file_errors = services.source_file_errors(source, cfg)
+file_errors = services.source_file_errors(source)
 if file_errors:
     render.load_banners(services.PatientView("-", None), file_errors)
 failed = [r for r in rows if r.view.error or r.view.error_issues]

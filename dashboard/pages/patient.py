@@ -54,7 +54,7 @@ if not user.all_wards and not user.may_see_ward(services.patient_ward(cfg, user,
 render.record_or_stop(cfg, user, "view-chart", f"Patient/{pid}")
 view = services.patient_view(cfg, pid)
 render.freshness(cfg, view.loaded_at, "patient")
-render.load_banners(view, services.source_file_errors(source, cfg))
+render.load_banners(view, services.source_file_errors(source))
 slots: list = []
 summary_slot = None
 draw_trends = None
