@@ -39,6 +39,7 @@ run: demo guidelines
 	NVA_DATA_DIR=$(DATA_DIR) $(VENV)/bin/streamlit run dashboard/app.py --server.address 127.0.0.1 --server.port $${PORT:-8501}
 
 test: $(VENV)/.installed-test
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 

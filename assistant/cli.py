@@ -43,10 +43,15 @@ def format_chart_text(chart: Chart) -> str:
     if chart.encounter:
         e = chart.encounter
         since = f" since {e.start:%Y-%m-%d %H:%M}" if e.start else ""
-        lines.append(f"Encounter {e.status}{since}, {e.ward_name or 'ward unknown'}, {e.bed_name or 'bed unknown'}"
-                     f"  [{e.ref}]")
+        lines.append(
+            f"Encounter {e.status}{since}, {e.ward_name or 'ward unknown'}, {e.bed_name or 'bed unknown'}"
+            f"  [{e.ref}]"
+        )
     lines.append("Allergies:")
-    lines += [f"  - {a.substance} ({a.criticality or 'criticality unknown'})  [{a.ref}]" for a in chart.active_allergies()]
+    lines += [
+        f"  - {a.substance} ({a.criticality or 'criticality unknown'})  [{a.ref}]"
+        for a in chart.active_allergies()
+    ]
     if not chart.active_allergies():
         lines.append("  (none recorded)")
     lines.append("Active conditions:")
@@ -144,8 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_registrations() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands that live next to their capability (guidelines, audit, summaries), when present."""
     regs = []
-    for module, attr in (("guidelines.cli", "add_subparsers"), ("assistant.audit.cli", "add_subparsers"),
-                         ("assistant.summary.cli", "add_subparsers")):
+    for module, attr in (
+        ("guidelines.cli", "add_subparsers"),
+        ("assistant.audit.cli", "add_subparsers"),
+        ("assistant.summary.cli", "add_subparsers"),
+    ):
         try:
             mod = __import__(module, fromlist=[attr])
         except ModuleNotFoundError as exc:

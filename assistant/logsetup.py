@@ -10,8 +10,20 @@ from typing import TextIO
 # A FHIR resource path carries a patient or resource id; a query string carries search values. Neither is logged.
 _RESOURCE_PATH = re.compile(r"\b([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})")
 _QUERY = re.compile(r"\?[^\s\"']*")
-_NOISY = ("urllib3", "httpx", "httpcore", "chromadb", "filelock", "fsspec", "PIL", "matplotlib", "watchdog",
-          "distributed", "asyncio", "tornado")
+_NOISY = (
+    "urllib3",
+    "httpx",
+    "httpcore",
+    "chromadb",
+    "filelock",
+    "fsspec",
+    "PIL",
+    "matplotlib",
+    "watchdog",
+    "distributed",
+    "asyncio",
+    "tornado",
+)
 
 
 class PhiSafeFilter(logging.Filter):

@@ -131,7 +131,9 @@ class MedicationOrder:
 
     @property
     def is_active(self) -> bool:
-        return self.status == "active" and (self.intent in (None, "order", "original-order", "instance-order"))
+        return self.status == "active" and (
+            self.intent in (None, "order", "original-order", "instance-order")
+        )
 
 
 @dataclass(slots=True)
@@ -243,8 +245,15 @@ class Chart:
 
     def fact_refs(self) -> set[str]:
         refs = {self.patient.ref}
-        for group in (self.encounters, self.allergies, self.conditions, self.orders, self.administrations,
-                      self.results, self.notes):
+        for group in (
+            self.encounters,
+            self.allergies,
+            self.conditions,
+            self.orders,
+            self.administrations,
+            self.results,
+            self.notes,
+        ):
             refs.update(item.ref for item in group)
         return refs
 

@@ -28,8 +28,17 @@ from assistant.terminology import LOINC, RXNORM, Terminology, UnknownUnitError, 
 log = logging.getLogger(__name__)
 
 CHART_TYPES = (
-    "Patient", "Encounter", "Condition", "AllergyIntolerance", "MedicationRequest", "MedicationAdministration",
-    "MedicationStatement", "Observation", "DocumentReference", "Location", "Medication",
+    "Patient",
+    "Encounter",
+    "Condition",
+    "AllergyIntolerance",
+    "MedicationRequest",
+    "MedicationAdministration",
+    "MedicationStatement",
+    "Observation",
+    "DocumentReference",
+    "Location",
+    "Medication",
 )
 INPATIENT_CLASSES = {"IMP", "ACUTE", "NONAC", "inpatient", "OBSENC", "EMER"}
 NO_KNOWN_ALLERGY_CODES = {"716186003", "409137002", "428607008", "429625007"}
@@ -46,11 +55,14 @@ class PatientNotFoundError(LookupError):
 
 # --- small typed accessors: every read checks its type so a bad resource fails loudly, not silently ---------
 
+
 def _get(obj: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
     value = obj.get(key)
     if value is None:
         return None
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool) and bool not in _kinds(kind)):
+    if not isinstance(value, kind) or (
+        kind is not bool and isinstance(value, bool) and bool not in _kinds(kind)
+    ):
         raise ResourceShapeError(f"{where}.{key} should be {_kind_name(kind)}, got {type(value).__name__}")
     return value
 
@@ -142,7 +154,11 @@ def _codings(concept: dict | None, where: str) -> list[dict]:
 
 
 def _codes(concept: dict | None, system: str, where: str) -> list[str]:
-    return [c["code"] for c in _codings(concept, where) if c.get("system") == system and isinstance(c.get("code"), str)]
+    return [
+        c["code"]
+        for c in _codings(concept, where)
+        if c.get("system") == system and isinstance(c.get("code"), str)
+    ]
 
 
 def _concept_text(concept: dict | None, where: str) -> str:
@@ -182,8 +198,14 @@ def _quantity(obj: dict | None, where: str) -> Quantity | None:
 class ChartBuilder:
     """Collects one patient's resources and builds the Chart; keeps going past bad resources."""
 
-    def __init__(self, *, source: str, patient_id: str | None = None, strict: bool = False,
-                 terms: Terminology | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        source: str,
+        patient_id: str | None = None,
+        strict: bool = False,
+        terms: Terminology | None = None,
+    ) -> None:
         self.source = source
         self.patient_id = patient_id
         self.strict = strict
@@ -196,14 +218,22 @@ class ChartBuilder:
     def add(self, resource: Any, *, origin: str | None = None) -> None:
         self.count += 1
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-            self.issues.append(DataQualityIssue(origin or self.source, "invalid-resource",
-                                                "entry is not a FHIR resource (no resourceType)", "error"))
+            self.issues.append(
+                DataQualityIssue(
+                    origin or self.source,
+                    "invalid-resource",
+                    "entry is not a FHIR resource (no resourceType)",
+                    "error",
+                )
+            )
             return
         rtype = resource["resourceType"]
         rid = resource.get("id")
         ref = f"{rtype}/{rid}" if isinstance(rid, str) and rid else (origin or f"{rtype}/<no id>")
         if not isinstance(rid, str) or not rid:
-            self.issues.append(DataQualityIssue(ref, "invalid-resource", f"{rtype} has no id; it cannot be cited", "error"))
+            self.issues.append(
+                DataQualityIssue(ref, "invalid-resource", f"{rtype} has no id; it cannot be cited", "error")
+            )
             return
         if self.strict and rtype in CHART_TYPES:
             problem = validate_strict(resource)
@@ -258,8 +288,13 @@ class ChartBuilder:
         chart.administrations.sort(key=lambda a: (a.time or datetime.min.replace(tzinfo=UTC), a.ref))
         chart.notes.sort(key=lambda n: (n.time or datetime.min.replace(tzinfo=UTC), n.ref))
         chart.issues = self.issues
-        log.debug("chart built: %d resources, %d results, %d orders, %d issues", self.count, len(chart.results),
-                  len(chart.orders), len(chart.issues))
+        log.debug(
+            "chart built: %d resources, %d results, %d orders, %d issues",
+            self.count,
+            len(chart.results),
+            len(chart.orders),
+            len(chart.issues),
+        )
         return chart
 
     def _patient(self) -> Demographics:
@@ -309,10 +344,15 @@ class ChartBuilder:
                 ward_ref, ward_name = lref, name
         reasons = [_concept_text(c, f"{ref}.reasonCode") for c in _list(r, "reasonCode", ref)]
         return EncounterFact(
-            ref=ref, status=_str(r, "status", ref) or "unknown", class_code=_str(cls, "code", ref),
+            ref=ref,
+            status=_str(r, "status", ref) or "unknown",
+            class_code=_str(cls, "code", ref),
             start=parse_datetime(period.get("start"), f"{ref}.period.start"),
             end=parse_datetime(period.get("end"), f"{ref}.period.end"),
-            ward_ref=ward_ref, ward_name=ward_name, bed_ref=bed_ref, bed_name=bed_name,
+            ward_ref=ward_ref,
+            ward_name=ward_name,
+            bed_ref=bed_ref,
+            bed_name=bed_name,
             reason="; ".join(x for x in reasons if x) or None,
         )
 
@@ -346,9 +386,14 @@ class ChartBuilder:
         categories = [c for c in _list(r, "category", ref) if isinstance(c, str)]
         about_medication = not categories or "medication" in categories
         if about_medication and not nka and not ingredients and not classes:
-            self.issues.append(DataQualityIssue(ref, "unknown-allergen",
-                                                f"allergy to {text or 'an uncoded substance'} could not be matched to a "
-                                                "medication; it is shown but not checked against orders"))
+            self.issues.append(
+                DataQualityIssue(
+                    ref,
+                    "unknown-allergen",
+                    f"allergy to {text or 'an uncoded substance'} could not be matched to a "
+                    "medication; it is shown but not checked against orders",
+                )
+            )
         reactions = []
         for reaction in _list(r, "reaction", ref):
             if isinstance(reaction, dict):
@@ -357,17 +402,23 @@ class ChartBuilder:
                     if t:
                         reactions.append(t)
         return AllergyFact(
-            ref=ref, substance=text or "(uncoded substance)", ingredients=ingredients, classes=classes,
+            ref=ref,
+            substance=text or "(uncoded substance)",
+            ingredients=ingredients,
+            classes=classes,
             clinical_status=_first_code(_get(r, "clinicalStatus", dict, ref), ref),
             verification_status=_first_code(_get(r, "verificationStatus", dict, ref), ref),
-            criticality=_str(r, "criticality", ref), category=tuple(categories),
-            reactions=tuple(reactions), no_known_allergy=nka,
+            criticality=_str(r, "criticality", ref),
+            category=tuple(categories),
+            reactions=tuple(reactions),
+            no_known_allergy=nka,
         )
 
     def _condition(self, r: dict, ref: str) -> ConditionFact:
         code = _get(r, "code", dict, ref)
         return ConditionFact(
-            ref=ref, text=_concept_text(code, ref) or "(uncoded condition)",
+            ref=ref,
+            text=_concept_text(code, ref) or "(uncoded condition)",
             codes=tuple(c.get("code") for c in _codings(code, ref) if isinstance(c.get("code"), str)),
             clinical_status=_first_code(_get(r, "clinicalStatus", dict, ref), ref),
             onset=parse_datetime(r.get("onsetDateTime"), f"{ref}.onsetDateTime"),
@@ -386,8 +437,13 @@ class ChartBuilder:
                     return _get(contained, "code", dict, ref)
         target = self.index.get(med_ref)
         if target is None:
-            self.issues.append(DataQualityIssue(ref, "unresolved-reference",
-                                                f"medication {med_ref} is not in the chart; the drug is unknown"))
+            self.issues.append(
+                DataQualityIssue(
+                    ref,
+                    "unresolved-reference",
+                    f"medication {med_ref} is not in the chart; the drug is unknown",
+                )
+            )
             return None
         return _get(target, "code", dict, med_ref)
 
@@ -395,12 +451,21 @@ class ChartBuilder:
         text = _concept_text(concept, ref)
         match = self.terms.resolve_medication(_codes(concept, RXNORM, ref), text)
         if match.resolved_by == "unresolved":
-            self.issues.append(DataQualityIssue(ref, "unknown-medication",
-                                                f"medication '{text or 'uncoded'}' is not in the ingredient map; "
-                                                "no rule can check it"))
+            self.issues.append(
+                DataQualityIssue(
+                    ref,
+                    "unknown-medication",
+                    f"medication '{text or 'uncoded'}' is not in the ingredient map; no rule can check it",
+                )
+            )
         elif match.code_text_conflict:
-            self.issues.append(DataQualityIssue(ref, "code-text-conflict",
-                                                "the RxNorm code and the medication name disagree; the name was used"))
+            self.issues.append(
+                DataQualityIssue(
+                    ref,
+                    "code-text-conflict",
+                    "the RxNorm code and the medication name disagree; the name was used",
+                )
+            )
         return text, match
 
     def _order(self, r: dict, ref: str) -> MedicationOrder:
@@ -422,10 +487,18 @@ class ChartBuilder:
                     break
         period = _dict(_dict(r, "dispenseRequest", ref), "validityPeriod", ref)
         return MedicationOrder(
-            ref=ref, status=_str(r, "status", ref) or "unknown", intent=_str(r, "intent", ref),
-            text=text or "(uncoded medication)", ingredients=match.ingredients, classes=match.classes,
-            resolved_by=match.resolved_by, rxnorm_codes=tuple(_codes(concept, RXNORM, ref)), dose=dose,
-            dose_text=dose_text, route=route, timing=timing,
+            ref=ref,
+            status=_str(r, "status", ref) or "unknown",
+            intent=_str(r, "intent", ref),
+            text=text or "(uncoded medication)",
+            ingredients=match.ingredients,
+            classes=match.classes,
+            resolved_by=match.resolved_by,
+            rxnorm_codes=tuple(_codes(concept, RXNORM, ref)),
+            dose=dose,
+            dose_text=dose_text,
+            route=route,
+            timing=timing,
             authored_on=parse_datetime(r.get("authoredOn"), f"{ref}.authoredOn"),
             start=parse_datetime(period.get("start"), ref) or _timing_start(instructions, ref),
             end=parse_datetime(period.get("end"), ref) or _timing_end(instructions, ref),
@@ -435,9 +508,14 @@ class ChartBuilder:
         concept = self._medication_concept(r, ref)
         text, match = self._resolve_med(concept, ref)
         return MedicationOrder(
-            ref=ref, status=_str(r, "status", ref) or "unknown", intent="statement",
-            text=text or "(uncoded medication)", ingredients=match.ingredients, classes=match.classes,
-            resolved_by=match.resolved_by, rxnorm_codes=tuple(_codes(concept, RXNORM, ref)),
+            ref=ref,
+            status=_str(r, "status", ref) or "unknown",
+            intent="statement",
+            text=text or "(uncoded medication)",
+            ingredients=match.ingredients,
+            classes=match.classes,
+            resolved_by=match.resolved_by,
+            rxnorm_codes=tuple(_codes(concept, RXNORM, ref)),
             authored_on=parse_datetime(r.get("dateAsserted"), f"{ref}.dateAsserted"),
         )
 
@@ -450,9 +528,14 @@ class ChartBuilder:
         dosage = _dict(r, "dosage", ref)
         reasons = [_concept_text(c, ref) for c in _list(r, "statusReason", ref)]
         return Administration(
-            ref=ref, status=_str(r, "status", ref) or "unknown", text=text or "(uncoded medication)",
-            ingredients=match.ingredients, classes=match.classes, order_ref=_ref(r, "request", ref),
-            time=parse_datetime(when, f"{ref}.effective"), dose=_quantity(dosage.get("dose"), f"{ref}.dosage.dose"),
+            ref=ref,
+            status=_str(r, "status", ref) or "unknown",
+            text=text or "(uncoded medication)",
+            ingredients=match.ingredients,
+            classes=match.classes,
+            order_ref=_ref(r, "request", ref),
+            time=parse_datetime(when, f"{ref}.effective"),
+            dose=_quantity(dosage.get("dose"), f"{ref}.dosage.dose"),
             status_reason="; ".join(x for x in reasons if x) or None,
         )
 
@@ -460,7 +543,9 @@ class ChartBuilder:
         status = _str(r, "status", ref) or "unknown"
         when = r.get("effectiveDateTime")
         if when is None:
-            when = _dict(r, "effectivePeriod", ref).get("start") or r.get("effectiveInstant") or r.get("issued")
+            when = (
+                _dict(r, "effectivePeriod", ref).get("start") or r.get("effectiveInstant") or r.get("issued")
+            )
         time = parse_datetime(when, f"{ref}.effective")
         category = ""
         for cat in _list(r, "category", ref):
@@ -479,8 +564,18 @@ class ChartBuilder:
         for comp in _list(r, "component", ref):
             if not isinstance(comp, dict):
                 raise ResourceShapeError(f"{ref}.component entries should be objects")
-            results.append(self._result(ref, comp, _get(comp, "code", dict, ref), category, time, status,
-                                        interpretation, _list(comp, "referenceRange", ref) or ranges))
+            results.append(
+                self._result(
+                    ref,
+                    comp,
+                    _get(comp, "code", dict, ref),
+                    category,
+                    time,
+                    status,
+                    interpretation,
+                    _list(comp, "referenceRange", ref) or ranges,
+                )
+            )
         return results
 
     def _result(self, ref, holder, code, category, time, status, interpretation, ranges) -> Result:
@@ -532,9 +627,22 @@ class ChartBuilder:
             high = self._range_value(analyte, high_q, ref)
         if value is not None:
             value = round(value, 4)
-        return Result(ref=ref, analyte=key, name=analyte.name if analyte else name, category=category or "unknown",
-                      time=time, status=status, loinc=loinc, value=value, unit=unit, original=original,
-                      value_text=value_text, ref_low=low, ref_high=high, interpretation=interpretation)
+        return Result(
+            ref=ref,
+            analyte=key,
+            name=analyte.name if analyte else name,
+            category=category or "unknown",
+            time=time,
+            status=status,
+            loinc=loinc,
+            value=value,
+            unit=unit,
+            original=original,
+            value_text=value_text,
+            ref_low=low,
+            ref_high=high,
+            interpretation=interpretation,
+        )
 
     def _range_value(self, analyte, q: Quantity | None, ref: str) -> float | None:
         if q is None:
@@ -563,20 +671,31 @@ class ChartBuilder:
                 except (binascii.Error, ValueError) as exc:
                     raise ResourceShapeError(f"{ref} attachment data is not valid base64") from exc
             elif att.get("url") or data:
-                self.issues.append(DataQualityIssue(ref, "note-not-loaded",
-                                                    f"note content of type {ctype} was not loaded as text"))
+                self.issues.append(
+                    DataQualityIssue(
+                        ref, "note-not-loaded", f"note content of type {ctype} was not loaded as text"
+                    )
+                )
         text = "\n".join(texts) or _str(r, "description", ref) or ""
-        return Note(ref=ref, time=parse_datetime(r.get("date"), f"{ref}.date"),
-                    title=_concept_text(_get(r, "type", dict, ref), ref) or "Note",
-                    text=text[:NOTE_TEXT_LIMIT], author=None)
+        return Note(
+            ref=ref,
+            time=parse_datetime(r.get("date"), f"{ref}.date"),
+            title=_concept_text(_get(r, "type", dict, ref), ref) or "Note",
+            text=text[:NOTE_TEXT_LIMIT],
+            author=None,
+        )
 
     def _check_references(self, chart: Chart) -> None:
         order_refs = {o.ref for o in chart.orders}
         for admin in chart.administrations:
             if admin.order_ref and admin.order_ref not in order_refs:
-                self.issues.append(DataQualityIssue(admin.ref, "unresolved-reference",
-                                                    f"administration points to {admin.order_ref}, which is not in the "
-                                                    "chart"))
+                self.issues.append(
+                    DataQualityIssue(
+                        admin.ref,
+                        "unresolved-reference",
+                        f"administration points to {admin.order_ref}, which is not in the chart",
+                    )
+                )
 
 
 def _human_name(names: list) -> str:
@@ -604,11 +723,17 @@ def _mrn(identifiers: list) -> str | None:
 def _timing(dosage: dict, where: str) -> Timing:
     timing = _dict(dosage, "timing", where)
     repeat = _dict(timing, "repeat", where)
-    as_needed = bool(_get(dosage, "asNeededBoolean", bool, where)) or dosage.get("asNeededCodeableConcept") is not None
+    as_needed = (
+        bool(_get(dosage, "asNeededBoolean", bool, where))
+        or dosage.get("asNeededCodeableConcept") is not None
+    )
     frequency = _get(repeat, "frequency", int, where)
     return Timing(
-        frequency=frequency, period=_number(repeat, "period", where), period_unit=_str(repeat, "periodUnit", where),
-        as_needed=as_needed, text=_concept_text(_get(timing, "code", dict, where), where) or None,
+        frequency=frequency,
+        period=_number(repeat, "period", where),
+        period_unit=_str(repeat, "periodUnit", where),
+        as_needed=as_needed,
+        text=_concept_text(_get(timing, "code", dict, where), where) or None,
     )
 
 
@@ -639,8 +764,14 @@ def _current_encounter(encounters: list[EncounterFact]) -> EncounterFact | None:
     return max(inpatient, key=lambda e: e.start or datetime.min.replace(tzinfo=UTC))
 
 
-def build_chart(resources: Iterable[Any], *, source: str, patient_id: str | None = None, strict: bool = False,
-                issues: Iterable[DataQualityIssue] = ()) -> Chart:
+def build_chart(
+    resources: Iterable[Any],
+    *,
+    source: str,
+    patient_id: str | None = None,
+    strict: bool = False,
+    issues: Iterable[DataQualityIssue] = (),
+) -> Chart:
     builder = ChartBuilder(source=source, patient_id=patient_id, strict=strict)
     for issue in issues:
         builder.add_issue(issue)

@@ -74,8 +74,11 @@ class Terminology:
                 offsets={_norm_unit(u): float(f) for u, f in spec.get("offsets", {}).items()},
                 source=spec.get("source", ""),
                 aliases=tuple(spec.get("aliases", ())),
-                bare_value_unit=((float(spec["bare_value_unit"]["below"]), spec["bare_value_unit"]["unit"])
-                                 if "bare_value_unit" in spec else None),
+                bare_value_unit=(
+                    (float(spec["bare_value_unit"]["below"]), spec["bare_value_unit"]["unit"])
+                    if "bare_value_unit" in spec
+                    else None
+                ),
             )
             self.analytes[key] = analyte
             for code in analyte.loinc:
@@ -110,10 +113,14 @@ class Terminology:
             for label in labels:
                 names.setdefault(label.lower(), ("class", cls))
         self._names = names
-        self._class_rxcui: dict[str, str] = {str(k): v for k, v in medications.get("allergy_class_rxcui", {}).items()}
+        self._class_rxcui: dict[str, str] = {
+            str(k): v for k, v in medications.get("allergy_class_rxcui", {}).items()
+        }
         # Longest names first so "insulin glargine" wins over "insulin" and "penicillin v" over "penicillin".
         alternatives = sorted(names, key=len, reverse=True)
-        self._name_re = re.compile(r"(?<![\w-])(" + "|".join(re.escape(a) for a in alternatives) + r")(?![\w-])")
+        self._name_re = re.compile(
+            r"(?<![\w-])(" + "|".join(re.escape(a) for a in alternatives) + r")(?![\w-])"
+        )
 
     # --- analytes -------------------------------------------------------------------------------------
     def analyte_for_loinc(self, code: str | None) -> Analyte | None:
@@ -172,7 +179,9 @@ class Terminology:
             return MedicationMatch(by_name, self.classes_of(by_name), "name")
         return MedicationMatch((), (), "unresolved")
 
-    def resolve_allergen(self, rxnorm_codes: list[str], text: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def resolve_allergen(
+        self, rxnorm_codes: list[str], text: str | None
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Ingredients and classes an allergy names; a class allergy (e.g. penicillins) keeps the class."""
         match = self.resolve_medication(rxnorm_codes, text)
         _, named_classes = self.match_names(text)

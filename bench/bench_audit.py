@@ -5,7 +5,6 @@
 # gets a per-clone suffix; references are rewritten with them), then runs `nva audit` in subprocesses: local engine
 # with 1 and 2 workers and a dask LocalCluster (2 worker processes), sampling the process tree's RSS.
 
-
 from __future__ import annotations
 
 import argparse
@@ -42,13 +41,19 @@ def load_templates() -> list[dict[str, list[str]]]:
     templates = []
     for path in sorted(SYNTHEA.glob("*.json*")):
         resources, _ = bundle_resources(read_json_file(path), str(path))
-        own = {r["id"] for r in resources if r.get("resourceType") not in SHARED_TYPES and isinstance(r.get("id"), str)}
+        own = {
+            r["id"]
+            for r in resources
+            if r.get("resourceType") not in SHARED_TYPES and isinstance(r.get("id"), str)
+        }
         by_type: dict[str, list[str]] = {}
         for r in resources:
             if r.get("resourceType") in SHARED_TYPES:
                 continue
             line = json.dumps(r, separators=(",", ":"))
-            line = UUID_RE.sub(lambda m, own=own: m.group(0) + MARK if m.group(0) in own else m.group(0), line)
+            line = UUID_RE.sub(
+                lambda m, own=own: m.group(0) + MARK if m.group(0) in own else m.group(0), line
+            )
             by_type.setdefault(r["resourceType"], []).append(line)
         templates.append(by_type)
     return templates
@@ -107,8 +112,19 @@ class PeakRss:
 
 
 def run_audit(source: Path, out: Path, *extra: str) -> tuple[float, int, str, float, float]:
-    cmd = [sys.executable, "-m", "assistant.cli", "audit", str(source), "--out", str(out), "--now", NOW,
-           "--no-progress", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "assistant.cli",
+        "audit",
+        str(source),
+        "--out",
+        str(out),
+        "--now",
+        NOW,
+        "--no-progress",
+        *extra,
+    ]
     load = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -167,16 +183,23 @@ def main() -> int:
     small_res = grow(templates, args.small, small_dir)
     large_res = grow(templates, args.large, large_dir)
     gen_s = time.perf_counter() - t0
-    print(f"generated {args.small} and {args.large} patients ({small_res} / {large_res} resources) in {gen_s:.0f} s",
-          file=sys.stderr)
+    print(
+        f"generated {args.small} and {args.large} patients ({small_res} / {large_res} resources) in {gen_s:.0f} s",
+        file=sys.stderr,
+    )
 
     rows = []
     runs = [
         ("local, 1 worker", args.small, small_dir, small_res, ()),
         ("local, 1 worker", args.large, large_dir, large_res, ()),
         ("local, 2 workers", args.large, large_dir, large_res, ("--workers", "2")),
-        ("dask LocalCluster, 2 worker processes", args.large, large_dir, large_res,
-         ("--engine", "dask", "--workers", "2")),
+        (
+            "dask LocalCluster, 2 worker processes",
+            args.large,
+            large_dir,
+            large_res,
+            ("--engine", "dask", "--workers", "2"),
+        ),
     ]
     outputs = {}
     extras: list[tuple[float, float]] = []
@@ -186,8 +209,11 @@ def main() -> int:
         rows.append((label, n, res, seconds, peak))
         extras.append((cpu, load))
         outputs[(label, n)] = out
-        print(f"{label} @ {n}: {seconds:.1f} s, {n / seconds:.0f} patients/s, {res / seconds:.0f} resources/s, "
-              f"peak RSS {peak / 2**20:.0f} MiB -- {summary}", file=sys.stderr)
+        print(
+            f"{label} @ {n}: {seconds:.1f} s, {n / seconds:.0f} patients/s, {res / seconds:.0f} resources/s, "
+            f"peak RSS {peak / 2**20:.0f} MiB -- {summary}",
+            file=sys.stderr,
+        )
     identical = len({outputs[(lbl, args.large)].read_bytes() for lbl, n, *_ in rows if n == args.large}) == 1
     base_n, base_s = baseline(large_dir, args.baseline_seconds)
     base_rate = base_n / base_s
@@ -212,10 +238,14 @@ def main() -> int:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (label, n, res, seconds, peak), (cpu, load) in zip(rows, extras, strict=True):
-        lines.append(f"| {label} | {n} | {res} | {seconds:.1f} | {n / seconds:.1f} | {res / seconds:.0f} | "
-                     f"{peak / 2**20:.0f} | {cpu:.1f} | {cpu / seconds:.2f} | {load:.1f} |")
-    lines.append(f"| baseline: json.loads + fhir.resources R4B `model_validate` per resource, 1 process | - | "
-                 f"{base_n} (sampled for {base_s:.0f} s) | - | - | {base_rate:.0f} | - | - | - | - |")
+        lines.append(
+            f"| {label} | {n} | {res} | {seconds:.1f} | {n / seconds:.1f} | {res / seconds:.0f} | "
+            f"{peak / 2**20:.0f} | {cpu:.1f} | {cpu / seconds:.2f} | {load:.1f} |"
+        )
+    lines.append(
+        f"| baseline: json.loads + fhir.resources R4B `model_validate` per resource, 1 process | - | "
+        f"{base_n} (sampled for {base_s:.0f} s) | - | - | {base_rate:.0f} | - | - | - | - |"
+    )
     lines += [
         "",
         f"- Audit (1 worker) vs validation baseline: **{(one[2] / one[3]) / base_rate:.1f}x** resources/s; "

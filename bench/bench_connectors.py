@@ -55,11 +55,22 @@ def bench_rest(ward_dir: Path, latency_ms: int, runs: int) -> str:
         for label, fn in (
             ("one patient, NVA, cold source (capabilities, searches, Locations: 3 rounds)", one_patient_nva),
             ("one patient, NVA, warm source (as in the dashboard: 1 round)", lambda: warm.patient_chart(one)),
-            ("one patient, sequential client", lambda: sequential_patient(server.base_url, one, requests.Session())),
-            ("whole ward, NVA (4 patients at once, 16 requests in flight)", lambda: list(RestFhirSource(
-                server.base_url, options=RestOptions()).charts_concurrently(ids, workers=4))),
-            ("whole ward, sequential client", lambda: [sequential_patient(server.base_url, p, s)
-                                                      for s in [requests.Session()] for p in ids]),
+            (
+                "one patient, sequential client",
+                lambda: sequential_patient(server.base_url, one, requests.Session()),
+            ),
+            (
+                "whole ward, NVA (4 patients at once, 16 requests in flight)",
+                lambda: list(
+                    RestFhirSource(server.base_url, options=RestOptions()).charts_concurrently(ids, workers=4)
+                ),
+            ),
+            (
+                "whole ward, sequential client",
+                lambda: [
+                    sequential_patient(server.base_url, p, s) for s in [requests.Session()] for p in ids
+                ],
+            ),
         ):
             times = []
             for _ in range(runs):
@@ -71,12 +82,16 @@ def bench_rest(ward_dir: Path, latency_ms: int, runs: int) -> str:
         ratio_ward = float(rows[4][1][:-2]) / float(rows[3][1][:-2])
         ratio_one = float(rows[0][1][:-2]) / single
         ratio_warm = float(rows[1][1][:-2]) / single
-        text = table([f"load over REST, {latency_ms} ms latency per request, {len(ids)} patients",
-                      "median", "runs"], rows)
-        text += (f"\n\nWhole ward: NVA is **{ratio_ward:.1f}x** faster than the sequential client (target >= 5x). "
-                 f"One patient: **{ratio_warm:.1f}x** (warm source) and {ratio_one:.1f}x (cold source) the slowest single request of the same load "
-                 f"({single * 1000:.0f} ms median, server-side, including the {latency_ms} ms injected latency; "
-                 "target <= 2x).")
+        text = table(
+            [f"load over REST, {latency_ms} ms latency per request, {len(ids)} patients", "median", "runs"],
+            rows,
+        )
+        text += (
+            f"\n\nWhole ward: NVA is **{ratio_ward:.1f}x** faster than the sequential client (target >= 5x). "
+            f"One patient: **{ratio_warm:.1f}x** (warm source) and {ratio_one:.1f}x (cold source) the slowest single request of the same load "
+            f"({single * 1000:.0f} ms median, server-side, including the {latency_ms} ms injected latency; "
+            "target <= 2x)."
+        )
         return text
     finally:
         server.stop()
@@ -101,8 +116,10 @@ def bench_normalize(runs: int) -> str:
 
     rows = []
     results = {}
-    for label, fn, n in (("NVA normalization (fast path, checked accessors)", normalize, runs),
-                         ("fhir.resources R4B full validation (baseline)", validate, 1)):
+    for label, fn, n in (
+        ("NVA normalization (fast path, checked accessors)", normalize, runs),
+        ("fhir.resources R4B full validation (baseline)", validate, 1),
+    ):
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
@@ -111,9 +128,19 @@ def bench_normalize(runs: int) -> str:
         results[label] = median(times)
         rows.append([label, f"{total / median(times):,.0f} resources/s", f"{median(times):.2f} s", n])
     ratio = results[rows[1][0]] / results[rows[0][0]]
-    return (table([f"Synthea set, {len(bundles)} patients, {total:,} chart resources", "throughput", "median time", "runs"],
-                  rows) + f"\n\nNormalization is **{ratio:.0f}x** faster than validating the same resources with "
-            "fhir.resources (which builds a pydantic model per resource and does not normalize).")
+    return (
+        table(
+            [
+                f"Synthea set, {len(bundles)} patients, {total:,} chart resources",
+                "throughput",
+                "median time",
+                "runs",
+            ],
+            rows,
+        )
+        + f"\n\nNormalization is **{ratio:.0f}x** faster than validating the same resources with "
+        "fhir.resources (which builds a pydantic model per resource and does not normalize)."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

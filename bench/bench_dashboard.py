@@ -3,7 +3,6 @@
 # Run: .venv/bin/python bench/bench_dashboard.py [--runs 5] [--data-dir DIR] [--out docs/BENCHMARKS_dashboard.md]
 # Needs Debian chromium and websocket-client. Writes a Markdown report with the date and the machine.
 
-
 from __future__ import annotations
 
 import argparse
@@ -28,8 +27,9 @@ HANDOFF_BUDGET_S = 3.0
 
 def _machine() -> str:
     try:
-        chrome = subprocess.run([chromium_path() or "chromium", "--version"], capture_output=True, text=True,
-                                timeout=30).stdout.strip()
+        chrome = subprocess.run(
+            [chromium_path() or "chromium", "--version"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         chrome = "chromium (version unknown)"
     import streamlit
@@ -40,7 +40,9 @@ def _machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--data-dir", help="NVA_DATA_DIR with an ingested guideline store (default: empty temp dir)")
+    ap.add_argument(
+        "--data-dir", help="NVA_DATA_DIR with an ingested guideline store (default: empty temp dir)"
+    )
     ap.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS_dashboard.md"))
     args = ap.parse_args(argv)
     missing = missing_requirements()
@@ -61,9 +63,14 @@ def main(argv: list[str] | None = None) -> int:
             census = [e.patient_id for e in src.ward_census("Location/ward-4b")]
             charts = {p: src.patient_chart(p) for p in census}
         flagged = sorted(census, key=lambda p: -len(evaluate(charts[p], now=anchor)))
-        env = {"NVA_SOURCE": str(demo), "NVA_DATA_DIR": args.data_dir or str(Path(tmp) / "data"),
-               "NVA_LLM_BACKEND": "none", "NVA_SECRETS_FILE": str(Path(tmp) / "none.toml"),
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        env = {
+            "NVA_SOURCE": str(demo),
+            "NVA_DATA_DIR": args.data_dir or str(Path(tmp) / "data"),
+            "NVA_LLM_BACKEND": "none",
+            "NVA_SECRETS_FILE": str(Path(tmp) / "none.toml"),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }
         patient_s: list[float] = []
         patient_done_s: list[float] = []
         handoff_s: list[float] = []
@@ -79,17 +86,23 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 browser.navigate(f"{base}/?patient={pid}")
                 # Usable: header, flags and labs on screen (guideline passages and the summary may still stream).
-                browser.wait_for((charts[pid].patient.name, "Flags (", "Labs", "Trend"), finished=False, timeout=120)
+                browser.wait_for(
+                    (charts[pid].patient.name, "Flags (", "Labs", "Trend"), finished=False, timeout=120
+                )
                 patient_s.append(time.perf_counter() - t0)
                 browser.wait_for((charts[pid].patient.name,), finished=True, timeout=300)
                 patient_done_s.append(time.perf_counter() - t0)
                 browser.navigate("about:blank")
                 t0 = time.perf_counter()
                 browser.navigate(f"{base}/handoff")
-                browser.wait_for(("Ward handoff", "I — Illness severity", "Export PDF"), finished=True, timeout=120)
+                browser.wait_for(
+                    ("Ward handoff", "I — Illness severity", "Export PDF"), finished=True, timeout=120
+                )
                 handoff_s.append(time.perf_counter() - t0)
-                print(f"run {i + 1}: patient usable {patient_s[-1]:.2f} s (complete {patient_done_s[-1]:.2f} s), "
-                      f"handoff {handoff_s[-1]:.2f} s")
+                print(
+                    f"run {i + 1}: patient usable {patient_s[-1]:.2f} s (complete {patient_done_s[-1]:.2f} s), "
+                    f"handoff {handoff_s[-1]:.2f} s"
+                )
 
     load_after = os.getloadavg()[0]
     med_p, med_pd, med_h = (statistics.median(x) for x in (patient_s, patient_done_s, handoff_s))

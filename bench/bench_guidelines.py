@@ -4,7 +4,6 @@
 # The corpus is grown synthetically: real chunk embeddings are mixed pairwise with small noise (distinct vectors,
 # realistic topic clusters) and given perturbed ids, so the model embeds only the real corpus once.
 
-
 from __future__ import annotations
 
 import argparse
@@ -58,7 +57,9 @@ def base_corpus(embedder) -> tuple[list[Chunk], np.ndarray]:
     return chunks, vecs
 
 
-def synthesize(chunks: list[Chunk], vecs: np.ndarray, n: int, seed: int = 0) -> tuple[list[Chunk], np.ndarray]:
+def synthesize(
+    chunks: list[Chunk], vecs: np.ndarray, n: int, seed: int = 0
+) -> tuple[list[Chunk], np.ndarray]:
     rng = np.random.default_rng(seed)
     p = rng.integers(0, len(chunks), n)
     q = rng.integers(0, len(chunks), n)
@@ -103,12 +104,19 @@ def bench_ingest(embedder, workdir: Path) -> dict[str, float]:
     t2 = time.perf_counter()
     again = ingest([CORPUS_DIR], store, embedder, progress=False)
     dt2 = time.perf_counter() - t2
-    return {"docs": len(report.added), "chunks": report.chunks_written, "seconds": dt,
-            "chunks_per_s": report.chunks_written / dt, "reingest_s": dt2, "reingest_written": again.chunks_written}
+    return {
+        "docs": len(report.added),
+        "chunks": report.chunks_written,
+        "seconds": dt,
+        "chunks_per_s": report.chunks_written / dt,
+        "reingest_s": dt2,
+        "reingest_written": again.chunks_written,
+    }
 
 
-def build(workdir: Path, name: str, chunks: list[Chunk], vecs: np.ndarray, hnsw: dict[str, int]
-          ) -> tuple[ChromaGuidelineStore, float]:
+def build(
+    workdir: Path, name: str, chunks: list[Chunk], vecs: np.ndarray, hnsw: dict[str, int]
+) -> tuple[ChromaGuidelineStore, float]:
     path = workdir / name
     shutil.rmtree(path, ignore_errors=True)
     store = ChromaGuidelineStore(path, collection="bench", hnsw=hnsw)
@@ -117,8 +125,15 @@ def build(workdir: Path, name: str, chunks: list[Chunk], vecs: np.ndarray, hnsw:
     return store, time.perf_counter() - t
 
 
-def measure(store: ChromaGuidelineStore, embedder, qtexts: list[str], qvecs: np.ndarray, truth: list[set[int]],
-            ids: list[str], k: int = 5) -> dict[str, float]:
+def measure(
+    store: ChromaGuidelineStore,
+    embedder,
+    qtexts: list[str],
+    qvecs: np.ndarray,
+    truth: list[set[int]],
+    ids: list[str],
+    k: int = 5,
+) -> dict[str, float]:
     pos = {cid: i for i, cid in enumerate(ids)}
     lat, vlat, recall = [], [], []
     for text, qv, want in zip(qtexts, qvecs, truth, strict=True):
@@ -132,19 +147,32 @@ def measure(store: ChromaGuidelineStore, embedder, qtexts: list[str], qvecs: np.
         # Recall is judged on the precomputed query vector so it does not depend on embedding jitter.
         got_ids = store.query_ids(qv, k)
         recall.append(len({pos[g] for g in got_ids} & want) / k)
-    return {"p50": pct(lat, 50), "p95": pct(lat, 95), "vp50": pct(vlat, 50), "vp95": pct(vlat, 95),
-            "recall": float(np.mean(recall))}
+    return {
+        "p50": pct(lat, 50),
+        "p95": pct(lat, 95),
+        "vp50": pct(vlat, 50),
+        "vp95": pct(vlat, 95),
+        "recall": float(np.mean(recall)),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--configs", nargs="+", default=["16:100:16", "16:100:32", "16:100:64", "32:200:32", "32:200:64"],
-                    help="max_neighbors:ef_construction:ef_search triples (chroma applies ef_search when the "
-                         "index is built, so each triple is a fresh build)")
-    ap.add_argument("--torch-threads", type=int, default=1,
-                    help="torch intra-op threads for the query embedder (1 is fastest for single short queries)")
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        default=["16:100:16", "16:100:32", "16:100:64", "32:200:32", "32:200:64"],
+        help="max_neighbors:ef_construction:ef_search triples (chroma applies ef_search when the "
+        "index is built, so each triple is a fresh build)",
+    )
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for the query embedder (1 is fastest for single short queries)",
+    )
     ap.add_argument("--hybrid", action="store_true", help="also time full hybrid search (BM25 + vector)")
     ap.add_argument("--write-doc", action="store_true", help="write docs/BENCHMARKS_guidelines.md")
     args = ap.parse_args(argv)
@@ -174,17 +202,32 @@ def main(argv: list[str] | None = None) -> int:
             for cfg in args.configs:
                 m, efc, ef = (int(x) for x in cfg.split(":"))
                 name = f"n{size}_{m}_{efc}_{ef}"
-                store, build_s = build(workdir, name, syn, svecs,
-                                       {"max_neighbors": m, "ef_construction": efc, "ef_search": ef})
+                store, build_s = build(
+                    workdir, name, syn, svecs, {"max_neighbors": m, "ef_construction": efc, "ef_search": ef}
+                )
                 store.query_ids(qvecs[0], 5)  # warm-up: first query loads the index
                 r = measure(store, embedder, qtexts, qvecs, truth, ids)
-                rows.append({"chunks": size, "M": m, "ef_construction": efc, "ef_search": ef,
-                             "build_s": build_s, "chunks_per_s": size / build_s, **r})
-                print(f"n={size} M={m} efc={efc} ef={ef} build={build_s:.1f}s p50={r['p50']:.1f}ms "
-                      f"p95={r['p95']:.1f}ms vector-only p95={r['vp95']:.1f}ms recall@5={r['recall']:.3f}",
-                      flush=True)
-                if args.hybrid and (m, efc, ef) == (DEFAULT_HNSW["max_neighbors"], DEFAULT_HNSW["ef_construction"],
-                                                    DEFAULT_HNSW["ef_search"]):
+                rows.append(
+                    {
+                        "chunks": size,
+                        "M": m,
+                        "ef_construction": efc,
+                        "ef_search": ef,
+                        "build_s": build_s,
+                        "chunks_per_s": size / build_s,
+                        **r,
+                    }
+                )
+                print(
+                    f"n={size} M={m} efc={efc} ef={ef} build={build_s:.1f}s p50={r['p50']:.1f}ms "
+                    f"p95={r['p95']:.1f}ms vector-only p95={r['vp95']:.1f}ms recall@5={r['recall']:.3f}",
+                    flush=True,
+                )
+                if args.hybrid and (m, efc, ef) == (
+                    DEFAULT_HNSW["max_neighbors"],
+                    DEFAULT_HNSW["ef_construction"],
+                    DEFAULT_HNSW["ef_search"],
+                ):
                     retr = GuidelineRetriever(store, embedder)
                     t = time.perf_counter()
                     retr.keyword_index()
@@ -194,22 +237,34 @@ def main(argv: list[str] | None = None) -> int:
                         t = time.perf_counter()
                         retr.search(text, k=5)
                         hl.append((time.perf_counter() - t) * 1000)
-                    print(f"hybrid n={size}: bm25 build {bm25_build:.1f}s p50={pct(hl, 50):.1f}ms "
-                          f"p95={pct(hl, 95):.1f}ms", flush=True)
-                    hybrid_rows.append({"chunks": size, "bm25_build_s": bm25_build,
-                                        "p50": pct(hl, 50), "p95": pct(hl, 95)})
+                    print(
+                        f"hybrid n={size}: bm25 build {bm25_build:.1f}s p50={pct(hl, 50):.1f}ms "
+                        f"p95={pct(hl, 95):.1f}ms",
+                        flush=True,
+                    )
+                    hybrid_rows.append(
+                        {"chunks": size, "bm25_build_s": bm25_build, "p50": pct(hl, 50), "p95": pct(hl, 95)}
+                    )
                 del store
                 shutil.rmtree(workdir / name, ignore_errors=True)
 
-        lines.append("| chunks | M | ef_construction | ef_search | build s | insert chunks/s | p50 ms | p95 ms "
-                     "| vector-only p50 / p95 ms | recall@5 |")
+        lines.append(
+            "| chunks | M | ef_construction | ef_search | build s | insert chunks/s | p50 ms | p95 ms "
+            "| vector-only p50 / p95 ms | recall@5 |"
+        )
         lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
-            mark = " **(default)**" if (r["M"], r["ef_construction"], r["ef_search"]) == (
-                DEFAULT_HNSW["max_neighbors"], DEFAULT_HNSW["ef_construction"], DEFAULT_HNSW["ef_search"]) else ""
-            lines.append(f"| {r['chunks']:,} | {r['M']} | {r['ef_construction']} | {r['ef_search']}{mark} | "
-                         f"{r['build_s']:.1f} | {r['chunks_per_s']:.0f} | {r['p50']:.1f} | {r['p95']:.1f} | "
-                         f"{r['vp50']:.1f} / {r['vp95']:.1f} | {r['recall']:.3f} |")
+            mark = (
+                " **(default)**"
+                if (r["M"], r["ef_construction"], r["ef_search"])
+                == (DEFAULT_HNSW["max_neighbors"], DEFAULT_HNSW["ef_construction"], DEFAULT_HNSW["ef_search"])
+                else ""
+            )
+            lines.append(
+                f"| {r['chunks']:,} | {r['M']} | {r['ef_construction']} | {r['ef_search']}{mark} | "
+                f"{r['build_s']:.1f} | {r['chunks_per_s']:.0f} | {r['p50']:.1f} | {r['p95']:.1f} | "
+                f"{r['vp50']:.1f} / {r['vp95']:.1f} | {r['recall']:.3f} |"
+            )
         extra = [
             "",
             f"Ingestion of the real corpus ({ing['docs']} documents, {ing['chunks']} chunks; parse + chunk + embed "
@@ -219,9 +274,11 @@ def main(argv: list[str] | None = None) -> int:
             f"Load average (1 min) at start / end: {load_before:.1f} / {os.getloadavg()[0]:.1f}.",
         ]
         for r in hybrid_rows:
-            extra.append(f"Full hybrid search (embedding + vector + BM25 + RRF) at {r['chunks']:,} chunks: "
-                         f"p50 {r['p50']:.1f} ms, p95 {r['p95']:.1f} ms (BM25 index build {r['bm25_build_s']:.1f} s, "
-                         "once per store revision).")
+            extra.append(
+                f"Full hybrid search (embedding + vector + BM25 + RRF) at {r['chunks']:,} chunks: "
+                f"p50 {r['p50']:.1f} ms, p95 {r['p95']:.1f} ms (BM25 index build {r['bm25_build_s']:.1f} s, "
+                "once per store revision)."
+            )
         table = "\n".join(lines + extra)
         print(table)
         if args.write_doc:
@@ -235,10 +292,10 @@ def write_doc(table: str, args: argparse.Namespace) -> None:
     out = REPO_ROOT / "docs" / "BENCHMARKS_guidelines.md"
     text = f"""# Guideline store benchmarks
 
-Produced by `bench/bench_guidelines.py --sizes {' '.join(map(str, args.sizes))} --queries {args.queries} --configs {' '.join(args.configs)}`.
+Produced by `bench/bench_guidelines.py --sizes {" ".join(map(str, args.sizes))} --queries {args.queries} --configs {" ".join(args.configs)}`.
 
-- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}
-- `uname -a`: `{' '.join(platform.uname())}`
+- Date: {datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+- `uname -a`: `{" ".join(platform.uname())}`
 - CPU: {cpu_model()} ({os.cpu_count()} cores; machine shared with other jobs, so latencies are pessimistic)
 - chromadb PersistentClient, cosine space; embedding model all-MiniLM-L6-v2 (384-d) on CPU.
 
@@ -248,8 +305,8 @@ Corpus growth: real chunk embeddings mixed pairwise plus small Gaussian noise, r
 
 {table}
 
-Chosen defaults (`guidelines/settings.py` `DEFAULT_HNSW`): max_neighbors (M)={DEFAULT_HNSW['max_neighbors']},
-ef_construction={DEFAULT_HNSW['ef_construction']}, ef_search={DEFAULT_HNSW['ef_search']}.
+Chosen defaults (`guidelines/settings.py` `DEFAULT_HNSW`): max_neighbors (M)={DEFAULT_HNSW["max_neighbors"]},
+ef_construction={DEFAULT_HNSW["ef_construction"]}, ef_search={DEFAULT_HNSW["ef_search"]}.
 """
     out.write_text(text, encoding="utf-8")
     print(f"wrote {out}")

@@ -47,11 +47,19 @@ class Row:
     failures: list[str] = field(default_factory=list)
 
     def cells(self) -> list[object]:
-        return [self.backend, self.patients, pct(self.llm_verified, self.llm_sentences) if self.llm_sentences else "n/a",
-                self.llm_shown, self.unsupported_shown, pct(self.high_covered, self.high_flags),
-                pct(self.must_covered, self.must_total),
-                ms(self.firsts), s(self.first_llm), s(self.totals) if self.backend != "template" else ms(self.totals),
-                f"{median(self.tps):.1f}" if self.tps else "n/a"]
+        return [
+            self.backend,
+            self.patients,
+            pct(self.llm_verified, self.llm_sentences) if self.llm_sentences else "n/a",
+            self.llm_shown,
+            self.unsupported_shown,
+            pct(self.high_covered, self.high_flags),
+            pct(self.must_covered, self.must_total),
+            ms(self.firsts),
+            s(self.first_llm),
+            s(self.totals) if self.backend != "template" else ms(self.totals),
+            f"{median(self.tps):.1f}" if self.tps else "n/a",
+        ]
 
 
 def pct(a: int, b: int) -> str:
@@ -66,13 +74,16 @@ def s(xs: list[float]) -> str:
     return f"{median(xs):.2f} s / {max(xs):.2f} s" if xs else "n/a"
 
 
-def run(backend_name: str, backend: Any, charts: list, max_tokens: int, timeout: float, mode: str = "auto") -> Row:
+def run(
+    backend_name: str, backend: Any, charts: list, max_tokens: int, timeout: float, mode: str = "auto"
+) -> Row:
     row = Row(backend_name)
     for chart in charts:
         findings = evaluate(chart, now=ANCHOR)
         t0 = time.perf_counter()
-        stream = compose_stream(chart, findings, backend=backend, now=ANCHOR, max_tokens=max_tokens, timeout=timeout,
-                                mode=mode)
+        stream = compose_stream(
+            chart, findings, backend=backend, now=ANCHOR, max_tokens=max_tokens, timeout=timeout, mode=mode
+        )
         for _ in stream:
             pass
         total = time.perf_counter() - t0
@@ -98,7 +109,9 @@ def run(backend_name: str, backend: Any, charts: list, max_tokens: int, timeout:
         row.llm_verified += sum(1 for s in llm if s.verified)
         row.llm_shown += sum(1 for s in res.sentences if s.origin == "llm")
         check = Verifier(res.facts)  # an independent re-check of everything displayed
-        row.unsupported_shown += sum(1 for s in res.sentences if not s.verified or not check.verify(s.raw).verified)
+        row.unsupported_shown += sum(
+            1 for s in res.sentences if not s.verified or not check.verify(s.raw).verified
+        )
         shown = {t for s in res.sentences if s.verified for t in s.tags}
         must = res.facts.must_cover()
         row.must_total += len(must)
@@ -113,9 +126,14 @@ def run(backend_name: str, backend: Any, charts: list, max_tokens: int, timeout:
 def _SPEED_PROMPT() -> list:  # noqa: N802 - a constant built lazily
     from assistant.llm import ChatMessage
 
-    return [ChatMessage("system", "You write short nursing summaries."),
-            ChatMessage("user", "Summarize in three sentences: potassium 5.9 mmol/L at 05:00, rising from 4.6; "
-                                "potassium chloride 20 mEq PO twice daily is ordered; enoxaparin 40 mg SC daily.")]
+    return [
+        ChatMessage("system", "You write short nursing summaries."),
+        ChatMessage(
+            "user",
+            "Summarize in three sentences: potassium 5.9 mmol/L at 05:00, rising from 4.6; "
+            "potassium chloride 20 mEq PO twice daily is ordered; enoxaparin 40 mg SC daily.",
+        ),
+    ]
 
 
 def speed_side_by_side(transformers_backend: Any, llama_backend: Any, runs: int = 3) -> str:
@@ -133,9 +151,11 @@ def speed_side_by_side(transformers_backend: Any, llama_backend: Any, runs: int 
                 firsts.append(stream.result.first_token_s)
         out[name] = (median(speeds) if speeds else 0.0, median(firsts) if firsts else 0.0)
     ratio = out["llama-cpp"][0] / out["transformers"][0] if out["transformers"][0] else float("nan")
-    return (f"side by side, same prompt and GGUF, {runs} runs each: transformers {out['transformers'][0]:.1f} "
-            f"tokens/s (first token {out['transformers'][1]:.2f} s), llama-cpp {out['llama-cpp'][0]:.1f} tokens/s "
-            f"(first token {out['llama-cpp'][1]:.2f} s): llama-cpp is {ratio:.1f}x faster")
+    return (
+        f"side by side, same prompt and GGUF, {runs} runs each: transformers {out['transformers'][0]:.1f} "
+        f"tokens/s (first token {out['transformers'][1]:.2f} s), llama-cpp {out['llama-cpp'][0]:.1f} tokens/s "
+        f"(first token {out['llama-cpp'][1]:.2f} s): llama-cpp is {ratio:.1f}x faster"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,27 +172,49 @@ def main(argv: list[str] | None = None) -> int:
     with open_source(tmp) as src:
         charts = [src.patient_chart(pid) for pid in sorted(src.iter_patient_ids())]
     # LLM subset: the patients with the most high-severity flags (hardest coverage), then by id
-    ranked = sorted(charts, key=lambda c: (-sum(f.severity == "high" for f in evaluate(c, now=ANCHOR)), c.patient_ref))
+    ranked = sorted(
+        charts, key=lambda c: (-sum(f.severity == "high" for f in evaluate(c, now=ANCHOR)), c.patient_ref)
+    )
     subset = ranked[: args.llm_patients]
     rows: list[Row] = []
     notes: list[str] = []
     wanted = args.backends.split(",")
     if "template" in wanted:
-        run("template", None, charts[:2], args.max_tokens, args.timeout)  # warm-up: imports, vocab, terminology
+        run(
+            "template", None, charts[:2], args.max_tokens, args.timeout
+        )  # warm-up: imports, vocab, terminology
         rows.append(run("template", None, charts, args.max_tokens, args.timeout))
     if "transformers" in wanted:
         from assistant.llm import make_backend
         from tests.llm_server import model_cache_dir
 
-        backend = make_backend({"NVA_LLM_BACKEND": "transformers",
-                                "NVA_LLM_CACHE_DIR": str(model_cache_dir().parent)})
+        backend = make_backend(
+            {"NVA_LLM_BACKEND": "transformers", "NVA_LLM_CACHE_DIR": str(model_cache_dir().parent)}
+        )
         t0 = time.perf_counter()
         backend.load()  # type: ignore[attr-defined]
-        notes.append(f"transformers: model load {time.perf_counter() - t0:.1f} s (not counted in the latencies)")
-        rows.append(run("transformers (SmolLM2-135M, in-process, per-fact)", backend, subset, args.max_tokens,
-                        args.timeout))
-        rows.append(run("transformers (SmolLM2-135M, in-process, whole sheet)", backend, subset, args.max_tokens,
-                        args.timeout, mode="sheet"))
+        notes.append(
+            f"transformers: model load {time.perf_counter() - t0:.1f} s (not counted in the latencies)"
+        )
+        rows.append(
+            run(
+                "transformers (SmolLM2-135M, in-process, per-fact)",
+                backend,
+                subset,
+                args.max_tokens,
+                args.timeout,
+            )
+        )
+        rows.append(
+            run(
+                "transformers (SmolLM2-135M, in-process, whole sheet)",
+                backend,
+                subset,
+                args.max_tokens,
+                args.timeout,
+                mode="sheet",
+            )
+        )
         transformers_backend = backend
     else:
         transformers_backend = None
@@ -185,8 +227,15 @@ def main(argv: list[str] | None = None) -> int:
         except LlmConfigError as exc:
             notes.append(f"llama-cpp: not run ({str(exc)[:160]})")
         else:
-            rows.append(run("llama-cpp (same GGUF, in-process, per-fact)", llama, subset, args.max_tokens,
-                            args.timeout))
+            rows.append(
+                run(
+                    "llama-cpp (same GGUF, in-process, per-fact)",
+                    llama,
+                    subset,
+                    args.max_tokens,
+                    args.timeout,
+                )
+            )
             if transformers_backend is not None:
                 notes.append(speed_side_by_side(transformers_backend, llama))
     if "openai" in wanted:
@@ -199,27 +248,59 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"openai via `transformers serve`: not run ({type(exc).__name__}: {str(exc)[:200]})")
         else:
             try:
-                backend = make_backend({"NVA_LLM_BACKEND": "openai", "NVA_LLM_BASE_URL": base_url,
-                                        "NVA_LLM_MODEL": model})
-                rows.append(run("openai (`transformers serve`, SmolLM2-135M, whole sheet)", backend, subset,
-                                args.max_tokens, args.timeout))
-                rows.append(run("openai (`transformers serve`, SmolLM2-135M, per-fact)", backend, subset,
-                                args.max_tokens, args.timeout, mode="per-fact"))
+                backend = make_backend(
+                    {"NVA_LLM_BACKEND": "openai", "NVA_LLM_BASE_URL": base_url, "NVA_LLM_MODEL": model}
+                )
+                rows.append(
+                    run(
+                        "openai (`transformers serve`, SmolLM2-135M, whole sheet)",
+                        backend,
+                        subset,
+                        args.max_tokens,
+                        args.timeout,
+                    )
+                )
+                rows.append(
+                    run(
+                        "openai (`transformers serve`, SmolLM2-135M, per-fact)",
+                        backend,
+                        subset,
+                        args.max_tokens,
+                        args.timeout,
+                        mode="per-fact",
+                    )
+                )
             finally:
                 stop()
     for r in rows:
         if r.prompt_tokens:
-            notes.append(f"{r.backend}: prompt {int(median(r.prompt_tokens))} tokens (median), "
-                         f"{r.completion_tokens} completion tokens in all")
+            notes.append(
+                f"{r.backend}: prompt {int(median(r.prompt_tokens))} tokens (median), "
+                f"{r.completion_tokens} completion tokens in all"
+            )
         if r.reasons:
             top = sorted(r.reasons.items(), key=lambda kv: -kv[1])[:6]
-            notes.append(f"{r.backend}: why LLM sentences were dropped: " + "; ".join(f"{k} ({n})" for k, n in top))
+            notes.append(
+                f"{r.backend}: why LLM sentences were dropped: " + "; ".join(f"{k} ({n})" for k, n in top)
+            )
         if r.failures:
-            notes.append(f"{r.backend}: {len(r.failures)} LLM call(s) failed and fell back to the template: "
-                         f"{r.failures[0][:160]}")
-    headers = ["backend", "patients", "LLM sentences verified", "LLM sentences shown", "unsupported shown",
-               "high flags covered", "high flags + critical values covered", "first sentence (median / max)",
-               "first verified LLM sentence (median / max)", "whole summary (median / max)", "tokens/s (median)"]
+            notes.append(
+                f"{r.backend}: {len(r.failures)} LLM call(s) failed and fell back to the template: "
+                f"{r.failures[0][:160]}"
+            )
+    headers = [
+        "backend",
+        "patients",
+        "LLM sentences verified",
+        "LLM sentences shown",
+        "unsupported shown",
+        "high flags covered",
+        "high flags + critical values covered",
+        "first sentence (median / max)",
+        "first verified LLM sentence (median / max)",
+        "whole summary (median / max)",
+        "tokens/s (median)",
+    ]
     doc = [
         "# Summary benchmark",
         "",

@@ -2,7 +2,6 @@
 
 # Usage: .venv/bin/python bench/eval_guidelines.py [--eval PATH] [--no-write]
 
-
 from __future__ import annotations
 
 import argparse
@@ -34,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     store = InMemoryGuidelineStore()
     report = ingest([args.corpus], store, embedder, progress=False)
     rows = []
-    for name, hybrid, expander in (("hybrid (vector + BM25, RRF) + abbreviation expansion", True, None),
-                                   ("vector only + abbreviation expansion", False, None)):
+    for name, hybrid, expander in (
+        ("hybrid (vector + BM25, RRF) + abbreviation expansion", True, None),
+        ("vector only + abbreviation expansion", False, None),
+    ):
         res = evaluate(GuidelineRetriever(store, embedder, hybrid=hybrid, expander=expander), items, k=5)
         rows.append((name, res))
     lines = ["| retriever | queries | recall@1 | recall@5 | MRR@10 |", "|---|---:|---:|---:|---:|"]
@@ -47,13 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     for m in misses:
         print("miss:", m)
     if not args.no_write:
-        miss_lines = "\n".join(
-            f"- `{m['query']}` -> want `{m['doc']}` / {m['section']!r}, rank {m['rank']}; top: {', '.join(m['top'])}"
-            for m in misses) or "- none"
+        miss_lines = (
+            "\n".join(
+                f"- `{m['query']}` -> want `{m['doc']}` / {m['section']!r}, rank {m['rank']}; top: {', '.join(m['top'])}"
+                for m in misses
+            )
+            or "- none"
+        )
         out = REPO_ROOT / "docs" / "GUIDELINE_EVAL.md"
-        out.write_text(f"""# Guideline retrieval evaluation
+        out.write_text(
+            f"""# Guideline retrieval evaluation
 
-Produced by `bench/eval_guidelines.py` on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}.
+Produced by `bench/eval_guidelines.py` on {datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}.
 Corpus `guidelines/corpus/`: {len(report.added)} documents, {store.count()} chunks. Eval set
 `tests/data/guideline_eval.yaml`: {len(items)} queries, each with the expected document and section. A hit is
 relevant when it comes from that document and the section is its leaf heading or on its heading path.
@@ -63,7 +69,9 @@ MRR is computed over the top 10. `tests/test_guidelines_retrieval.py` asserts re
 
 Hybrid misses at k=5:
 {miss_lines}
-""", encoding="utf-8")
+""",
+            encoding="utf-8",
+        )
         print(f"wrote {out}")
     return 0
 

@@ -12,6 +12,13 @@ from connectors.errors import (
 )
 
 __all__ = [
-    "FhirAuthError", "FhirError", "FhirFatalError", "FhirNotFoundError", "FhirResponseError", "FhirSource",
-    "FhirTemporaryError", "SourceFileError", "open_source",
+    "FhirAuthError",
+    "FhirError",
+    "FhirFatalError",
+    "FhirNotFoundError",
+    "FhirResponseError",
+    "FhirSource",
+    "FhirTemporaryError",
+    "SourceFileError",
+    "open_source",
 ]

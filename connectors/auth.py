@@ -41,11 +41,23 @@ class SmartBackendAuth(Auth):
 
     can_refresh = True
 
-    def __init__(self, *, token_url: str, client_id: str, private_key_pem: bytes, alg: str = "RS384",
-                 kid: str | None = None, scope: str = "system/*.read", session: requests.Session | None = None,
-                 verify: bool | str = True, timeout: tuple[float, float] = (5, 30)) -> None:
+    def __init__(
+        self,
+        *,
+        token_url: str,
+        client_id: str,
+        private_key_pem: bytes,
+        alg: str = "RS384",
+        kid: str | None = None,
+        scope: str = "system/*.read",
+        session: requests.Session | None = None,
+        verify: bool | str = True,
+        timeout: tuple[float, float] = (5, 30),
+    ) -> None:
         if alg not in ("RS384", "ES384"):
-            raise FhirAuthError(f"JWT algorithm {alg} is not allowed by SMART Backend Services; use RS384 or ES384")
+            raise FhirAuthError(
+                f"JWT algorithm {alg} is not allowed by SMART Backend Services; use RS384 or ES384"
+            )
         if not client_id:
             raise FhirAuthError("SMART auth needs NVA_FHIR_CLIENT_ID")
         self.token_url = token_url
@@ -74,8 +86,14 @@ class SmartBackendAuth(Auth):
         import jwt  # PyJWT, imported here so sources without SMART need no crypto import
 
         now = int(time.time())
-        claims = {"iss": self.client_id, "sub": self.client_id, "aud": self.token_url, "exp": now + 240,
-                  "iat": now, "jti": uuid.uuid4().hex}
+        claims = {
+            "iss": self.client_id,
+            "sub": self.client_id,
+            "aud": self.token_url,
+            "exp": now + 240,
+            "iat": now,
+            "jti": uuid.uuid4().hex,
+        }
         headers = {"kid": self.kid} if self.kid else None
         try:
             return jwt.encode(claims, self._key, algorithm=self.alg, headers=headers)
@@ -83,24 +101,34 @@ class SmartBackendAuth(Auth):
             raise FhirAuthError(f"the private key cannot sign {self.alg} assertions ({exc})") from exc
 
     def _fetch(self) -> None:
-        form = {"grant_type": "client_credentials", "scope": self.scope, "client_assertion_type": ASSERTION_TYPE,
-                "client_assertion": self._assertion()}
+        form = {
+            "grant_type": "client_credentials",
+            "scope": self.scope,
+            "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": self._assertion(),
+        }
         self.token_requests += 1
         try:
             resp = self._session.post(self.token_url, data=form, timeout=self._timeout, verify=self._verify)
         except requests.RequestException as exc:
-            raise FhirTemporaryError(f"token endpoint unreachable: {exc.__class__.__name__}", url=self.token_url) from exc
+            raise FhirTemporaryError(
+                f"token endpoint unreachable: {exc.__class__.__name__}", url=self.token_url
+            ) from exc
         if resp.status_code >= 500:
-            raise FhirTemporaryError(f"token endpoint error {resp.status_code}", url=self.token_url,
-                                     status=resp.status_code)
+            raise FhirTemporaryError(
+                f"token endpoint error {resp.status_code}", url=self.token_url, status=resp.status_code
+            )
         try:
             body = resp.json()
         except ValueError:
             body = {}
         if resp.status_code != 200 or "access_token" not in body:
             reason = body.get("error_description") or body.get("error") or f"HTTP {resp.status_code}"
-            raise FhirAuthError(f"token request refused: {reason}; check the client id, key and its registration",
-                                url=self.token_url, status=resp.status_code)
+            raise FhirAuthError(
+                f"token request refused: {reason}; check the client id, key and its registration",
+                url=self.token_url,
+                status=resp.status_code,
+            )
         self._token = body["access_token"]
         self._expires_at = time.monotonic() + max(float(body.get("expires_in", 300)) - 30, 1)
 

@@ -55,8 +55,13 @@ class FhirSource(ABC):
         record = self.patient_resources(patient_id)
         if record.error is not None:
             raise record.error
-        return build_chart(record.resources, source=self.description, patient_id=patient_id, strict=strict,
-                           issues=record.issues)
+        return build_chart(
+            record.resources,
+            source=self.description,
+            patient_id=patient_id,
+            strict=strict,
+            issues=record.issues,
+        )
 
     def iter_patient_records(self) -> Iterator[PatientRecord]:
         """Every patient's resources; sources that can read each patient in one pass override this."""
@@ -83,8 +88,9 @@ class FhirSource(ABC):
         self.close()
 
 
-def census_from_encounters(patient_id: str, encounters: list[dict], locations: dict[str, dict],
-                           ward_ref: str | None) -> list[CensusEntry]:
+def census_from_encounters(
+    patient_id: str, encounters: list[dict], locations: dict[str, dict], ward_ref: str | None
+) -> list[CensusEntry]:
     """In-progress encounters of one patient that sit on `ward_ref` (directly or through a bed's partOf)."""
     entries = []
     for enc in encounters:
@@ -124,8 +130,9 @@ def open_source(spec: str | Path, **options: Any) -> FhirSource:
         return RestFhirSource.from_settings(text, **options)
     path = Path(text)
     if not path.exists():
-        raise SourceFileError(text, "no such file or directory; give a FHIR base URL, a bundle directory or an "
-                                    "NDJSON directory")
+        raise SourceFileError(
+            text, "no such file or directory; give a FHIR base URL, a bundle directory or an NDJSON directory"
+        )
     if path.is_dir() and any(p.name.endswith((".ndjson", ".ndjson.gz")) for p in path.iterdir()):
         from connectors.ndjson_dir import NdjsonDirSource
 

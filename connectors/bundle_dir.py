@@ -50,8 +50,11 @@ def bundle_resources(bundle: Any, origin: str) -> tuple[list[dict], list[DataQua
     for n, entry in enumerate(bundle.get("entry") or []):
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict):
-            issues.append(DataQualityIssue(f"{origin}#entry[{n}]", "invalid-resource", "bundle entry has no resource",
-                                           "error"))
+            issues.append(
+                DataQualityIssue(
+                    f"{origin}#entry[{n}]", "invalid-resource", "bundle entry has no resource", "error"
+                )
+            )
             continue
         resources.append(resource)
         rtype, rid = resource.get("resourceType"), resource.get("id")
@@ -125,9 +128,14 @@ class BundleDirSource(FhirSource):
     def files(self) -> list[Path]:
         if self.path.is_file():
             return [self.path]
-        return sorted(p for p in self.path.iterdir()
-                      if p.is_file() and p.name.endswith((".json", ".json.gz")) and not p.name.startswith(".")
-                      and p.name not in METADATA_FILES)
+        return sorted(
+            p
+            for p in self.path.iterdir()
+            if p.is_file()
+            and p.name.endswith((".json", ".json.gz"))
+            and not p.name.startswith(".")
+            and p.name not in METADATA_FILES
+        )
 
     def _read(self, path: Path) -> tuple[dict[str, list[dict]], list[dict], list[DataQualityIssue]]:
         resources, issues = bundle_resources(read_json_file(path), str(path))
@@ -164,10 +172,16 @@ class BundleDirSource(FhirSource):
     def patient_resources(self, patient_id: str) -> PatientRecord:
         path = self.index.get(patient_id)
         if path is None:
-            raise FhirNotFoundError(f"Patient/{patient_id} is not in {self.path}; list patients with `nva patients`")
+            raise FhirNotFoundError(
+                f"Patient/{patient_id} is not in {self.path}; list patients with `nva patients`"
+            )
         by_patient, shared, issues = self._read(path)
-        return PatientRecord(patient_id, by_patient.get(patient_id, []) + _without_locations(shared)
-                             + list(self._shared or []), issues, origin=str(path))
+        return PatientRecord(
+            patient_id,
+            by_patient.get(patient_id, []) + _without_locations(shared) + list(self._shared or []),
+            issues,
+            origin=str(path),
+        )
 
     def iter_patient_records(self) -> Iterator[PatientRecord]:
         """One pass over the files, each read once: the audit's path."""
@@ -180,8 +194,12 @@ class BundleDirSource(FhirSource):
                 yield PatientRecord(patient_id=f"file:{path.name}", error=exc, origin=str(path))
                 continue
             for pid, resources in by_patient.items():
-                yield PatientRecord(pid, resources + _without_locations(shared) + list(self._shared or []), issues,
-                                    origin=str(path))
+                yield PatientRecord(
+                    pid,
+                    resources + _without_locations(shared) + list(self._shared or []),
+                    issues,
+                    origin=str(path),
+                )
 
     def wards(self) -> list[Ward]:
         if self._shared is None:

@@ -93,14 +93,22 @@ class NdjsonDirSource(FhirSource):
                         try:
                             obj = json.loads(line)
                         except json.JSONDecodeError as exc:
-                            record.issues.append(DataQualityIssue(f"{path.name}:{n}", "invalid-json",
-                                                                  f"line {n} is not valid JSON ({exc.msg})", "error"))
+                            record.issues.append(
+                                DataQualityIssue(
+                                    f"{path.name}:{n}",
+                                    "invalid-json",
+                                    f"line {n} is not valid JSON ({exc.msg})",
+                                    "error",
+                                )
+                            )
                             continue
                         if isinstance(obj, dict) and _owner(obj) == patient_id:
                             record.resources.append(obj)
                             found = found or obj.get("resourceType") == "Patient"
             except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
-                record.issues.append(DataQualityIssue(str(path), "file-unreadable", f"cannot be read: {exc}", "error"))
+                record.issues.append(
+                    DataQualityIssue(str(path), "file-unreadable", f"cannot be read: {exc}", "error")
+                )
         if not found:
             raise FhirNotFoundError(f"Patient/{patient_id} is not in {self.path}")
         record.resources.extend(self.locations().values())
@@ -134,7 +142,9 @@ class NdjsonDirSource(FhirSource):
         return entries
 
 
-def write_ndjson_export(records: Iterator[tuple[str, list[dict]]] | list, outdir: Path, *, gz: bool = False) -> Path:
+def write_ndjson_export(
+    records: Iterator[tuple[str, list[dict]]] | list, outdir: Path, *, gz: bool = False
+) -> Path:
     """Write resources as a Bulk Data style export (one file per type); used by tests, benchmarks and `nva export`."""
     outdir.mkdir(parents=True, exist_ok=True)
     handles: dict[str, IO[str]] = {}
@@ -151,8 +161,11 @@ def write_ndjson_export(records: Iterator[tuple[str, list[dict]]] | list, outdir
                 fh = handles.get(rtype)
                 if fh is None:
                     name = f"{rtype}.ndjson" + (".gz" if gz else "")
-                    fh = handles[rtype] = (gzip.open(outdir / name, "wt", encoding="utf-8") if gz
-                                           else (outdir / name).open("w", encoding="utf-8"))
+                    fh = handles[rtype] = (
+                        gzip.open(outdir / name, "wt", encoding="utf-8")
+                        if gz
+                        else (outdir / name).open("w", encoding="utf-8")
+                    )
                 fh.write(json.dumps(r, separators=(",", ":")) + "\n")
     finally:
         for fh in handles.values():

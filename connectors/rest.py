@@ -35,8 +35,11 @@ log = logging.getLogger(__name__)
 
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 # The two big categories get a search each so they page in parallel; the small ones share one OR search.
-OBSERVATION_SEARCHES = (("laboratory", "laboratory"), ("vital-signs", "vital-signs"),
-                        ("other", "survey,exam,procedure,social-history,imaging,therapy,activity"))
+OBSERVATION_SEARCHES = (
+    ("laboratory", "laboratory"),
+    ("vital-signs", "vital-signs"),
+    ("other", "survey,exam,procedure,social-history,imaging,therapy,activity"),
+)
 PATIENT_SEARCHES: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("encounters", "Encounter", {}),
     ("conditions", "Condition", {}),
@@ -88,8 +91,14 @@ def outcome_text(body: Any) -> str:
 
 
 class RestFhirSource(FhirSource):
-    def __init__(self, base_url: str, *, auth: Auth | None = None, options: RestOptions | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        auth: Auth | None = None,
+        options: RestOptions | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.base_url = base_url.rstrip("/") + "/"
         self.description = base_url.rstrip("/")
         self.auth = auth or Auth()
@@ -98,18 +107,25 @@ class RestFhirSource(FhirSource):
         self._local = threading.local()
         self._gate = threading.BoundedSemaphore(self.options.concurrency)
         self._capabilities: dict | None = None
-        self._shared_cache: dict[str, dict] = {}  # Locations and Medications: shared by every patient of a ward
+        self._shared_cache: dict[
+            str, dict
+        ] = {}  # Locations and Medications: shared by every patient of a ward
         self._shared_lock = threading.Lock()
         self.request_count = 0
 
     @classmethod
-    def from_settings(cls, base_url: str, settings: Mapping[str, str] | None = None, **overrides: Any) -> RestFhirSource:
+    def from_settings(
+        cls, base_url: str, settings: Mapping[str, str] | None = None, **overrides: Any
+    ) -> RestFhirSource:
         s = dict(load_settings() if settings is None else settings)
         verify: bool | str = s.get("NVA_FHIR_CA_BUNDLE") or True
         options = RestOptions(
-            connect_timeout=float(s.get("NVA_FHIR_CONNECT_TIMEOUT", 5)), read_timeout=float(s.get("NVA_FHIR_READ_TIMEOUT", 30)),
-            retries=int(s.get("NVA_FHIR_RETRIES", 4)), concurrency=int(s.get("NVA_FHIR_CONCURRENCY", 8)),
-            page_size=int(s.get("NVA_FHIR_PAGE_SIZE", 500)), everything=s.get("NVA_FHIR_EVERYTHING", "auto"),
+            connect_timeout=float(s.get("NVA_FHIR_CONNECT_TIMEOUT", 5)),
+            read_timeout=float(s.get("NVA_FHIR_READ_TIMEOUT", 30)),
+            retries=int(s.get("NVA_FHIR_RETRIES", 4)),
+            concurrency=int(s.get("NVA_FHIR_CONCURRENCY", 8)),
+            page_size=int(s.get("NVA_FHIR_PAGE_SIZE", 500)),
+            everything=s.get("NVA_FHIR_EVERYTHING", "auto"),
             verify=verify,
         )
         options = replace(options, **overrides)
@@ -121,9 +137,13 @@ class RestFhirSource(FhirSource):
             source = cls(base_url, options=options)
             token_url = s.get("NVA_FHIR_TOKEN_URL") or source.discover_token_url()
             auth = SmartBackendAuth.from_key_file(
-                s.get("NVA_FHIR_PRIVATE_KEY", ""), token_url=token_url, client_id=s.get("NVA_FHIR_CLIENT_ID", ""),
-                alg=s.get("NVA_FHIR_JWT_ALG", "RS384"), kid=s.get("NVA_FHIR_KEY_ID") or None,
-                scope=s.get("NVA_FHIR_SCOPE", "system/*.read"), verify=verify,
+                s.get("NVA_FHIR_PRIVATE_KEY", ""),
+                token_url=token_url,
+                client_id=s.get("NVA_FHIR_CLIENT_ID", ""),
+                alg=s.get("NVA_FHIR_JWT_ALG", "RS384"),
+                kid=s.get("NVA_FHIR_KEY_ID") or None,
+                scope=s.get("NVA_FHIR_SCOPE", "system/*.read"),
+                verify=verify,
             )
         elif mode == "none":
             auth = Auth()
@@ -146,7 +166,9 @@ class RestFhirSource(FhirSource):
     def url_for(self, path: str) -> str:
         return path if path.startswith(("http://", "https://")) else urljoin(self.base_url, path.lstrip("/"))
 
-    def get_json(self, path: str, params: Mapping[str, Any] | None = None, *, expect: str | None = None) -> dict:
+    def get_json(
+        self, path: str, params: Mapping[str, Any] | None = None, *, expect: str | None = None
+    ) -> dict:
         """GET with retries, one re-authentication on 401, and typed errors; returns the parsed resource."""
         url = self.url_for(path)
         reauthed = False
@@ -157,20 +179,31 @@ class RestFhirSource(FhirSource):
                 headers = self.auth.headers()
                 with self._gate:
                     self.request_count += 1
-                    resp = self.session.get(url, params=params, headers=headers, verify=self.options.verify,
-                                            timeout=(self.options.connect_timeout, self.options.read_timeout))
+                    resp = self.session.get(
+                        url,
+                        params=params,
+                        headers=headers,
+                        verify=self.options.verify,
+                        timeout=(self.options.connect_timeout, self.options.read_timeout),
+                    )
                     body_bytes = resp.content
             except FhirTemporaryError as exc:
                 error: FhirError = exc
                 wait = None
             except requests.Timeout as exc:
-                error = FhirTemporaryError(f"no answer from {_where(url)} within {self.options.read_timeout:g} s "
-                                           "(timeout); the server is slow or down", url=url)
+                error = FhirTemporaryError(
+                    f"no answer from {_where(url)} within {self.options.read_timeout:g} s "
+                    "(timeout); the server is slow or down",
+                    url=url,
+                )
                 error.__cause__ = exc
                 wait = None
             except requests.ConnectionError as exc:
-                error = FhirTemporaryError(f"cannot connect to {_where(url)} ({exc.__class__.__name__}); check "
-                                           "NVA_SOURCE and that the server is up", url=url)
+                error = FhirTemporaryError(
+                    f"cannot connect to {_where(url)} ({exc.__class__.__name__}); check "
+                    "NVA_SOURCE and that the server is up",
+                    url=url,
+                )
                 error.__cause__ = exc
                 wait = None
             else:
@@ -181,17 +214,27 @@ class RestFhirSource(FhirSource):
                     attempt -= 1
                     continue
                 if status in RETRY_STATUSES:
-                    error = FhirTemporaryError(f"{_where(url)} answered HTTP {status}"
-                                               f"{': ' + outcome_text(_maybe_json(body_bytes)) if body_bytes else ''}",
-                                               url=url, status=status)
+                    error = FhirTemporaryError(
+                        f"{_where(url)} answered HTTP {status}"
+                        f"{': ' + outcome_text(_maybe_json(body_bytes)) if body_bytes else ''}",
+                        url=url,
+                        status=status,
+                    )
                     wait = _retry_after_seconds(resp.headers.get("Retry-After"))
                 else:
                     return self._parse(resp, body_bytes, url, expect)
             if attempt > self.options.retries:
                 raise error
-            delay = wait if wait is not None else random.uniform(  # noqa: S311 - jitter, not crypto
-                0, min(self.options.backoff_cap, self.options.backoff_base * 2 ** (attempt - 1)))
-            log.info("retrying FHIR request in %.2f s (attempt %d): %s", delay, attempt, error.__class__.__name__)
+            delay = (
+                wait
+                if wait is not None
+                else random.uniform(  # noqa: S311 - jitter, not crypto
+                    0, min(self.options.backoff_cap, self.options.backoff_base * 2 ** (attempt - 1))
+                )
+            )
+            log.info(
+                "retrying FHIR request in %.2f s (attempt %d): %s", delay, attempt, error.__class__.__name__
+            )
             self._sleep(min(delay, self.options.backoff_cap * 3))
 
     def _parse(self, resp: requests.Response, body: bytes, url: str, expect: str | None) -> dict:
@@ -199,26 +242,48 @@ class RestFhirSource(FhirSource):
         parsed = _maybe_json(body)
         detail = outcome_text(parsed)
         if status == 401 or status == 403:
-            raise FhirAuthError(f"{_where(url)} refused access (HTTP {status}){': ' + detail if detail else ''}; check "
-                                "the FHIR credentials and scopes", url=url, status=status)
+            raise FhirAuthError(
+                f"{_where(url)} refused access (HTTP {status}){': ' + detail if detail else ''}; check "
+                "the FHIR credentials and scopes",
+                url=url,
+                status=status,
+            )
         if status == 404 or status == 410:
-            raise FhirNotFoundError(f"not found on the server (HTTP {status}){': ' + detail if detail else ''}",
-                                    url=url, status=status)
+            raise FhirNotFoundError(
+                f"not found on the server (HTTP {status}){': ' + detail if detail else ''}",
+                url=url,
+                status=status,
+            )
         if status >= 400:
-            raise FhirFatalError(f"{_where(url)} rejected the request (HTTP {status})"
-                                 f"{': ' + detail if detail else ''}", url=url, status=status)
+            raise FhirFatalError(
+                f"{_where(url)} rejected the request (HTTP {status}){': ' + detail if detail else ''}",
+                url=url,
+                status=status,
+            )
         ctype = resp.headers.get("Content-Type", "")
         if "json" not in ctype:
-            raise FhirResponseError(f"{_where(url)} answered {ctype or 'no content type'} instead of FHIR JSON; is "
-                                    "this a FHIR base URL?", url=url, status=status)
+            raise FhirResponseError(
+                f"{_where(url)} answered {ctype or 'no content type'} instead of FHIR JSON; is "
+                "this a FHIR base URL?",
+                url=url,
+                status=status,
+            )
         if not isinstance(parsed, dict):
-            raise FhirResponseError(f"{_where(url)} sent a truncated or invalid JSON body", url=url, status=status)
+            raise FhirResponseError(
+                f"{_where(url)} sent a truncated or invalid JSON body", url=url, status=status
+            )
         if expect and parsed.get("resourceType") != expect:
             if parsed.get("resourceType") == "OperationOutcome":
-                raise FhirFatalError(f"{_where(url)} returned an OperationOutcome instead of a {expect}: {detail}",
-                                     url=url, status=status)
-            raise FhirResponseError(f"{_where(url)} returned {parsed.get('resourceType')!r}, expected {expect}",
-                                    url=url, status=status)
+                raise FhirFatalError(
+                    f"{_where(url)} returned an OperationOutcome instead of a {expect}: {detail}",
+                    url=url,
+                    status=status,
+                )
+            raise FhirResponseError(
+                f"{_where(url)} returned {parsed.get('resourceType')!r}, expected {expect}",
+                url=url,
+                status=status,
+            )
         return parsed
 
     # --- FHIR operations ----------------------------------------------------------------------------------
@@ -249,7 +314,9 @@ class RestFhirSource(FhirSource):
         conf = self.get_json(".well-known/smart-configuration")
         token_url = conf.get("token_endpoint")
         if not token_url:
-            raise FhirAuthError("the server's smart-configuration has no token_endpoint; set NVA_FHIR_TOKEN_URL")
+            raise FhirAuthError(
+                "the server's smart-configuration has no token_endpoint; set NVA_FHIR_TOKEN_URL"
+            )
         return token_url
 
     def read(self, rtype: str, rid: str) -> dict:
@@ -260,11 +327,21 @@ class RestFhirSource(FhirSource):
         bundle = self.get_json(rtype, query, expect="Bundle")
         seen_urls = set()
         while True:
-            yield [e["resource"] for e in bundle.get("entry") or []
-                   if isinstance(e, dict) and isinstance(e.get("resource"), dict)
-                   and (e.get("search") or {}).get("mode", "match") in ("match", "include")]
-            next_url = next((link.get("url") for link in bundle.get("link") or []
-                             if isinstance(link, dict) and link.get("relation") == "next"), None)
+            yield [
+                e["resource"]
+                for e in bundle.get("entry") or []
+                if isinstance(e, dict)
+                and isinstance(e.get("resource"), dict)
+                and (e.get("search") or {}).get("mode", "match") in ("match", "include")
+            ]
+            next_url = next(
+                (
+                    link.get("url")
+                    for link in bundle.get("link") or []
+                    if isinstance(link, dict) and link.get("relation") == "next"
+                ),
+                None,
+            )
             if not next_url or next_url in seen_urls:
                 return
             seen_urls.add(next_url)
@@ -284,7 +361,9 @@ class RestFhirSource(FhirSource):
 
     def patient_resources(self, patient_id: str) -> PatientRecord:
         use_everything = self.supports_everything()
-        with ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="fhir-search") as pool:
+        with ThreadPoolExecutor(
+            max_workers=self.options.concurrency, thread_name_prefix="fhir-search"
+        ) as pool:
             # The Patient read goes out with the searches, not before them: one round trip fewer.
             patient_future = pool.submit(self.read, "Patient", patient_id)
             if use_everything:
@@ -293,15 +372,22 @@ class RestFhirSource(FhirSource):
                 record = PatientRecord(patient_id, [patient], origin=self.description)
                 try:
                     resources = everything.result()
-                    record.resources += [r for r in resources if not (r.get("resourceType") == "Patient"
-                                                                      and r.get("id") == patient_id)]
+                    record.resources += [
+                        r
+                        for r in resources
+                        if not (r.get("resourceType") == "Patient" and r.get("id") == patient_id)
+                    ]
                     self._add_referenced(record)
                     return record
                 except FhirAuthError:
                     raise
                 except FhirFatalError as exc:
-                    log.info("$everything failed (%s); falling back to per-type searches", exc.__class__.__name__)
-            searches = [(label, rtype, {"patient": patient_id, **extra}) for label, rtype, extra in PATIENT_SEARCHES]
+                    log.info(
+                        "$everything failed (%s); falling back to per-type searches", exc.__class__.__name__
+                    )
+            searches = [
+                (label, rtype, {"patient": patient_id, **extra}) for label, rtype, extra in PATIENT_SEARCHES
+            ]
             futures = [(label, pool.submit(self.search, rtype, params)) for label, rtype, params in searches]
             patient = patient_future.result()
             record = PatientRecord(patient_id, [patient], origin=self.description)
@@ -312,8 +398,14 @@ class RestFhirSource(FhirSource):
                 except FhirAuthError:
                     raise
                 except FhirError as exc:
-                    record.issues.append(DataQualityIssue(exc.url or self.description, "fetch-failed",
-                                                          f"{label} could not be loaded: {exc}", "error"))
+                    record.issues.append(
+                        DataQualityIssue(
+                            exc.url or self.description,
+                            "fetch-failed",
+                            f"{label} could not be loaded: {exc}",
+                            "error",
+                        )
+                    )
                     continue
                 for r in resources:
                     key = f"{r.get('resourceType')}/{r.get('id')}"
@@ -321,7 +413,9 @@ class RestFhirSource(FhirSource):
                         seen.add(key)
                         record.resources.append(r)
         self._add_referenced(record)
-        log.debug("patient searches done: %d resources, %d fetch issues", len(record.resources), len(record.issues))
+        log.debug(
+            "patient searches done: %d resources, %d fetch issues", len(record.resources), len(record.issues)
+        )
         return record
 
     def _add_referenced(self, record: PatientRecord) -> None:
@@ -353,7 +447,9 @@ class RestFhirSource(FhirSource):
                             record.resources.append(got)
                             wanted.append(parent)
             else:
-                record.issues.append(DataQualityIssue(ref, "unresolved-reference", f"could not be read: {result}"))
+                record.issues.append(
+                    DataQualityIssue(ref, "unresolved-reference", f"could not be read: {result}")
+                )
 
     def _read_ref(self, ref: str) -> dict | FhirError:
         with self._shared_lock:
@@ -373,6 +469,7 @@ class RestFhirSource(FhirSource):
 
     def charts_concurrently(self, patient_ids: list[str], *, workers: int = 4) -> Iterator[tuple[str, Any]]:
         """(patient id, Chart or FhirError) for many patients, several at once; order follows patient_ids."""
+
         def load(pid: str) -> Any:
             try:
                 return self.patient_chart(pid)
@@ -385,7 +482,9 @@ class RestFhirSource(FhirSource):
     def wards(self) -> list[Ward]:
         wards = []
         for r in self.search("Location", {}):
-            kinds = [c.get("code") for c in (r.get("physicalType") or {}).get("coding", []) if isinstance(c, dict)]
+            kinds = [
+                c.get("code") for c in (r.get("physicalType") or {}).get("coding", []) if isinstance(c, dict)
+            ]
             if "wa" in kinds:
                 wards.append(Ward(f"Location/{r['id']}", r.get("name") or r["id"]))
         return sorted(wards, key=lambda w: w.name)

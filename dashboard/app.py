@@ -17,8 +17,9 @@ from dashboard import render, services  # noqa: E402
 
 PAGES = Path(__file__).resolve().parent / "pages"
 
-st.set_page_config(page_title="NVA — Nurse Virtual Assistant", layout="wide",
-                   page_icon=":material/medical_services:")
+st.set_page_config(
+    page_title="NVA — Nurse Virtual Assistant", layout="wide", page_icon=":material/medical_services:"
+)
 render.page_setup()
 
 try:
@@ -28,8 +29,13 @@ except services.RoleFileError as exc:
 if gate.user is None:
     if gate.state == "no-role" and st.session_state.get("_nva_refused") != gate.who:
         try:  # best effort: the refusal stands even if it cannot be logged
-            services.access_log(services.app_config()).record(user=gate.who, role="none", action="access-denied",
-                                                              target="nva", detail="signed in without an NVA role")
+            services.access_log(services.app_config()).record(
+                user=gate.who,
+                role="none",
+                action="access-denied",
+                target="nva",
+                detail="signed in without an NVA role",
+            )
             st.session_state["_nva_refused"] = gate.who
         except services.AccessLogError:
             logging.getLogger(__name__).exception("no-role refusal could not be logged")
@@ -51,9 +57,12 @@ pages = [
 if user.can("audit"):
     pages.append(st.Page(PAGES / "audit.py", title="Audit", icon=":material/fact_check:", url_path="audit"))
 if user.can("access-log"):
-    pages.append(st.Page(PAGES / "access_log.py", title="Access log", icon=":material/policy:",
-                         url_path="access-log"))
-pages.append(st.Page(PAGES / "status.py", title="Settings and status", icon=":material/settings:", url_path="status"))
+    pages.append(
+        st.Page(PAGES / "access_log.py", title="Access log", icon=":material/policy:", url_path="access-log")
+    )
+pages.append(
+    st.Page(PAGES / "status.py", title="Settings and status", icon=":material/settings:", url_path="status")
+)
 nav = st.navigation(pages)
 with st.sidebar:
     render.user_box(user)

@@ -49,28 +49,42 @@ class _HandoffPdf(FPDF):
 def ward_handoff_pdf(ward_name: str, rows: list[services.HandoffRow], now: datetime) -> bytes:
     """The whole ward's handoff as PDF bytes: overview table, then I-PASS per patient with numbered sources."""
     created = datetime.now(UTC)
-    pdf = _HandoffPdf(f"NVA ward handoff - {ward_name} - judged at {now:%d %b %Y %H:%M} UTC - "
-                      f"printed {created:%d %b %Y %H:%M} UTC")
+    pdf = _HandoffPdf(
+        f"NVA ward handoff - {ward_name} - judged at {now:%d %b %Y %H:%M} UTC - "
+        f"printed {created:%d %b %Y %H:%M} UTC"
+    )
     f = pdf.font_name
     t = pdf.text_ok
     pdf.add_page()
     pdf.set_font(f, "B", 15)
     pdf.cell(0, 9, t(f"Ward handoff: {ward_name}"), new_x="LMARGIN", new_y="NEXT")
     pdf.set_font(f, "", 9)
-    pdf.cell(0, 5, t(f"{len(rows)} patients, sickest first (NEWS2, illness severity, worst flag)"),
-             new_x="LMARGIN", new_y="NEXT")
+    pdf.cell(
+        0,
+        5,
+        t(f"{len(rows)} patients, sickest first (NEWS2, illness severity, worst flag)"),
+        new_x="LMARGIN",
+        new_y="NEXT",
+    )
     pdf.ln(2)
-    with pdf.table(col_widths=(22, 40, 12, 18, 94), text_align="LEFT", line_height=4.2,
-                   first_row_as_headings=True) as table:
+    with pdf.table(
+        col_widths=(22, 40, 12, 18, 94), text_align="LEFT", line_height=4.2, first_row_as_headings=True
+    ) as table:
         pdf.set_font(f, "", 7.5)
         table.row([t(x) for x in ("Bed", "Patient", "NEWS2", "Severity", "Top flags / pending")])
         for r in rows:
             name = r.view.chart.patient.name if r.view.chart else f"Patient/{r.patient_id}"
             flags = "; ".join(f"{x.severity.upper()}: {x.title}" for x in r.view.findings[:3])
             pending = "; ".join(r.pending[:2])
-            table.row([t(services.bed_label(r.view)), t(name),
-                       "-" if r.view.news2_total is None else str(r.view.news2_total), t(r.level or "-"),
-                       t(" | ".join(x for x in (flags, pending) if x) or "-")])
+            table.row(
+                [
+                    t(services.bed_label(r.view)),
+                    t(name),
+                    "-" if r.view.news2_total is None else str(r.view.news2_total),
+                    t(r.level or "-"),
+                    t(" | ".join(x for x in (flags, pending) if x) or "-"),
+                ]
+            )
     for r in rows:
         _patient_section(pdf, r)
     return bytes(pdf.output())
@@ -87,25 +101,51 @@ def _patient_section(pdf: _HandoffPdf, r: services.HandoffRow) -> None:
     pdf.ln(1.5)
     pdf.set_font(f, "B", 11)
     if view.chart is None:
-        pdf.multi_cell(0, 5.5, t(f"Patient/{r.patient_id}: chart not loaded ({view.error})"),
-                       new_x="LMARGIN", new_y="NEXT")
+        pdf.multi_cell(
+            0,
+            5.5,
+            t(f"Patient/{r.patient_id}: chart not loaded ({view.error})"),
+            new_x="LMARGIN",
+            new_y="NEXT",
+        )
         return
     p = view.chart.patient
     age = services.age_of(view.chart, view.now)
-    pdf.multi_cell(0, 5.5, t(f"{services.bed_label(view)} - {p.name}, {age if age is not None else '?'} y, "
-                             f"{p.sex or '?'} - NEWS2 {view.news2_total if view.news2_total is not None else '-'}"
-                             f" - {r.level or 'severity unknown'}"), new_x="LMARGIN", new_y="NEXT")
+    pdf.multi_cell(
+        0,
+        5.5,
+        t(
+            f"{services.bed_label(view)} - {p.name}, {age if age is not None else '?'} y, "
+            f"{p.sex or '?'} - NEWS2 {view.news2_total if view.news2_total is not None else '-'}"
+            f" - {r.level or 'severity unknown'}"
+        ),
+        new_x="LMARGIN",
+        new_y="NEXT",
+    )
     allergies = view.chart.active_allergies()
     pdf.set_font(f, "B", 8.5)
     pdf.set_text_color(180, 35, 24)
-    pdf.multi_cell(0, 4.5, t("Allergies: " + ("; ".join(a.substance for a in allergies) if allergies else
-                                              "none recorded as active")), new_x="LMARGIN", new_y="NEXT")
+    pdf.multi_cell(
+        0,
+        4.5,
+        t(
+            "Allergies: "
+            + ("; ".join(a.substance for a in allergies) if allergies else "none recorded as active")
+        ),
+        new_x="LMARGIN",
+        new_y="NEXT",
+    )
     pdf.set_text_color(0, 0, 0)
     result = r.handoff()
     if result is None:
         pdf.set_font(f, "", 8.5)
-        pdf.multi_cell(0, 4.5, t("I-PASS handoff could not be composed; see the patient view."),
-                       new_x="LMARGIN", new_y="NEXT")
+        pdf.multi_cell(
+            0,
+            4.5,
+            t("I-PASS handoff could not be composed; see the patient view."),
+            new_x="LMARGIN",
+            new_y="NEXT",
+        )
         return
     numbers: dict[str, int] = {}
     for heading, sentences in services.ipass_sections(result):
@@ -123,11 +163,17 @@ def _patient_section(pdf: _HandoffPdf, r: services.HandoffRow) -> None:
         for line in items or ["nothing recorded"]:
             pdf.multi_cell(0, 4.3, t(f"- {line}"), new_x="LMARGIN", new_y="NEXT")
     pdf.set_font(f, "B", 8.5)
-    pdf.multi_cell(0, 5, t(services.synthesis_line(result).replace("[ ]", "[  ]")), new_x="LMARGIN",
-                   new_y="NEXT")
+    pdf.multi_cell(
+        0, 5, t(services.synthesis_line(result).replace("[ ]", "[  ]")), new_x="LMARGIN", new_y="NEXT"
+    )
     if numbers:
         pdf.set_font(f, "", 6.5)
         pdf.set_text_color(71, 84, 103)
-        pdf.multi_cell(0, 3.4, t("Sources: " + "  ".join(f"[{n}] {ref}" for ref, n in numbers.items())),
-                       new_x="LMARGIN", new_y="NEXT")
+        pdf.multi_cell(
+            0,
+            3.4,
+            t("Sources: " + "  ".join(f"[{n}] {ref}" for ref, n in numbers.items())),
+            new_x="LMARGIN",
+            new_y="NEXT",
+        )
         pdf.set_text_color(0, 0, 0)

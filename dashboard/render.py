@@ -22,8 +22,13 @@ SEVERITY_COLORS = {"high": "#b42318", "medium": "#b54708", "low": "#1d4ed8"}
 SEVERITY_BADGE = {"high": "red", "medium": "orange", "low": "blue"}
 MAR_COLORS = {"given": "#15803d", "held": "#6b7280", "due": "#1d4ed8", "late": "#b42318"}
 log = logging.getLogger(__name__)
-VITALS = (("heart_rate", "Heart rate"), ("respiratory_rate", "Respiratory rate"), ("spo2", "SpO2"),
-          ("systolic_bp", "Systolic BP"), ("temperature", "Temperature"))
+VITALS = (
+    ("heart_rate", "Heart rate"),
+    ("respiratory_rate", "Respiratory rate"),
+    ("spo2", "SpO2"),
+    ("systolic_bp", "Systolic BP"),
+    ("temperature", "Temperature"),
+)
 
 CSS = """
 <style>
@@ -58,8 +63,11 @@ def page_setup() -> None:
 def user_box(user: User) -> None:
     """Sidebar: the demo banner, or who is signed in with which role and wards, and sign-out."""
     if user.demo:
-        st.markdown('<div class="nva-demo"><b>Local demo mode</b> (127.0.0.1 only): no sign-in, no access control; '
-                    "every page is open. Configure sign-in before real patients.</div>", unsafe_allow_html=True)
+        st.markdown(
+            '<div class="nva-demo"><b>Local demo mode</b> (127.0.0.1 only): no sign-in, no access control; '
+            "every page is open. Configure sign-in before real patients.</div>",
+            unsafe_allow_html=True,
+        )
         return
     wards = "all wards" if user.all_wards else (", ".join(w.split("/")[-1] for w in user.wards) or "no wards")
     st.caption(f"Signed in as **{user.name}** · {user.role} · {wards}")
@@ -72,17 +80,26 @@ def gate_page(g: services.Gate) -> None:
     if g.state == "sign-in":
         st.info("Sign in with your hospital account to open NVA.", icon=":material/login:")
         if importlib.util.find_spec("authlib") is None:
-            st.error("Sign-in is configured but Authlib is not installed: `pip install 'streamlit[auth]'`.",
-                     icon=":material/error:")
+            st.error(
+                "Sign-in is configured but Authlib is not installed: `pip install 'streamlit[auth]'`.",
+                icon=":material/error:",
+            )
             return
         for provider in services.auth_providers():
-            st.button(f"Sign in with {provider}" if provider else "Sign in", key=f"login-{provider or 'default'}",
-                      type="primary", icon=":material/login:", on_click=st.login,
-                      args=(provider,) if provider else ())
+            st.button(
+                f"Sign in with {provider}" if provider else "Sign in",
+                key=f"login-{provider or 'default'}",
+                type="primary",
+                icon=":material/login:",
+                on_click=st.login,
+                args=(provider,) if provider else (),
+            )
     elif g.state == "no-role":
-        st.error(f"**You have no NVA role — ask your administrator.** Signed in as {g.who}; an administrator must "
-                 "give you the role nurse, charge-nurse or auditor (identity provider claim or NVA role file).",
-                 icon=":material/block:")
+        st.error(
+            f"**You have no NVA role — ask your administrator.** Signed in as {g.who}; an administrator must "
+            "give you the role nurse, charge-nurse or auditor (identity provider claim or NVA role file).",
+            icon=":material/block:",
+        )
         st.button("Sign out", key="nva-logout", icon=":material/logout:", on_click=st.logout)
     elif g.state == "demo-exposed":
         st.error(f"**NVA refuses to start in local demo mode.** {g.message}", icon=":material/gpp_bad:")
@@ -100,15 +117,18 @@ def refuse(cfg: services.AppConfig, user: User, target: str, message: str, detai
     st.stop()
 
 
-def record_or_stop(cfg: services.AppConfig, user: User, action: str, target: str, detail: str = "",
-                   *, once: bool = True) -> None:
+def record_or_stop(
+    cfg: services.AppConfig, user: User, action: str, target: str, detail: str = "", *, once: bool = True
+) -> None:
     """Log an access before showing it; if the log cannot be written, show nothing but the reason."""
     try:
         services.record_access(cfg, user, action, target, detail, once=once)
     except services.AccessLogError as exc:
-        st.error(f"**Not shown: the access could not be recorded.** NVA only shows patient data it can log. {exc}. "
-                 "Check NVA_ACCESS_LOG / NVA_DATA_DIR (writable, disk not full) or call your administrator.",
-                 icon=":material/error:")
+        st.error(
+            f"**Not shown: the access could not be recorded.** NVA only shows patient data it can log. {exc}. "
+            "Check NVA_ACCESS_LOG / NVA_DATA_DIR (writable, disk not full) or call your administrator.",
+            icon=":material/error:",
+        )
         st.stop()
 
 
@@ -132,18 +152,25 @@ def severity_badge(severity: str) -> str:
 def load_banners(view: services.PatientView, file_errors: list[tuple[str, str]] | None = None) -> None:
     """A visible banner for every part of the chart that could not be loaded: which part, and why."""
     if view.error:
-        st.error(f"**The chart of Patient/{view.patient_id} could not be loaded.** {view.error}", icon=":material/error:")
+        st.error(
+            f"**The chart of Patient/{view.patient_id} could not be loaded.** {view.error}",
+            icon=":material/error:",
+        )
     issues = view.error_issues
     if issues:
         lines = "\n".join(f"- **{i.source}**: {i.message} ({i.code})" for i in issues[:12])
         more = f"\n- ... and {len(issues) - 12} more" if len(issues) > 12 else ""
-        st.error(f"**Part of this chart could not be loaded** ({len(issues)} problem"
-                 f"{'s' if len(issues) != 1 else ''}); what is shown may be incomplete:\n{lines}{more}",
-                 icon=":material/report:")
+        st.error(
+            f"**Part of this chart could not be loaded** ({len(issues)} problem"
+            f"{'s' if len(issues) != 1 else ''}); what is shown may be incomplete:\n{lines}{more}",
+            icon=":material/report:",
+        )
     if file_errors:
         lines = "\n".join(f"- **{f}**: {why}" for f, why in file_errors[:12])
-        st.error(f"**{len(file_errors)} source file(s) could not be read**; patients in them are missing:\n{lines}",
-                 icon=":material/report:")
+        st.error(
+            f"**{len(file_errors)} source file(s) could not be read**; patients in them are missing:\n{lines}",
+            icon=":material/report:",
+        )
     for note in view.notices:
         st.info(note, icon=":material/info:")
 
@@ -158,18 +185,29 @@ def patient_header(view: services.PatientView) -> None:
     where = "location not recorded"
     if enc and (enc.ward_name or enc.bed_name):
         bed = enc.bed_name or ""
-        where = bed if enc.ward_name and enc.ward_name in bed else " · ".join(x for x in (enc.ward_name, bed) if x)
+        where = (
+            bed
+            if enc.ward_name and enc.ward_name in bed
+            else " · ".join(x for x in (enc.ward_name, bed) if x)
+        )
     st.markdown(f"## {p.name}")
-    bits = [f"**{age} y**" if age is not None else "age unknown", (p.sex or "sex not recorded").capitalize(),
-            where, f"MRN {p.mrn}" if p.mrn else None, f"`{p.ref}`"]
+    bits = [
+        f"**{age} y**" if age is not None else "age unknown",
+        (p.sex or "sex not recorded").capitalize(),
+        where,
+        f"MRN {p.mrn}" if p.mrn else None,
+        f"`{p.ref}`",
+    ]
     st.markdown(" · ".join(b for b in bits if b))
     if enc and enc.reason:
         st.caption(f"Admitted {fmt_time(enc.start)} for {enc.reason}")
     allergy_banner(chart)
     status = services.code_status(chart)
     if status:
-        st.markdown(f"**Code status:** {status[0]} <span class='nva-muted'>({status[1]})</span>",
-                    unsafe_allow_html=True)
+        st.markdown(
+            f"**Code status:** {status[0]} <span class='nva-muted'>({status[1]})</span>",
+            unsafe_allow_html=True,
+        )
 
 
 def allergy_banner(chart: Chart) -> None:
@@ -177,16 +215,26 @@ def allergy_banner(chart: Chart) -> None:
     if active:
         parts = []
         for a in active:
-            crit = f" — {a.criticality} criticality" if a.criticality and a.criticality != "unable-to-assess" else ""
+            crit = (
+                f" — {a.criticality} criticality"
+                if a.criticality and a.criticality != "unable-to-assess"
+                else ""
+            )
             react = f" ({', '.join(a.reactions)})" if a.reactions else ""
             parts.append(f"{a.substance}{react}{crit}")
-        st.markdown(f'<div class="nva-allergy">ALLERGIES: {"; ".join(_esc(x) for x in parts)}</div>',
-                    unsafe_allow_html=True)
+        st.markdown(
+            f'<div class="nva-allergy">ALLERGIES: {"; ".join(_esc(x) for x in parts)}</div>',
+            unsafe_allow_html=True,
+        )
     elif any(a.no_known_allergy for a in chart.allergies):
-        st.markdown('<div class="nva-allergy nka">No known allergies (recorded)</div>', unsafe_allow_html=True)
+        st.markdown(
+            '<div class="nva-allergy nka">No known allergies (recorded)</div>', unsafe_allow_html=True
+        )
     else:
-        st.markdown('<div class="nva-allergy unknown">Allergy status not recorded — ask and document</div>',
-                    unsafe_allow_html=True)
+        st.markdown(
+            '<div class="nva-allergy unknown">Allergy status not recorded — ask and document</div>',
+            unsafe_allow_html=True,
+        )
 
 
 def _esc(text: str) -> str:
@@ -203,8 +251,11 @@ def flags_section(view: services.PatientView, key: str) -> list[tuple[Finding, A
     slots = []
     for n, f in enumerate(view.findings):
         with st.container(border=True, key=f"flag-{f.severity}-{key}-{n}"):
-            st.markdown(f"{severity_badge(f.severity)} **{f.title}** <span class='nva-muted'>· {f.rule_id}"
-                        f"{'' if f.verified else ' · UNVERIFIED (LLM-suggested)'}</span>", unsafe_allow_html=True)
+            st.markdown(
+                f"{severity_badge(f.severity)} **{f.title}** <span class='nva-muted'>· {f.rule_id}"
+                f"{'' if f.verified else ' · UNVERIFIED (LLM-suggested)'}</span>",
+                unsafe_allow_html=True,
+            )
             st.markdown(f.message)
             if f.values:
                 st.markdown(evidence_table(f.values, view.now))
@@ -222,8 +273,10 @@ def _cell(text: Any) -> str:
 def evidence_table(values: Any, now: datetime | None) -> str:
     """Evidence values as a Markdown table (light to render: flags must paint first)."""
     rows = ["| Evidence | Value | Time | Source |", "| --- | --- | --- | --- |"]
-    rows += [f"| {_cell(v.label)} | {_cell(v.value or '')} | {_cell(fmt_time(v.time, now))} | `{v.ref}` |"
-             for v in values]
+    rows += [
+        f"| {_cell(v.label)} | {_cell(v.value or '')} | {_cell(fmt_time(v.time, now))} | `{v.ref}` |"
+        for v in values
+    ]
     return "\n".join(rows)
 
 
@@ -248,8 +301,14 @@ def citation_buttons(view: services.PatientView, refs: list[str], key: str, labe
     cols[0].caption(label)
     for i, ref in enumerate(refs):
         col = cols[1 + i % 4]
-        col.button(ref, key=f"cite-{key}-{i}", type="tertiary", icon=":material/description:",
-                   on_click=_open_source, args=(view.patient_id, ref))
+        col.button(
+            ref,
+            key=f"cite-{key}-{i}",
+            type="tertiary",
+            icon=":material/description:",
+            on_click=_open_source,
+            args=(view.patient_id, ref),
+        )
 
 
 def _open_source(patient_id: str, ref: str) -> None:
@@ -312,17 +371,35 @@ def find_fact(chart: Chart | None, ref: str) -> Any | None:
         return None
     if ref == chart.patient.ref:
         return chart.patient
-    for group in (chart.results, chart.orders, chart.administrations, chart.allergies, chart.conditions,
-                  chart.notes, chart.encounters):
+    for group in (
+        chart.results,
+        chart.orders,
+        chart.administrations,
+        chart.allergies,
+        chart.conditions,
+        chart.notes,
+        chart.encounters,
+    ):
         for item in group:
             if item.ref == ref:
                 return item
     return None
 
 
-_LABELS = {"ref_low": "Reference low", "ref_high": "Reference high", "value_text": "Value (text)",
-           "order_ref": "Order", "status_reason": "Reason", "dose_text": "Dose (as written)", "resolved_by": "Resolved by",
-           "birth_date": "Born", "mrn": "MRN", "bed_name": "Bed", "ward_name": "Ward", "class_code": "Class"}
+_LABELS = {
+    "ref_low": "Reference low",
+    "ref_high": "Reference high",
+    "value_text": "Value (text)",
+    "order_ref": "Order",
+    "status_reason": "Reason",
+    "dose_text": "Dose (as written)",
+    "resolved_by": "Resolved by",
+    "birth_date": "Born",
+    "mrn": "MRN",
+    "bed_name": "Bed",
+    "ward_name": "Ward",
+    "class_code": "Class",
+}
 _SKIP = {"ref", "ingredients", "classes", "rxnorm_codes", "codes", "ward_ref", "bed_ref", "text"}
 
 
@@ -341,8 +418,11 @@ def readable_rows(fact: Any, raw: dict | None) -> list[tuple[str, str]]:
         return rows
     if raw:
         for k, v in raw.items():
-            if k in ("meta", "text", "contained") or isinstance(v, (dict, list)) and k not in ("code", "name",
-                                                                                                   "physicalType"):
+            if (
+                k in ("meta", "text", "contained")
+                or isinstance(v, (dict, list))
+                and k not in ("code", "name", "physicalType")
+            ):
                 continue
             rows.append((k, _fmt_value(v)))
     return rows
@@ -355,12 +435,17 @@ def _fmt_value(v: Any) -> str:
         if "value" in v and "unit" in v:
             from assistant.model import Quantity
 
-            return str(Quantity(float(v["value"]), str(v["unit"] or ""))) if isinstance(v["value"], (int, float)) \
+            return (
+                str(Quantity(float(v["value"]), str(v["unit"] or "")))
+                if isinstance(v["value"], (int, float))
                 else f"{v['value']} {v['unit']}"
+            )
         if "frequency" in v and "period_unit" in v:
             return str(v.get("text") or "") or (
-                "as needed" if v.get("as_needed") else
-                f"{v.get('frequency') or '?'} per {_num(v['period']) if v.get('period') else '?'} {v.get('period_unit') or ''}")
+                "as needed"
+                if v.get("as_needed")
+                else f"{v.get('frequency') or '?'} per {_num(v['period']) if v.get('period') else '?'} {v.get('period_unit') or ''}"
+            )
         if "text" in v and v["text"]:
             return str(v["text"])
         for c in v.get("coding", []) or []:
@@ -385,8 +470,12 @@ def sentence_markdown(sentences: list[Any], numbers: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-def summary_section(cfg: services.AppConfig, view: services.PatientView, slot: Any,
-                    passages: list[services.Passage] | None = None) -> None:
+def summary_section(
+    cfg: services.AppConfig,
+    view: services.PatientView,
+    slot: Any,
+    passages: list[services.Passage] | None = None,
+) -> None:
     """Stream the cited summary into `slot`; only sentences the verifier let through are shown."""
     cache = st.session_state.setdefault("_nva_summaries", {})
     result = cache.get(view.patient_id)
@@ -399,8 +488,10 @@ def summary_section(cfg: services.AppConfig, view: services.PatientView, slot: A
         try:
             stream = services.compose_summary_stream(cfg, view, passages)
         except Exception as exc:  # noqa: BLE001 - the summary is an aid; facts above stand alone
-            slot.warning(f"The summary could not be composed ({type(exc).__name__}: {exc}). The facts and flags "
-                         "above are complete.")
+            slot.warning(
+                f"The summary could not be composed ({type(exc).__name__}: {exc}). The facts and flags "
+                "above are complete."
+            )
             return
         shown: list[Any] = []
         last = 0.0
@@ -418,18 +509,35 @@ def summary_section(cfg: services.AppConfig, view: services.PatientView, slot: A
 
 def render_summary(view: services.PatientView, result: Any, key: str) -> None:
     numbers: dict[str, int] = {}
-    st.markdown(sentence_markdown(list(result.sentences), numbers) or "_No facts to summarize._",
-                unsafe_allow_html=True)
-    origin = "LLM, verified sentence by sentence" if any(s.origin == "llm" for s in result.sentences) else "template"
-    extra = [f"{len(result.dropped)} sentence(s) dropped by the verifier and not shown"] if result.dropped else []
-    st.caption(" · ".join([f"Composed by {origin}" + (f" ({result.model})" if result.model else ""), *extra,
-                           *result.notes]))
+    st.markdown(
+        sentence_markdown(list(result.sentences), numbers) or "_No facts to summarize._",
+        unsafe_allow_html=True,
+    )
+    origin = (
+        "LLM, verified sentence by sentence"
+        if any(s.origin == "llm" for s in result.sentences)
+        else "template"
+    )
+    extra = (
+        [f"{len(result.dropped)} sentence(s) dropped by the verifier and not shown"] if result.dropped else []
+    )
+    st.caption(
+        " · ".join(
+            [f"Composed by {origin}" + (f" ({result.model})" if result.model else ""), *extra, *result.notes]
+        )
+    )
     if numbers:
         with st.expander(f"Sources ({len(numbers)})", expanded=False):
             refs = sorted(numbers, key=numbers.get)
             for i, ref in enumerate(refs):
-                st.button(f"[{numbers[ref]}] {ref}", key=f"{key}-src-{i}", type="tertiary",
-                          icon=":material/description:", on_click=_open_source, args=(view.patient_id, ref))
+                st.button(
+                    f"[{numbers[ref]}] {ref}",
+                    key=f"{key}-src-{i}",
+                    type="tertiary",
+                    icon=":material/description:",
+                    on_click=_open_source,
+                    args=(view.patient_id, ref),
+                )
 
 
 # --- labs --------------------------------------------------------------------------------------------
@@ -445,9 +553,17 @@ def labs_table(chart: Chart, now: datetime) -> pd.DataFrame:
         rng = ""
         if r.ref_low is not None or r.ref_high is not None:
             rng = f"{'' if r.ref_low is None else _num(r.ref_low)}–{'' if r.ref_high is None else _num(r.ref_high)}"
-        rows.append({"Time": r.time, "Test": r.name, "Value": r.display_value(), "Reference": rng,
-                     "Flag": (r.interpretation or ("abnormal" if r.abnormal else "")) if r.abnormal else "",
-                     "Status": r.status, "Source": r.ref})
+        rows.append(
+            {
+                "Time": r.time,
+                "Test": r.name,
+                "Value": r.display_value(),
+                "Reference": rng,
+                "Flag": (r.interpretation or ("abnormal" if r.abnormal else "")) if r.abnormal else "",
+                "Status": r.status,
+                "Source": r.ref,
+            }
+        )
     df = pd.DataFrame(rows, columns=["Time", "Test", "Value", "Reference", "Flag", "Status", "Source"])
     return df.sort_values("Time", ascending=False) if not df.empty else df
 
@@ -474,17 +590,28 @@ def labs_section(view: services.PatientView, key: str) -> Any:
         if _is_lab(r) and r.value is not None:
             analytes.setdefault(r.analyte, r.name)
     abnormal = [a for a in analytes if any(r.abnormal for r in chart.results_for(a))]
-    chosen = st.multiselect("Trend", options=list(analytes), default=abnormal[:4] or list(analytes)[:2],
-                            format_func=lambda a: analytes[a], key=f"trend-{key}")
+    chosen = st.multiselect(
+        "Trend",
+        options=list(analytes),
+        default=abnormal[:4] or list(analytes)[:2],
+        format_func=lambda a: analytes[a],
+        key=f"trend-{key}",
+    )
     holder = st.container()
 
     def draw() -> None:
         with holder.expander(f"All laboratory results ({len(df)})"):
-            st.dataframe(df.style.apply(_highlight, axis=1), hide_index=True, width="stretch",
-                         column_config={"Time": st.column_config.DatetimeColumn(format="DD MMM HH:mm")})
+            st.dataframe(
+                df.style.apply(_highlight, axis=1),
+                hide_index=True,
+                width="stretch",
+                column_config={"Time": st.column_config.DatetimeColumn(format="DD MMM HH:mm")},
+            )
         cols = holder.columns(2)
         for i, analyte in enumerate(chosen):
-            cols[i % 2].altair_chart(trend_chart(chart.results_for(analyte), analytes[analyte]), width="stretch")
+            cols[i % 2].altair_chart(
+                trend_chart(chart.results_for(analyte), analytes[analyte]), width="stretch"
+            )
 
     return draw
 
@@ -509,36 +636,57 @@ def latest_labs_html(chart: Chart, now: datetime) -> str:
             rng = f"{'' if cur.ref_low is None else _num(cur.ref_low)}–{'' if cur.ref_high is None else _num(cur.ref_high)}"
         flag = (cur.interpretation or "abnormal") if cur.abnormal else ""
         cls = ' class="abn"' if cur.abnormal else ""
-        rows.append(f"<tr{cls}><td>{_esc(cur.name)}</td><td><b>{_esc(cur.display_value())}</b></td>"
-                    f"<td>{_esc(flag)}</td><td>{_esc(fmt_time(cur.time, now))}</td>"
-                    f"<td>{_esc(prev.display_value()) if prev else ''}</td><td>{_esc(rng)}</td>"
-                    f"<td><code>{_esc(cur.ref)}</code></td></tr>")
-    head = ("<tr><th>Test</th><th>Latest</th><th>Flag</th><th>Time</th><th>Previous</th><th>Reference</th>"
-            "<th>Source</th></tr>")
+        rows.append(
+            f"<tr{cls}><td>{_esc(cur.name)}</td><td><b>{_esc(cur.display_value())}</b></td>"
+            f"<td>{_esc(flag)}</td><td>{_esc(fmt_time(cur.time, now))}</td>"
+            f"<td>{_esc(prev.display_value()) if prev else ''}</td><td>{_esc(rng)}</td>"
+            f"<td><code>{_esc(cur.ref)}</code></td></tr>"
+        )
+    head = (
+        "<tr><th>Test</th><th>Latest</th><th>Flag</th><th>Time</th><th>Previous</th><th>Reference</th>"
+        "<th>Source</th></tr>"
+    )
     return f'<table class="nva-labs"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def trend_chart(results: list[Result], title: str) -> alt.LayerChart | alt.Chart:
-    rows = [{"time": r.time, "value": r.value, "abnormal": "abnormal" if r.abnormal else "in range",
-             "display": r.display_value(), "ref": r.ref} for r in results if r.value is not None]
+    rows = [
+        {
+            "time": r.time,
+            "value": r.value,
+            "abnormal": "abnormal" if r.abnormal else "in range",
+            "display": r.display_value(),
+            "ref": r.ref,
+        }
+        for r in results
+        if r.value is not None
+    ]
     df = pd.DataFrame(rows)
     unit = next((r.unit for r in results if r.unit), "")
     base = alt.Chart(df).encode(x=alt.X("time:T", title=None, axis=alt.Axis(format="%d %b %H:%M")))
-    line = base.mark_line(color="#334155").encode(y=alt.Y("value:Q", title=unit or None,
-                                                          scale=alt.Scale(zero=False)))
+    line = base.mark_line(color="#334155").encode(
+        y=alt.Y("value:Q", title=unit or None, scale=alt.Scale(zero=False))
+    )
     points = base.mark_point(filled=True, size=60).encode(
         y="value:Q",
-        color=alt.Color("abnormal:N", scale=alt.Scale(domain=["in range", "abnormal"], range=["#334155", "#b42318"]),
-                        legend=None),
-        tooltip=[alt.Tooltip("time:T", format="%d %b %H:%M"), "display:N", "ref:N"])
+        color=alt.Color(
+            "abnormal:N",
+            scale=alt.Scale(domain=["in range", "abnormal"], range=["#334155", "#b42318"]),
+            legend=None,
+        ),
+        tooltip=[alt.Tooltip("time:T", format="%d %b %H:%M"), "display:N", "ref:N"],
+    )
     layers: list[Any] = []
     low = next((r.ref_low for r in reversed(results) if r.ref_low is not None), None)
     high = next((r.ref_high for r in reversed(results) if r.ref_high is not None), None)
     if low is not None or high is not None and not df.empty:
         lo = low if low is not None else min(df["value"].min(), high)  # type: ignore[type-var]
         hi = high if high is not None else max(df["value"].max(), low)  # type: ignore[type-var]
-        band = alt.Chart(pd.DataFrame({"lo": [lo], "hi": [hi]})).mark_rect(color="#16a34a", opacity=0.12).encode(
-            y="lo:Q", y2="hi:Q")
+        band = (
+            alt.Chart(pd.DataFrame({"lo": [lo], "hi": [hi]}))
+            .mark_rect(color="#16a34a", opacity=0.12)
+            .encode(y="lo:Q", y2="hi:Q")
+        )
         layers.append(band)
     layers += [line, points]
     return alt.layer(*layers).properties(title=title, height=180)
@@ -551,17 +699,26 @@ def vitals_section(view: services.PatientView, key: str) -> None:
     st.markdown("### Vital signs and NEWS2")
     score = view.news2_score
     cols = st.columns(len(VITALS) + 1)
-    cols[0].metric("NEWS2", "—" if view.news2_total is None else str(view.news2_total),
-                   delta=None if score is None or view.news2_total is None else f"{score.band} risk",
-                   delta_color="off")
+    cols[0].metric(
+        "NEWS2",
+        "—" if view.news2_total is None else str(view.news2_total),
+        delta=None if score is None or view.news2_total is None else f"{score.band} risk",
+        delta_color="off",
+    )
     if score is not None and view.news2_total is not None:
         parts = ", ".join(f"{p.label} {p.value} (+{p.points})" for p in score.parameters if p.points)
-        st.caption(f"NEWS2 {score.total} ({score.band}): {score.response or 'routine monitoring'}"
-                   + (f" — scored: {parts}" if parts else "")
-                   + (f" — **missing, may be understated:** {', '.join(score.missing)}" if score.missing else ""))
+        st.caption(
+            f"NEWS2 {score.total} ({score.band}): {score.response or 'routine monitoring'}"
+            + (f" — scored: {parts}" if parts else "")
+            + (f" — **missing, may be understated:** {', '.join(score.missing)}" if score.missing else "")
+        )
     for col, (analyte, label) in zip(cols[1:], VITALS, strict=True):
         r = chart.latest(analyte)
-        col.metric(label, r.display_value() if r else "—", help=f"{fmt_time(r.time, view.now)} · {r.ref}" if r else None)
+        col.metric(
+            label,
+            r.display_value() if r else "—",
+            help=f"{fmt_time(r.time, view.now)} · {r.ref}" if r else None,
+        )
     rows = []
     for analyte, label in VITALS:
         for r in chart.results_for(analyte):
@@ -572,23 +729,59 @@ def vitals_section(view: services.PatientView, key: str) -> None:
         return
     charts = []
     if view.news2:
-        nd = pd.DataFrame([{"time": p.time, "NEWS2": p.score, "band": p.band or "",
-                            "parts": ", ".join(f"{k} {v}" for k, v in p.parts.items() if v)} for p in view.news2])
-        bands = alt.Chart(pd.DataFrame({"lo": [0, 5, 7], "hi": [4.5, 6.5, 20],
-                                        "risk": ["low", "medium", "high"]})).mark_rect(opacity=0.10).encode(
-            y="lo:Q", y2="hi:Q", color=alt.Color("risk:N", scale=alt.Scale(
-                domain=["low", "medium", "high"], range=["#16a34a", "#f59e0b", "#b42318"]), legend=None))
-        news = alt.Chart(nd).mark_line(point=True, color="#0f172a", interpolate="step-after").encode(
-            x=alt.X("time:T", title=None), y=alt.Y("NEWS2:Q", scale=alt.Scale(domain=[0, max(10, int(nd.NEWS2.max()) + 1)])),
-            tooltip=[alt.Tooltip("time:T", format="%d %b %H:%M"), "NEWS2:Q", "band:N", "parts:N"])
+        nd = pd.DataFrame(
+            [
+                {
+                    "time": p.time,
+                    "NEWS2": p.score,
+                    "band": p.band or "",
+                    "parts": ", ".join(f"{k} {v}" for k, v in p.parts.items() if v),
+                }
+                for p in view.news2
+            ]
+        )
+        bands = (
+            alt.Chart(
+                pd.DataFrame({"lo": [0, 5, 7], "hi": [4.5, 6.5, 20], "risk": ["low", "medium", "high"]})
+            )
+            .mark_rect(opacity=0.10)
+            .encode(
+                y="lo:Q",
+                y2="hi:Q",
+                color=alt.Color(
+                    "risk:N",
+                    scale=alt.Scale(
+                        domain=["low", "medium", "high"], range=["#16a34a", "#f59e0b", "#b42318"]
+                    ),
+                    legend=None,
+                ),
+            )
+        )
+        news = (
+            alt.Chart(nd)
+            .mark_line(point=True, color="#0f172a", interpolate="step-after")
+            .encode(
+                x=alt.X("time:T", title=None),
+                y=alt.Y("NEWS2:Q", scale=alt.Scale(domain=[0, max(10, int(nd.NEWS2.max()) + 1)])),
+                tooltip=[alt.Tooltip("time:T", format="%d %b %H:%M"), "NEWS2:Q", "band:N", "parts:N"],
+            )
+        )
         charts.append((bands + news).properties(title="NEWS2 over time", height=170))
     if rows:
         vd = pd.DataFrame(rows)
-        vit = alt.Chart(vd).mark_line(point=True).encode(
-            x=alt.X("time:T", title=None), y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
-            color=alt.Color("vital:N", legend=None),
-            tooltip=[alt.Tooltip("time:T", format="%d %b %H:%M"), "vital:N", "display:N"],
-        ).properties(height=110, width="container").facet(row=alt.Row("vital:N", title=None)).resolve_scale(y="independent")
+        vit = (
+            alt.Chart(vd)
+            .mark_line(point=True)
+            .encode(
+                x=alt.X("time:T", title=None),
+                y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
+                color=alt.Color("vital:N", legend=None),
+                tooltip=[alt.Tooltip("time:T", format="%d %b %H:%M"), "vital:N", "display:N"],
+            )
+            .properties(height=110, width="container")
+            .facet(row=alt.Row("vital:N", title=None))
+            .resolve_scale(y="independent")
+        )
         charts.append(vit)
     for c in charts:
         st.altair_chart(c, width="stretch")
@@ -603,28 +796,68 @@ def meds_section(view: services.PatientView, key: str) -> None:
     if not orders:
         st.caption("No active medication orders.")
     else:
-        rows = [{"Medication": o.text, "Dose": o.dose_text or (str(o.dose) if o.dose else ""), "Route": o.route or "",
-                 "Schedule": o.timing.text or _schedule(o), "Started": o.start or o.authored_on, "Source": o.ref}
-                for o in orders]
-        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
-                     column_config={"Started": st.column_config.DatetimeColumn(format="DD MMM HH:mm")})
+        rows = [
+            {
+                "Medication": o.text,
+                "Dose": o.dose_text or (str(o.dose) if o.dose else ""),
+                "Route": o.route or "",
+                "Schedule": o.timing.text or _schedule(o),
+                "Started": o.start or o.authored_on,
+                "Source": o.ref,
+            }
+            for o in orders
+        ]
+        st.dataframe(
+            pd.DataFrame(rows),
+            hide_index=True,
+            width="stretch",
+            column_config={"Started": st.column_config.DatetimeColumn(format="DD MMM HH:mm")},
+        )
     events = services.mar_events(chart, view.now)
     if not events:
         return
     counts = {s: sum(1 for e in events if e.state == s) for s in MAR_COLORS}
-    st.markdown("**MAR timeline** (24 h back, 12 h ahead) — " + ", ".join(f"{n} {s}" for s, n in counts.items()))
-    df = pd.DataFrame([{"time": e.time, "order": e.order[:48], "state": e.state, "detail": e.detail,
-                        "ref": e.ref or e.order_ref} for e in events])
-    marks = alt.Chart(df).mark_point(filled=True, size=110).encode(
-        x=alt.X("time:T", title=None, axis=alt.Axis(format="%d %b %H:%M")),
-        y=alt.Y("order:N", title=None, axis=alt.Axis(labelLimit=260)),
-        color=alt.Color("state:N", scale=alt.Scale(domain=list(MAR_COLORS), range=list(MAR_COLORS.values())),
-                        legend=alt.Legend(orient="top", title=None)),
-        shape=alt.Shape("state:N", scale=alt.Scale(domain=list(MAR_COLORS),
-                                                   range=["circle", "square", "triangle-up", "diamond"]), legend=None),
-        tooltip=[alt.Tooltip("time:T", format="%d %b %H:%M"), "order:N", "state:N", "detail:N", "ref:N"])
-    now_rule = alt.Chart(pd.DataFrame({"time": [view.now]})).mark_rule(color="#0f172a", strokeDash=[4, 3]).encode(
-        x="time:T")
+    st.markdown(
+        "**MAR timeline** (24 h back, 12 h ahead) — " + ", ".join(f"{n} {s}" for s, n in counts.items())
+    )
+    df = pd.DataFrame(
+        [
+            {
+                "time": e.time,
+                "order": e.order[:48],
+                "state": e.state,
+                "detail": e.detail,
+                "ref": e.ref or e.order_ref,
+            }
+            for e in events
+        ]
+    )
+    marks = (
+        alt.Chart(df)
+        .mark_point(filled=True, size=110)
+        .encode(
+            x=alt.X("time:T", title=None, axis=alt.Axis(format="%d %b %H:%M")),
+            y=alt.Y("order:N", title=None, axis=alt.Axis(labelLimit=260)),
+            color=alt.Color(
+                "state:N",
+                scale=alt.Scale(domain=list(MAR_COLORS), range=list(MAR_COLORS.values())),
+                legend=alt.Legend(orient="top", title=None),
+            ),
+            shape=alt.Shape(
+                "state:N",
+                scale=alt.Scale(
+                    domain=list(MAR_COLORS), range=["circle", "square", "triangle-up", "diamond"]
+                ),
+                legend=None,
+            ),
+            tooltip=[alt.Tooltip("time:T", format="%d %b %H:%M"), "order:N", "state:N", "detail:N", "ref:N"],
+        )
+    )
+    now_rule = (
+        alt.Chart(pd.DataFrame({"time": [view.now]}))
+        .mark_rule(color="#0f172a", strokeDash=[4, 3])
+        .encode(x="time:T")
+    )
     st.altair_chart((marks + now_rule).properties(height=max(120, 34 * df.order.nunique())), width="stretch")
 
 
@@ -641,7 +874,9 @@ def notes_section(view: services.PatientView, key: str, limit: int = 5) -> None:
     chart = view.chart
     assert chart is not None
     st.markdown("### Recent nursing notes")
-    notes = sorted(chart.notes, key=lambda n: n.time or datetime.min.replace(tzinfo=view.now.tzinfo), reverse=True)
+    notes = sorted(
+        chart.notes, key=lambda n: n.time or datetime.min.replace(tzinfo=view.now.tzinfo), reverse=True
+    )
     if not notes:
         st.caption("No notes in this chart.")
         return
@@ -652,8 +887,12 @@ def notes_section(view: services.PatientView, key: str, limit: int = 5) -> None:
 
 
 # --- page scaffolding ----------------------------------------------------------------------------------
-PAGE_TITLES = {"patient": "the patient view", "handoff-view": "the ward handoff", "audit": "the audit",
-               "access-log": "the access log"}
+PAGE_TITLES = {
+    "patient": "the patient view",
+    "handoff-view": "the ward handoff",
+    "audit": "the audit",
+    "access-log": "the access log",
+}
 
 
 def boot(permission: str) -> tuple[services.AppConfig, User]:
@@ -663,12 +902,19 @@ def boot(permission: str) -> tuple[services.AppConfig, User]:
     cfg = services.app_config()
     user = services.current_user()
     if not user.can(permission):
-        refuse(cfg, user, f"page:{permission}", f"**Your role ({user.role}) may not open "
-               f"{PAGE_TITLES.get(permission, permission)}.** Ask your administrator if you need it.",
-               "page not allowed for role")
+        refuse(
+            cfg,
+            user,
+            f"page:{permission}",
+            f"**Your role ({user.role}) may not open "
+            f"{PAGE_TITLES.get(permission, permission)}.** Ask your administrator if you need it.",
+            "page not allowed for role",
+        )
     if cfg.setup_error:
-        st.error(f"**NVA could not start:** {cfg.setup_error}. Set NVA_SOURCE to a FHIR server or bundle directory.",
-                 icon=":material/error:")
+        st.error(
+            f"**NVA could not start:** {cfg.setup_error}. Set NVA_SOURCE to a FHIR server or bundle directory.",
+            icon=":material/error:",
+        )
         st.stop()
     try:
         services.session_source(cfg)
@@ -683,8 +929,11 @@ def ward_picker(cfg: services.AppConfig, user: User) -> str | None:
     no wards (only for users who may see every ward)."""
     wards = services.ward_choices(cfg, user)
     if not wards and not user.all_wards:
-        st.error("**No ward of this data source is assigned to you.** Ask your administrator to assign your wards "
-                 "(identity provider claim or NVA role file).", icon=":material/block:")
+        st.error(
+            "**No ward of this data source is assigned to you.** Ask your administrator to assign your wards "
+            "(identity provider claim or NVA role file).",
+            icon=":material/block:",
+        )
         st.stop()
     if not wards:
         st.sidebar.caption("This source lists no wards: showing all patients.")
@@ -702,7 +951,9 @@ def freshness(cfg: services.AppConfig, loaded_at: Any, key: str) -> None:
     with st.sidebar:
         if loaded_at is not None:
             st.caption(f"Data as of {loaded_at:%d %b %Y %H:%M:%S} UTC")
-        st.caption(f"Rules judged at {cfg.rules_now():%d %b %H:%M} UTC ({'demo anchor' if cfg.anchor else 'wall clock'})")
+        st.caption(
+            f"Rules judged at {cfg.rules_now():%d %b %H:%M} UTC ({'demo anchor' if cfg.anchor else 'wall clock'})"
+        )
         if st.button("Refresh data", key=f"refresh-{key}", icon=":material/refresh:"):
             services.refresh()
             st.rerun()
@@ -731,8 +982,14 @@ def ipass_block(row: services.HandoffRow, key: str, interactive: bool) -> None:
     st.markdown("\n\n".join(parts), unsafe_allow_html=True)  # one element per patient keeps the page light
     if interactive and numbers:
         refs = sorted(numbers, key=numbers.get)
-        pick = st.selectbox("Open a cited source", refs, index=None, key=f"{key}-pick",
-                            format_func=lambda r: f"[{numbers[r]}] {r}", placeholder="Open a cited source")
+        pick = st.selectbox(
+            "Open a cited source",
+            refs,
+            index=None,
+            key=f"{key}-pick",
+            format_func=lambda r: f"[{numbers[r]}] {r}",
+            placeholder="Open a cited source",
+        )
         if pick:
             with st.container(border=True):
                 render_source(view, pick)

@@ -74,8 +74,9 @@ def role_file(values: dict[str, str]) -> dict[str, dict[str, Any]] | None:
     try:
         return _role_file(path, Path(path).stat().st_mtime)
     except (OSError, ValueError) as exc:
-        raise RoleFileError(f"the role file NVA_AUTH_ROLE_FILE={path} cannot be read ({exc}); fix it or unset it"
-                            ) from exc
+        raise RoleFileError(
+            f"the role file NVA_AUTH_ROLE_FILE={path} cannot be read ({exc}); fix it or unset it"
+        ) from exc
 
 
 def gate() -> Gate:
@@ -83,9 +84,13 @@ def gate() -> Gate:
     values = load_settings()
     configured = auth_configured()
     claims = st.user.to_dict() if configured else None
-    return resolve_gate(auth_configured=configured, server_address=st.get_option("server.address"), claims=claims,
-                        role_claim=(values.get("NVA_AUTH_ROLE_CLAIM") or "nva_role").strip(),
-                        role_file=role_file(values) if configured else None)
+    return resolve_gate(
+        auth_configured=configured,
+        server_address=st.get_option("server.address"),
+        claims=claims,
+        role_claim=(values.get("NVA_AUTH_ROLE_CLAIM") or "nva_role").strip(),
+        role_file=role_file(values) if configured else None,
+    )
 
 
 def current_user() -> User:
@@ -124,8 +129,9 @@ def access_log(cfg: AppConfig) -> AccessLog:
         raise AccessLogError(f"cannot open the access log at {path}: {exc}") from exc
 
 
-def record_access(cfg: AppConfig, user: User, action: str, target: str, detail: str = "", *,
-                  once: bool = False) -> None:
+def record_access(
+    cfg: AppConfig, user: User, action: str, target: str, detail: str = "", *, once: bool = False
+) -> None:
     """Write one access event (references only). `once`: at most once per session for this action and target.
 
     Raises AccessLogError: the caller must not go ahead with what it was about to show.
@@ -209,9 +215,15 @@ def app_config() -> AppConfig:
             log.exception("demo ward generation failed")
             error = f"the demo ward could not be generated in {demo} ({type(exc).__name__}: {exc})"
     anchor = demo_anchor(spec)
-    return AppConfig(source=spec, is_demo=anchor is not None, anchor=anchor, data_dir=data_dir,
-                     llm_backend=(values.get("NVA_LLM_BACKEND") or "none").strip().lower(), settings=values,
-                     setup_error=error)
+    return AppConfig(
+        source=spec,
+        is_demo=anchor is not None,
+        anchor=anchor,
+        data_dir=data_dir,
+        llm_backend=(values.get("NVA_LLM_BACKEND") or "none").strip().lower(),
+        settings=values,
+        setup_error=error,
+    )
 
 
 # --- the chart source, one per session ---------------------------------------------------------------
@@ -231,8 +243,10 @@ def session_source(cfg: AppConfig):
 
 def source_file_errors(source: Any) -> list[tuple[str, str]]:
     """Files a directory source skipped, as (file, reason); the demo ward's own metadata is never among them."""
-    return [(str(getattr(err, "path", "") or "file"), str(getattr(err, "reason", "") or err))
-            for err in getattr(source, "file_errors", []) or []]
+    return [
+        (str(getattr(err, "path", "") or "file"), str(getattr(err, "reason", "") or err))
+        for err in getattr(source, "file_errors", []) or []
+    ]
 
 
 # --- per-patient view model --------------------------------------------------------------------------
@@ -261,7 +275,9 @@ class PatientView:
 
     @property
     def news2_total(self) -> int | None:
-        return self.news2_score.total if self.news2_score is not None and self.news2_score.parameters else None
+        return (
+            self.news2_score.total if self.news2_score is not None and self.news2_score.parameters else None
+        )
 
     @property
     def top_severity(self) -> str | None:
@@ -295,8 +311,9 @@ def evaluate_findings(chart: Chart, now: datetime) -> tuple[list[Finding], str |
     return findings, None
 
 
-def news2_series(chart: Chart, now: datetime, *, window: timedelta = timedelta(hours=72),
-                 limit: int = 80) -> tuple[list[News2Point], str | None]:
+def news2_series(
+    chart: Chart, now: datetime, *, window: timedelta = timedelta(hours=72), limit: int = 80
+) -> tuple[list[News2Point], str | None]:
     """NEWS2 as it stood at each charted vital-sign time in the window (the core scores one moment)."""
     mod = _optional("assistant.rules.news2")
     if mod is None or not callable(getattr(mod, "news2", None)):
@@ -304,14 +321,30 @@ def news2_series(chart: Chart, now: datetime, *, window: timedelta = timedelta(h
     try:
         table = mod.news2_table()
         analytes = {spec["analyte"] for spec in table["parameters"].values() if "analyte" in spec}
-        times = sorted({r.time for r in chart.results if r.is_usable and r.time is not None and
-                        (r.analyte in analytes or r.category == "vital-signs") and now - window <= r.time <= now})
+        times = sorted(
+            {
+                r.time
+                for r in chart.results
+                if r.is_usable
+                and r.time is not None
+                and (r.analyte in analytes or r.category == "vital-signs")
+                and now - window <= r.time <= now
+            }
+        )
         points = []
         for t in times[-limit:]:
             score = mod.news2(chart, now=t)
             if score.parameters:
-                points.append(News2Point(time=t, score=score.total, band=score.band, parts=dict(score.points),
-                                         refs=tuple(score.evidence), incomplete=bool(score.missing)))
+                points.append(
+                    News2Point(
+                        time=t,
+                        score=score.total,
+                        band=score.band,
+                        parts=dict(score.points),
+                        refs=tuple(score.evidence),
+                        incomplete=bool(score.missing),
+                    )
+                )
     except Exception as exc:  # noqa: BLE001 - NEWS2 helps, the chart must still show
         log.exception("NEWS2 series failed")
         return [], f"NEWS2 could not be computed ({type(exc).__name__})"
@@ -337,8 +370,9 @@ def load_patient(source: Any, patient_id: str, now: datetime) -> PatientView:
     try:
         chart = source.patient_chart(patient_id)
     except (FhirError, LookupError, ValueError) as exc:
-        return PatientView(patient_id, None, error=f"{type(exc).__name__}: {exc}", now=now,
-                           load_s=time.perf_counter() - t0)
+        return PatientView(
+            patient_id, None, error=f"{type(exc).__name__}: {exc}", now=now, load_s=time.perf_counter() - t0
+        )
     view = PatientView(patient_id, chart, now=now)
     view.findings, note = evaluate_findings(chart, now)
     if note:
@@ -479,8 +513,13 @@ def _administration_facts(chart: Chart, now: datetime) -> list[dict[str, Any]]:
         return []
 
 
-def mar_events(chart: Chart, now: datetime, *, past: timedelta = timedelta(hours=24),
-               ahead: timedelta = timedelta(hours=12)) -> list[MarEvent]:
+def mar_events(
+    chart: Chart,
+    now: datetime,
+    *,
+    past: timedelta = timedelta(hours=24),
+    ahead: timedelta = timedelta(hours=12),
+) -> list[MarEvent]:
     """Doses around `now`: given and held (administrations), late and due (next dose of each scheduled order)."""
     events: list[MarEvent] = []
     orders = {o.ref: o for o in chart.orders}
@@ -491,7 +530,9 @@ def mar_events(chart: Chart, now: datetime, *, past: timedelta = timedelta(hours
         order = orders.get(a.order_ref or "")
         state = "given" if a.was_given else "held"
         detail = a.status if a.was_given else f"{a.status}{': ' + a.status_reason if a.status_reason else ''}"
-        events.append(MarEvent(a.order_ref or a.ref, order.text if order else a.text, a.time, state, a.ref, detail))
+        events.append(
+            MarEvent(a.order_ref or a.ref, order.text if order else a.text, a.time, state, a.ref, detail)
+        )
     for fact in _administration_facts(chart, now):
         if fact.get("severity") not in ("overdue", "due") or not fact.get("time"):
             continue
@@ -499,8 +540,16 @@ def mar_events(chart: Chart, now: datetime, *, past: timedelta = timedelta(hours
         order = orders.get(order_ref)
         due = fact["time"]
         label = order.text if order else str(fact.get("label", order_ref))
-        events.append(MarEvent(order_ref, label, due, "late" if fact["severity"] == "overdue" else "due", None,
-                               fact.get("text", "")))
+        events.append(
+            MarEvent(
+                order_ref,
+                label,
+                due,
+                "late" if fact["severity"] == "overdue" else "due",
+                None,
+                fact.get("text", ""),
+            )
+        )
         interval = order.timing.interval_hours() if order else None
         if interval:
             step = timedelta(hours=interval)
@@ -509,7 +558,9 @@ def mar_events(chart: Chart, now: datetime, *, past: timedelta = timedelta(hours
                 if nxt > hi or (order and order.end and nxt > order.end):
                     break
                 if nxt > now:
-                    events.append(MarEvent(order_ref, label, nxt, "due", None, f"scheduled {nxt:%d %b %H:%M}"))
+                    events.append(
+                        MarEvent(order_ref, label, nxt, "due", None, f"scheduled {nxt:%d %b %H:%M}")
+                    )
                 nxt += step
     events.sort(key=lambda e: (e.time, e.order))
     return events
@@ -536,7 +587,9 @@ def pending_items(view: PatientView, *, within: timedelta = timedelta(hours=4)) 
 def pending_results(view: PatientView) -> list[str]:
     if view.chart is None:
         return []
-    return [f"{r.name} result {r.status}" for r in view.chart.results if r.status in ("registered", "preliminary")]
+    return [
+        f"{r.name} result {r.status}" for r in view.chart.results if r.status in ("registered", "preliminary")
+    ]
 
 
 # --- cached models and stores (shared across sessions; no patient data) -------------------------------
@@ -585,7 +638,9 @@ def guideline_passages(finding: Finding, k: int = 1) -> tuple[list[Passage], str
             return [], "the guideline store is empty (run `nva guidelines ingest guidelines/corpus`)"
         query = f"{finding.title}. {finding.action}".strip()
         retriever = guideline_retriever()
-        hits = retriever.search(query, k=k, rule_ids=[finding.rule_id], doc_ids=list(finding.guideline_ids) or None)
+        hits = retriever.search(
+            query, k=k, rule_ids=[finding.rule_id], doc_ids=list(finding.guideline_ids) or None
+        )
         if not hits and finding.guideline_ids:  # linked documents not ingested: best passage from the rest
             hits = retriever.search(query, k=k, rule_ids=[finding.rule_id])
     except Exception as exc:  # noqa: BLE001 - guidance is helpful, never required to show a flag
@@ -611,8 +666,14 @@ def source_health(cfg: AppConfig) -> dict[str, Any]:
         patients = sum(1 for _ in source.iter_patient_ids())
     except Exception as exc:  # noqa: BLE001 - the status page reports, it does not crash
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - t0}
-    return {"ok": True, "wards": len(wards), "patients": patients, "file_errors": source_file_errors(source),
-            "seconds": time.perf_counter() - t0, "description": getattr(source, "description", cfg.source)}
+    return {
+        "ok": True,
+        "wards": len(wards),
+        "patients": patients,
+        "file_errors": source_file_errors(source),
+        "seconds": time.perf_counter() - t0,
+        "description": getattr(source, "description", cfg.source),
+    }
 
 
 # --- summaries and handoff --------------------------------------------------------------------------
@@ -626,23 +687,33 @@ def summary_news2(view: PatientView) -> Any | None:
     if callable(adapt):
         return adapt(score)
     times = [p.time for p in score.parameters if p.time is not None]
-    return facts.News2(score=score.total, refs=tuple(score.evidence),
-                       single_param_3=any(p.points >= 3 for p in score.parameters), time=max(times) if times else None)
+    return facts.News2(
+        score=score.total,
+        refs=tuple(score.evidence),
+        single_param_3=any(p.points >= 3 for p in score.parameters),
+        time=max(times) if times else None,
+    )
 
 
-def compose_summary_stream(cfg: AppConfig | None, view: PatientView, passages: list[Passage] | None = None,
-                           *, use_llm: bool = True) -> Any:
+def compose_summary_stream(
+    cfg: AppConfig | None, view: PatientView, passages: list[Passage] | None = None, *, use_llm: bool = True
+) -> Any:
     """A SummaryStream of displayed sentences (assistant.summary.composer); `.result` once exhausted."""
     composer = _optional("assistant.summary.composer")
     if composer is None:
         raise RuntimeError("the summary composer is not installed")
     backend = get_llm(cfg) if (use_llm and cfg is not None) else None
-    return composer.compose_stream(view.chart, view.findings, passages or (), backend, now=view.now,
-                                   news2=summary_news2(view))
+    return composer.compose_stream(
+        view.chart, view.findings, passages or (), backend, now=view.now, news2=summary_news2(view)
+    )
 
 
-IPASS_SECTIONS = (("illness", "I — Illness severity"), ("patient", "P — Patient summary"),
-                  ("action", "A — Action list"), ("situation", "S — Situation awareness and contingency"))
+IPASS_SECTIONS = (
+    ("illness", "I — Illness severity"),
+    ("patient", "P — Patient summary"),
+    ("action", "A — Action list"),
+    ("situation", "S — Situation awareness and contingency"),
+)
 
 
 def handoff_for(view: PatientView) -> Any | None:
@@ -657,8 +728,14 @@ def handoff_for(view: PatientView) -> Any | None:
             fn = getattr(handoff_mod, "compose_handoff", None) if handoff_mod else None
             if callable(fn):
                 news2 = summary_news2(view)
-                result = fn(view.chart, view.findings, (), None, now=view.now,
-                            news2=news2 if news2 is not None else "auto")
+                result = fn(
+                    view.chart,
+                    view.findings,
+                    (),
+                    None,
+                    now=view.now,
+                    news2=news2 if news2 is not None else "auto",
+                )
             else:
                 result = compose_summary_stream(None, view, use_llm=False).collect()
         except Exception as exc:  # noqa: BLE001 - one patient's handoff must not break the ward list
@@ -685,8 +762,20 @@ def ipass_sections(result: Any) -> list[tuple[str, list[Any]]]:
 
 
 # --- audit ---------------------------------------------------------------------------------------------
-CSV_FIELDS = ("patient", "ward", "rule_id", "category", "severity", "title", "message", "evidence", "values",
-              "action", "guideline_ids", "sources")
+CSV_FIELDS = (
+    "patient",
+    "ward",
+    "rule_id",
+    "category",
+    "severity",
+    "title",
+    "message",
+    "evidence",
+    "values",
+    "action",
+    "guideline_ids",
+    "sources",
+)
 
 
 def audit_dir(cfg: AppConfig) -> Path:
@@ -697,8 +786,11 @@ def audit_runs(cfg: AppConfig) -> list[Path]:
     root = audit_dir(cfg)
     if not root.is_dir():
         return []
-    return sorted((p for p in root.rglob("*.jsonl") if ".work" not in p.parent.name),
-                  key=lambda p: p.stat().st_mtime, reverse=True)
+    return sorted(
+        (p for p in root.rglob("*.jsonl") if ".work" not in p.parent.name),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
 
 
 def read_audit_jsonl(lines: Any) -> tuple[list[dict[str, Any]], int]:
@@ -747,11 +839,20 @@ def audit_csv(rows: list[dict[str, Any]]) -> bytes:
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
     for f in rows:
-        values = "; ".join(f"{v.get('label')}={v.get('value') or ''}@{v.get('time') or ''} [{v.get('ref')}]"
-                           for v in f.get("values") or [] if isinstance(v, dict))
-        writer.writerow({**f, "evidence": " ".join(f.get("evidence") or []), "values": values,
-                         "guideline_ids": " ".join(f.get("guideline_ids") or []),
-                         "sources": " | ".join(f.get("sources") or [])})
+        values = "; ".join(
+            f"{v.get('label')}={v.get('value') or ''}@{v.get('time') or ''} [{v.get('ref')}]"
+            for v in f.get("values") or []
+            if isinstance(v, dict)
+        )
+        writer.writerow(
+            {
+                **f,
+                "evidence": " ".join(f.get("evidence") or []),
+                "values": values,
+                "guideline_ids": " ".join(f.get("guideline_ids") or []),
+                "sources": " | ".join(f.get("sources") or []),
+            }
+        )
     return buf.getvalue().encode("utf-8")
 
 
@@ -783,8 +884,10 @@ def run_ward_audit(cfg: AppConfig, ward_ref: str | None, progress: Any = None) -
 
 
 def synthesis_line(result: Any) -> str:
-    return str(getattr(result, "synthesis", "") or
-               "Synthesis by receiver: read back the action list and contingencies; ask questions.")
+    return str(
+        getattr(result, "synthesis", "")
+        or "Synthesis by receiver: read back the action list and contingencies; ask questions."
+    )
 
 
 @dataclass(slots=True)

@@ -51,7 +51,9 @@ class BM25Index:
                 out[hit[0]] += hit[1]
         return out
 
-    def top(self, query_tokens: Sequence[str], k: int, mask: np.ndarray | None = None) -> list[tuple[int, float]]:
+    def top(
+        self, query_tokens: Sequence[str], k: int, mask: np.ndarray | None = None
+    ) -> list[tuple[int, float]]:
         """Indices and scores of the best `k` documents with a positive score (optionally within `mask`)."""
         if self.n == 0 or k <= 0:
             return []

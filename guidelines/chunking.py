@@ -110,7 +110,9 @@ def doc_hash(doc: ParsedDocument, model_name: str = "") -> str:
     return h.hexdigest()
 
 
-def chunk_document(doc: ParsedDocument, params: ChunkParams | None = None, model_name: str = "") -> list[Chunk]:
+def chunk_document(
+    doc: ParsedDocument, params: ChunkParams | None = None, model_name: str = ""
+) -> list[Chunk]:
     """Chunk a parsed document; ids are `<doc_id>#<n>` in reading order, so re-ingest overwrites in place."""
     params = params or ChunkParams()
     dh = doc_hash(doc, model_name)

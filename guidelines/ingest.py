@@ -40,9 +40,11 @@ class IngestReport:
         return d
 
     def summary(self) -> str:
-        return (f"added {len(self.added)}, updated {len(self.updated)}, unchanged {len(self.unchanged)}, "
-                f"removed {len(self.removed)}, chunks written {self.chunks_written}, errors {len(self.errors)} "
-                f"in {self.seconds:.1f}s")
+        return (
+            f"added {len(self.added)}, updated {len(self.updated)}, unchanged {len(self.unchanged)}, "
+            f"removed {len(self.removed)}, chunks written {self.chunks_written}, errors {len(self.errors)} "
+            f"in {self.seconds:.1f}s"
+        )
 
 
 def discover(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -57,8 +59,12 @@ def discover(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, s
         if p.is_dir():
             for f in sorted(p.rglob("*")):
                 rel = f.relative_to(p).parts
-                if f.is_file() and not any(part.startswith((".", "_")) for part in rel) \
-                        and f.suffix.lower() in SUPPORTED_SUFFIXES and f.name.lower() != "readme.md":
+                if (
+                    f.is_file()
+                    and not any(part.startswith((".", "_")) for part in rel)
+                    and f.suffix.lower() in SUPPORTED_SUFFIXES
+                    and f.name.lower() != "readme.md"
+                ):
                     files.append(f)
         elif p.exists():
             files.append(p)
@@ -82,8 +88,15 @@ def _under(source: str, roots: list[Path]) -> bool:
     return False
 
 
-def ingest(paths: Iterable[str | Path], store: GuidelineStore, embedder: Embedder | None = None, *,
-           prune: bool = False, params: ChunkParams | None = None, progress: bool | None = None) -> IngestReport:
+def ingest(
+    paths: Iterable[str | Path],
+    store: GuidelineStore,
+    embedder: Embedder | None = None,
+    *,
+    prune: bool = False,
+    params: ChunkParams | None = None,
+    progress: bool | None = None,
+) -> IngestReport:
     """Ingest files/directories; re-running on unchanged files writes nothing.
 
     With `prune`, documents whose source file lies under the given paths but produced no document this run
@@ -113,7 +126,9 @@ def ingest(paths: Iterable[str | Path], store: GuidelineStore, embedder: Embedde
             failed_sources.add(str(f.resolve()))
             continue
         if doc.doc_id in seen_ids:
-            reason = f"duplicate document id {doc.doc_id!r} (also in {seen_ids[doc.doc_id]}); give it a unique id"
+            reason = (
+                f"duplicate document id {doc.doc_id!r} (also in {seen_ids[doc.doc_id]}); give it a unique id"
+            )
             report.errors.append((str(f), reason))
             continue
         seen_ids[doc.doc_id] = doc.source_file
@@ -135,8 +150,19 @@ def ingest(paths: Iterable[str | Path], store: GuidelineStore, embedder: Embedde
             if old is not None:
                 store.delete_doc(doc.doc_id)
             store.upsert_chunks(chunks, vectors)
-            store.set_doc(DocInfo(doc.doc_id, dh, doc.source_file, doc.title, doc.version, len(chunks),
-                                  time.time(), list(doc.rules), list(doc.tags)))
+            store.set_doc(
+                DocInfo(
+                    doc.doc_id,
+                    dh,
+                    doc.source_file,
+                    doc.title,
+                    doc.version,
+                    len(chunks),
+                    time.time(),
+                    list(doc.rules),
+                    list(doc.tags),
+                )
+            )
         except GuidelineError as exc:
             report.errors.append((str(f), str(exc)))
             continue

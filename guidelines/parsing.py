@@ -15,8 +15,15 @@ from guidelines.errors import GuidelineFileError
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_SUFFIXES = {".md": "markdown", ".markdown": "markdown", ".html": "html", ".htm": "html",
-                      ".pdf": "pdf", ".docx": "docx", ".txt": "text"}
+SUPPORTED_SUFFIXES = {
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".html": "html",
+    ".htm": "html",
+    ".pdf": "pdf",
+    ".docx": "docx",
+    ".txt": "text",
+}
 
 
 @dataclass
@@ -59,22 +66,32 @@ def parse_file(path: str | Path) -> ParsedDocument:
     kind = SUPPORTED_SUFFIXES.get(p.suffix.lower())
     if kind is None:
         raise GuidelineFileError(
-            p, f"unsupported file type {p.suffix or '(none)'!r}; use one of {', '.join(sorted(SUPPORTED_SUFFIXES))}")
+            p,
+            f"unsupported file type {p.suffix or '(none)'!r}; use one of {', '.join(sorted(SUPPORTED_SUFFIXES))}",
+        )
     try:
         raw = p.read_bytes()
     except OSError as exc:
-        raise GuidelineFileError(p, f"cannot read file ({exc.strerror or exc}); check it exists and is readable") from exc
+        raise GuidelineFileError(
+            p, f"cannot read file ({exc.strerror or exc}); check it exists and is readable"
+        ) from exc
     if not raw.strip():
         raise GuidelineFileError(p, "file is empty; add guideline content or remove the file")
-    parser = {"markdown": _parse_markdown, "html": _parse_html, "pdf": _parse_pdf,
-              "docx": _parse_docx, "text": _parse_text}[kind]
+    parser = {
+        "markdown": _parse_markdown,
+        "html": _parse_html,
+        "pdf": _parse_pdf,
+        "docx": _parse_docx,
+        "text": _parse_text,
+    }[kind]
     try:
         doc = parser(p, raw)
     except GuidelineFileError:
         raise
     except Exception as exc:  # noqa: BLE001 - third-party parsers raise anything on corrupt input
-        raise GuidelineFileError(p, f"cannot parse {kind} file ({type(exc).__name__}: {exc}); "
-                                    "check the file is not corrupt") from exc
+        raise GuidelineFileError(
+            p, f"cannot parse {kind} file ({type(exc).__name__}: {exc}); check the file is not corrupt"
+        ) from exc
     doc.sections = [s for s in doc.sections if s.text.strip()]
     if not doc.sections:
         raise GuidelineFileError(p, f"no text found in {kind} file; scanned PDFs need OCR before ingestion")
@@ -118,7 +135,9 @@ def _decode(p: Path, raw: bytes) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise GuidelineFileError(p, f"not valid UTF-8 text (byte {exc.start}); re-save the file as UTF-8") from exc
+        raise GuidelineFileError(
+            p, f"not valid UTF-8 text (byte {exc.start}); re-save the file as UTF-8"
+        ) from exc
 
 
 class _SectionBuilder:
@@ -165,11 +184,13 @@ def _parse_markdown(p: Path, raw: bytes) -> ParsedDocument:
         try:
             loaded = yaml.safe_load(m.group(1))
         except yaml.YAMLError as exc:
-            raise GuidelineFileError(p, f"invalid YAML front matter ({exc}); fix the block between the --- lines") from exc
+            raise GuidelineFileError(
+                p, f"invalid YAML front matter ({exc}); fix the block between the --- lines"
+            ) from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise GuidelineFileError(p, "front matter must be a YAML mapping (key: value lines)")
         meta = loaded or {}
-        text = text[m.end():]
+        text = text[m.end() :]
     builder = _SectionBuilder()
     title = None
     fenced = False
@@ -225,7 +246,9 @@ def _parse_html(p: Path, raw: bytes) -> ParsedDocument:
             meta["id" if name == "guideline-id" else name] = m["content"]
     title_tag = soup.find("title")
     h1 = soup.find("h1")
-    title = (h1.get_text(" ", strip=True) if h1 else None) or (title_tag.get_text(" ", strip=True) if title_tag else None)
+    title = (h1.get_text(" ", strip=True) if h1 else None) or (
+        title_tag.get_text(" ", strip=True) if title_tag else None
+    )
     builder = _SectionBuilder()
     body = soup.body or soup
     block_tags = ["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "blockquote", "tr", "dt", "dd"]

@@ -69,7 +69,10 @@ class AbbreviationExpander:
     def from_file(cls, path: str | Path = ABBREVIATIONS_FILE) -> AbbreviationExpander:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
-        return cls({k: list(v) for k, v in data.get("abbreviations", {}).items()}, set(data.get("case_sensitive", [])))
+        return cls(
+            {k: list(v) for k, v in data.get("abbreviations", {}).items()},
+            set(data.get("case_sensitive", [])),
+        )
 
     def expansions(self, text: str) -> list[str]:
         found: list[str] = []
@@ -112,7 +115,9 @@ class _KeywordIndex:
         key = json.dumps(where, sort_keys=True)
         m = self._masks.get(key)
         if m is None:
-            m = np.fromiter((matches_where(where, c.metadata) for c in self.chunks), dtype=bool, count=len(self.chunks))
+            m = np.fromiter(
+                (matches_where(where, c.metadata) for c in self.chunks), dtype=bool, count=len(self.chunks)
+            )
             if len(self._masks) > 64:
                 self._masks.clear()
             self._masks[key] = m
@@ -144,8 +149,16 @@ def _any_true(keys: list[str]) -> Where | None:
 class GuidelineRetriever:
     """search(query) -> ranked GuidelineHit list; BM25 index rebuilt lazily when the store revision changes."""
 
-    def __init__(self, store: GuidelineStore, embedder: Embedder, *, expander: AbbreviationExpander | None = None,
-                 rrf_k: int = 60, candidates: int = 30, hybrid: bool = True) -> None:
+    def __init__(
+        self,
+        store: GuidelineStore,
+        embedder: Embedder,
+        *,
+        expander: AbbreviationExpander | None = None,
+        rrf_k: int = 60,
+        candidates: int = 30,
+        hybrid: bool = True,
+    ) -> None:
         self.store = store
         self.embedder = embedder
         self.expander = expander or default_expander()
@@ -164,8 +177,15 @@ class GuidelineRetriever:
                 self._index_rev = rev
             return self._index
 
-    def search(self, query: str, k: int = 5, where: Where | None = None, rule_ids: list[str] | None = None,
-               doc_ids: list[str] | None = None, tags: list[str] | None = None) -> list[GuidelineHit]:
+    def search(
+        self,
+        query: str,
+        k: int = 5,
+        where: Where | None = None,
+        rule_ids: list[str] | None = None,
+        doc_ids: list[str] | None = None,
+        tags: list[str] | None = None,
+    ) -> list[GuidelineHit]:
         """Top-k passages. `where` is a chroma-style metadata filter; `doc_ids`/`tags` are shortcuts for it.
 
         With `rule_ids`, passages from documents whose front matter lists any of those rules come first.
@@ -174,9 +194,11 @@ class GuidelineRetriever:
             return []
         expanded = self.expander.expand(query)
         qvec = self.embedder.embed_query(expanded)
-        base = _and(where,
-                    {"doc_id": {"$in": list(doc_ids)}} if doc_ids else None,
-                    _any_true([f"tag:{t}" for t in tags or []]))
+        base = _and(
+            where,
+            {"doc_id": {"$in": list(doc_ids)}} if doc_ids else None,
+            _any_true([f"tag:{t}" for t in tags or []]),
+        )
         n = max(self.candidates, 4 * k)
         ranked = self._fused(expanded, qvec, n, base)
         linked: list[tuple[StoredChunk, float, dict[str, float]]] = []
@@ -189,8 +211,9 @@ class GuidelineRetriever:
         hits += [self._hit(c, s, parts, False) for c, s, parts in ranked[: k - len(hits)]]
         return hits
 
-    def _fused(self, query: str, qvec: np.ndarray, n: int, where: Where | None
-               ) -> list[tuple[StoredChunk, float, dict[str, float]]]:
+    def _fused(
+        self, query: str, qvec: np.ndarray, n: int, where: Where | None
+    ) -> list[tuple[StoredChunk, float, dict[str, float]]]:
         lists = [("vector", self.store.query(qvec, n, where))]
         if self.hybrid:
             lists.append(("bm25", self.keyword_index().search(query, n, where)))
@@ -211,9 +234,18 @@ class GuidelineRetriever:
         m = c.metadata
         page = m.get("page")
         return GuidelineHit(
-            citation=f"guideline:{c.chunk_id}", chunk_id=c.chunk_id, doc_id=str(m.get("doc_id", "")),
-            title=str(m.get("title", "")), section_path=str(m.get("section_path", "")),
-            section=str(m.get("section", "")), text=c.text, score=round(score, 6),
-            page=int(page) if page is not None else None, version=str(m.get("version", "")),
+            citation=f"guideline:{c.chunk_id}",
+            chunk_id=c.chunk_id,
+            doc_id=str(m.get("doc_id", "")),
+            title=str(m.get("title", "")),
+            section_path=str(m.get("section_path", "")),
+            section=str(m.get("section", "")),
+            text=c.text,
+            score=round(score, 6),
+            page=int(page) if page is not None else None,
+            version=str(m.get("version", "")),
             rules=[r for r in str(m.get("rules", "")).split(",") if r],
-            vector_score=parts.get("vector"), bm25_score=parts.get("bm25"), rule_linked=linked)
+            vector_score=parts.get("vector"),
+            bm25_score=parts.get("bm25"),
+            rule_linked=linked,
+        )

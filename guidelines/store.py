@@ -179,8 +179,12 @@ class InMemoryGuidelineStore(GuidelineStore):
         mat = np.stack([self._vectors[i] for i in ids])
         sims = mat @ np.asarray(embedding, dtype=np.float32)
         order = np.argsort(-sims, kind="stable")[:k]
-        return [StoredChunk(ids[i], self._chunks[ids[i]].text, dict(self._chunks[ids[i]].metadata), float(sims[i]))
-                for i in order]
+        return [
+            StoredChunk(
+                ids[i], self._chunks[ids[i]].text, dict(self._chunks[ids[i]].metadata), float(sims[i])
+            )
+            for i in order
+        ]
 
     def get(self, chunk_ids: Sequence[str]) -> list[StoredChunk]:
         return [self._chunks[c] for c in chunk_ids if c in self._chunks]
@@ -213,9 +217,16 @@ class ChromaGuidelineStore(GuidelineStore):
     Embeddings are always passed explicitly: chroma's default embedding function would download a model.
     """
 
-    def __init__(self, path: str | Path | None = None, *, host: str | None = None, port: int = 8000,
-                 collection: str = DEFAULT_COLLECTION, hnsw: dict[str, int] | None = None,
-                 client: Any = None) -> None:
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        host: str | None = None,
+        port: int = 8000,
+        collection: str = DEFAULT_COLLECTION,
+        hnsw: dict[str, int] | None = None,
+        client: Any = None,
+    ) -> None:
         import chromadb
         from chromadb.config import Settings
 
@@ -232,19 +243,24 @@ class ChromaGuidelineStore(GuidelineStore):
                 self._client = chromadb.PersistentClient(path=str(path), settings=settings)
             hnsw_cfg = {"space": "cosine", **DEFAULT_HNSW, **(hnsw or {})}
             self._col = self._client.get_or_create_collection(
-                collection, configuration={"hnsw": hnsw_cfg}, embedding_function=None)
+                collection, configuration={"hnsw": hnsw_cfg}, embedding_function=None
+            )
             # The registry holds no meaningful vectors; a 1-d constant keeps chroma satisfied.
             self._docs_col = self._client.get_or_create_collection(
-                f"{collection}_docs", configuration={"hnsw": {"space": "l2"}}, embedding_function=None)
+                f"{collection}_docs", configuration={"hnsw": {"space": "l2"}}, embedding_function=None
+            )
         except GuidelineStoreError:
             raise
         except Exception as exc:  # noqa: BLE001 - chroma raises many types for connection/storage problems
             where = f"http://{host}:{port}" if host else str(path)
             raise GuidelineStoreError(
                 f"cannot open chroma store at {where} ({type(exc).__name__}: {exc}); "
-                "check the data directory is writable or the chroma server is running") from exc
+                "check the data directory is writable or the chroma server is running"
+            ) from exc
         self.collection_name = collection
-        self._max_batch = self._client.get_max_batch_size() if hasattr(self._client, "get_max_batch_size") else 5000
+        self._max_batch = (
+            self._client.get_max_batch_size() if hasattr(self._client, "get_max_batch_size") else 5000
+        )
 
     @classmethod
     def from_settings(cls, settings: GuidelineSettings | None = None) -> ChromaGuidelineStore:
@@ -265,19 +281,27 @@ class ChromaGuidelineStore(GuidelineStore):
             raise GuidelineStoreError(f"{len(chunks)} chunks but {len(embeddings)} embeddings")
         step = max(1, min(self._max_batch, 4000))
         for i in range(0, len(chunks), step):
-            part = chunks[i:i + step]
+            part = chunks[i : i + step]
             self._col.upsert(
                 ids=[c.chunk_id for c in part],
                 documents=[c.text for c in part],
                 metadatas=[_clean_meta(c.metadata) for c in part],
-                embeddings=np.asarray(embeddings[i:i + step], dtype=np.float32),
+                embeddings=np.asarray(embeddings[i : i + step], dtype=np.float32),
             )
         self._touch()
 
     def set_doc(self, info: DocInfo) -> None:
-        meta = {"doc_id": info.doc_id, "doc_hash": info.doc_hash, "source_file": info.source_file,
-                "title": info.title, "version": info.version, "chunks": info.chunks,
-                "ingested_at": info.ingested_at, "rules": ",".join(info.rules), "tags": ",".join(info.tags)}
+        meta = {
+            "doc_id": info.doc_id,
+            "doc_hash": info.doc_hash,
+            "source_file": info.source_file,
+            "title": info.title,
+            "version": info.version,
+            "chunks": info.chunks,
+            "ingested_at": info.ingested_at,
+            "rules": ",".join(info.rules),
+            "tags": ",".join(info.tags),
+        }
         self._docs_col.upsert(ids=[f"doc:{info.doc_id}"], embeddings=[[0.0]], metadatas=[meta])
         self._touch()
 
@@ -297,38 +321,52 @@ class ChromaGuidelineStore(GuidelineStore):
             if rid == _META_ID or not m:
                 continue
             out[m["doc_id"]] = DocInfo(
-                doc_id=m["doc_id"], doc_hash=m.get("doc_hash", ""), source_file=m.get("source_file", ""),
-                title=m.get("title", ""), version=m.get("version", ""), chunks=int(m.get("chunks", 0)),
+                doc_id=m["doc_id"],
+                doc_hash=m.get("doc_hash", ""),
+                source_file=m.get("source_file", ""),
+                title=m.get("title", ""),
+                version=m.get("version", ""),
+                chunks=int(m.get("chunks", 0)),
                 ingested_at=float(m.get("ingested_at", 0.0)),
                 rules=[r for r in str(m.get("rules", "")).split(",") if r],
-                tags=[t for t in str(m.get("tags", "")).split(",") if t])
+                tags=[t for t in str(m.get("tags", "")).split(",") if t],
+            )
         return out
 
     def query(self, embedding: np.ndarray, k: int, where: Where | None = None) -> list[StoredChunk]:
         if k <= 0:
             return []
-        res = self._col.query(query_embeddings=[np.asarray(embedding, dtype=np.float32)], n_results=k,
-                              where=where or None, include=["documents", "metadatas", "distances"])
+        res = self._col.query(
+            query_embeddings=[np.asarray(embedding, dtype=np.float32)],
+            n_results=k,
+            where=where or None,
+            include=["documents", "metadatas", "distances"],
+        )
         ids = res["ids"][0]
         docs = (res.get("documents") or [[]])[0]
         metas = (res.get("metadatas") or [[]])[0]
         dists = (res.get("distances") or [[]])[0]
         # Cosine space: distance = 1 - similarity.
-        return [StoredChunk(i, d or "", dict(m or {}), 1.0 - float(dist))
-                for i, d, m, dist in zip(ids, docs, metas, dists, strict=False)]
+        return [
+            StoredChunk(i, d or "", dict(m or {}), 1.0 - float(dist))
+            for i, d, m, dist in zip(ids, docs, metas, dists, strict=False)
+        ]
 
     def query_ids(self, embedding: np.ndarray, k: int) -> list[str]:
         """Ids only (benchmarks: skips fetching documents and metadata)."""
-        res = self._col.query(query_embeddings=[np.asarray(embedding, dtype=np.float32)], n_results=k,
-                              include=[])
+        res = self._col.query(
+            query_embeddings=[np.asarray(embedding, dtype=np.float32)], n_results=k, include=[]
+        )
         return list(res["ids"][0])
 
     def get(self, chunk_ids: Sequence[str]) -> list[StoredChunk]:
         if not chunk_ids:
             return []
         res = self._col.get(ids=list(chunk_ids), include=["documents", "metadatas"])
-        by_id = {i: StoredChunk(i, d or "", dict(m or {}))
-                 for i, d, m in zip(res["ids"], res["documents"] or [], res["metadatas"] or [], strict=False)}
+        by_id = {
+            i: StoredChunk(i, d or "", dict(m or {}))
+            for i, d, m in zip(res["ids"], res["documents"] or [], res["metadatas"] or [], strict=False)
+        }
         return [by_id[c] for c in chunk_ids if c in by_id]
 
     def iter_chunks(self, batch_size: int = 1000) -> Iterator[StoredChunk]:

@@ -18,9 +18,19 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--hide-scrollbars", "--force-device-scale-factor=1")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--force-device-scale-factor=1",
+)
 
 
 class BrowserError(RuntimeError):
@@ -62,9 +72,21 @@ def streamlit_server(env: Mapping[str, str], *, cwd: Path = REPO, startup_s: flo
     """`streamlit run dashboard/app.py` on 127.0.0.1; yields the base URL once /_stcore/health answers."""
     port = free_port()
     streamlit = Path(sys.executable).with_name("streamlit")
-    cmd = [str(streamlit), "run", str(REPO / "dashboard" / "app.py"), "--server.address", "127.0.0.1",
-           "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-           "--server.fileWatcherType", "none"]
+    cmd = [
+        str(streamlit),
+        "run",
+        str(REPO / "dashboard" / "app.py"),
+        "--server.address",
+        "127.0.0.1",
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.fileWatcherType",
+        "none",
+    ]
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
     base = f"http://127.0.0.1:{port}"
@@ -103,7 +125,9 @@ class Browser:
         self._ws = websocket.create_connection(ws_url, timeout=30, suppress_origin=True)
         self._id = 0
 
-    def send(self, method: str, params: dict[str, Any] | None = None, timeout: float = 30.0) -> dict[str, Any]:
+    def send(
+        self, method: str, params: dict[str, Any] | None = None, timeout: float = 30.0
+    ) -> dict[str, Any]:
         self._id += 1
         msg_id = self._id
         self._ws.send(json.dumps({"id": msg_id, "method": method, "params": params or {}}))
@@ -124,8 +148,10 @@ class Browser:
         self.send("Page.navigate", {"url": url})
 
     def set_viewport(self, width: int, height: int) -> None:
-        self.send("Emulation.setDeviceMetricsOverride",
-                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
 
     # textContent (not innerText): no forced layout, so polling does not slow the page it measures.
     STATE_JS = """((texts) => {
@@ -138,8 +164,14 @@ class Browser:
               skeleton: !!document.querySelector('[data-testid="stSkeleton"]')};
     })(%s)"""
 
-    def wait_for(self, texts: tuple[str, ...] = (), *, finished: bool = True, timeout: float = 60.0,
-                 poll_s: float = 0.05) -> float:
+    def wait_for(
+        self,
+        texts: tuple[str, ...] = (),
+        *,
+        finished: bool = True,
+        timeout: float = 60.0,
+        poll_s: float = 0.05,
+    ) -> float:
         """Seconds until every text is on the page (and, with `finished`, the script run is over)."""
         t0 = time.monotonic()
         last: dict[str, Any] = {}
@@ -148,22 +180,31 @@ class Browser:
             last = self.evaluate(expression) or {}
             ready = not last.get("missing", texts) and last.get("state") not in (None, "initial")
             if finished:
-                ready = ready and last.get("state") != "running" and not last.get("running") and not last.get(
-                    "skeleton")
+                ready = (
+                    ready
+                    and last.get("state") != "running"
+                    and not last.get("running")
+                    and not last.get("skeleton")
+                )
             if ready:
                 return time.monotonic() - t0
             time.sleep(poll_s)
-        raise BrowserError(f"page not rendered within {timeout}s (state={last.get('state')}, "
-                           f"missing={last.get('missing', texts)})")
+        raise BrowserError(
+            f"page not rendered within {timeout}s (state={last.get('state')}, "
+            f"missing={last.get('missing', texts)})"
+        )
 
     def full_height(self) -> int:
-        return int(self.evaluate("""(() => {
+        return int(
+            self.evaluate("""(() => {
             const c = document.querySelector('[data-testid="stMainBlockContainer"]');
             const s = document.querySelector('[data-testid="stSidebarContent"]');
             const main = document.querySelector('[data-testid="stMain"]');
             const top = main ? main.scrollTop : 0;
             const bottom = (el) => el ? el.getBoundingClientRect().bottom + top : 0;
-            return Math.ceil(Math.max(bottom(c), s ? s.scrollHeight : 0) + 48); })()""") or 1000)
+            return Math.ceil(Math.max(bottom(c), s ? s.scrollHeight : 0) + 48); })()""")
+            or 1000
+        )
 
     def screenshot(self, path: Path, *, width: int = 1440, max_height: int = 4000) -> Path:
         """PNG of the whole app (the main area is the scroller, so the viewport grows to fit it)."""
@@ -190,8 +231,15 @@ def chromium(width: int = 1440, height: int = 1000, startup_s: float = 30.0) -> 
         raise BrowserError("chromium is not installed")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="nva-chromium-", ignore_cleanup_errors=True) as profile:
-        cmd = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
-               "--remote-debugging-address=127.0.0.1", f"--window-size={width},{height}", "about:blank"]
+        cmd = [
+            exe,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            f"--remote-debugging-port={port}",
+            "--remote-debugging-address=127.0.0.1",
+            f"--window-size={width},{height}",
+            "about:blank",
+        ]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
         browser = None
         try:
@@ -202,7 +250,9 @@ def chromium(width: int = 1440, height: int = 1000, startup_s: float = 30.0) -> 
                     raise BrowserError(f"chromium exited with {proc.returncode}")
                 try:
                     targets = _get_json(f"http://127.0.0.1:{port}/json/list")
-                    ws_url = next((t["webSocketDebuggerUrl"] for t in targets if t.get("type") == "page"), None)
+                    ws_url = next(
+                        (t["webSocketDebuggerUrl"] for t in targets if t.get("type") == "page"), None
+                    )
                 except OSError:
                     pass
                 if ws_url is None:

@@ -32,7 +32,9 @@ def start_chroma_server(tmp_path: Path, timeout: float = 60.0) -> tuple[str, int
     log_file = open(data / "server.log", "wb")  # noqa: SIM115 - closed by stop()
     proc = subprocess.Popen(
         [_chroma_binary(), "run", "--path", str(data / "db"), "--host", host, "--port", str(port)],
-        stdout=log_file, stderr=subprocess.STDOUT, env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
 
     def stop() -> None:

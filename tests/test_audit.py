@@ -37,7 +37,9 @@ def ward(tmp_path_factory) -> Path:
 def ward_ndjson(ward, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ward-ndjson")
     with open_source(ward) as src:
-        write_ndjson_export(((r.patient_id, r.resources) for r in src.iter_patient_records() if r.error is None), out)
+        write_ndjson_export(
+            ((r.patient_id, r.resources) for r in src.iter_patient_records() if r.error is None), out
+        )
     return out
 
 
@@ -48,7 +50,9 @@ def key(ward) -> dict:
 
 def audit(source: Path | str, out: Path, *extra: str) -> str:
     buf = io.StringIO()
-    assert main(["audit", str(source), "--out", str(out), "--now", NOW, "--no-progress", *extra], out=buf) == 0
+    assert (
+        main(["audit", str(source), "--out", str(out), "--now", NOW, "--no-progress", *extra], out=buf) == 0
+    )
     return buf.getvalue()
 
 
@@ -62,6 +66,7 @@ def check_answer_key(findings: list[dict], key: dict) -> None:
 
 
 # --- the answer key ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_demo_ward_answer_key_bundles(ward, key, tmp_path, fmt):
@@ -101,26 +106,43 @@ def test_local_and_dask_engines_give_identical_output(ward_ndjson, tmp_path):
     with open_source(ward_ndjson) as src:
         run_audit(src, local, options=AuditOptions(now=now, partitions=4, progress=False))
     with open_source(ward_ndjson) as src:
-        run_audit(src, dask, options=AuditOptions(now=now, engine="dask", workers=2, partitions=4, progress=False,
-                                                  dask_processes=False))
+        run_audit(
+            src,
+            dask,
+            options=AuditOptions(
+                now=now, engine="dask", workers=2, partitions=4, progress=False, dask_processes=False
+            ),
+        )
     assert local.read_bytes() == dask.read_bytes() and local.stat().st_size > 0
 
 
 # --- resume -----------------------------------------------------------------------------------------------------
 
+
 def _cli(args: list[str], env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "assistant.cli", "audit", *args, "--now", NOW, "--no-progress"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "assistant.cli", "audit", *args, "--now", NOW, "--no-progress"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
-@pytest.mark.parametrize(("source", "extra", "crash"), [
-    ("bundles", ["--batch-size", "4"], "1"),    # killed right after the first checkpoint
-    ("bundles", ["--batch-size", "4"], "2+"),   # killed after writing a part, before its checkpoint
-    ("ndjson", ["--partitions", "5"], "2"),
-])
-def test_resume_after_kill_gives_exactly_the_uninterrupted_findings(ward, ward_ndjson, tmp_path, source, extra,
-                                                                    crash):
+@pytest.mark.parametrize(
+    ("source", "extra", "crash"),
+    [
+        ("bundles", ["--batch-size", "4"], "1"),  # killed right after the first checkpoint
+        ("bundles", ["--batch-size", "4"], "2+"),  # killed after writing a part, before its checkpoint
+        ("ndjson", ["--partitions", "5"], "2"),
+    ],
+)
+def test_resume_after_kill_gives_exactly_the_uninterrupted_findings(
+    ward, ward_ndjson, tmp_path, source, extra, crash
+):
     src = ward if source == "bundles" else ward_ndjson
     reference = tmp_path / "reference.jsonl"
     audit(src, reference, *extra)
@@ -147,6 +169,7 @@ def test_resume_refuses_different_settings(ward, tmp_path):
 
 # --- broken input -----------------------------------------------------------------------------------------------
 
+
 def _bundle(resources: list[dict]) -> dict:
     return {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]}
 
@@ -154,14 +177,30 @@ def _bundle(resources: list[dict]) -> dict:
 def _patient_with_high_k(pid: str) -> list[dict]:
     return [
         {"resourceType": "Patient", "id": pid},
-        {"resourceType": "Encounter", "id": f"e-{pid}", "status": "in-progress", "class": {"code": "IMP"},
-         "subject": {"reference": f"Patient/{pid}"}},
-        {"resourceType": "MedicationRequest", "id": f"mr-{pid}", "status": "active", "intent": "order",
-         "medicationCodeableConcept": {"text": "Potassium chloride 20 mEq"}, "subject": {"reference": f"Patient/{pid}"}},
-        {"resourceType": "Observation", "id": f"k-{pid}", "status": "final",
-         "code": {"coding": [{"system": "http://loinc.org", "code": "2823-3"}]},
-         "subject": {"reference": f"Patient/{pid}"}, "effectiveDateTime": "2026-03-02T05:00:00Z",
-         "valueQuantity": {"value": 6.2, "unit": "mmol/L"}},
+        {
+            "resourceType": "Encounter",
+            "id": f"e-{pid}",
+            "status": "in-progress",
+            "class": {"code": "IMP"},
+            "subject": {"reference": f"Patient/{pid}"},
+        },
+        {
+            "resourceType": "MedicationRequest",
+            "id": f"mr-{pid}",
+            "status": "active",
+            "intent": "order",
+            "medicationCodeableConcept": {"text": "Potassium chloride 20 mEq"},
+            "subject": {"reference": f"Patient/{pid}"},
+        },
+        {
+            "resourceType": "Observation",
+            "id": f"k-{pid}",
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2823-3"}]},
+            "subject": {"reference": f"Patient/{pid}"},
+            "effectiveDateTime": "2026-03-02T05:00:00Z",
+            "valueQuantity": {"value": 6.2, "unit": "mmol/L"},
+        },
     ]
 
 
@@ -190,7 +229,9 @@ def test_ndjson_bad_lines_are_reported(tmp_path):
     src = tmp_path / "nd"
     write_ndjson_export([("a", _patient_with_high_k("a")), ("b", _patient_with_high_k("b"))], src)
     with (src / "Observation.ndjson").open("a") as fh:
-        fh.write('{"resourceType": "Observation", "id": "x", "subject": {"reference": "Patient/a"}, "status": \n')
+        fh.write(
+            '{"resourceType": "Observation", "id": "x", "subject": {"reference": "Patient/a"}, "status": \n'
+        )
         fh.write("not json at all\n")
         fh.write('{"resourceType": "Observation", "id": "orphan", "status": "final"}\n')
     out = tmp_path / "audit.html"
@@ -204,11 +245,16 @@ def test_ndjson_bad_lines_are_reported(tmp_path):
 
 # --- partitioning -----------------------------------------------------------------------------------------------
 
+
 def test_partitions_hold_whole_patients_and_shared_locations(ward, ward_ndjson, tmp_path):
     with open_source(ward) as src:
-        by_bundle = {r.patient_id: sorted(f"{x['resourceType']}/{x['id']}" for x in r.resources
-                                          if x["resourceType"] != "Location")
-                     for r in src.iter_patient_records() if r.error is None}
+        by_bundle = {
+            r.patient_id: sorted(
+                f"{x['resourceType']}/{x['id']}" for x in r.resources if x["resourceType"] != "Location"
+            )
+            for r in src.iter_patient_records()
+            if r.error is None
+        }
     export = partition_export(ward_ndjson, outdir=tmp_path / "p", partitions=4)
     assert len(export.paths) == 4 and sum(export.patients) == len(by_bundle)
     seen = {}
@@ -217,8 +263,12 @@ def test_partitions_hold_whole_patients_and_shared_locations(ward, ward_ndjson, 
             assert rec.patient_id not in seen  # a patient lives in exactly one partition
             seen[rec.patient_id] = i
             assert any(x["resourceType"] == "Location" for x in rec.resources)
-            assert sorted(f"{x['resourceType']}/{x['id']}" for x in rec.resources
-                          if x["resourceType"] != "Location") == by_bundle[rec.patient_id]
+            assert (
+                sorted(
+                    f"{x['resourceType']}/{x['id']}" for x in rec.resources if x["resourceType"] != "Location"
+                )
+                == by_bundle[rec.patient_id]
+            )
     assert set(seen) == set(by_bundle)
     again = PartitionedExport.load(tmp_path / "p")
     assert again is not None and again.patients == export.patients

@@ -39,7 +39,9 @@ def _audit(url: str, out: Path) -> str:
 
 
 def test_audit_over_bulk_export_reproduces_the_answer_key(ward, key, tmp_path):
-    with server_mod.FhirTestServer(ward, export_polls=2, export_retry_after=0, export_max_lines=500) as server:
+    with server_mod.FhirTestServer(
+        ward, export_polls=2, export_retry_after=0, export_max_lines=500
+    ) as server:
         out = tmp_path / "bulk.jsonl"
         _audit(server.base_url, out)
         paths = [r.path for r in server.requests]

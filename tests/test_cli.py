@@ -33,7 +33,9 @@ def test_demo_data_then_chart_json_with_provenance(tmp_path, demo_anchor):
 
 
 def test_chart_text_names_sources(tmp_path, demo_ward_dir):
-    ids = sorted(p.stem for p in demo_ward_dir.glob("*.json") if p.stem not in ("ward", "answer_key", "locations"))
+    ids = sorted(
+        p.stem for p in demo_ward_dir.glob("*.json") if p.stem not in ("ward", "answer_key", "locations")
+    )
     code, text = run("chart", str(demo_ward_dir), "--patient", ids[0])
     assert code == 0
     assert f"[Patient/{ids[0]}]" in text and "[Observation/" in text

@@ -44,6 +44,7 @@ def fast_rest(url: str, **kw) -> RestFhirSource:
 
 # --- identical charts across sources ---------------------------------------------------------------------
 
+
 def test_every_synthea_patient_identical_over_bundles_and_rest(synthea_dir, fhir_server_factory):
     bundles = BundleDirSource(synthea_dir)
     ids = list(bundles.iter_patient_ids())
@@ -70,8 +71,9 @@ def test_demo_ward_identical_over_bundles_rest_and_ndjson(demo_ward_dir, fhir_se
     bundles = BundleDirSource(demo_ward_dir)
     ids = list(bundles.iter_patient_ids())
     assert len(ids) >= 20
-    export = write_ndjson_export(((r.patient_id, r.resources) for r in bundles.iter_patient_records()),
-                                 tmp_path / "export", gz=True)
+    export = write_ndjson_export(
+        ((r.patient_id, r.resources) for r in bundles.iter_patient_records()), tmp_path / "export", gz=True
+    )
     ndjson = NdjsonDirSource(export)
     assert sorted(ndjson.iter_patient_ids()) == sorted(ids)
     server = fhir_server_factory(demo_ward_dir)
@@ -80,8 +82,10 @@ def test_demo_ward_identical_over_bundles_rest_and_ndjson(demo_ward_dir, fhir_se
         a = comparable(bundles.patient_chart(pid))
         assert a == comparable(rest.patient_chart(pid)), pid
         assert a == comparable(ndjson.patient_chart(pid)), pid
-    by_partition = {r.patient_id: comparable(build_chart(r.resources, source="x", patient_id=r.patient_id))
-                    for r in ndjson.iter_patient_records()}
+    by_partition = {
+        r.patient_id: comparable(build_chart(r.resources, source="x", patient_id=r.patient_id))
+        for r in ndjson.iter_patient_records()
+    }
     assert set(by_partition) == set(ids)
     assert by_partition[ids[0]] == comparable(bundles.patient_chart(ids[0]))
 
@@ -101,6 +105,7 @@ def test_demo_ward_census_and_wards_agree_across_sources(demo_ward_dir, fhir_ser
 
 # --- paging, concurrency ---------------------------------------------------------------------------------
 
+
 def test_paging_follows_next_links_to_the_end(synthea_dir, fhir_server_factory):
     server = fhir_server_factory(synthea_dir)
     pid = max(server.patient_ids(), key=lambda p: server.compartment_count(p, "Observation"))
@@ -108,8 +113,11 @@ def test_paging_follows_next_links_to_the_end(synthea_dir, fhir_server_factory):
     rest = fast_rest(server.base_url, options={"page_size": 25})
     got = rest.search("Observation", {"patient": pid})
     assert len(got) == expected and len({r["id"] for r in got}) == expected
-    pages = [r for r in server.requests if r.path.endswith("/fhir") or "_getpages" in r.query or
-             r.path.endswith("/Observation")]
+    pages = [
+        r
+        for r in server.requests
+        if r.path.endswith("/fhir") or "_getpages" in r.query or r.path.endswith("/Observation")
+    ]
     assert len(pages) == -(-expected // 25)
 
 
@@ -121,6 +129,7 @@ def test_one_patient_searches_run_concurrently(synthea_dir, fhir_server_factory)
 
 
 # --- retries and faults ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
 def test_retryable_statuses_are_retried(synthea_dir, fhir_server_factory, status):
@@ -152,7 +161,7 @@ def test_retries_give_up_with_a_temporary_error(synthea_dir, fhir_server_factory
     assert err.value.retryable
     assert len(rest.sleeps) == 2
     # backoff grows exponentially (full jitter keeps each delay under its cap)
-    assert all(0 <= s <= 0.01 * 2 ** n for n, s in enumerate(rest.sleeps))
+    assert all(0 <= s <= 0.01 * 2**n for n, s in enumerate(rest.sleeps))
 
 
 def test_timeout_is_a_temporary_error(synthea_dir, fhir_server_factory):
@@ -190,7 +199,9 @@ def test_html_page_is_not_fhir(synthea_dir, fhir_server_factory):
 @pytest.mark.parametrize("status", [400, 403, 422])
 def test_operation_outcome_becomes_typed_fatal_error(synthea_dir, fhir_server_factory, status):
     server = fhir_server_factory(synthea_dir)
-    server.faults.add("outcome", path=r"/Observation", status=status, diagnostics="unsupported search parameter")
+    server.faults.add(
+        "outcome", path=r"/Observation", status=status, diagnostics="unsupported search parameter"
+    )
     rest = fast_rest(server.base_url)
     with pytest.raises(FhirFatalError, match="unsupported search parameter") as err:
         rest.search("Observation", {"patient": server.patient_ids()[0]})
@@ -233,6 +244,7 @@ def test_connection_refused_is_temporary():
 
 # --- auth ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("alg", ["RS384", "ES384"])
 def test_smart_backend_services_token_flow_and_reauth(synthea_dir, fhir_server_factory, alg):
     keys = make_keypair(alg)
@@ -240,8 +252,12 @@ def test_smart_backend_services_token_flow_and_reauth(synthea_dir, fhir_server_f
     probe = fast_rest(server.base_url)
     with pytest.raises(FhirAuthError):
         probe.read("Patient", server.patient_ids()[0])
-    auth = SmartBackendAuth(token_url=probe.discover_token_url(), client_id="nva",
-                            private_key_pem=keys.private_pem.encode(), alg=alg)
+    auth = SmartBackendAuth(
+        token_url=probe.discover_token_url(),
+        client_id="nva",
+        private_key_pem=keys.private_pem.encode(),
+        alg=alg,
+    )
     rest = fast_rest(server.base_url, auth=auth)
     pid = server.patient_ids()[0]
     assert rest.read("Patient", pid)["id"] == pid
@@ -255,7 +271,9 @@ def test_smart_backend_services_token_flow_and_reauth(synthea_dir, fhir_server_f
 def test_smart_wrong_key_is_refused(synthea_dir, fhir_server_factory):
     good, bad = make_keypair("RS384"), make_keypair("RS384")
     server = fhir_server_factory(synthea_dir, auth="smart", clients={"nva": good.public_pem})
-    auth = SmartBackendAuth(token_url=server.token_url, client_id="nva", private_key_pem=bad.private_pem.encode())
+    auth = SmartBackendAuth(
+        token_url=server.token_url, client_id="nva", private_key_pem=bad.private_pem.encode()
+    )
     with pytest.raises(FhirAuthError, match="token request refused"):
         fast_rest(server.base_url, auth=auth).read("Patient", server.patient_ids()[0])
 
@@ -273,8 +291,13 @@ def test_smart_settings_from_environment(synthea_dir, fhir_server_factory, tmp_p
     server = fhir_server_factory(synthea_dir, auth="smart", clients={"nva-env": keys.public_pem})
     key_file = tmp_path / "key.pem"
     key_file.write_text(keys.private_pem)
-    settings = {"NVA_FHIR_AUTH": "smart", "NVA_FHIR_CLIENT_ID": "nva-env", "NVA_FHIR_PRIVATE_KEY": str(key_file),
-                "NVA_FHIR_JWT_ALG": "ES384", "NVA_FHIR_RETRIES": "1"}
+    settings = {
+        "NVA_FHIR_AUTH": "smart",
+        "NVA_FHIR_CLIENT_ID": "nva-env",
+        "NVA_FHIR_PRIVATE_KEY": str(key_file),
+        "NVA_FHIR_JWT_ALG": "ES384",
+        "NVA_FHIR_RETRIES": "1",
+    }
     rest = RestFhirSource.from_settings(server.base_url, settings)
     assert rest.options.verify is True
     pid = server.patient_ids()[0]
@@ -282,6 +305,7 @@ def test_smart_settings_from_environment(synthea_dir, fhir_server_factory, tmp_p
 
 
 # --- files -----------------------------------------------------------------------------------------------
+
 
 def test_unreadable_bundle_file_is_skipped_and_named(synthea_dir, tmp_path):
     src_files = sorted(synthea_dir.glob("*.json.gz"))[:3]
@@ -318,8 +342,10 @@ def test_ndjson_bad_line_is_reported(tmp_path, synthea_dir):
 def test_bundle_reader_resolves_urn_uuid_references(synthea_dir):
     path = sorted(synthea_dir.glob("*.json.gz"))[0]
     raw = json.loads(gzip.decompress(path.read_bytes()))
-    assert any(str(e["resource"].get("subject", {}).get("reference", "")).startswith("urn:uuid:")
-               for e in raw["entry"])
+    assert any(
+        str(e["resource"].get("subject", {}).get("reference", "")).startswith("urn:uuid:")
+        for e in raw["entry"]
+    )
     chart = BundleDirSource(path).patient_chart(raw["entry"][0]["resource"]["id"])
     assert chart.results and chart.encounters
     assert all(r.ref.startswith("Observation/") for r in chart.results)

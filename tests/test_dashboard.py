@@ -151,8 +151,9 @@ def test_unknown_patient_shows_an_error_banner(env: Path) -> None:
     assert any("could not be loaded" in e.value and "no-such-patient" in e.value for e in at.error)
 
 
-def test_corrupted_source_file_shows_a_banner(env: Path, ward_facts: dict, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_corrupted_source_file_shows_a_banner(
+    env: Path, ward_facts: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     broken = tmp_path / "broken-ward"
     shutil.copytree(env, broken)
     victim, keep = ward_facts["census"][0], ward_facts["census"][1]
@@ -166,15 +167,23 @@ def test_corrupted_source_file_shows_a_banner(env: Path, ward_facts: dict, tmp_p
     assert f"## {ward_facts['charts'][keep].patient.name}" in _md(at)  # the rest of the ward still shows
 
 
-def test_chart_error_issue_shows_which_part_failed(env: Path, ward_facts: dict, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chart_error_issue_shows_which_part_failed(
+    env: Path, ward_facts: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     damaged = tmp_path / "damaged-ward"
     shutil.copytree(env, damaged)
     pid = ward_facts["census"][0]
     path = next(p for p in damaged.glob("*.json") if pid in p.read_text(encoding="utf-8")[:4000])
     bundle = json.loads(path.read_text(encoding="utf-8"))
-    bundle["entry"].append({"resource": {"resourceType": "Observation", "status": "final",
-                                         "subject": {"reference": f"Patient/{pid}"}}})
+    bundle["entry"].append(
+        {
+            "resource": {
+                "resourceType": "Observation",
+                "status": "final",
+                "subject": {"reference": f"Patient/{pid}"},
+            }
+        }
+    )
     path.write_text(json.dumps(bundle), encoding="utf-8")
     monkeypatch.setenv("NVA_SOURCE", str(damaged))
     at = _app(patient=pid)
@@ -191,7 +200,12 @@ def test_handoff_lists_the_ward_by_acuity_with_ipass(env: Path, ward_facts: dict
     ranks = [levels.get(x, 3) for x in table["Severity"]]
     assert ranks == sorted(ranks) or table["NEWS2"].iloc[0] == table["NEWS2"].max()
     text = _md(at)
-    for heading in ("I — Illness severity", "P — Patient summary", "A — Action list", "S — Situation awareness"):
+    for heading in (
+        "I — Illness severity",
+        "P — Patient summary",
+        "A — Action list",
+        "S — Situation awareness",
+    ):
         assert heading in text
     assert at.get("download_button")
     at.toggle(key="handoff-print").set_value(True).run()
@@ -239,10 +253,22 @@ def test_audit_run_filters_drill_down_and_csv(env: Path, ward_facts: dict) -> No
 def test_audit_csv_and_jsonl_reader() -> None:
     from dashboard import services
 
-    lines = [json.dumps({"patient": "Patient/a", "ward": "4B", "rule_id": "r1", "severity": "high", "title": "T",
-                         "message": "M", "evidence": ["Observation/1"], "values": [
-                             {"label": "K", "ref": "Observation/1", "value": "6 mmol/L", "time": None}]}),
-             "not json", ""]
+    lines = [
+        json.dumps(
+            {
+                "patient": "Patient/a",
+                "ward": "4B",
+                "rule_id": "r1",
+                "severity": "high",
+                "title": "T",
+                "message": "M",
+                "evidence": ["Observation/1"],
+                "values": [{"label": "K", "ref": "Observation/1", "value": "6 mmol/L", "time": None}],
+            }
+        ),
+        "not json",
+        "",
+    ]
     rows, bad = services.read_audit_jsonl(lines)
     assert bad == 1 and rows[0]["patient"] == "Patient/a"
     csv_text = services.audit_csv(rows).decode()
@@ -274,7 +300,9 @@ def test_patient_data_is_never_cached_across_sessions() -> None:
         assert not any("chart" in p or "patient" in p for p in params)
 
 
-def test_rules_now_is_the_demo_anchor_or_wall_clock(env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rules_now_is_the_demo_anchor_or_wall_clock(
+    env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from dashboard import services
 
     cfg = services.app_config()

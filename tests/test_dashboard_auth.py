@@ -89,7 +89,9 @@ def _app(user: dict | None = None, patient: str | None = None, script: str = APP
 
 
 def _text(at: AppTest) -> str:
-    return "\n".join([m.value for m in at.markdown] + [e.value for e in at.error] + [i.value for i in at.info])
+    return "\n".join(
+        [m.value for m in at.markdown] + [e.value for e in at.error] + [i.value for i in at.info]
+    )
 
 
 def _rows(path: Path) -> list[tuple]:
@@ -135,7 +137,13 @@ def test_nurse_sees_her_ward_only_and_is_refused_another_wards_patient(signed_in
     assert f"Patient/{other} is not on a ward assigned to you" in text
     assert ward["names"][other] not in text
     rows = _rows(signed_in)
-    assert ("nina@example.org", "nurse", "access-denied", f"Patient/{other}", "patient not on an assigned ward") in rows
+    assert (
+        "nina@example.org",
+        "nurse",
+        "access-denied",
+        f"Patient/{other}",
+        "patient not on an assigned ward",
+    ) in rows
     assert not [r for r in rows if r[2] == "view-chart"]
 
 
@@ -158,8 +166,9 @@ def test_views_are_logged_once_per_patient_without_chart_content(signed_in: Path
         assert name not in dump and name.split()[-1] not in " ".join(map(str, rows))
 
 
-def test_a_view_that_cannot_be_logged_is_not_shown(signed_in: Path, ward: dict, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_view_that_cannot_be_logged_is_not_shown(
+    signed_in: Path, ward: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     blocked = tmp_path / "not-a-file"
     blocked.mkdir()  # sqlite cannot open a directory
     monkeypatch.setenv("NVA_ACCESS_LOG", str(blocked))
@@ -178,7 +187,9 @@ def test_auditor_gets_audit_and_access_log_pages_nurse_does_not(signed_in: Path,
     # Reached directly (a typed URL, a stale link), the page itself refuses and logs the refusal.
     direct = _app(NURSE, script=str(REPO / "dashboard" / "pages" / "audit.py"))
     assert "may not open the audit" in _text(direct) and not direct.button
-    assert ("nina@example.org", "nurse", "access-denied", "page:audit", "page not allowed for role") in _rows(signed_in)
+    assert ("nina@example.org", "nurse", "access-denied", "page:audit", "page not allowed for role") in _rows(
+        signed_in
+    )
 
     at = _app(AUDITOR)
     assert at.selectbox(key="nva_ward").options == ["4B Med-Surg", "5A Cardiology"]
@@ -217,5 +228,6 @@ def test_a_user_without_a_role_sees_only_the_no_role_page(signed_in: Path, ward:
     assert not at.selectbox and not at.dataframe
     with pytest.raises(ValueError, match="Could not find a navigation page"):
         at.switch_page("pages/patient.py")
-    assert _rows(signed_in) == [("stranger@example.org", "none", "access-denied", "nva",
-                                 "signed in without an NVA role")]
+    assert _rows(signed_in) == [
+        ("stranger@example.org", "none", "access-denied", "nva", "signed in without an NVA role")
+    ]

@@ -42,8 +42,14 @@ def test_every_page_renders_in_chromium(tmp_path: Path) -> None:
     pid = max(census, key=lambda p: (sum(f.severity == "high" for f in evaluate(charts[p], now=ANCHOR)), p))
     name = charts[pid].patient.name
 
-    env = {"NVA_SOURCE": str(demo), "NVA_DATA_DIR": str(data_dir), "NVA_LLM_BACKEND": "none",
-           "NVA_SECRETS_FILE": str(tmp_path / "none.toml"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        "NVA_SOURCE": str(demo),
+        "NVA_DATA_DIR": str(data_dir),
+        "NVA_LLM_BACKEND": "none",
+        "NVA_SECRETS_FILE": str(tmp_path / "none.toml"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     pages = [
         ("patient", f"/?patient={pid}", (name, "Flags", "Labs", "Summary")),
         ("handoff", "/handoff", ("Ward handoff", "I — Illness severity", "Export PDF")),

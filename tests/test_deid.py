@@ -7,11 +7,21 @@ from assistant.llm.fake import ScriptedBackend
 from assistant.normalize import build_chart
 from assistant.security.deid import Deidentifier, DeidentifyingBackend
 
-PATIENT = {"resourceType": "Patient", "id": "pat-4711", "name": [{"given": ["Marta"], "family": "Okafor"}],
-           "identifier": [{"type": {"coding": [{"code": "MR"}]}, "value": "MRN99812"}]}
-OBS = {"resourceType": "Observation", "id": "obs-5551", "status": "final", "subject": {"reference": "Patient/pat-4711"},
-       "code": {"coding": [{"system": "http://loinc.org", "code": "2823-3"}]}, "effectiveDateTime": "2026-03-16T05:00:00Z",
-       "valueQuantity": {"value": 5.9, "unit": "mmol/L"}}
+PATIENT = {
+    "resourceType": "Patient",
+    "id": "pat-4711",
+    "name": [{"given": ["Marta"], "family": "Okafor"}],
+    "identifier": [{"type": {"coding": [{"code": "MR"}]}, "value": "MRN99812"}],
+}
+OBS = {
+    "resourceType": "Observation",
+    "id": "obs-5551",
+    "status": "final",
+    "subject": {"reference": "Patient/pat-4711"},
+    "code": {"coding": [{"system": "http://loinc.org", "code": "2823-3"}]},
+    "effectiveDateTime": "2026-03-16T05:00:00Z",
+    "valueQuantity": {"value": 5.9, "unit": "mmol/L"},
+}
 
 
 def chart():
@@ -20,7 +30,9 @@ def chart():
 
 def test_names_ids_and_dates_do_not_leave_and_come_back():
     deid = Deidentifier(chart(), key=b"k" * 32)
-    text = "Marta Okafor (MRN99812, Patient/pat-4711): K 5.9 mmol/L at 2026-03-16 05:00 [Observation/obs-5551]."
+    text = (
+        "Marta Okafor (MRN99812, Patient/pat-4711): K 5.9 mmol/L at 2026-03-16 05:00 [Observation/obs-5551]."
+    )
     out = deid.apply(text)
     for secret in ("Marta", "Okafor", "MRN99812", "pat-4711", "obs-5551", "2026-03-16"):
         assert secret not in out
@@ -60,14 +72,35 @@ def test_make_backend_enforces_egress_and_marks_remote_backends_for_deidentifica
     from assistant.llm import LlmConfigError, for_chart, make_backend
 
     with pytest.raises(LlmConfigError, match="NVA_LLM_ALLOW_REMOTE"):
-        make_backend({"NVA_LLM_BACKEND": "openai", "NVA_LLM_BASE_URL": "https://llm.example.com/v1", "NVA_LLM_MODEL": "m"})
-    local = make_backend({"NVA_LLM_BACKEND": "openai", "NVA_LLM_BASE_URL": "http://127.0.0.1:9/v1", "NVA_LLM_MODEL": "m"})
+        make_backend(
+            {
+                "NVA_LLM_BACKEND": "openai",
+                "NVA_LLM_BASE_URL": "https://llm.example.com/v1",
+                "NVA_LLM_MODEL": "m",
+            }
+        )
+    local = make_backend(
+        {"NVA_LLM_BACKEND": "openai", "NVA_LLM_BASE_URL": "http://127.0.0.1:9/v1", "NVA_LLM_MODEL": "m"}
+    )
     assert for_chart(local, chart()) is local
-    remote = make_backend({"NVA_LLM_BACKEND": "openai", "NVA_LLM_BASE_URL": "https://llm.example.com/v1",
-                           "NVA_LLM_ALLOW_REMOTE": "true", "NVA_LLM_MODEL": "m"})
+    remote = make_backend(
+        {
+            "NVA_LLM_BACKEND": "openai",
+            "NVA_LLM_BASE_URL": "https://llm.example.com/v1",
+            "NVA_LLM_ALLOW_REMOTE": "true",
+            "NVA_LLM_MODEL": "m",
+        }
+    )
     assert isinstance(for_chart(remote, chart()), DeidentifyingBackend)
-    trusted = make_backend({"NVA_LLM_BACKEND": "openai", "NVA_LLM_BASE_URL": "https://llm.hospital.org/v1",
-                            "NVA_LLM_ALLOW_HOSTS": "llm.hospital.org", "NVA_LLM_DEIDENTIFY": "false", "NVA_LLM_MODEL": "m"})
+    trusted = make_backend(
+        {
+            "NVA_LLM_BACKEND": "openai",
+            "NVA_LLM_BASE_URL": "https://llm.hospital.org/v1",
+            "NVA_LLM_ALLOW_HOSTS": "llm.hospital.org",
+            "NVA_LLM_DEIDENTIFY": "false",
+            "NVA_LLM_MODEL": "m",
+        }
+    )
     assert for_chart(trusted, chart()) is trusted
 
 
@@ -88,8 +121,14 @@ def test_deidentified_summary_through_a_real_openai_compatible_server(demo_ward_
     chart_ = source.patient_chart(pid)
     base_url, model, stop = start_llm_server()
     try:
-        backend = make_backend({"NVA_LLM_BACKEND": "openai", "NVA_LLM_BASE_URL": base_url, "NVA_LLM_MODEL": model,
-                                "NVA_LLM_MAX_TOKENS": "48"})
+        backend = make_backend(
+            {
+                "NVA_LLM_BACKEND": "openai",
+                "NVA_LLM_BASE_URL": base_url,
+                "NVA_LLM_MODEL": model,
+                "NVA_LLM_MAX_TOKENS": "48",
+            }
+        )
         backend.requires_deid = True  # as make_backend marks a remote host; the server itself is on loopback
         sent: list[str] = []
         original_stream = backend.stream
@@ -99,8 +138,16 @@ def test_deidentified_summary_through_a_real_openai_compatible_server(demo_ward_
             return original_stream(messages, **kwargs)
 
         backend.stream = spy
-        result = compose(chart_, evaluate(chart_, now=demo_anchor), (), backend, now=demo_anchor, mode="per-fact",
-                         prompt_facts=3, timeout=120)
+        result = compose(
+            chart_,
+            evaluate(chart_, now=demo_anchor),
+            (),
+            backend,
+            now=demo_anchor,
+            mode="per-fact",
+            prompt_facts=3,
+            timeout=120,
+        )
     finally:
         stop()
     assert sent, "the server was never called"

@@ -75,7 +75,8 @@ def test_html_headings_and_lists(tmp_path: Path):
         "<h1>Sepsis screening</h1><p>Screen every adult with a suspected infection.</p>"
         "<h2>Red flags</h2><ul><li>Systolic pressure 90 or below</li><li>New confusion</li></ul>"
         "<h3>Escalation</h3><p>Call the rapid response team within 15 minutes.</p></body></html>",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     doc = parse_file(f)
     assert doc.title == "Sepsis screening"
     by_path = {s.headings: s.text for s in doc.sections}
@@ -90,8 +91,12 @@ def test_pdf_keeps_page_numbers_and_numbered_headings(tmp_path: Path):
     pdf.set_font("Helvetica", size=11)
     pdf.set_title("Falls prevention")
     pdf.add_page()
-    pdf.multi_cell(0, 6, "Falls prevention\n\n1 Risk assessment\n\nAssess every patient on admission "
-                   "using a validated tool and repeat after any fall.")
+    pdf.multi_cell(
+        0,
+        6,
+        "Falls prevention\n\n1 Risk assessment\n\nAssess every patient on admission "
+        "using a validated tool and repeat after any fall.",
+    )
     pdf.add_page()
     pdf.multi_cell(0, 6, "2 Interventions\n\nKeep the bed low and the call bell within reach at all times.")
     f = tmp_path / "falls.pdf"
@@ -144,7 +149,9 @@ def test_plain_text_title_and_body(tmp_path: Path):
         ("badyaml.md", b"---\nid: [unclosed\n---\n# T\n\ntext\n", "front matter"),
     ],
 )
-def test_bad_files_raise_typed_error_naming_the_file(tmp_path: Path, name: str, content: bytes, fragment: str):
+def test_bad_files_raise_typed_error_naming_the_file(
+    tmp_path: Path, name: str, content: bytes, fragment: str
+):
     f = tmp_path / name
     f.write_bytes(content)
     with pytest.raises(GuidelineFileError) as err:
@@ -188,7 +195,11 @@ def test_chunks_are_bounded_overlapping_and_prefixed(tmp_path: Path):
 def test_sections_are_never_merged():
     chunks = chunk_document(parse_file(FIXTURES / "potassium.md"))
     assert [c.metadata["section"] for c in chunks] == [
-        "Potassium replacement (fixture)", "Route", "Peripheral line", "Central line"]
+        "Potassium replacement (fixture)",
+        "Route",
+        "Peripheral line",
+        "Central line",
+    ]
 
 
 # ---------------------------------------------------------------- where filter / store
@@ -223,7 +234,9 @@ def test_changed_doc_replaces_its_chunks(corpus: Path):
     before = {c.chunk_id for c in store.iter_chunks() if c.metadata["doc_id"] == "fixture-potassium"}
     f = corpus / "potassium.md"
     text = f.read_text()
-    f.write_text(text.split("## Infusion rate")[0] + "## Monitoring\n\nRecheck serum potassium after each dose.\n")
+    f.write_text(
+        text.split("## Infusion rate")[0] + "## Monitoring\n\nRecheck serum potassium after each dose.\n"
+    )
     report = ingest([corpus], store, emb)
     assert report.updated == ["fixture-potassium"]
     assert sorted(report.unchanged) == ["fixture-hypoglycemia", "fixture-warfarin"]
@@ -277,8 +290,11 @@ def test_persistent_store_survives_reopen(corpus: Path, tmp_path: Path):
     assert s1.hnsw_configuration["space"] == "cosine"
     del s1
     s2 = ChromaGuidelineStore(path, collection="test_guidelines")
-    assert s2.count() == n and set(s2.list_docs()) == {"fixture-potassium", "fixture-hypoglycemia",
-                                                       "fixture-warfarin"}
+    assert s2.count() == n and set(s2.list_docs()) == {
+        "fixture-potassium",
+        "fixture-hypoglycemia",
+        "fixture-warfarin",
+    }
     stats = s2.stats()
     assert stats.documents == 3 and stats.chunks == n and stats.last_ingest
     hits = s2.query(emb.embed_query("peripheral line potassium bolus"), 2)
@@ -319,8 +335,10 @@ def test_keyword_index_rebuilds_when_store_changes(corpus: Path, tmp_path: Path)
     assert r.search("tracheostomy", k=3)[0].doc_id != "trach"
     extra = tmp_path / "trach"
     extra.mkdir()
-    (extra / "trach.md").write_text("---\nid: trach\n---\n# Tracheostomy care\n\n## Suction\n\nTracheostomy "
-                                    "suction uses a sterile catheter.\n")
+    (extra / "trach.md").write_text(
+        "---\nid: trach\n---\n# Tracheostomy care\n\n## Suction\n\nTracheostomy "
+        "suction uses a sterile catheter.\n"
+    )
     ingest([extra], store, emb)
     assert r.search("tracheostomy", k=3)[0].doc_id == "trach"
 

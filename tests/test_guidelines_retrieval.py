@@ -73,8 +73,10 @@ def test_retrieval_eval_on_real_corpus(corpus_retriever):
     items = load_eval_set(EVAL_SET)
     assert len(items) >= 10
     result = evaluate(corpus_retriever, items, k=5)
-    print(f"\nguideline eval: n={result.n} recall@1={result.recall_at_1:.3f} "
-          f"recall@5={result.recall_at_5:.3f} MRR@10={result.mrr:.3f}")
+    print(
+        f"\nguideline eval: n={result.n} recall@1={result.recall_at_1:.3f} "
+        f"recall@5={result.recall_at_5:.3f} MRR@10={result.mrr:.3f}"
+    )
     for miss in result.misses:
         print("  miss:", miss)
     assert result.recall_at_5 >= 0.9

@@ -113,8 +113,12 @@ def test_factory_rejects_incomplete_settings(settings, needle):
 
 def test_factory_accepts_remote_https_and_loopback_http():
     remote = make_backend(
-        {"NVA_LLM_BACKEND": "openai", "NVA_LLM_BASE_URL": "https://llm.example.org/v1/", "NVA_LLM_MODEL": "m",
-         "NVA_LLM_ALLOW_REMOTE": "true"}  # a remote host needs the explicit egress setting
+        {
+            "NVA_LLM_BACKEND": "openai",
+            "NVA_LLM_BASE_URL": "https://llm.example.org/v1/",
+            "NVA_LLM_MODEL": "m",
+            "NVA_LLM_ALLOW_REMOTE": "true",
+        }  # a remote host needs the explicit egress setting
     )
     assert remote.name == "openai" and remote.url == "https://llm.example.org/v1/chat/completions"
     local = make_backend(

@@ -13,15 +13,30 @@ PID = "p1"
 
 
 def patient(**extra):
-    return {"resourceType": "Patient", "id": PID, "name": [{"given": ["Ada"], "family": "Test"}],
-            "birthDate": "1950-02-03", "gender": "female", **extra}
+    return {
+        "resourceType": "Patient",
+        "id": PID,
+        "name": [{"given": ["Ada"], "family": "Test"}],
+        "birthDate": "1950-02-03",
+        "gender": "female",
+        **extra,
+    }
 
 
-def obs(oid, loinc, value, unit, *, when="2026-03-16T05:00:00Z", status="final", category="laboratory", **extra):
-    return {"resourceType": "Observation", "id": oid, "status": status, "subject": {"reference": f"Patient/{PID}"},
-            "category": [{"coding": [{"code": category}]}],
-            "code": {"coding": [{"system": "http://loinc.org", "code": loinc}]}, "effectiveDateTime": when,
-            "valueQuantity": {"value": value, "unit": unit}, **extra}
+def obs(
+    oid, loinc, value, unit, *, when="2026-03-16T05:00:00Z", status="final", category="laboratory", **extra
+):
+    return {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": status,
+        "subject": {"reference": f"Patient/{PID}"},
+        "category": [{"coding": [{"code": category}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": loinc}]},
+        "effectiveDateTime": when,
+        "valueQuantity": {"value": value, "unit": unit},
+        **extra,
+    }
 
 
 def med_request(mid, text=None, code=None, status="active", **extra):
@@ -30,37 +45,47 @@ def med_request(mid, text=None, code=None, status="active", **extra):
         concept["text"] = text
     if code:
         concept["coding"] = [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": code}]
-    return {"resourceType": "MedicationRequest", "id": mid, "status": status, "intent": "order",
-            "subject": {"reference": f"Patient/{PID}"}, "medicationCodeableConcept": concept, **extra}
+    return {
+        "resourceType": "MedicationRequest",
+        "id": mid,
+        "status": status,
+        "intent": "order",
+        "subject": {"reference": f"Patient/{PID}"},
+        "medicationCodeableConcept": concept,
+        **extra,
+    }
 
 
 def chart_of(*resources, **kw):
     return build_chart([patient(), *resources], source="test", **kw)
 
 
-@pytest.mark.parametrize(("loinc", "value", "unit", "analyte", "expected"), [
-    ("2823-3", 5.9, "mmol/L", "potassium", 5.9),
-    ("6298-4", 5.6, "mEq/L", "potassium", 5.6),
-    ("2345-7", 65, "mg/dL", "glucose", 65),
-    ("41653-7", 3.2, "mmol/L", "glucose", 57.6512),
-    ("15074-8", 5.0, "mmol/L", "glucose", 90.08),
-    ("2160-0", 1.2, "mg/dL", "creatinine", 1.2),
-    ("14682-9", 88.4, "umol/L", "creatinine", 1.0),
-    ("33914-3", 22, "mL/min/{1.73_m2}", "egfr", 22),
-    ("62238-1", 45, "mL/min/1.73m2", "egfr", 45),
-    ("98979-8", 28, "mL/min/1.73m2", "egfr", 28),
-    ("6301-6", 4.8, "{INR}", "inr", 4.8),
-    ("777-3", 150000, "/uL", "platelets", 150),
-    ("777-3", 210, "10*9/L", "platelets", 210),
-    ("718-7", 95, "g/L", "hemoglobin", 9.5),
-    ("10535-3", 3.2, "nmol/L", "digoxin", 2.4992),
-    ("14334-7", 1.6, "mEq/L", "lithium", 1.6),
-    ("4090-7", 24, "ug/mL", "vancomycin", 24),
-    ("8636-3", 0.52, "s", "qtc", 520),
-    ("8310-5", 98.6, "[degF]", "temperature", 37.0),
-    ("8310-5", 38.4, "Cel", "temperature", 38.4),
-    ("2951-2", 128, "mEq/L", "sodium", 128),
-])
+@pytest.mark.parametrize(
+    ("loinc", "value", "unit", "analyte", "expected"),
+    [
+        ("2823-3", 5.9, "mmol/L", "potassium", 5.9),
+        ("6298-4", 5.6, "mEq/L", "potassium", 5.6),
+        ("2345-7", 65, "mg/dL", "glucose", 65),
+        ("41653-7", 3.2, "mmol/L", "glucose", 57.6512),
+        ("15074-8", 5.0, "mmol/L", "glucose", 90.08),
+        ("2160-0", 1.2, "mg/dL", "creatinine", 1.2),
+        ("14682-9", 88.4, "umol/L", "creatinine", 1.0),
+        ("33914-3", 22, "mL/min/{1.73_m2}", "egfr", 22),
+        ("62238-1", 45, "mL/min/1.73m2", "egfr", 45),
+        ("98979-8", 28, "mL/min/1.73m2", "egfr", 28),
+        ("6301-6", 4.8, "{INR}", "inr", 4.8),
+        ("777-3", 150000, "/uL", "platelets", 150),
+        ("777-3", 210, "10*9/L", "platelets", 210),
+        ("718-7", 95, "g/L", "hemoglobin", 9.5),
+        ("10535-3", 3.2, "nmol/L", "digoxin", 2.4992),
+        ("14334-7", 1.6, "mEq/L", "lithium", 1.6),
+        ("4090-7", 24, "ug/mL", "vancomycin", 24),
+        ("8636-3", 0.52, "s", "qtc", 520),
+        ("8310-5", 98.6, "[degF]", "temperature", 37.0),
+        ("8310-5", 38.4, "Cel", "temperature", 38.4),
+        ("2951-2", 128, "mEq/L", "sodium", 128),
+    ],
+)
 def test_units_convert_to_one_canonical_unit_per_analyte(loinc, value, unit, analyte, expected):
     chart = chart_of(obs("o1", loinc, value, unit))
     (result,) = chart.results
@@ -93,16 +118,19 @@ def test_every_loinc_code_maps_to_one_analyte_only():
             seen[code] = analyte.key
 
 
-@pytest.mark.parametrize(("text", "code", "ingredient", "how"), [
-    ("KCl 20 mEq PO BID", None, "potassium-chloride", "name"),
-    ("Lasix 40 mg IV daily", None, "furosemide", "name"),
-    ("Coumadin 5 mg", None, "warfarin", "name"),
-    (None, "11289", "warfarin", "rxnorm"),
-    ("Warfarin Sodium 5 MG Oral Tablet", "855332", "warfarin", "rxnorm"),
-    ("Insulin glargine 100 unit/mL", None, "insulin-glargine", "name"),
-    ("amoxicillin 500 MG Oral Capsule", "308191", "amoxicillin", "rxnorm"),
-    ("Acetaminophen 325 MG / oxyCODONE Hydrochloride 5 MG Oral Tablet", None, "oxycodone", "name"),
-])
+@pytest.mark.parametrize(
+    ("text", "code", "ingredient", "how"),
+    [
+        ("KCl 20 mEq PO BID", None, "potassium-chloride", "name"),
+        ("Lasix 40 mg IV daily", None, "furosemide", "name"),
+        ("Coumadin 5 mg", None, "warfarin", "name"),
+        (None, "11289", "warfarin", "rxnorm"),
+        ("Warfarin Sodium 5 MG Oral Tablet", "855332", "warfarin", "rxnorm"),
+        ("Insulin glargine 100 unit/mL", None, "insulin-glargine", "name"),
+        ("amoxicillin 500 MG Oral Capsule", "308191", "amoxicillin", "rxnorm"),
+        ("Acetaminophen 325 MG / oxyCODONE Hydrochloride 5 MG Oral Tablet", None, "oxycodone", "name"),
+    ],
+)
 def test_medication_resolves_by_rxnorm_or_by_name(text, code, ingredient, how):
     chart = chart_of(med_request("m1", text=text, code=code))
     (order,) = chart.orders
@@ -123,9 +151,14 @@ def test_unknown_medication_is_an_issue():
 
 
 def test_allergy_to_a_class_keeps_the_class():
-    allergy = {"resourceType": "AllergyIntolerance", "id": "a1", "patient": {"reference": f"Patient/{PID}"},
-               "code": {"text": "Penicillins"}, "category": ["medication"],
-               "clinicalStatus": {"coding": [{"code": "active"}]}}
+    allergy = {
+        "resourceType": "AllergyIntolerance",
+        "id": "a1",
+        "patient": {"reference": f"Patient/{PID}"},
+        "code": {"text": "Penicillins"},
+        "category": ["medication"],
+        "clinicalStatus": {"coding": [{"code": "active"}]},
+    }
     chart = chart_of(allergy)
     assert "penicillin" in chart.allergies[0].classes and chart.allergies[0].is_active
 
@@ -134,19 +167,32 @@ def test_wrong_types_make_one_issue_and_the_rest_of_the_chart_stays():
     bad = obs("bad", "2823-3", "five point nine", "mmol/L")
     bad_date = obs("bad-date", "2823-3", 4.0, "mmol/L", when="yesterday")
     good = obs("good", "2823-3", 4.1, "mmol/L")
-    chart = chart_of(bad, bad_date, good, med_request("m1", text="KCl 20 mEq", dosageInstruction="twice daily"))
+    chart = chart_of(
+        bad, bad_date, good, med_request("m1", text="KCl 20 mEq", dosageInstruction="twice daily")
+    )
     assert [r.ref for r in chart.results] == ["Observation/good"]
     codes = {(i.source, i.code) for i in chart.issues}
-    assert codes == {("Observation/bad", "invalid-resource"), ("Observation/bad-date", "invalid-resource"),
-                     ("MedicationRequest/m1", "invalid-resource")}
+    assert codes == {
+        ("Observation/bad", "invalid-resource"),
+        ("Observation/bad-date", "invalid-resource"),
+        ("MedicationRequest/m1", "invalid-resource"),
+    }
     assert all(i.severity == "error" for i in chart.issues)
 
 
 def test_reference_to_a_missing_resource_is_reported():
-    admin = {"resourceType": "MedicationAdministration", "id": "ma1", "status": "completed",
-             "subject": {"reference": f"Patient/{PID}"}, "request": {"reference": "MedicationRequest/gone"},
-             "medicationCodeableConcept": {"text": "heparin 5000 units"}, "effectiveDateTime": "2026-03-16T06:00:00Z"}
-    by_ref = med_request("m2", medicationCodeableConcept=None, medicationReference={"reference": "Medication/x"})
+    admin = {
+        "resourceType": "MedicationAdministration",
+        "id": "ma1",
+        "status": "completed",
+        "subject": {"reference": f"Patient/{PID}"},
+        "request": {"reference": "MedicationRequest/gone"},
+        "medicationCodeableConcept": {"text": "heparin 5000 units"},
+        "effectiveDateTime": "2026-03-16T06:00:00Z",
+    }
+    by_ref = med_request(
+        "m2", medicationCodeableConcept=None, medicationReference={"reference": "Medication/x"}
+    )
     chart = chart_of(admin, by_ref)
     assert chart.administrations[0].order_ref == "MedicationRequest/gone"
     issues = {(i.source, i.code) for i in chart.issues}
@@ -179,20 +225,35 @@ def test_strict_mode_rejects_what_fhir_resources_rejects():
 
 def test_notes_decode_and_entered_in_error_is_dropped():
     def note(nid, text, status="current"):
-        return {"resourceType": "DocumentReference", "id": nid, "status": status,
-                "subject": {"reference": f"Patient/{PID}"}, "date": "2026-03-16T04:00:00Z",
-                "content": [{"attachment": {"contentType": "text/plain",
-                                            "data": base64.b64encode(text.encode()).decode()}}]}
+        return {
+            "resourceType": "DocumentReference",
+            "id": nid,
+            "status": status,
+            "subject": {"reference": f"Patient/{PID}"},
+            "date": "2026-03-16T04:00:00Z",
+            "content": [
+                {
+                    "attachment": {
+                        "contentType": "text/plain",
+                        "data": base64.b64encode(text.encode()).decode(),
+                    }
+                }
+            ],
+        }
+
     chart = chart_of(note("n1", "Slept well."), note("n2", "wrong chart", "entered-in-error"))
     assert [n.text for n in chart.notes] == ["Slept well."]
 
 
-@pytest.mark.parametrize(("text", "iso"), [
-    ("2026", "2026-01-01T00:00:00+00:00"),
-    ("2026-03", "2026-03-01T00:00:00+00:00"),
-    ("2026-03-16", "2026-03-16T00:00:00+00:00"),
-    ("2026-03-16T05:00:00-04:00", "2026-03-16T09:00:00+00:00"),
-    ("2026-03-16T05:00:00Z", "2026-03-16T05:00:00+00:00"),
-])
+@pytest.mark.parametrize(
+    ("text", "iso"),
+    [
+        ("2026", "2026-01-01T00:00:00+00:00"),
+        ("2026-03", "2026-03-01T00:00:00+00:00"),
+        ("2026-03-16", "2026-03-16T00:00:00+00:00"),
+        ("2026-03-16T05:00:00-04:00", "2026-03-16T09:00:00+00:00"),
+        ("2026-03-16T05:00:00Z", "2026-03-16T05:00:00+00:00"),
+    ],
+)
 def test_fhir_datetimes_become_utc(text, iso):
     assert parse_datetime(text).isoformat() == iso

@@ -29,7 +29,9 @@ def phi_tokens(ward_dir) -> set[str]:
     return tokens
 
 
-def test_demo_run_at_debug_level_logs_no_phi(demo_ward_dir, demo_anchor, fhir_server_factory, tmp_path, monkeypatch):
+def test_demo_run_at_debug_level_logs_no_phi(
+    demo_ward_dir, demo_anchor, fhir_server_factory, tmp_path, monkeypatch
+):
     monkeypatch.setenv("NVA_LLM_BACKEND", "none")
     buffer = io.StringIO()
     handler = configure_logging(3, stream=buffer)  # -vvv: libraries (urllib3 URLs) at debug too
@@ -43,10 +45,28 @@ def test_demo_run_at_debug_level_logs_no_phi(demo_ward_dir, demo_anchor, fhir_se
         runs = [
             ["-vv", "chart", str(demo_ward_dir), "--patient", ids[0], "--format", "json"],
             ["-vv", "chart", server.base_url, "--patient", ids[1]],
-            ["-vv", "audit", str(demo_ward_dir), "--out", str(tmp_path / "audit.jsonl"), "--now", now,
-             "--no-progress"],
+            [
+                "-vv",
+                "audit",
+                str(demo_ward_dir),
+                "--out",
+                str(tmp_path / "audit.jsonl"),
+                "--now",
+                now,
+                "--no-progress",
+            ],
             ["-vv", "summarize", str(demo_ward_dir), "--patient", ids[2], "--backend", "none", "--now", now],
-            ["-vv", "handoff", str(demo_ward_dir), "--ward", "Location/ward-4b", "--backend", "none", "--now", now],
+            [
+                "-vv",
+                "handoff",
+                str(demo_ward_dir),
+                "--ward",
+                "Location/ward-4b",
+                "--backend",
+                "none",
+                "--now",
+                now,
+            ],
         ]
         for argv in runs:
             assert main(argv, out=out) == 0, argv
@@ -59,12 +79,21 @@ def test_demo_run_at_debug_level_logs_no_phi(demo_ward_dir, demo_anchor, fhir_se
     assert not leaks, leaks[:10]
     # and the outputs themselves did carry the PHI, so the scan was looking for the right things
     assert any(t in out.getvalue() for t in phi_tokens(demo_ward_dir))
-    assert json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[0])["patient"].startswith("Patient/")
+    assert json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[0])["patient"].startswith(
+        "Patient/"
+    )
 
 
 def test_filter_redacts_resource_paths_and_queries():
-    record = logging.LogRecord("urllib3", logging.DEBUG, __file__, 1,
-                               'http://h:1 "GET /fhir/Patient/abc-123?name=Smith HTTP/1.1" 200', None, None)
+    record = logging.LogRecord(
+        "urllib3",
+        logging.DEBUG,
+        __file__,
+        1,
+        'http://h:1 "GET /fhir/Patient/abc-123?name=Smith HTTP/1.1" 200',
+        None,
+        None,
+    )
     PhiSafeFilter().filter(record)
     assert "abc-123" not in record.getMessage() and "Smith" not in record.getMessage()
     assert "Patient/…" in record.getMessage()

@@ -11,20 +11,23 @@ from assistant.cli import main
 from assistant.rules.query_hint import lab_mentions, rules_suggested_by
 
 
-@pytest.mark.parametrize(("question", "rules"), [
-    ("what do I do if K is 5.9 and KCl is ordered", ["hyperkalemia-k-raising-drug"]),
-    ("K+ 5.6 on lisinopril", ["hyperkalemia-k-raising-drug"]),
-    ("potassium 5.0 and KCl due", []),  # at the threshold, not above it
-    ("K 3.1 and on lasix", ["hypokalemia-diuretic"]),
-    ("INR 4.8 on warfarin", ["inr-supratherapeutic-warfarin"]),
-    ("INR 3.9 on warfarin", []),
-    ("BG 3.1 pt on insulin", ["hypoglycemia-insulin-sulfonylurea"]),
-    ("blood sugar 58 mg/dL after glipizide", ["hypoglycemia-insulin-sulfonylurea"]),
-    ("eGFR 22 metformin due", ["metformin-low-egfr"]),
-    ("Na 127 sertraline", ["hyponatremia-thiazide-ssri"]),
-    ("QTc 524 on haloperidol", ["qtc-prolonged-qt-drug"]),
-    ("K 4.2", []),
-])
+@pytest.mark.parametrize(
+    ("question", "rules"),
+    [
+        ("what do I do if K is 5.9 and KCl is ordered", ["hyperkalemia-k-raising-drug"]),
+        ("K+ 5.6 on lisinopril", ["hyperkalemia-k-raising-drug"]),
+        ("potassium 5.0 and KCl due", []),  # at the threshold, not above it
+        ("K 3.1 and on lasix", ["hypokalemia-diuretic"]),
+        ("INR 4.8 on warfarin", ["inr-supratherapeutic-warfarin"]),
+        ("INR 3.9 on warfarin", []),
+        ("BG 3.1 pt on insulin", ["hypoglycemia-insulin-sulfonylurea"]),
+        ("blood sugar 58 mg/dL after glipizide", ["hypoglycemia-insulin-sulfonylurea"]),
+        ("eGFR 22 metformin due", ["metformin-low-egfr"]),
+        ("Na 127 sertraline", ["hyponatremia-thiazide-ssri"]),
+        ("QTc 524 on haloperidol", ["qtc-prolonged-qt-drug"]),
+        ("K 4.2", []),
+    ],
+)
 def test_questions_point_at_rules(question, rules):
     assert rules_suggested_by(question) == rules
 
@@ -42,7 +45,9 @@ def test_guideline_search_puts_potassium_guidance_first(tmp_path, monkeypatch):
     from contextlib import redirect_stdout
 
     with redirect_stdout(out):
-        code = main(["guidelines", "search", "what do I do if K is 5.9 and KCl is ordered", "--format", "json"])
+        code = main(
+            ["guidelines", "search", "what do I do if K is 5.9 and KCl is ordered", "--format", "json"]
+        )
     assert code == 0
     hits = json.loads(out.getvalue())
     assert hits[0]["doc_id"] == "potassium-hyperkalemia"

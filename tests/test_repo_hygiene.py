@@ -40,7 +40,9 @@ def test_no_secrets_in_tracked_files():
 
 
 def test_secrets_file_is_ignored():
-    ignored = subprocess.run(["git", "check-ignore", ".streamlit/secrets.toml"], cwd=REPO, capture_output=True)
+    ignored = subprocess.run(
+        ["git", "check-ignore", ".streamlit/secrets.toml"], cwd=REPO, capture_output=True
+    )
     assert ignored.returncode == 0
 
 

@@ -11,25 +11,44 @@ from assistant.normalize import build_chart
 from assistant.rules.news2 import news2
 
 NOW = datetime(2026, 3, 2, 7, 0, tzinfo=UTC)
-LOINC = {"rr": ("9279-1", "/min"), "spo2": ("59408-5", "%"), "o2": ("3151-8", "L/min"),
-         "sbp": ("8480-6", "mm[Hg]"), "hr": ("8867-4", "/min"), "temp": ("8310-5", "Cel")}
+LOINC = {
+    "rr": ("9279-1", "/min"),
+    "spo2": ("59408-5", "%"),
+    "o2": ("3151-8", "L/min"),
+    "sbp": ("8480-6", "mm[Hg]"),
+    "hr": ("8867-4", "/min"),
+    "temp": ("8310-5", "Cel"),
+}
 NORMAL = {"rr": 16, "spo2": 97, "o2": 0, "sbp": 125, "hr": 72, "temp": 37.0}
 
 
 def vital(name: str, value: float, hours_ago: float = 1, unit: str | None = None, n: int = 0) -> dict:
     code, ucum = LOINC[name]
-    return {"resourceType": "Observation", "id": f"{name}-{n}-{hours_ago}", "status": "final",
-            "category": [{"coding": [{"code": "vital-signs"}]}],
-            "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
-            "subject": {"reference": "Patient/p"}, "effectiveDateTime": (NOW - timedelta(hours=hours_ago)).isoformat(),
-            "valueQuantity": {"value": value, "unit": unit or ucum, "code": unit or ucum}}
+    return {
+        "resourceType": "Observation",
+        "id": f"{name}-{n}-{hours_ago}",
+        "status": "final",
+        "category": [{"coding": [{"code": "vital-signs"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+        "subject": {"reference": "Patient/p"},
+        "effectiveDateTime": (NOW - timedelta(hours=hours_ago)).isoformat(),
+        "valueQuantity": {"value": value, "unit": unit or ucum, "code": unit or ucum},
+    }
 
 
 def acvpu(answer: str, hours_ago: float = 1) -> dict:
-    return {"resourceType": "Observation", "id": f"acvpu-{hours_ago}", "status": "final",
-            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "1104441000000107"}], "text": "ACVPU"},
-            "subject": {"reference": "Patient/p"}, "effectiveDateTime": (NOW - timedelta(hours=hours_ago)).isoformat(),
-            "valueCodeableConcept": {"text": answer}}
+    return {
+        "resourceType": "Observation",
+        "id": f"acvpu-{hours_ago}",
+        "status": "final",
+        "code": {
+            "coding": [{"system": "http://snomed.info/sct", "code": "1104441000000107"}],
+            "text": "ACVPU",
+        },
+        "subject": {"reference": "Patient/p"},
+        "effectiveDateTime": (NOW - timedelta(hours=hours_ago)).isoformat(),
+        "valueCodeableConcept": {"text": answer},
+    }
 
 
 def score(overrides: dict[str, Any] | None = None, consciousness: str | None = "Alert", **extra):
@@ -42,14 +61,29 @@ def score(overrides: dict[str, Any] | None = None, consciousness: str | None = "
     return news2(build_chart(resources, source="t"), now=NOW)
 
 
-@pytest.mark.parametrize(("param", "key", "cases"), [
-    ("rr", "respiration_rate", [(8, 3), (9, 1), (11, 1), (12, 0), (20, 0), (21, 2), (24, 2), (25, 3)]),
-    ("spo2", "spo2_scale1", [(91, 3), (92, 2), (93, 2), (94, 1), (95, 1), (96, 0)]),
-    ("o2", "supplemental_oxygen", [(0, 0), (0.5, 2), (2, 2)]),
-    ("sbp", "systolic_bp", [(90, 3), (91, 2), (100, 2), (101, 1), (110, 1), (111, 0), (219, 0), (220, 3)]),
-    ("hr", "pulse", [(40, 3), (41, 1), (50, 1), (51, 0), (90, 0), (91, 1), (110, 1), (111, 2), (130, 2), (131, 3)]),
-    ("temp", "temperature", [(35.0, 3), (35.1, 1), (36.0, 1), (36.1, 0), (38.0, 0), (38.1, 1), (39.0, 1), (39.1, 2)]),
-])
+@pytest.mark.parametrize(
+    ("param", "key", "cases"),
+    [
+        ("rr", "respiration_rate", [(8, 3), (9, 1), (11, 1), (12, 0), (20, 0), (21, 2), (24, 2), (25, 3)]),
+        ("spo2", "spo2_scale1", [(91, 3), (92, 2), (93, 2), (94, 1), (95, 1), (96, 0)]),
+        ("o2", "supplemental_oxygen", [(0, 0), (0.5, 2), (2, 2)]),
+        (
+            "sbp",
+            "systolic_bp",
+            [(90, 3), (91, 2), (100, 2), (101, 1), (110, 1), (111, 0), (219, 0), (220, 3)],
+        ),
+        (
+            "hr",
+            "pulse",
+            [(40, 3), (41, 1), (50, 1), (51, 0), (90, 0), (91, 1), (110, 1), (111, 2), (130, 2), (131, 3)],
+        ),
+        (
+            "temp",
+            "temperature",
+            [(35.0, 3), (35.1, 1), (36.0, 1), (36.1, 0), (38.0, 0), (38.1, 1), (39.0, 1), (39.1, 2)],
+        ),
+    ],
+)
 def test_band_edges(param, key, cases):
     for value, points in cases:
         s = score({param: value})
@@ -63,22 +97,27 @@ def test_fahrenheit_is_converted():
     assert s.points["temperature"] == 2
 
 
-@pytest.mark.parametrize(("answer", "points"), [("Alert", 0), ("A", 0), ("New confusion", 3), ("Voice", 3),
-                                                 ("Pain", 3), ("Unresponsive", 3)])
+@pytest.mark.parametrize(
+    ("answer", "points"),
+    [("Alert", 0), ("A", 0), ("New confusion", 3), ("Voice", 3), ("Pain", 3), ("Unresponsive", 3)],
+)
 def test_consciousness(answer, points):
     s = score(consciousness=answer)
     assert s.points["consciousness"] == points
     assert s.band == ("low-medium" if points == 3 else "low")
 
 
-@pytest.mark.parametrize(("overrides", "total", "band"), [
-    ({}, 0, "low"),
-    ({"rr": 21}, 2, "low"),
-    ({"rr": 25}, 3, "low-medium"),           # a single red score
-    ({"rr": 21, "hr": 111, "temp": 38.5}, 5, "medium"),
-    ({"rr": 22, "spo2": 92, "o2": 2, "sbp": 102, "hr": 112, "temp": 38.6}, 10, "high"),
-    ({"rr": 21, "hr": 111, "temp": 39.5, "o2": 1}, 8, "high"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "total", "band"),
+    [
+        ({}, 0, "low"),
+        ({"rr": 21}, 2, "low"),
+        ({"rr": 25}, 3, "low-medium"),  # a single red score
+        ({"rr": 21, "hr": 111, "temp": 38.5}, 5, "medium"),
+        ({"rr": 22, "spo2": 92, "o2": 2, "sbp": 102, "hr": 112, "temp": 38.6}, 10, "high"),
+        ({"rr": 21, "hr": 111, "temp": 39.5, "o2": 1}, 8, "high"),
+    ],
+)
 def test_total_and_response_band(overrides, total, band):
     s = score(overrides)
     assert (s.total, s.band) == (total, band)

@@ -18,7 +18,9 @@ def test_access_log_records_and_refuses_edits(tmp_path):
     log.record(user="cn1", role="charge-nurse", action="handoff-export", target="Location/ward-4b")
     events = log.events()
     assert [(e.user, e.action, e.target) for e in events] == [
-        ("cn1", "handoff-export", "Location/ward-4b"), ("rn1", "view-chart", "Patient/p1")]
+        ("cn1", "handoff-export", "Location/ward-4b"),
+        ("rn1", "view-chart", "Patient/p1"),
+    ]
     db = sqlite3.connect(tmp_path / "a.sqlite")
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
         db.execute("UPDATE access_log SET user = 'x'")
@@ -33,7 +35,11 @@ def test_roles_from_claims_and_role_file(tmp_path):
     role_file.write_text('[users."ann@example.org"]\nrole = "nurse"\nwards = ["Location/ward-4b"]\n')
     users = load_role_file(role_file)
     ann = user_from_claims({"email": "ann@example.org"}, role_file=users)
-    assert ann.role == "nurse" and ann.may_see_ward("Location/ward-4b") and not ann.may_see_ward("Location/ward-5a")
+    assert (
+        ann.role == "nurse"
+        and ann.may_see_ward("Location/ward-4b")
+        and not ann.may_see_ward("Location/ward-5a")
+    )
     assert ann.can("patient") and not ann.can("audit")
     with pytest.raises(AccessDenied):
         ann.require("audit")
@@ -44,13 +50,16 @@ def test_roles_from_claims_and_role_file(tmp_path):
     assert local_demo_user().demo
 
 
-@pytest.mark.parametrize(("url", "allow", "hosts", "expected"), [
-    ("http://127.0.0.1:8000/v1", False, (), "local"),
-    ("http://localhost:11434/v1", False, (), "local"),
-    ("http://[::1]:8000/v1", False, (), "local"),
-    ("https://llm.hospital.org/v1", False, ("llm.hospital.org",), "allow-listed"),
-    ("https://api.example.com/v1", True, (), "remote-allowed"),
-])
+@pytest.mark.parametrize(
+    ("url", "allow", "hosts", "expected"),
+    [
+        ("http://127.0.0.1:8000/v1", False, (), "local"),
+        ("http://localhost:11434/v1", False, (), "local"),
+        ("http://[::1]:8000/v1", False, (), "local"),
+        ("https://llm.hospital.org/v1", False, ("llm.hospital.org",), "allow-listed"),
+        ("https://api.example.com/v1", True, (), "remote-allowed"),
+    ],
+)
 def test_llm_egress_allowed(url, allow, hosts, expected):
     assert check_llm_egress(url, allow_remote=allow, allow_list=hosts) == expected
 

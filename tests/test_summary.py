@@ -34,7 +34,10 @@ def test_template_summary_fully_verified_and_covers_flags():
     # every fact with a template sentence is shown: 100 % of template sentences pass
     with_sentence = [f for f in res.facts.facts if f.sentence]
     assert {t for s in res.sentences for t in s.tags} == {f.tag for f in with_sentence}
-    assert res.sentences[0].citations == ("Observation/k2", "MedicationRequest/m1")  # the high flag comes first
+    assert res.sentences[0].citations == (
+        "Observation/k2",
+        "MedicationRequest/m1",
+    )  # the high flag comes first
     assert any("Penicillin" in s.text for s in res.sentences)
     assert res.latency_s < 1.0
 
@@ -45,12 +48,18 @@ def test_llm_stub_omitting_high_flag_still_shows_it():
     sheet = build_fact_sheet(chart, findings, now=NOW)
     inr = _tag(sheet, "result", "INR")
     demo = _tag(sheet, "demographics")
-    backend = ScriptedBackend([f"The patient is a 74-year-old female [{demo}]. INR was 3.8 [{inr}]. "
-                               f"The patient is stable [{demo}]."])
+    backend = ScriptedBackend(
+        [
+            f"The patient is a 74-year-old female [{demo}]. INR was 3.8 [{inr}]. "
+            f"The patient is stable [{demo}]."
+        ]
+    )
     res = compose(chart, findings, backend=backend, now=NOW)
     texts = [s.text for s in res.sentences]
     assert any(t.startswith("High-severity flag: Potassium supplement") for t in texts)
-    assert any("6.4 mmol/L" in t and s.origin == "template" for t, s in zip(texts, res.sentences, strict=True))
+    assert any(
+        "6.4 mmol/L" in t and s.origin == "template" for t, s in zip(texts, res.sentences, strict=True)
+    )
     llm = [s for s in res.sentences if s.origin == "llm"]
     assert [s.text for s in llm] == ["The patient is a 74-year-old female.", "INR was 3.8."]
     assert [d.reason for d in res.dropped if d.origin == "llm"] == ["'flat' is not what the cited facts say"]
@@ -75,21 +84,29 @@ def test_injected_note_cannot_remove_allergies():
     assert "penicillin" in shown
     assert len([d for d in res.dropped if d.origin == "llm"]) == 3
     system, user = backend.calls[0][0][0], backend.calls[0][0][-1]
-    assert system.role == "system" and system.content == SYSTEM_PROMPT and "Ignore previous" not in system.content
+    assert (
+        system.role == "system"
+        and system.content == SYSTEM_PROMPT
+        and "Ignore previous" not in system.content
+    )
     assert "Ignore previous instructions" in user.content  # the note is in the user message, quoted as data
     assert f'[{note}] Note "Nursing note"' in user.content
 
 
 def test_llm_failure_returns_template_summary_with_note():
     chart = make_chart()
-    res = compose(chart, [high_k_finding()], backend=ScriptedBackend([LlmTimeout("timed out after 60 s")]), now=NOW)
+    res = compose(
+        chart, [high_k_finding()], backend=ScriptedBackend([LlmTimeout("timed out after 60 s")]), now=NOW
+    )
     assert res.sentences and all(s.origin == "template" and s.verified for s in res.sentences)
     assert any("LlmTimeout" in n for n in res.notes)
 
 
 def test_llm_output_that_never_verifies_falls_back_to_template():
     chart = make_chart()
-    res = compose(chart, [], backend=ScriptedBackend(["Everything is fine. The patient can go home."]), now=NOW)
+    res = compose(
+        chart, [], backend=ScriptedBackend(["Everything is fine. The patient can go home."]), now=NOW
+    )
     assert all(s.origin == "template" for s in res.sentences)
     assert len(res.dropped) == 2 and all(d.reason == "cites no fact" for d in res.dropped)
     assert any("no LLM sentence could be verified" in n for n in res.notes)
@@ -113,8 +130,15 @@ class _SlowStream(LlmBackend):
             yield self.rest[:1]  # the next sentence begins: the first one is complete
             self.seen_before_rest = [s.text for s in self.consumer]
             yield self.rest[1:]
-            return ChatResult(text=self.first + " " + self.rest, model="probe", backend="probe", prompt_tokens=10,
-                              completion_tokens=12, latency_s=0.01, first_token_s=0.0)
+            return ChatResult(
+                text=self.first + " " + self.rest,
+                model="probe",
+                backend="probe",
+                prompt_tokens=10,
+                completion_tokens=12,
+                latency_s=0.01,
+                first_token_s=0.0,
+            )
 
         return ChatStream(gen())
 
@@ -135,7 +159,10 @@ def test_stream_yields_flags_first_then_each_llm_sentence_early():
     assert "INR was 3.8." in probe.seen_before_rest
     res = stream.result
     assert res.first_llm_sentence_s is not None and res.first_sentence_s <= res.first_llm_sentence_s
-    assert [s.text for s in res.sentences if s.origin == "llm"] == ["INR was 3.8.", "The patient is a 74-year-old female."]
+    assert [s.text for s in res.sentences if s.origin == "llm"] == [
+        "INR was 3.8.",
+        "The patient is a 74-year-old female.",
+    ]
 
 
 def test_messages_ask_for_tags_and_keep_facts_in_user_message():
@@ -161,7 +188,11 @@ def test_handoff_ipass_sections():
     assert all(entry.sections[k] for k in ("illness", "patient", "action", "situation"))
     assert all(s.verified for s in entry.sentences())
     actions = " ".join(s.text for s in entry.sections["action"])
-    assert "Hold the potassium chloride dose" in actions and "Overdue dose" in actions and "Pending result" in actions
+    assert (
+        "Hold the potassium chloride dose" in actions
+        and "Overdue dose" in actions
+        and "Pending result" in actions
+    )
     situation = " ".join(s.text for s in entry.sections["situation"])
     assert "High-severity flag" in situation
     md = handoff_markdown(compose_ward_handoff([entry], ward="4B", now=NOW))
@@ -173,7 +204,9 @@ def test_handoff_with_llm_patient_summary():
     sheet = build_fact_sheet(chart, [high_k_finding()], now=NOW)
     demo = _tag(sheet, "demographics")
     note = _tag(sheet, "note")
-    backend = ScriptedBackend([f"The patient is a 74-year-old female [{demo}]. She has no allergies [{note}]."])
+    backend = ScriptedBackend(
+        [f"The patient is a 74-year-old female [{demo}]. She has no allergies [{note}]."]
+    )
     entry = compose_handoff(chart, [high_k_finding()], backend=backend, now=NOW)
     patient = entry.sections["patient"]
     assert patient[0].origin == "llm" and patient[0].text == "The patient is a 74-year-old female."
@@ -222,15 +255,41 @@ def test_cli_summarize_and_handoff(demo_dir):
     out = io.StringIO()
     with __import__("connectors").open_source(demo_dir) as src:
         pid = next(iter(src.iter_patient_ids()))
-    rc = main(["summarize", str(demo_dir), "--patient", pid, "--format", "json", "--backend", "none",
-               "--now", "2026-03-16T07:00:00+00:00"], out=out)
+    rc = main(
+        [
+            "summarize",
+            str(demo_dir),
+            "--patient",
+            pid,
+            "--format",
+            "json",
+            "--backend",
+            "none",
+            "--now",
+            "2026-03-16T07:00:00+00:00",
+        ],
+        out=out,
+    )
     assert rc == 0
     data = json.loads(out.getvalue())
     assert data["patient"] == f"Patient/{pid}" and data["sentences"]
     assert all(s["verified"] for s in data["sentences"])
     out = io.StringIO()
-    rc = main(["handoff", str(demo_dir), "--ward", "4B Med-Surg", "--format", "md", "--backend", "none",
-               "--now", "2026-03-16T07:00:00Z"], out=out)
+    rc = main(
+        [
+            "handoff",
+            str(demo_dir),
+            "--ward",
+            "4B Med-Surg",
+            "--format",
+            "md",
+            "--backend",
+            "none",
+            "--now",
+            "2026-03-16T07:00:00Z",
+        ],
+        out=out,
+    )
     assert rc == 0
     md = out.getvalue()
     assert md.startswith("# I-PASS handoff - 4B Med-Surg") and md.count("## ") >= 5
@@ -257,6 +316,8 @@ def test_per_fact_mode_cites_by_construction_and_still_verifies():
     assert not any("rambles" in s.text for s in result.sentences)
     assert any("9.99" in d.raw and not d.verified for d in result.dropped)
     assert all("9.99" not in s.text for s in result.sentences)
-    assert any(s.origin == "template" and "INR was 3.8" in s.text for s in result.sentences)  # the fact still shows
+    assert any(
+        s.origin == "template" and "INR was 3.8" in s.text for s in result.sentences
+    )  # the fact still shows
     shown_tags = {t for s in result.sentences for t in s.tags}
     assert all(f.tag in shown_tags for f in result.facts.must_cover())

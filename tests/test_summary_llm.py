@@ -20,8 +20,13 @@ def test_transformers_summary_on_demo_patient(demo_ward_dir):
     from connectors import open_source
     from tests.llm_server import model_cache_dir
 
-    backend = make_backend({"NVA_LLM_BACKEND": "transformers", "NVA_LLM_CACHE_DIR": str(model_cache_dir().parent),
-                            "NVA_LLM_TIMEOUT": os.environ.get("NVA_LLM_TIMEOUT", "300")})
+    backend = make_backend(
+        {
+            "NVA_LLM_BACKEND": "transformers",
+            "NVA_LLM_CACHE_DIR": str(model_cache_dir().parent),
+            "NVA_LLM_TIMEOUT": os.environ.get("NVA_LLM_TIMEOUT", "300"),
+        }
+    )
     with open_source(demo_ward_dir) as src:
         charts = [src.patient_chart(pid) for pid in src.iter_patient_ids()]
     # the patient with the most high-severity flags: the hardest coverage case

@@ -125,8 +125,13 @@ def test_fact_resting_on_other_patients_resource_is_not_verified(sheet):
     from assistant.summary.facts import FactSheet
 
     bad = replace(sheet.facts[0], provenance=("Observation/of-patient-2",))
-    other = FactSheet(patient=sheet.patient, facts=[bad, *sheet.facts[1:]], now=sheet.now,
-                      allowed_refs=sheet.allowed_refs, has_active_allergy=True)
+    other = FactSheet(
+        patient=sheet.patient,
+        facts=[bad, *sheet.facts[1:]],
+        now=sheet.now,
+        allowed_refs=sheet.allowed_refs,
+        has_active_allergy=True,
+    )
     s = Verifier(other).verify(f"Potassium is 6.4 mmol/L [{bad.tag}].")
     assert not s.verified and "not in this patient's chart" in s.reason
 
@@ -188,12 +193,18 @@ def test_a_date_and_a_time_from_two_different_readings_do_not_make_a_supported_t
     assert (now.date(), now.hour) != (before.date(), before.hour)
     good = verifier.verify(f"{fact.label} was measured at {now:%Y-%m-%d %H:%M} [{fact.tag}].", origin="llm")
     assert good.verified, good.reason
-    mixed = verifier.verify(f"{fact.label} was measured at {now:%Y-%m-%d} {before:%H:%M} [{fact.tag}].", origin="llm")
+    mixed = verifier.verify(
+        f"{fact.label} was measured at {now:%Y-%m-%d} {before:%H:%M} [{fact.tag}].", origin="llm"
+    )
     assert not mixed.verified and "not a time in the cited facts" in mixed.reason
 
 
 def test_a_due_time_is_not_a_given_time(sheet, verifier):
-    fact = next(f for f in sheet.facts if f.kind == "administration" and " due " in f" {f.text} " and "given" in f.text)
+    fact = next(
+        f
+        for f in sheet.facts
+        if f.kind == "administration" and " due " in f" {f.text} " and "given" in f.text
+    )
     claims = extract_claims(fact.text)
     due = next(st for role, st in claims.roles if role == "due")
     stamp = f"{due[0]:04d}-{due[1]:02d}-{due[2]:02d} {due[3]:02d}:{due[4]:02d}"
@@ -204,12 +215,15 @@ def test_a_due_time_is_not_a_given_time(sheet, verifier):
     assert not wrong.verified and "not when the dose was given" in wrong.reason
 
 
-@pytest.mark.parametrize(("sentence", "negated"), [
-    ("No known allergies.", True),
-    ("The patient is not allergic to penicillin.", True),
-    ("NKDA.", True),
-    ("Do not give the drug; confirm the allergy with the patient.", False),
-    ("Allergy to penicillin; do not give amoxicillin.", False),
-])
+@pytest.mark.parametrize(
+    ("sentence", "negated"),
+    [
+        ("No known allergies.", True),
+        ("The patient is not allergic to penicillin.", True),
+        ("NKDA.", True),
+        ("Do not give the drug; confirm the allergy with the patient.", False),
+        ("Allergy to penicillin; do not give amoxicillin.", False),
+    ],
+)
 def test_allergy_negation_is_about_the_allergy_not_any_negation(sentence, negated):
     assert extract_claims(sentence).allergy_negated is negated

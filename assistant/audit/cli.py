@@ -14,18 +14,27 @@ from assistant.clock import ClockError, clinical_now
 
 
 def add_subparsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("audit", help="run the chart-contradiction rules over every patient of a source",
-                       description="Audit every chart of SOURCE (FHIR base URL, bundle directory or NDJSON "
-                                   "directory). Resumable: rerun with --resume after an interruption.")
-    p.add_argument("source", help="FHIR base URL (Bulk $export when offered), bundle directory or NDJSON directory")
+    p = sub.add_parser(
+        "audit",
+        help="run the chart-contradiction rules over every patient of a source",
+        description="Audit every chart of SOURCE (FHIR base URL, bundle directory or NDJSON "
+        "directory). Resumable: rerun with --resume after an interruption.",
+    )
+    p.add_argument(
+        "source", help="FHIR base URL (Bulk $export when offered), bundle directory or NDJSON directory"
+    )
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--format", choices=FORMATS, help="default: from the --out suffix, else jsonl")
     p.add_argument("--engine", choices=("local", "dask"), default="local")
     p.add_argument("--workers", type=int, default=1, help="processes (local) or dask workers (default 1)")
-    p.add_argument("--scheduler", help="dask scheduler address, e.g. tcp://10.0.0.5:8786 (default: a LocalCluster)")
+    p.add_argument(
+        "--scheduler", help="dask scheduler address, e.g. tcp://10.0.0.5:8786 (default: a LocalCluster)"
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same --out")
     p.add_argument("--now", help="ISO time the audit is evaluated at (default: the current time, UTC)")
-    p.add_argument("--batch-size", type=int, default=50, help="patients per batch for bundle and REST sources")
+    p.add_argument(
+        "--batch-size", type=int, default=50, help="patients per batch for bundle and REST sources"
+    )
     p.add_argument("--partitions", type=int, help="NDJSON partitions (default: from the export size)")
     p.add_argument("--catalogue", help="alternative rule catalogue (YAML)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
@@ -57,9 +66,16 @@ def cmd_audit(args: argparse.Namespace, out: TextIO) -> int:
             raise AuditError("--workers must be at least 1")
         if args.scheduler and args.engine != "dask":
             raise AuditError("--scheduler needs --engine dask")
-        options = AuditOptions(now=now, engine=args.engine, workers=args.workers, scheduler=args.scheduler,
-                               batch_size=args.batch_size, partitions=args.partitions,
-                               catalogue_path=args.catalogue, progress=False if args.no_progress else None)
+        options = AuditOptions(
+            now=now,
+            engine=args.engine,
+            workers=args.workers,
+            scheduler=args.scheduler,
+            batch_size=args.batch_size,
+            partitions=args.partitions,
+            catalogue_path=args.catalogue,
+            progress=False if args.no_progress else None,
+        )
         out_path = Path(args.out)
         source = open_source(args.source)
         export_dir = None
@@ -80,18 +96,27 @@ def cmd_audit(args: argparse.Namespace, out: TextIO) -> int:
                 source.close()
                 source = NdjsonDirSource(export_dir)
         with source:
-            summary = run_audit(source, out_path, options=options, fmt=_format(args), resume=args.resume,
-                                source_label=args.source, keep_work=args.keep_work)
+            summary = run_audit(
+                source,
+                out_path,
+                options=options,
+                fmt=_format(args),
+                resume=args.resume,
+                source_label=args.source,
+                keep_work=args.keep_work,
+            )
         if export_dir is not None and not args.keep_work:
             shutil.rmtree(export_dir, ignore_errors=True)
     except AuditError as exc:
         sys.stderr.write(f"nva: error: {exc}\n")
         return 2
     sev = ", ".join(f"{summary.by_severity.get(s, 0)} {s}" for s in ("high", "medium", "low"))
-    out.write(f"audited {summary.patients} patients ({summary.resources} resources) in {summary.seconds:.1f} s: "
-              f"{summary.findings} findings ({sev}); {summary.errors} records could not be audited"
-              f"{f'; resumed after {summary.resumed_units} finished batches' if summary.resumed_units else ''}. "
-              f"Written to {out_path}\n")
+    out.write(
+        f"audited {summary.patients} patients ({summary.resources} resources) in {summary.seconds:.1f} s: "
+        f"{summary.findings} findings ({sev}); {summary.errors} records could not be audited"
+        f"{f'; resumed after {summary.resumed_units} finished batches' if summary.resumed_units else ''}. "
+        f"Written to {out_path}\n"
+    )
     return 0
 
 

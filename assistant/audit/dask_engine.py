@@ -15,8 +15,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def run_dask(units: Iterator[Unit], now_iso: str, options: AuditOptions, sink: ResultSink, *,
-             processes: bool = True) -> None:
+def run_dask(
+    units: Iterator[Unit], now_iso: str, options: AuditOptions, sink: ResultSink, *, processes: bool = True
+) -> None:
     """Submit batches with a bounded window and hand results to `sink` as they complete (streaming).
 
     The same `run_unit` as the local engine runs on the workers, so the findings are identical. Partition units
@@ -34,10 +35,16 @@ def run_dask(units: Iterator[Unit], now_iso: str, options: AuditOptions, sink: R
         # Loopback only, and no dashboard: nothing listens beyond this machine.
         # Worker threads talk in-process (no sockets at all); worker processes over tcp on 127.0.0.1.
         network = {"host": "127.0.0.1"} if processes else {}
-        cluster = LocalCluster(n_workers=max(1, options.workers), threads_per_worker=1, processes=processes,
-                               dashboard_address=None, silence_logs=logging.WARNING, **network,
-                               scheduler_kwargs={"dashboard": False, "http_prefix": None},
-                               worker_dashboard_address=None)
+        cluster = LocalCluster(
+            n_workers=max(1, options.workers),
+            threads_per_worker=1,
+            processes=processes,
+            dashboard_address=None,
+            silence_logs=logging.WARNING,
+            **network,
+            scheduler_kwargs={"dashboard": False, "http_prefix": None},
+            worker_dashboard_address=None,
+        )
         client = Client(cluster)
     token = uuid.uuid4().hex[:8]
     try:
@@ -46,8 +53,14 @@ def run_dask(units: Iterator[Unit], now_iso: str, options: AuditOptions, sink: R
         pending = as_completed()
         in_flight = 0
         for unit in units:
-            fut = client.submit(run_unit, unit, now_iso, options.catalogue_path, key=f"nva-audit-{token}-{unit.index}",
-                                pure=False)
+            fut = client.submit(
+                run_unit,
+                unit,
+                now_iso,
+                options.catalogue_path,
+                key=f"nva-audit-{token}-{unit.index}",
+                pure=False,
+            )
             pending.add(fut)
             in_flight += 1
             if in_flight >= window:

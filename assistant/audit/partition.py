@@ -75,15 +75,19 @@ class PartitionedExport:
         return out
 
     def records_of(self, index: int, shared: list[dict] | None = None) -> Iterator[PatientRecord]:
-        yield from read_partition(self.paths[index], self.shared() if shared is None else shared,
-                                  origin=str(self.root))
+        yield from read_partition(
+            self.paths[index], self.shared() if shared is None else shared, origin=str(self.root)
+        )
 
     def iter_records(self) -> Iterator[PatientRecord]:
         """Every patient, partition by partition; unroutable lines first, as error records."""
         try:
             for issue in self.issues:
-                yield PatientRecord(patient_id=f"line:{issue.source}",
-                                    error=SourceFileError(issue.source, issue.message), origin=str(self.root))
+                yield PatientRecord(
+                    patient_id=f"line:{issue.source}",
+                    error=SourceFileError(issue.source, issue.message),
+                    origin=str(self.root),
+                )
             shared = self.shared()
             for i in range(len(self.paths)):
                 yield from self.records_of(i, shared)
@@ -92,9 +96,14 @@ class PartitionedExport:
                 shutil.rmtree(self.root, ignore_errors=True)
 
     def save(self) -> None:
-        data = {"paths": [p.name for p in self.paths], "shared": self.shared_path.name, "patients": self.patients,
-                "resources": self.resources, "skipped_types": self.skipped_types,
-                "issues": [asdict(i) for i in self.issues]}
+        data = {
+            "paths": [p.name for p in self.paths],
+            "shared": self.shared_path.name,
+            "patients": self.patients,
+            "resources": self.resources,
+            "skipped_types": self.skipped_types,
+            "issues": [asdict(i) for i in self.issues],
+        }
         tmp = self.root / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(data), encoding="utf-8")
         os.replace(tmp, self.root / MANIFEST)
@@ -109,9 +118,15 @@ class PartitionedExport:
         paths = [root / name for name in data["paths"]]
         if not all(p.exists() for p in paths):
             return None
-        return cls(root=root, paths=paths, shared_path=root / data["shared"], patients=data["patients"],
-                   resources=data["resources"], skipped_types=data.get("skipped_types", {}),
-                   issues=[DataQualityIssue(**i) for i in data["issues"]])
+        return cls(
+            root=root,
+            paths=paths,
+            shared_path=root / data["shared"],
+            patients=data["patients"],
+            resources=data["resources"],
+            skipped_types=data.get("skipped_types", {}),
+            issues=[DataQualityIssue(**i) for i in data["issues"]],
+        )
 
 
 def read_partition(path: Path, shared: list[dict], *, origin: str = "") -> Iterator[PatientRecord]:
@@ -126,8 +141,9 @@ def read_partition(path: Path, shared: list[dict], *, origin: str = "") -> Itera
             try:
                 obj = json.loads(body)
             except json.JSONDecodeError as exc:
-                record.issues.append(DataQualityIssue(where, "invalid-json", f"not valid JSON ({exc.msg}); skipped",
-                                                      "error"))
+                record.issues.append(
+                    DataQualityIssue(where, "invalid-json", f"not valid JSON ({exc.msg}); skipped", "error")
+                )
                 continue
             record.resources.append(obj)
     for record in by_patient.values():
@@ -148,8 +164,14 @@ def choose_partitions(files: Iterable[Path], *, minimum: int = 8) -> int:
     return max(1, min(MAX_PARTITIONS, max(minimum, math.ceil(size / TARGET_PARTITION_BYTES))))
 
 
-def partition_export(source: Any, *, outdir: Path | str | None = None, partitions: int | None = None,
-                     gz: bool = False, keep_types: Iterable[str] | None = None) -> PartitionedExport:
+def partition_export(
+    source: Any,
+    *,
+    outdir: Path | str | None = None,
+    partitions: int | None = None,
+    gz: bool = False,
+    keep_types: Iterable[str] | None = None,
+) -> PartitionedExport:
     """Route every line of an NDJSON export (a NdjsonDirSource or a directory) into partition files by patient.
 
     One streaming pass; memory holds one line at a time. `keep_types` limits the patient resources kept (the audit
@@ -164,7 +186,9 @@ def partition_export(source: Any, *, outdir: Path | str | None = None, partition
     paths = [root / f"part-{i:05d}{suffix}" for i in range(k)]
     shared_path = root / f"shared{suffix}"
     keep = set(keep_types) if keep_types is not None else None
-    result = PartitionedExport(root=root, paths=paths, shared_path=shared_path, patients=[0] * k, owns_root=owns)
+    result = PartitionedExport(
+        root=root, paths=paths, shared_path=shared_path, patients=[0] * k, owns_root=owns
+    )
     handles = [_open_write(p) for p in paths]
     shared_seen: set[str] = set()
     try:
@@ -174,9 +198,14 @@ def partition_export(source: Any, *, outdir: Path | str | None = None, partition
                 try:
                     _route_file(path, rtype, k, handles, shared_fh, shared_seen, keep, result)
                 except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
-                    result.issues.append(DataQualityIssue(path.name, "file-unreadable",
-                                                          f"cannot be read ({exc.__class__.__name__}); the rest of "
-                                                          "this file was skipped", "error"))
+                    result.issues.append(
+                        DataQualityIssue(
+                            path.name,
+                            "file-unreadable",
+                            f"cannot be read ({exc.__class__.__name__}); the rest of this file was skipped",
+                            "error",
+                        )
+                    )
     finally:
         for fh in handles:
             fh.close()
@@ -186,8 +215,16 @@ def partition_export(source: Any, *, outdir: Path | str | None = None, partition
     return result
 
 
-def _route_file(path: Path, rtype: str, k: int, handles: list[IO[str]], shared_fh: IO[str], shared_seen: set[str],
-                keep: set[str] | None, result: PartitionedExport) -> None:
+def _route_file(
+    path: Path,
+    rtype: str,
+    k: int,
+    handles: list[IO[str]],
+    shared_fh: IO[str],
+    shared_seen: set[str],
+    keep: set[str] | None,
+    result: PartitionedExport,
+) -> None:
     with _open_read(path) as fh:
         for n, line in enumerate(fh, start=1):
             if not line.strip():
@@ -210,22 +247,30 @@ def _route_file(path: Path, rtype: str, k: int, handles: list[IO[str]], shared_f
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    result.issues.append(DataQualityIssue(where, "invalid-json",
-                                                          f"not valid JSON ({exc.msg}); its patient is unknown, "
-                                                          "the line was skipped", "error"))
+                    result.issues.append(
+                        DataQualityIssue(
+                            where,
+                            "invalid-json",
+                            f"not valid JSON ({exc.msg}); its patient is unknown, the line was skipped",
+                            "error",
+                        )
+                    )
                     continue
                 if not isinstance(obj, dict) or not isinstance(obj.get("resourceType"), str):
-                    result.issues.append(DataQualityIssue(where, "invalid-resource", "not a FHIR resource; skipped",
-                                                          "error"))
+                    result.issues.append(
+                        DataQualityIssue(where, "invalid-resource", "not a FHIR resource; skipped", "error")
+                    )
                     continue
                 if obj["resourceType"] in SHARED_TYPES:
                     _shared_line(line, obj["resourceType"], where, shared_fh, shared_seen, result)
                     continue
                 owner = _owner(obj)
                 if not isinstance(owner, str) or not owner:
-                    result.issues.append(DataQualityIssue(where, "no-patient",
-                                                          f"{obj['resourceType']} names no patient; skipped",
-                                                          "warning"))
+                    result.issues.append(
+                        DataQualityIssue(
+                            where, "no-patient", f"{obj['resourceType']} names no patient; skipped", "warning"
+                        )
+                    )
                     continue
                 pid = owner
             part = partition_of(pid, k)
@@ -234,15 +279,18 @@ def _route_file(path: Path, rtype: str, k: int, handles: list[IO[str]], shared_f
             handles[part].write(f"{_clean(pid)}\t{where}\t{line.rstrip()}\n")
 
 
-def _shared_line(line: str, rtype: str, where: str, shared_fh: IO[str], seen: set[str],
-                 result: PartitionedExport) -> None:
+def _shared_line(
+    line: str, rtype: str, where: str, shared_fh: IO[str], seen: set[str], result: PartitionedExport
+) -> None:
     if rtype not in SHARED_KEEP:
         result.skipped_types[rtype] = result.skipped_types.get(rtype, 0) + 1
         return
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        result.issues.append(DataQualityIssue(where, "invalid-json", f"not valid JSON ({exc.msg}); skipped", "error"))
+        result.issues.append(
+            DataQualityIssue(where, "invalid-json", f"not valid JSON ({exc.msg}); skipped", "error")
+        )
         return
     key = f"{obj.get('resourceType')}/{obj.get('id')}" if isinstance(obj, dict) else None
     if key is None or key in seen:

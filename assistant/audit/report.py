@@ -15,8 +15,20 @@ from typing import Any
 from assistant.model import SEVERITY_ORDER
 
 FORMATS = ("jsonl", "csv", "html")
-CSV_FIELDS = ("patient", "ward", "rule_id", "category", "severity", "title", "message", "evidence", "values",
-              "action", "guideline_ids", "sources")
+CSV_FIELDS = (
+    "patient",
+    "ward",
+    "rule_id",
+    "category",
+    "severity",
+    "title",
+    "message",
+    "evidence",
+    "values",
+    "action",
+    "guideline_ids",
+    "sources",
+)
 SEVERITY_COLOURS = {"high": "#c0392b", "medium": "#e67e22", "low": "#2980b9"}
 EXAMPLES_PER_CODE = 10
 
@@ -29,8 +41,15 @@ def finding_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def write_output(rows: Callable[[], Iterable[dict[str, Any]]], out: Path, *, fmt: str, now: str, source: str,
-                 global_issues: list[dict] | None = None) -> None:
+def write_output(
+    rows: Callable[[], Iterable[dict[str, Any]]],
+    out: Path,
+    *,
+    fmt: str,
+    now: str,
+    source: str,
+    global_issues: list[dict] | None = None,
+) -> None:
     """Assemble the output from the per-batch rows, atomically (tmp file + os.replace)."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -51,9 +70,16 @@ def write_output(rows: Callable[[], Iterable[dict[str, Any]]], out: Path, *, fmt
 
 
 def _csv_row(f: dict[str, Any]) -> dict[str, Any]:
-    values = "; ".join(f"{v['label']}={v.get('value') or ''}@{v.get('time') or ''} [{v['ref']}]" for v in f["values"])
-    return {**f, "evidence": " ".join(f["evidence"]), "values": values,
-            "guideline_ids": " ".join(f["guideline_ids"]), "sources": " | ".join(f["sources"])}
+    values = "; ".join(
+        f"{v['label']}={v.get('value') or ''}@{v.get('time') or ''} [{v['ref']}]" for v in f["values"]
+    )
+    return {
+        **f,
+        "evidence": " ".join(f["evidence"]),
+        "values": values,
+        "guideline_ids": " ".join(f["guideline_ids"]),
+        "sources": " | ".join(f["sources"]),
+    }
 
 
 def read_findings(path: Path) -> list[dict[str, Any]]:
@@ -67,27 +93,33 @@ def read_findings(path: Path) -> list[dict[str, Any]]:
 
 # --- HTML ---------------------------------------------------------------------------------------------------------
 
+
 def _bars(counts: list[tuple[str, int]], *, colour: Callable[[str], str] = lambda _k: "#34495e") -> str:
     """Horizontal bar chart as inline SVG (no scripts, no CDN)."""
     if not counts:
         return "<p><em>none</em></p>"
     top = max(n for _, n in counts) or 1
     row_h, label_w, bar_w = 22, 260, 360
-    parts = [f'<svg role="img" width="{label_w + bar_w + 60}" height="{row_h * len(counts) + 4}" '
-             'font-family="sans-serif" font-size="12">']
+    parts = [
+        f'<svg role="img" width="{label_w + bar_w + 60}" height="{row_h * len(counts) + 4}" '
+        'font-family="sans-serif" font-size="12">'
+    ]
     for i, (label, n) in enumerate(counts):
         y = i * row_h + 2
         w = max(1, round(bar_w * n / top))
-        parts.append(f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end">{html.escape(label)}</text>'
-                     f'<rect x="{label_w}" y="{y + 3}" width="{w}" height="{row_h - 6}" fill="{colour(label)}">'
-                     f'<title>{html.escape(label)}: {n}</title></rect>'
-                     f'<text x="{label_w + w + 6}" y="{y + 15}">{n}</text>')
+        parts.append(
+            f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end">{html.escape(label)}</text>'
+            f'<rect x="{label_w}" y="{y + 3}" width="{w}" height="{row_h - 6}" fill="{colour(label)}">'
+            f"<title>{html.escape(label)}: {n}</title></rect>"
+            f'<text x="{label_w + w + 6}" y="{y + 15}">{n}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
 
-def render_html(rows: Callable[[], Iterable[dict[str, Any]]], *, now: str, source: str,
-                global_issues: list[dict]) -> str:
+def render_html(
+    rows: Callable[[], Iterable[dict[str, Any]]], *, now: str, source: str, global_issues: list[dict]
+) -> str:
     by_rule: Counter[str] = Counter()
     by_severity: Counter[str] = Counter()
     by_ward: Counter[str] = Counter()
@@ -124,7 +156,9 @@ def render_html(rows: Callable[[], Iterable[dict[str, Any]]], *, now: str, sourc
             examples.append(f"{issue['source']}: {issue['message']}")
 
     weight = {"high": 100, "medium": 10, "low": 1}
-    top = sorted(per_patient.items(), key=lambda kv: (-sum(weight.get(f["severity"], 0) for f in kv[1]), kv[0]))[:25]
+    top = sorted(
+        per_patient.items(), key=lambda kv: (-sum(weight.get(f["severity"], 0) for f in kv[1]), kv[0])
+    )[:25]
     total = sum(by_rule.values())
     e = html.escape
     out = [
@@ -138,20 +172,29 @@ def render_html(rows: Callable[[], Iterable[dict[str, Any]]], *, now: str, sourc
         f"{resources} resources, <strong>{total}</strong> findings; {len(unreadable)} records could not be "
         "audited (see data quality).</p>",
         "<h2>Findings by severity</h2>",
-        _bars([(s, by_severity[s]) for s in ("high", "medium", "low") if by_severity[s]],
-              colour=lambda k: SEVERITY_COLOURS.get(k, "#34495e")),
-        "<h2>Findings by rule</h2>", _bars(by_rule.most_common()),
-        "<h2>Findings by ward</h2>", _bars(by_ward.most_common()),
+        _bars(
+            [(s, by_severity[s]) for s in ("high", "medium", "low") if by_severity[s]],
+            colour=lambda k: SEVERITY_COLOURS.get(k, "#34495e"),
+        ),
+        "<h2>Findings by rule</h2>",
+        _bars(by_rule.most_common()),
+        "<h2>Findings by ward</h2>",
+        _bars(by_ward.most_common()),
         "<h2>Top patients</h2>",
     ]
     if top:
         out.append("<table><tr><th>Patient</th><th>Ward</th><th>Findings</th></tr>")
         for patient, findings in top:
-            items = "".join(f"<li><span class='{e(f['severity'])}'>{e(f['severity'])}</span> "
-                            f"<code>{e(f['rule_id'])}</code>: {e(f['message'])}<br><small>Evidence: "
-                            f"{e(', '.join(f['evidence']))}</small></li>" for f in findings)
-            out.append(f"<tr><td><code>{e(patient)}</code></td><td>{e(patient_ward.get(patient, ''))}</td>"
-                       f"<td><ul>{items}</ul></td></tr>")
+            items = "".join(
+                f"<li><span class='{e(f['severity'])}'>{e(f['severity'])}</span> "
+                f"<code>{e(f['rule_id'])}</code>: {e(f['message'])}<br><small>Evidence: "
+                f"{e(', '.join(f['evidence']))}</small></li>"
+                for f in findings
+            )
+            out.append(
+                f"<tr><td><code>{e(patient)}</code></td><td>{e(patient_ward.get(patient, ''))}</td>"
+                f"<td><ul>{items}</ul></td></tr>"
+            )
         out.append("</table>")
     else:
         out.append("<p><em>No findings.</em></p>")
@@ -160,16 +203,22 @@ def render_html(rows: Callable[[], Iterable[dict[str, Any]]], *, now: str, sourc
         out.append("<h3>Records that could not be audited</h3><table><tr><th>Record</th><th>Why</th></tr>")
         for row in unreadable:
             err = row["error"]
-            out.append(f"<tr><td><code>{e(row['patient'])}</code></td><td>{e(err['code'])}: {e(err['message'])}"
-                       "</td></tr>")
+            out.append(
+                f"<tr><td><code>{e(row['patient'])}</code></td><td>{e(err['code'])}: {e(err['message'])}"
+                "</td></tr>"
+            )
         out.append("</table>")
     if issue_counts:
-        out.append("<h3>Issues in the data that was read</h3><table><tr><th>Issue</th><th>Severity</th>"
-                   "<th>Count</th><th>Examples</th></tr>")
+        out.append(
+            "<h3>Issues in the data that was read</h3><table><tr><th>Issue</th><th>Severity</th>"
+            "<th>Count</th><th>Examples</th></tr>"
+        )
         for (code, severity), n in sorted(issue_counts.items(), key=lambda kv: (-kv[1], kv[0])):
             examples = "<br>".join(e(x) for x in issue_examples[(code, severity)])
-            out.append(f"<tr><td><code>{e(code)}</code></td><td>{e(severity)}</td><td>{n}</td>"
-                       f"<td><small>{examples}</small></td></tr>")
+            out.append(
+                f"<tr><td><code>{e(code)}</code></td><td>{e(severity)}</td><td>{n}</td>"
+                f"<td><small>{examples}</small></td></tr>"
+            )
         out.append("</table>")
     if not unreadable and not issue_counts:
         out.append("<p>Every record was read without issues.</p>")

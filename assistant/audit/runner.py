@@ -73,17 +73,25 @@ class AuditSummary:
 
 # --- per patient ------------------------------------------------------------------------------------------------
 
+
 def audit_record(record: PatientRecord, now: datetime, catalogue: Catalogue) -> dict[str, Any]:
     """One patient's audit as a JSON-able row; any failure is caught and reported, never raised."""
-    row: dict[str, Any] = {"patient": f"Patient/{record.patient_id}", "ward": None,
-                           "resources": len(record.resources), "findings": [], "issues": [], "error": None}
+    row: dict[str, Any] = {
+        "patient": f"Patient/{record.patient_id}",
+        "ward": None,
+        "resources": len(record.resources),
+        "findings": [],
+        "issues": [],
+        "error": None,
+    }
     if record.error is not None:
         row["patient"] = record.patient_id if ":" in record.patient_id else row["patient"]
         row["error"] = {"code": "unreadable", "message": str(record.error), "source": record.origin}
         return row
     try:
-        chart = build_chart(record.resources, source=record.origin, patient_id=record.patient_id,
-                            issues=record.issues)
+        chart = build_chart(
+            record.resources, source=record.origin, patient_id=record.patient_id, issues=record.issues
+        )
         findings = evaluate(chart, now=now, catalogue=catalogue)
     except Exception as exc:  # one broken patient must never stop the run; report why and move on
         row["error"] = {"code": exc.__class__.__name__, "message": str(exc)[:500], "source": record.origin}
@@ -120,7 +128,10 @@ def run_unit(unit: Unit, now_iso: str, catalogue_path: str | None = None) -> tup
 
 # --- planning ---------------------------------------------------------------------------------------------------
 
-def plan_units(source: FhirSource, workdir: Path, options: AuditOptions) -> tuple[Iterator[Unit], int | None, list]:
+
+def plan_units(
+    source: FhirSource, workdir: Path, options: AuditOptions
+) -> tuple[Iterator[Unit], int | None, list]:
     """Work units in a fixed order (so a resumed run sees the same batches), the patient total, global issues."""
     from connectors.ndjson_dir import NdjsonDirSource
 
@@ -129,16 +140,25 @@ def plan_units(source: FhirSource, workdir: Path, options: AuditOptions) -> tupl
         export = PartitionedExport.load(root)
         if export is None:
             shutil.rmtree(root, ignore_errors=True)
-            export = partition_export(source, outdir=root, partitions=options.partitions,
-                                      keep_types=CHART_TYPES, gz=False)
+            export = partition_export(
+                source, outdir=root, partitions=options.partitions, keep_types=CHART_TYPES, gz=False
+            )
         shared = tuple(export.shared())
-        units = (Unit(i, partition=str(p), shared=shared, patients=export.patients[i])
-                 for i, p in enumerate(export.paths))
+        units = (
+            Unit(i, partition=str(p), shared=shared, patients=export.patients[i])
+            for i, p in enumerate(export.paths)
+        )
         issues = [asdict(i) for i in export.issues]
         if export.skipped_types:
-            issues.append({"source": str(source.path), "code": "not-audited", "severity": "info",
-                           "message": "resource types not used by the audit were skipped: " + ", ".join(
-                               f"{t} ({n})" for t, n in sorted(export.skipped_types.items()))})
+            issues.append(
+                {
+                    "source": str(source.path),
+                    "code": "not-audited",
+                    "severity": "info",
+                    "message": "resource types not used by the audit were skipped: "
+                    + ", ".join(f"{t} ({n})" for t, n in sorted(export.skipped_types.items())),
+                }
+            )
         return units, sum(export.patients), issues
     return _record_batches(source.iter_patient_records(), options.batch_size), None, []
 
@@ -157,6 +177,7 @@ def _record_batches(records: Iterator[PatientRecord], size: int) -> Iterator[Uni
 
 
 # --- checkpointing ----------------------------------------------------------------------------------------------
+
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -193,12 +214,17 @@ class Checkpoint:
     def start(self, resume: bool) -> None:
         if resume and self.path.exists():
             saved = json.loads(self.path.read_text(encoding="utf-8"))
-            mismatch = {k: (saved["config"].get(k), v) for k, v in self.config.items()
-                        if saved["config"].get(k) != v and k != "now"}
+            mismatch = {
+                k: (saved["config"].get(k), v)
+                for k, v in self.config.items()
+                if saved["config"].get(k) != v and k != "now"
+            }
             if mismatch:
-                raise AuditError("the interrupted run used different settings "
-                                 + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in mismatch.items())
-                                 + "; rerun with the same settings or without --resume")
+                raise AuditError(
+                    "the interrupted run used different settings "
+                    + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in mismatch.items())
+                    + "; rerun with the same settings or without --resume"
+                )
             self.config["now"] = saved["config"]["now"]
             self.completed = set(saved["completed"])
             self.completed = {i for i in self.completed if self.part(i).exists()}
@@ -253,17 +279,29 @@ def run_local(units: Iterator[Unit], now_iso: str, options: AuditOptions, sink: 
             sink(*fut.result())
 
 
-def run_audit(source: FhirSource, out: Path, *, options: AuditOptions, fmt: str = "jsonl", resume: bool = False,
-              source_label: str | None = None, keep_work: bool = False) -> AuditSummary:
+def run_audit(
+    source: FhirSource,
+    out: Path,
+    *,
+    options: AuditOptions,
+    fmt: str = "jsonl",
+    resume: bool = False,
+    source_label: str | None = None,
+    keep_work: bool = False,
+) -> AuditSummary:
     """Audit every patient of `source` and write `out`; resumable from the work directory next to `out`."""
     from assistant.audit.report import write_output
 
     started = time.perf_counter()
     out = Path(out)
     workdir = out.with_name(out.name + ".work")
-    config = {"source": source_label or getattr(source, "description", ""), "now": options.now.isoformat(),
-              "catalogue": catalogue_fingerprint(options.catalogue_path), "batch_size": options.batch_size,
-              "partitions": options.partitions}
+    config = {
+        "source": source_label or getattr(source, "description", ""),
+        "now": options.now.isoformat(),
+        "catalogue": catalogue_fingerprint(options.catalogue_path),
+        "batch_size": options.batch_size,
+        "partitions": options.partitions,
+    }
     checkpoint = Checkpoint(workdir, config)
     checkpoint.start(resume)
     now_iso = checkpoint.config["now"]
@@ -306,7 +344,9 @@ def run_audit(source: FhirSource, out: Path, *, options: AuditOptions, fmt: str 
         for f in row["findings"]:
             summary.findings += 1
             summary.by_severity[f["severity"]] = summary.by_severity.get(f["severity"], 0) + 1
-    write_output(checkpoint.rows, out, fmt=fmt, now=now_iso, source=config["source"], global_issues=global_issues)
+    write_output(
+        checkpoint.rows, out, fmt=fmt, now=now_iso, source=config["source"], global_issues=global_issues
+    )
     if not keep_work:
         shutil.rmtree(workdir, ignore_errors=True)
     summary.seconds = time.perf_counter() - started

@@ -93,7 +93,9 @@ def make_backend(settings: LlmSettings | Mapping[str, str] | None = None) -> Llm
         backend = OpenAIBackend(settings)  # validates the URL, TLS and CA settings first
         hosts = tuple(h.strip() for h in settings.allow_hosts.split(",") if h.strip())
         try:
-            egress = check_llm_egress(settings.base_url or "", allow_remote=settings.allow_remote, allow_list=hosts)
+            egress = check_llm_egress(
+                settings.base_url or "", allow_remote=settings.allow_remote, allow_list=hosts
+            )
         except EgressDenied as exc:
             raise LlmConfigError(str(exc)) from exc
         backend.requires_deid = egress != "local" and settings.deidentify  # type: ignore[attr-defined]

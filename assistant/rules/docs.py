@@ -10,17 +10,17 @@ from assistant.terminology import terminology
 
 KIND_TEXT = {
     "threshold-latest": "Fires when the latest result in the window crosses the threshold while a matching order is "
-                        "active (a newer normal value supersedes an older abnormal one).",
+    "active (a newer normal value supersedes an older abnormal one).",
     "relative-change": "Fires when the latest result, taken within the recency window, has changed from a baseline "
-                       "(lowest or highest earlier value in a baseline window) by the stated criterion.",
+    "(lowest or highest earlier value in a baseline window) by the stated criterion.",
     "allergy-conflict": "Fires for each active, non-refuted allergy and active order that share an ingredient or a "
-                        "cross-reactive class.",
+    "cross-reactive class.",
     "duplicate-class": "Fires when two or more scheduled active orders fall in the same therapeutic group, unless the "
-                       "pair is an intended combination.",
+    "pair is an intended combination.",
     "administration-without-order": "Fires for each administration given in the window whose order is missing, "
-                                    "never valid, or had ended before the dose.",
+    "never valid, or had ended before the dose.",
     "order-not-administered": "Fires for each scheduled (non-PRN) active order started long enough ago that has no "
-                              "given administration in its window.",
+    "given administration in its window.",
     "monitoring-gap": "Fires when a matching order is active and no result of the lab exists in the window.",
 }
 
@@ -28,7 +28,10 @@ KIND_TEXT = {
 def _drugs(rule: Rule) -> str:
     terms = terminology()
     parts = [f"{terms.class_label(c)} (`{c}`)" for c in sorted(rule.drug_classes)]
-    parts += [f"{terms.ingredients[i].name} (RxNorm {terms.ingredients[i].rxcui})" for i in sorted(rule.drug_ingredients)]
+    parts += [
+        f"{terms.ingredients[i].name} (RxNorm {terms.ingredients[i].rxcui})"
+        for i in sorted(rule.drug_ingredients)
+    ]
     return ", ".join(parts) or "any active order"
 
 
@@ -54,15 +57,19 @@ def _criterion(rule: Rule) -> str:
         return "same ingredient, or shared class among " + ", ".join(p.get("cross_reactive_classes", []))
     if rule.kind == "duplicate-class":
         return "; ".join(g.get("label", g["name"]) for g in p.get("groups", [])) + (
-            " (PRN orders not counted)" if p.get("ignore_prn", True) else "")
+            " (PRN orders not counted)" if p.get("ignore_prn", True) else ""
+        )
     if rule.kind == "administration-without-order":
         return f"administrations given in the last {rule.window_hours:g} h"
     if rule.kind == "order-not-administered":
-        return (f"order started > {p.get('started_hours', 24)} h ago, no given dose in max({rule.window_hours:g} h, "
-                f"dosing interval x {p.get('interval_factor', 1.5)}); admitted patients only")
+        return (
+            f"order started > {p.get('started_hours', 24)} h ago, no given dose in max({rule.window_hours:g} h, "
+            f"dosing interval x {p.get('interval_factor', 1.5)}); admitted patients only"
+        )
     if rule.kind == "monitoring-gap":
-        return f"no result in the last {rule.window_hours:g} h" + ("; admitted patients only"
-                                                                    if p.get("requires_admission") else "")
+        return f"no result in the last {rule.window_hours:g} h" + (
+            "; admitted patients only" if p.get("requires_admission") else ""
+        )
     return ""
 
 
@@ -94,8 +101,12 @@ def render_rules_markdown(catalogue: Catalogue | None = None) -> str:
             f"- **Category / severity:** {r.category} / {r.severity}",
             f"- **Kind:** {r.kind}. {KIND_TEXT[r.kind]}",
         ]
-        if r.kind not in ("allergy-conflict", "duplicate-class", "administration-without-order",
-                          "order-not-administered"):
+        if r.kind not in (
+            "allergy-conflict",
+            "duplicate-class",
+            "administration-without-order",
+            "order-not-administered",
+        ):
             lines.append(f"- **Drugs:** {_drugs(r)}")
             lines.append(f"- **Lab:** {_lab(r)}")
         lines += [
@@ -115,20 +126,34 @@ def _news2_section() -> list[str]:
     from assistant.rules.news2 import news2_table
 
     table = news2_table()
-    lines = ["## NEWS2 (handoff acuity)", "",
-             "`assistant.rules.news2.news2(chart, now=...)` scores the latest value of each parameter (RCP 2017, SpO2 "
-             f"scale 1; thresholds in `assistant/rules/news2.yaml`). Values older than {table['max_age_hours']} h are "
-             "reported as missing, never as normal.", "", "| Parameter | Bands (value <= max: points) |", "|---|---|"]
+    lines = [
+        "## NEWS2 (handoff acuity)",
+        "",
+        "`assistant.rules.news2.news2(chart, now=...)` scores the latest value of each parameter (RCP 2017, SpO2 "
+        f"scale 1; thresholds in `assistant/rules/news2.yaml`). Values older than {table['max_age_hours']} h are "
+        "reported as missing, never as normal.",
+        "",
+        "| Parameter | Bands (value <= max: points) |",
+        "|---|---|",
+    ]
     for spec in table["parameters"].values():
         if "bands" in spec:
-            bands = ", ".join(f"<= {b['max']}: {b['points']}" if "max" in b else f"above: {b['points']}"
-                              for b in spec["bands"])
+            bands = ", ".join(
+                f"<= {b['max']}: {b['points']}" if "max" in b else f"above: {b['points']}"
+                for b in spec["bands"]
+            )
         else:
-            bands = f"alert: 0, new confusion / voice / pain / unresponsive: {spec.get('points_not_alert', 3)}"
+            bands = (
+                f"alert: 0, new confusion / voice / pain / unresponsive: {spec.get('points_not_alert', 3)}"
+            )
         lines.append(f"| {spec['label']} | {bands} |")
     lines += ["", "| Response band | When | Response |", "|---|---|---|"]
     for r in table["responses"]:
-        when = f"total >= {r['min_total']}" if "min_total" in r else f"any single parameter scores {r['single_parameter_points']}"
+        when = (
+            f"total >= {r['min_total']}"
+            if "min_total" in r
+            else f"any single parameter scores {r['single_parameter_points']}"
+        )
         lines.append(f"| {r['band']} | {when} | {r['response']} |")
     return [*lines, ""]
 

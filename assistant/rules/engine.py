@@ -32,10 +32,20 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser when lib
 log = logging.getLogger(__name__)
 
 CATALOGUE_PATH = Path(__file__).with_name("catalogue.yaml")
-KINDS = ("threshold-latest", "relative-change", "allergy-conflict", "duplicate-class",
-         "administration-without-order", "order-not-administered", "monitoring-gap")
+KINDS = (
+    "threshold-latest",
+    "relative-change",
+    "allergy-conflict",
+    "duplicate-class",
+    "administration-without-order",
+    "order-not-administered",
+    "monitoring-gap",
+)
 OPS: dict[str, Callable[[float, float], bool]] = {
-    ">": lambda a, b: a > b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
 }
 # Results and thresholds are compared after rounding, so 1.2 - 0.9 counts as a 0.3 rise.
 PRECISION = 6
@@ -72,8 +82,10 @@ class Rule:
     params: dict[str, Any] = field(default_factory=dict)
 
     def matches_order(self, order: MedicationOrder) -> bool:
-        return bool(self.drug_ingredients.intersection(order.ingredients)
-                    or self.drug_classes.intersection(order.classes))
+        return bool(
+            self.drug_ingredients.intersection(order.ingredients)
+            or self.drug_classes.intersection(order.classes)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +107,7 @@ class Catalogue:
 
 
 # --- loading ------------------------------------------------------------------------------------------------
+
 
 def guideline_corpus_dir() -> Path | None:
     spec = importlib.util.find_spec("guidelines")
@@ -171,28 +184,60 @@ def _parse_rule(spec: dict, terms: Terminology, links: dict[str, tuple[str, ...]
         threshold = Threshold(t["op"], round(canonical, PRECISION), display)
     if spec["kind"] in ("threshold-latest",) and threshold is None:
         raise _fail(rid, "threshold-latest needs a threshold")
-    if spec["kind"] in ("threshold-latest", "relative-change", "monitoring-gap") and not (ingredients or classes):
+    if spec["kind"] in ("threshold-latest", "relative-change", "monitoring-gap") and not (
+        ingredients or classes
+    ):
         raise _fail(rid, "needs a drug set")
-    params = {k: v for k, v in spec.items() if k not in (
-        "id", "category", "title", "kind", "severity", "message", "action", "sources", "drugs", "lab", "threshold",
-        "window_hours", "guidelines")}
+    params = {
+        k: v
+        for k, v in spec.items()
+        if k
+        not in (
+            "id",
+            "category",
+            "title",
+            "kind",
+            "severity",
+            "message",
+            "action",
+            "sources",
+            "drugs",
+            "lab",
+            "threshold",
+            "window_hours",
+            "guidelines",
+        )
+    }
     if spec["kind"] == "relative-change":
         for c in params.get("change", {}).get("criteria", []):
             if c.get("measure") not in ("absolute", "ratio", "fall-fraction") or c.get("op") not in OPS:
                 raise _fail(rid, f"criterion {c} needs measure absolute|ratio|fall-fraction and an op")
             if c.get("unit") and analyte:
-                c["value_canonical"] = terms.to_canonical(terms.analytes[analyte], float(c["value"]), c["unit"])
+                c["value_canonical"] = terms.to_canonical(
+                    terms.analytes[analyte], float(c["value"]), c["unit"]
+                )
     if spec["kind"] == "duplicate-class":
         for g in params.get("groups", []):
             if g.get("text_pattern"):
                 g["_regex"] = re.compile(g["text_pattern"], re.IGNORECASE)
     guideline_ids = tuple(sorted(set(links.get(rid, ())) | set(spec.get("guidelines") or ())))
     return Rule(
-        id=rid, category=spec["category"], title=spec["title"], kind=spec["kind"], severity=spec["severity"],
-        message=spec["message"], action=spec["action"], sources=tuple(spec.get("sources") or ()),
-        guideline_ids=guideline_ids, drug_ingredients=ingredients, drug_classes=classes, analyte=analyte,
-        loinc=loinc, threshold=threshold,
-        window_hours=float(spec["window_hours"]) if spec.get("window_hours") is not None else None, params=params,
+        id=rid,
+        category=spec["category"],
+        title=spec["title"],
+        kind=spec["kind"],
+        severity=spec["severity"],
+        message=spec["message"],
+        action=spec["action"],
+        sources=tuple(spec.get("sources") or ()),
+        guideline_ids=guideline_ids,
+        drug_ingredients=ingredients,
+        drug_classes=classes,
+        analyte=analyte,
+        loinc=loinc,
+        threshold=threshold,
+        window_hours=float(spec["window_hours"]) if spec.get("window_hours") is not None else None,
+        params=params,
     )
 
 
@@ -222,6 +267,7 @@ def default_catalogue() -> Catalogue:
 
 
 # --- evaluation context ---------------------------------------------------------------------------------------
+
 
 class _Context:
     """One chart seen at `now`: active orders and results up to now, computed once for all rules."""
@@ -258,7 +304,14 @@ def _when(t: datetime | None) -> str:
     return f"{t:%Y-%m-%d %H:%M} UTC" if t else "time unknown"
 
 
-UNIT_DISPLAY = {"{INR}": "", "10*3/uL": "x10^3/uL", "Cel": "°C", "mm[Hg]": "mmHg", "{score}": "", "/min": "/min"}
+UNIT_DISPLAY = {
+    "{INR}": "",
+    "10*3/uL": "x10^3/uL",
+    "Cel": "°C",
+    "mm[Hg]": "mmHg",
+    "{score}": "",
+    "/min": "/min",
+}
 
 
 def _num(value: float) -> str:
@@ -274,8 +327,12 @@ def _value(r: Result) -> str:
     unit = UNIT_DISPLAY.get(r.unit or "", r.unit or "")
     canonical = f"{_num(r.value)} {unit}".strip()
     orig = r.original
-    if orig is not None and orig.unit and orig.unit.replace(" ", "").lower() != (r.unit or "").lower() \
-            and abs(orig.value - r.value) > 1e-9:
+    if (
+        orig is not None
+        and orig.unit
+        and orig.unit.replace(" ", "").lower() != (r.unit or "").lower()
+        and abs(orig.value - r.value) > 1e-9
+    ):
         return f"{str(Quantity(orig.value, orig.unit))} (= {canonical})"
     return canonical
 
@@ -293,25 +350,38 @@ def _join(items: Iterable[str]) -> str:
 
 
 def _order_values(orders: Iterable[MedicationOrder]) -> list[EvidenceValue]:
-    return [EvidenceValue(_order_label(o), o.ref, o.dose_text or (str(o.dose) if o.dose else None),
-                          o.start or o.authored_on) for o in orders]
+    return [
+        EvidenceValue(
+            _order_label(o), o.ref, o.dose_text or (str(o.dose) if o.dose else None), o.start or o.authored_on
+        )
+        for o in orders
+    ]
 
 
 def _result_value(r: Result) -> EvidenceValue:
     return EvidenceValue(r.name, r.ref, _value(r), r.time)
 
 
-def _finding(rule: Rule, ctx: _Context, evidence: Iterable[str], values: Iterable[EvidenceValue],
-             **fields: Any) -> Finding:
+def _finding(
+    rule: Rule, ctx: _Context, evidence: Iterable[str], values: Iterable[EvidenceValue], **fields: Any
+) -> Finding:
     orders = fields.pop("orders", None)
     if orders is not None:
         fields.setdefault("drugs", _join(o.text for o in orders))
         fields.setdefault("is_are", "is" if len({o.text for o in orders}) == 1 else "are")
     message = rule.message.format_map(_Blank(fields))
     return Finding(
-        patient=ctx.chart.patient_ref, rule_id=rule.id, category=rule.category, severity=rule.severity,
-        title=rule.title, message=message, evidence=tuple(dict.fromkeys(evidence)), values=tuple(values),
-        action=rule.action, guideline_ids=rule.guideline_ids, sources=rule.sources,
+        patient=ctx.chart.patient_ref,
+        rule_id=rule.id,
+        category=rule.category,
+        severity=rule.severity,
+        title=rule.title,
+        message=message,
+        evidence=tuple(dict.fromkeys(evidence)),
+        values=tuple(values),
+        action=rule.action,
+        guideline_ids=rule.guideline_ids,
+        sources=rule.sources,
     )
 
 
@@ -321,6 +391,7 @@ class _Blank(dict):
 
 
 # --- evaluators -------------------------------------------------------------------------------------------------
+
 
 def _threshold_latest(rule: Rule, ctx: _Context) -> list[Finding]:
     orders = ctx.drugs(rule)
@@ -343,9 +414,19 @@ def _threshold_latest(rule: Rule, ctx: _Context) -> list[Finding]:
         latest = rows[-1]  # the newest value decides: a high value superseded by a normal one does not fire
         if latest not in crossing:
             return []
-    return [_finding(rule, ctx, [*(o.ref for o in orders), latest.ref], [_result_value(latest), *_order_values(orders)],
-                     orders=orders, value=_value(latest), time=_when(latest.time), threshold=t.display,
-                     lab=latest.name)]
+    return [
+        _finding(
+            rule,
+            ctx,
+            [*(o.ref for o in orders), latest.ref],
+            [_result_value(latest), *_order_values(orders)],
+            orders=orders,
+            value=_value(latest),
+            time=_when(latest.time),
+            threshold=t.display,
+            lab=latest.name,
+        )
+    ]
 
 
 def _drug_start(orders: list[MedicationOrder]) -> datetime | None:
@@ -369,8 +450,11 @@ def _relative_change(rule: Rule, ctx: _Context) -> list[Finding]:
         if c.get("baseline_since_drug_start"):
             started = _drug_start(orders)
             lookback = float(c.get("baseline_before_start_hours", 0))
-            floor = (started - timedelta(hours=lookback)) if started else latest.time - timedelta(
-                hours=float(c.get("baseline_hours", 336)))
+            floor = (
+                (started - timedelta(hours=lookback))
+                if started
+                else latest.time - timedelta(hours=float(c.get("baseline_hours", 336)))
+            )
         else:
             floor = latest.time - timedelta(hours=float(c.get("baseline_hours", 48)))  # type: ignore[operator]
         prior = [r for r in rows[:-1] if floor <= r.time < latest.time]  # type: ignore[operator]
@@ -393,10 +477,21 @@ def _relative_change(rule: Rule, ctx: _Context) -> list[Finding]:
             measured = (b - v) / b if not rising else (v - b) / b
             target = float(c["value"])
         if OPS[c["op"]](round(measured, PRECISION), target):
-            return [_finding(rule, ctx, [*(o.ref for o in orders), base.ref, latest.ref],
-                             [_result_value(base), _result_value(latest), *_order_values(orders)],
-                             orders=orders, value=_value(latest), time=_when(latest.time), baseline=_value(base),
-                             baseline_time=_when(base.time), criterion=c.get("label", ""), lab=latest.name)]
+            return [
+                _finding(
+                    rule,
+                    ctx,
+                    [*(o.ref for o in orders), base.ref, latest.ref],
+                    [_result_value(base), _result_value(latest), *_order_values(orders)],
+                    orders=orders,
+                    value=_value(latest),
+                    time=_when(latest.time),
+                    baseline=_value(base),
+                    baseline_time=_when(base.time),
+                    criterion=c.get("label", ""),
+                    lab=latest.name,
+                )
+            ]
     return []
 
 
@@ -417,11 +512,25 @@ def _allergy_conflict(rule: Rule, ctx: _Context) -> list[Finding]:
                 match = "cross-reactive class: " + _join(terms.class_label(c) for c in classes)
             reaction = f" (reaction: {', '.join(allergy.reactions)})" if allergy.reactions else ""
             crit = f", criticality {allergy.criticality}" if allergy.criticality else ""
-            out.append(_finding(
-                rule, ctx, [order.ref, allergy.ref],
-                [*_order_values([order]), EvidenceValue(f"Allergy: {allergy.substance}", allergy.ref,
-                                                        (", ".join(allergy.reactions) or None))],
-                order=_order_label(order), allergy=allergy.substance + crit, reaction=reaction, match=match))
+            out.append(
+                _finding(
+                    rule,
+                    ctx,
+                    [order.ref, allergy.ref],
+                    [
+                        *_order_values([order]),
+                        EvidenceValue(
+                            f"Allergy: {allergy.substance}",
+                            allergy.ref,
+                            (", ".join(allergy.reactions) or None),
+                        ),
+                    ],
+                    order=_order_label(order),
+                    allergy=allergy.substance + crit,
+                    reaction=reaction,
+                    match=match,
+                )
+            )
     return out
 
 
@@ -437,24 +546,36 @@ def _duplicate_class(rule: Rule, ctx: _Context) -> list[Finding]:
             if ignore_prn and o.timing.as_needed:
                 continue
             if classes.intersection(o.classes) or (
-                    regex is not None and text_classes.intersection(o.classes) and regex.search(o.text)):
+                regex is not None and text_classes.intersection(o.classes) and regex.search(o.text)
+            ):
                 members.append(o)
         if len(members) < 2:
             continue
         allowed = [set(p) for p in group.get("allow_class_pairs") or ()]
         involved: dict[str, MedicationOrder] = {}
         for i, a in enumerate(members):
-            for b in members[i + 1:]:
-                ok = any((x in a.classes and y in b.classes) or (y in a.classes and x in b.classes)
-                         for x, y in (tuple(p) for p in allowed if len(p) == 2))
+            for b in members[i + 1 :]:
+                ok = any(
+                    (x in a.classes and y in b.classes) or (y in a.classes and x in b.classes)
+                    for x, y in (tuple(p) for p in allowed if len(p) == 2)
+                )
                 if not ok:
                     involved[a.ref], involved[b.ref] = a, b
         if len(involved) < 2:
             continue
         orders = sorted(involved.values(), key=lambda o: o.ref)
-        out.append(_finding(rule, ctx, [o.ref for o in orders], _order_values(orders), orders=orders,
-                            count=str(len(orders)), group=group.get("label", group.get("name", "one class")),
-                            drugs=_join(_order_label(o) for o in orders)))
+        out.append(
+            _finding(
+                rule,
+                ctx,
+                [o.ref for o in orders],
+                _order_values(orders),
+                orders=orders,
+                count=str(len(orders)),
+                group=group.get("label", group.get("name", "one class")),
+                drugs=_join(_order_label(o) for o in orders),
+            )
+        )
     return out
 
 
@@ -472,9 +593,17 @@ def _administration_without_order(rule: Rule, ctx: _Context) -> list[Finding]:
         order = ctx.orders_by_ref.get(admin.order_ref or "")
         if order is not None:
             evidence.append(order.ref)
-            values.append(EvidenceValue(f"{_order_label(order)} ({order.status})", order.ref, None,
-                                        order.start or order.authored_on))
-        out.append(_finding(rule, ctx, evidence, values, admin=admin.text, time=_when(admin.time), reason=reason))
+            values.append(
+                EvidenceValue(
+                    f"{_order_label(order)} ({order.status})",
+                    order.ref,
+                    None,
+                    order.start or order.authored_on,
+                )
+            )
+        out.append(
+            _finding(rule, ctx, evidence, values, admin=admin.text, time=_when(admin.time), reason=reason)
+        )
     return out
 
 
@@ -497,7 +626,8 @@ def _why_unordered(admin: Administration, ctx: _Context) -> str | None:
     # No link: any active order for the same drug covers it.
     for order in ctx.orders:
         if (admin.ingredients and set(admin.ingredients) & set(order.ingredients)) or (
-                not admin.ingredients and admin.text.strip().lower() == order.text.strip().lower()):
+            not admin.ingredients and admin.text.strip().lower() == order.text.strip().lower()
+        ):
             return None
     return "there is no active order for this drug"
 
@@ -505,8 +635,9 @@ def _why_unordered(admin: Administration, ctx: _Context) -> str | None:
 def _schedule_text(order: MedicationOrder, interval: float) -> str:
     t = order.timing
     if t.frequency and t.period and t.period_unit:
-        per = {"h": "hour", "d": "day", "wk": "week", "min": "minute", "s": "second"}.get(t.period_unit,
-                                                                                           t.period_unit)
+        per = {"h": "hour", "d": "day", "wk": "week", "min": "minute", "s": "second"}.get(
+            t.period_unit, t.period_unit
+        )
         period = f"{format_number(t.period)} {per}s" if t.period != 1 else per
         return f"{t.frequency} time{'s' if t.frequency != 1 else ''} per {period}"
     return f"every {format_number(interval)} h"
@@ -527,17 +658,29 @@ def _order_not_administered(rule: Rule, ctx: _Context) -> list[Finding]:
             continue
         hours = max(rule.window_hours or 24, interval * factor)
         floor = ctx.since(hours)
-        given = [a for a in ctx.chart.administrations
-                 if a.was_given and a.time is not None and a.time <= ctx.now and _covers(a, order)]
+        given = [
+            a
+            for a in ctx.chart.administrations
+            if a.was_given and a.time is not None and a.time <= ctx.now and _covers(a, order)
+        ]
         if any(a.time > floor for a in given):  # type: ignore[operator]
             continue
         last = max(given, key=lambda a: a.time) if given else None  # type: ignore[arg-type, return-value]
         values = _order_values([order])
         if last is not None:
             values.append(EvidenceValue(f"Last administration: {last.text}", last.ref, None, last.time))
-        out.append(_finding(rule, ctx, [order.ref], values, order=_order_label(order),
-                            schedule=_schedule_text(order, interval), hours=format_number(round(hours, 1)),
-                            last=f" (last charted {_when(last.time)})" if last else " (none charted)"))
+        out.append(
+            _finding(
+                rule,
+                ctx,
+                [order.ref],
+                values,
+                order=_order_label(order),
+                schedule=_schedule_text(order, interval),
+                hours=format_number(round(hours, 1)),
+                last=f" (last charted {_when(last.time)})" if last else " (none charted)",
+            )
+        )
     return out
 
 
@@ -564,8 +707,11 @@ def _monitoring_gap(rule: Rule, ctx: _Context) -> list[Finding]:
         values.append(_result_value(last))
     analyte = terminology().analytes[rule.analyte].name if rule.analyte else "result"  # type: ignore[index]
     tail = f" (last {analyte} {_value(last)} at {_when(last.time)})" if last else f" (no {analyte} on file)"
-    return [_finding(rule, ctx, [o.ref for o in orders], values, orders=orders, hours=format_number(hours),
-                     last=tail)]
+    return [
+        _finding(
+            rule, ctx, [o.ref for o in orders], values, orders=orders, hours=format_number(hours), last=tail
+        )
+    ]
 
 
 EVALUATORS: dict[str, Callable[[Rule, _Context], list[Finding]]] = {

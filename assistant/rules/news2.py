@@ -58,15 +58,24 @@ def _band_points(bands: list[dict], value: float) -> int:
 
 
 def _recent(rows: list[Result], floor: datetime | None, now: datetime | None) -> list[Result]:
-    return [r for r in rows if r.is_usable and (now is None or r.time <= now)  # type: ignore[operator]
-            and (floor is None or r.time >= floor)]  # type: ignore[operator]
+    return [
+        r
+        for r in rows
+        if r.is_usable
+        and (now is None or r.time <= now)  # type: ignore[operator]
+        and (floor is None or r.time >= floor)
+    ]  # type: ignore[operator]
 
 
 def _consciousness(chart: Chart, spec: dict, floor: datetime | None, now: datetime | None) -> Result | None:
     codes = set(spec.get("loinc") or ())
     patterns = [p.lower() for p in spec.get("name_patterns") or ()]
-    rows = [r for r in chart.results
-            if r.value_text and ((r.loinc in codes) or any(p in r.name.lower() or p in r.analyte for p in patterns))]
+    rows = [
+        r
+        for r in chart.results
+        if r.value_text
+        and ((r.loinc in codes) or any(p in r.name.lower() or p in r.analyte for p in patterns))
+    ]
     rows = _recent(rows, floor, now)
     rows.sort(key=lambda r: (r.time, r.ref))  # type: ignore[arg-type, return-value]
     return rows[-1] if rows else None
@@ -92,7 +101,9 @@ def news2(chart: Chart, *, now: datetime | None = None, table: dict[str, Any] | 
             else:
                 missing.append(name)  # an answer we cannot map is not "alert"
                 continue
-            params.append(News2Parameter(name, spec["label"], points, result.value_text or "", result.ref, result.time))
+            params.append(
+                News2Parameter(name, spec["label"], points, result.value_text or "", result.ref, result.time)
+            )
             continue
         rows = [r for r in _recent(chart.results_for(spec["analyte"]), floor, now) if r.value is not None]
         if not rows:
@@ -100,14 +111,25 @@ def news2(chart: Chart, *, now: datetime | None = None, table: dict[str, Any] | 
             continue
         latest = rows[-1]
         points = _band_points(spec["bands"], float(latest.value))  # type: ignore[arg-type]
-        params.append(News2Parameter(name, spec["label"], points, latest.display_value(), latest.ref, latest.time))
+        params.append(
+            News2Parameter(name, spec["label"], points, latest.display_value(), latest.ref, latest.time)
+        )
     total = sum(p.points for p in params)
     top = max((p.points for p in params), default=0)
     band, response = "low", ""
     for rule in table["responses"]:
-        if "min_total" in rule and total >= int(rule["min_total"]) or (
-                "single_parameter_points" in rule and top >= int(rule["single_parameter_points"])):
+        if (
+            "min_total" in rule
+            and total >= int(rule["min_total"])
+            or ("single_parameter_points" in rule and top >= int(rule["single_parameter_points"]))
+        ):
             band, response = rule["band"], rule["response"]
             break
-    return News2Score(total=total, parameters=tuple(params), missing=tuple(missing), band=band, response=response,
-                      evidence=tuple(dict.fromkeys(p.ref for p in params)))
+    return News2Score(
+        total=total,
+        parameters=tuple(params),
+        missing=tuple(missing),
+        band=band,
+        response=response,
+        evidence=tuple(dict.fromkeys(p.ref for p in params)),
+    )

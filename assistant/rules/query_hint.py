@@ -10,7 +10,12 @@ from assistant.terminology import Terminology, UnknownUnitError, terminology
 
 _NUMBER = r"(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[A-Za-zµ%/*{}\[\]0-9.^]+(?:/[A-Za-z0-9.{}_\[\]^]+)*)?"
 _GAP = r"(?:\s+(?:is|was|of|at|=|:|now|level|down|up|dropped|to|rose|fell|just)){0,3}\s*[:=]?\s*"
-_OPS = {">": lambda v, t: v > t, ">=": lambda v, t: v >= t, "<": lambda v, t: v < t, "<=": lambda v, t: v <= t}
+_OPS = {
+    ">": lambda v, t: v > t,
+    ">=": lambda v, t: v >= t,
+    "<": lambda v, t: v < t,
+    "<=": lambda v, t: v <= t,
+}
 
 
 @cache
@@ -21,7 +26,9 @@ def _alias_patterns() -> tuple[tuple[str, re.Pattern[str]], ...]:
         for alias in analyte.aliases:
             # Short abbreviations (K, Na, Cr) must match their case exactly; words may be any case.
             flags = 0 if len(alias) <= 3 else re.IGNORECASE
-            patterns.append((analyte.key, re.compile(rf"(?<![\w+]){re.escape(alias)}(?![\w+]){_GAP}{_NUMBER}", flags)))
+            patterns.append(
+                (analyte.key, re.compile(rf"(?<![\w+]){re.escape(alias)}(?![\w+]){_GAP}{_NUMBER}", flags))
+            )
     return tuple(patterns)
 
 
@@ -56,9 +63,11 @@ def rules_suggested_by(text: str, catalogue: Catalogue | None = None) -> list[st
     for rule in catalogue.rules:
         if rule.analyte is None or rule.threshold is None:
             continue
-        crossed = any(key == rule.analyte and _OPS.get(rule.threshold.op, lambda v, t: False)(value,
-                                                                                         rule.threshold.value)
-                      for key, value in labs)
+        crossed = any(
+            key == rule.analyte
+            and _OPS.get(rule.threshold.op, lambda v, t: False)(value, rule.threshold.value)
+            for key, value in labs
+        )
         if not crossed:
             continue
         names_drugs = bool(ingredients or classes)

@@ -8,8 +8,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-ACTIONS = ("view-chart", "summary", "handoff-view", "handoff-export", "audit-run", "audit-view", "access-denied",
-           "access-log-view")
+ACTIONS = (
+    "view-chart",
+    "summary",
+    "handoff-view",
+    "handoff-export",
+    "audit-run",
+    "audit-view",
+    "access-denied",
+    "access-log-view",
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS access_log (
@@ -60,13 +68,22 @@ class AccessLog:
             raise ValueError(f"unknown access action {action!r}; one of {', '.join(ACTIONS)}")
         try:
             with self._lock, self._connect() as db:
-                db.execute("INSERT INTO access_log (at, user, role, action, target, detail) VALUES (?,?,?,?,?,?)",
-                           (self._clock().isoformat(), user, role, action, target, detail[:200]))
+                db.execute(
+                    "INSERT INTO access_log (at, user, role, action, target, detail) VALUES (?,?,?,?,?,?)",
+                    (self._clock().isoformat(), user, role, action, target, detail[:200]),
+                )
         except sqlite3.Error as exc:
             raise AccessLogError(f"cannot write the access log at {self.path}: {exc}") from exc
 
-    def events(self, *, limit: int = 500, user: str | None = None, target: str | None = None,
-               actions: tuple[str, ...] | list[str] = (), since: str | None = None) -> list[AccessEvent]:
+    def events(
+        self,
+        *,
+        limit: int = 500,
+        user: str | None = None,
+        target: str | None = None,
+        actions: tuple[str, ...] | list[str] = (),
+        since: str | None = None,
+    ) -> list[AccessEvent]:
         query = "SELECT seq, at, user, role, action, target, detail FROM access_log"
         where, args = [], []
         if actions:

@@ -14,7 +14,9 @@ from typing import Any
 from assistant.llm.base import ChatMessage, ChatResult, ChatStream, LlmBackend
 from assistant.model import Chart
 
-_PROCESS_KEY = secrets.token_bytes(32)  # date shifts differ per process, so they cannot be learned from outputs
+_PROCESS_KEY = secrets.token_bytes(
+    32
+)  # date shifts differ per process, so they cannot be learned from outputs
 _DATE = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})(?:[ T](\d{2}):(\d{2})(?::\d{2})?)?")
 _TOKEN = re.compile(r"\bID-\d{3,}\b")
 _SENTENCE_END = re.compile(r"(?<=[.!?\n])\s")
@@ -26,7 +28,9 @@ class Deidentifier:
     def __init__(self, chart: Chart, *, key: bytes = _PROCESS_KEY) -> None:
         digest = hmac.new(key, chart.patient.ref.encode(), hashlib.sha256).digest()
         self.shift = timedelta(days=30 + int.from_bytes(digest[:4], "big") % 335)
-        names = [part for part in re.split(r"[\s,]+", chart.patient.name) if len(part) > 1 and part[0].isalpha()]
+        names = [
+            part for part in re.split(r"[\s,]+", chart.patient.name) if len(part) > 1 and part[0].isalpha()
+        ]
         self._names = sorted(set(names), key=len, reverse=True)
         identifiers = [chart.patient.mrn or "", chart.patient.ref.split("/", 1)[1]]
         identifiers += [ref.split("/", 1)[1] for ref in sorted(chart.fact_refs()) if "/" in ref]
@@ -37,8 +41,11 @@ class Deidentifier:
         self._from_token = {v: k for k, v in self._to_token.items()}
         ids = sorted(self._to_token, key=len, reverse=True)
         self._id_re = re.compile("|".join(re.escape(i) for i in ids)) if ids else None
-        self._name_re = (re.compile(r"\b(" + "|".join(re.escape(n) for n in self._names) + r")\b", re.IGNORECASE)
-                         if self._names else None)
+        self._name_re = (
+            re.compile(r"\b(" + "|".join(re.escape(n) for n in self._names) + r")\b", re.IGNORECASE)
+            if self._names
+            else None
+        )
 
     def _shift_dates(self, text: str, sign: int) -> str:
         def move(m: re.Match[str]) -> str:
@@ -49,7 +56,8 @@ class Deidentifier:
                 return m.group(0)
             when += sign * self.shift
             return when.strftime("%Y-%m-%d %H:%M" if hour else "%Y-%m-%d").replace(
-                " ", m.group(0)[10] if hour else " ")
+                " ", m.group(0)[10] if hour else " "
+            )
 
         return _DATE.sub(move, text)
 

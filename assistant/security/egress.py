@@ -30,6 +30,8 @@ def check_llm_egress(base_url: str, *, allow_remote: bool, allow_list: tuple[str
         return "allow-listed"
     if allow_remote:
         return "remote-allowed"
-    raise EgressDenied(f"the LLM server {host} is not on this machine; patient facts would leave it. Set "
-                       "NVA_LLM_ALLOW_REMOTE=true (and prefer NVA_LLM_DEIDENTIFY=true) or add the host to "
-                       "NVA_LLM_ALLOW_HOSTS after your privacy review")
+    raise EgressDenied(
+        f"the LLM server {host} is not on this machine; patient facts would leave it. Set "
+        "NVA_LLM_ALLOW_REMOTE=true (and prefer NVA_LLM_DEIDENTIFY=true) or add the host to "
+        "NVA_LLM_ALLOW_HOSTS after your privacy review"
+    )

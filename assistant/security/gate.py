@@ -13,10 +13,12 @@ from assistant.security.roles import AccessDenied, User, local_demo_user, user_f
 # demo-exposed (no provider and the server listens beyond loopback).
 GATE_STATES = ("ok", "sign-in", "no-role", "demo-exposed")
 
-DEMO_EXPOSED = ("NVA is running without sign-in (local demo mode) on a non-loopback address ({address}), so anyone "
-                "on the network could read charts. Start it with `streamlit run dashboard/app.py --server.address "
-                "127.0.0.1` (or `make dashboard`), or configure sign-in: an [auth] section in .streamlit/secrets.toml "
-                "(see .streamlit/secrets.toml.example).")
+DEMO_EXPOSED = (
+    "NVA is running without sign-in (local demo mode) on a non-loopback address ({address}), so anyone "
+    "on the network could read charts. Start it with `streamlit run dashboard/app.py --server.address "
+    "127.0.0.1` (or `make dashboard`), or configure sign-in: an [auth] section in .streamlit/secrets.toml "
+    "(see .streamlit/secrets.toml.example)."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,13 +42,21 @@ def is_loopback_address(address: str | None) -> bool:
         return False
 
 
-def resolve_gate(*, auth_configured: bool, server_address: str | None, claims: Mapping[str, Any] | None,
-                 role_claim: str = "nva_role", ward_claim: str = "nva_wards",
-                 role_file: Mapping[str, Mapping[str, Any]] | None = None) -> Gate:
+def resolve_gate(
+    *,
+    auth_configured: bool,
+    server_address: str | None,
+    claims: Mapping[str, Any] | None,
+    role_claim: str = "nva_role",
+    ward_claim: str = "nva_wards",
+    role_file: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Gate:
     """The one decision every dashboard run starts with."""
     if not auth_configured:
         if not is_loopback_address(server_address):
-            return Gate("demo-exposed", message=DEMO_EXPOSED.format(address=server_address or "all interfaces"))
+            return Gate(
+                "demo-exposed", message=DEMO_EXPOSED.format(address=server_address or "all interfaces")
+            )
         return Gate("ok", local_demo_user())
     if not claims or not claims.get("is_logged_in"):
         return Gate("sign-in")

@@ -55,12 +55,19 @@ def load_role_file(path: Path | str) -> dict[str, dict[str, Any]]:
     users = data.get("users", {})
     for name, spec in users.items():
         if spec.get("role") not in ROLES:
-            raise ValueError(f"role file {path}: user {name} has role {spec.get('role')!r}; use one of {ROLES}")
+            raise ValueError(
+                f"role file {path}: user {name} has role {spec.get('role')!r}; use one of {ROLES}"
+            )
     return users
 
 
-def user_from_claims(claims: Mapping[str, Any], *, role_claim: str = "nva_role", ward_claim: str = "nva_wards",
-                     role_file: Mapping[str, Mapping[str, Any]] | None = None) -> User:
+def user_from_claims(
+    claims: Mapping[str, Any],
+    *,
+    role_claim: str = "nva_role",
+    ward_claim: str = "nva_wards",
+    role_file: Mapping[str, Mapping[str, Any]] | None = None,
+) -> User:
     """A signed-in user's role: the identity provider's claim first, else the local role file; else no access."""
     name = str(claims.get("email") or claims.get("preferred_username") or claims.get("sub") or "")
     if not name:
@@ -71,8 +78,9 @@ def user_from_claims(claims: Mapping[str, Any], *, role_claim: str = "nva_role",
         spec = role_file[name]
         role, wards = spec.get("role"), spec.get("wards", ())
     if role not in ROLES:
-        raise AccessDenied(f"{name} has no NVA role; an administrator must add one (claim {role_claim} or the "
-                           "role file)")
+        raise AccessDenied(
+            f"{name} has no NVA role; an administrator must add one (claim {role_claim} or the role file)"
+        )
     if isinstance(wards, str):
         wards = tuple(w.strip() for w in wards.split(",") if w.strip())
     all_wards = role in ("charge-nurse", "auditor") and not wards

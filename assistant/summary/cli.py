@@ -51,13 +51,17 @@ def guideline_hits(findings: list[Any], k: int = 3) -> list[Any]:
         rule_ids = [f.rule_id for f in findings]
         return retriever.search(query, k=k, rule_ids=rule_ids)
     except Exception as exc:  # noqa: BLE001 -- guidance is optional; the summary must still be produced
-        log.warning("guideline retrieval unavailable (%s); summary without guideline passages", type(exc).__name__)
+        log.warning(
+            "guideline retrieval unavailable (%s); summary without guideline passages", type(exc).__name__
+        )
         return []
 
 
 def format_summary_text(res: Any) -> str:
-    lines = [f"Summary for {res.patient} (backend {res.backend}{' ' + res.model if res.model else ''}, "
-             f"{res.latency_s:.2f} s)"]
+    lines = [
+        f"Summary for {res.patient} (backend {res.backend}{' ' + res.model if res.model else ''}, "
+        f"{res.latency_s:.2f} s)"
+    ]
     for s in res.sentences:
         origin = "LLM" if s.origin == "llm" else "template"
         flag = "" if s.verified else " UNVERIFIED"
@@ -117,7 +121,11 @@ def _cmd_handoff(args: argparse.Namespace, out: TextIO) -> int:
     with open_source(args.source) as source:
         ward_ref, ward_name = resolve_ward(source, args.ward)
         census = source.ward_census(ward_ref) if ward_ref or source.wards() else []
-        ids = [c.patient_id for c in census] if census else ([] if ward_ref else list(source.iter_patient_ids()))
+        ids = (
+            [c.patient_id for c in census]
+            if census
+            else ([] if ward_ref else list(source.iter_patient_ids()))
+        )
         for pid in dict.fromkeys(ids):
             try:
                 chart = source.patient_chart(pid)
@@ -126,7 +134,9 @@ def _cmd_handoff(args: argparse.Namespace, out: TextIO) -> int:
                 continue
             findings = findings_for(chart, now)
             hits = guideline_hits(findings) if args.guidelines else []
-            entries.append(compose_handoff(chart, findings, hits, backend, now=now, max_tokens=args.max_tokens))
+            entries.append(
+                compose_handoff(chart, findings, hits, backend, now=now, max_tokens=args.max_tokens)
+            )
     handoff = compose_ward_handoff(entries, ward=ward_name, now=now, errors=errors)
     if args.format == "json":
         json.dump(handoff.to_dict(), out, indent=2)
@@ -141,7 +151,9 @@ def add_subparsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("source", help="FHIR base URL, bundle directory or NDJSON directory")
     p.add_argument("--patient", required=True, help="patient id")
     p.add_argument("--format", choices=("json", "text"), default="text")
-    p.add_argument("--backend", choices=BACKENDS, help="LLM backend (default: NVA_LLM_BACKEND); none = template")
+    p.add_argument(
+        "--backend", choices=BACKENDS, help="LLM backend (default: NVA_LLM_BACKEND); none = template"
+    )
     p.add_argument("--now", help="ISO time the summary is written for (default: now)")
     p.add_argument("--guidelines", action="store_true", help="add guideline passages linked to the flags")
     p.add_argument("--max-tokens", type=int, default=320, help="LLM completion budget")
@@ -151,7 +163,9 @@ def add_subparsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("source", help="FHIR base URL, bundle directory or NDJSON directory")
     p.add_argument("--ward", help="ward name or Location reference (default: all patients)")
     p.add_argument("--format", choices=("json", "md"), default="md")
-    p.add_argument("--backend", choices=BACKENDS, help="LLM backend for the patient summary (default: NVA_LLM_BACKEND)")
+    p.add_argument(
+        "--backend", choices=BACKENDS, help="LLM backend for the patient summary (default: NVA_LLM_BACKEND)"
+    )
     p.add_argument("--now", help="ISO time the handoff is written for (default: now)")
     p.add_argument("--guidelines", action="store_true", help="add guideline passages linked to the flags")
     p.add_argument("--max-tokens", type=int, default=256, help="LLM completion budget per patient")

@@ -83,7 +83,9 @@ class FactSheet:
     patient: str
     facts: list[Fact]
     now: datetime
-    allowed_refs: frozenset[str] = frozenset()  # refs of this patient's chart plus the guideline citations given
+    allowed_refs: frozenset[str] = (
+        frozenset()
+    )  # refs of this patient's chart plus the guideline citations given
     has_active_allergy: bool = False
     omitted: int = 0  # candidate facts left out to keep the sheet short
 
@@ -105,11 +107,16 @@ class FactSheet:
         return "\n".join(f"[{f.tag}] {f.text}" for f in self.facts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"patient": self.patient, "now": self.now.isoformat(), "omitted": self.omitted,
-                "facts": [f.to_dict() for f in self.facts]}
+        return {
+            "patient": self.patient,
+            "now": self.now.isoformat(),
+            "omitted": self.omitted,
+            "facts": [f.to_dict() for f in self.facts],
+        }
 
 
 # --- formatting helpers -------------------------------------------------------------------------------------
+
 
 def fmt_time(when: datetime | None) -> str:
     return when.strftime("%Y-%m-%d %H:%M") if when else "time unknown"
@@ -125,11 +132,20 @@ def frequency_of(order: MedicationOrder) -> str | None:
     return None
 
 
-FREQ_PHRASES = {"q24h": ("daily", "once daily", "qd", "every 24 hours", "nightly", "at bedtime"),
-                "q12h": ("twice daily", "bid", "every 12 hours"), "q8h": ("three times daily", "tid", "every 8 hours"),
-                "q6h": ("four times daily", "qid", "every 6 hours"), "prn": ("as needed", "prn")}
-FREQ_WORDS = {"q24h": "once daily", "q12h": "twice daily", "q8h": "three times daily", "q6h": "four times daily",
-              "prn": "as needed"}
+FREQ_PHRASES = {
+    "q24h": ("daily", "once daily", "qd", "every 24 hours", "nightly", "at bedtime"),
+    "q12h": ("twice daily", "bid", "every 12 hours"),
+    "q8h": ("three times daily", "tid", "every 8 hours"),
+    "q6h": ("four times daily", "qid", "every 6 hours"),
+    "prn": ("as needed", "prn"),
+}
+FREQ_WORDS = {
+    "q24h": "once daily",
+    "q12h": "twice daily",
+    "q8h": "three times daily",
+    "q6h": "four times daily",
+    "prn": "as needed",
+}
 
 
 def frequency_words(freq: str | None) -> str:
@@ -163,10 +179,24 @@ def order_phrase(order: MedicationOrder) -> str:
     return phrase
 
 
-ROUTE_WORDS = {"oral": ("oral", "po", "by mouth"), "intravenous": ("intravenous", "iv"),
-               "subcutaneous": ("subcutaneous", "sc", "subcut", "sq"), "intramuscular": ("intramuscular", "im")}
-DISPLAY_UNITS = {"{INR}": "", "{score}": "", "{Score}": "", "{ratio}": "", "mm[Hg]": "mmHg", "Cel": "°C",
-                 "10*3/uL": "x10^3/uL", "[IU]/mL": "IU/mL", "{beats}/min": "/min", "{breaths}/min": "/min"}
+ROUTE_WORDS = {
+    "oral": ("oral", "po", "by mouth"),
+    "intravenous": ("intravenous", "iv"),
+    "subcutaneous": ("subcutaneous", "sc", "subcut", "sq"),
+    "intramuscular": ("intramuscular", "im"),
+}
+DISPLAY_UNITS = {
+    "{INR}": "",
+    "{score}": "",
+    "{Score}": "",
+    "{ratio}": "",
+    "mm[Hg]": "mmHg",
+    "Cel": "°C",
+    "10*3/uL": "x10^3/uL",
+    "[IU]/mL": "IU/mL",
+    "{beats}/min": "/min",
+    "{breaths}/min": "/min",
+}
 
 
 def display_value(r: Result) -> str:
@@ -194,6 +224,7 @@ def _strip_period(text: str) -> str:
 
 
 # --- candidate facts ----------------------------------------------------------------------------------------
+
 
 @dataclass(slots=True)
 class _Candidate:
@@ -225,9 +256,13 @@ def level_word(result: Result) -> str | None:
     if crit:
         return f"critical {crit}"
     interp = (result.interpretation or "").upper()
-    if interp in ("H",) or (result.value is not None and result.ref_high is not None and result.value > result.ref_high):
+    if interp in ("H",) or (
+        result.value is not None and result.ref_high is not None and result.value > result.ref_high
+    ):
         return "high"
-    if interp in ("L",) or (result.value is not None and result.ref_low is not None and result.value < result.ref_low):
+    if interp in ("L",) or (
+        result.value is not None and result.ref_low is not None and result.value < result.ref_low
+    ):
         return "low"
     if result.abnormal:
         return "abnormal"
@@ -251,28 +286,56 @@ def _result_fact(chart: Chart, r: Result, priority: int, must: bool) -> dict[str
         sentence += f", {trend}"
         if prev.time:
             related.append(prev.time)
-    return dict(kind="result", label=r.name, text=text, sentence=sentence, provenance=(r.ref,), value=value,
-                number=r.value, unit=r.unit, time=r.time, analyte=r.analyte, priority=priority, must_cover=must,
-                severity="critical" if level and level.startswith("critical") else "abnormal" if level else None,
-                section="situation", related_times=tuple(related))
+    return dict(
+        kind="result",
+        label=r.name,
+        text=text,
+        sentence=sentence,
+        provenance=(r.ref,),
+        value=value,
+        number=r.value,
+        unit=r.unit,
+        time=r.time,
+        analyte=r.analyte,
+        priority=priority,
+        must_cover=must,
+        severity="critical" if level and level.startswith("critical") else "abnormal" if level else None,
+        section="situation",
+        related_times=tuple(related),
+    )
 
 
 def _flag_fact(f: Finding) -> dict[str, Any]:
     tm = terminology()
-    values = "; ".join(f"{v.label} {v.value}" if v.value and v.value not in v.label else v.label for v in f.values)
+    values = "; ".join(
+        f"{v.label} {v.value}" if v.value and v.value not in v.label else v.label for v in f.values
+    )
     text = f"{f.severity}-severity flag: {_strip_period(f.title)}. {_strip_period(f.message)}."
     if values:
         text += f" Values: {values}."
     if f.action:
         text += f" Action: {_strip_period(f.action)}."
     ings, classes = tm.match_names(" ".join([f.title, f.message, values, f.action]))
-    sentence = f"{f.severity.capitalize()}-severity flag: {_strip_period(f.title)}. {_strip_period(f.message)}"
+    sentence = (
+        f"{f.severity.capitalize()}-severity flag: {_strip_period(f.title)}. {_strip_period(f.message)}"
+    )
     times = tuple(v.time for v in f.values if v.time)
     must = f.severity == "high"
-    return dict(kind="flag", label=f.title, text=text, sentence=sentence, provenance=tuple(f.evidence),
-                severity=f.severity, priority={"high": 0, "medium": 3, "low": 6}.get(f.severity, 6), must_cover=must,
-                ingredients=ings, classes=classes + tm.classes_of(ings), section="situation",
-                related_times=times, time=times[0] if times else None)
+    return dict(
+        kind="flag",
+        label=f.title,
+        text=text,
+        sentence=sentence,
+        provenance=tuple(f.evidence),
+        severity=f.severity,
+        priority={"high": 0, "medium": 3, "low": 6}.get(f.severity, 6),
+        must_cover=must,
+        ingredients=ings,
+        classes=classes + tm.classes_of(ings),
+        section="situation",
+        related_times=times,
+        time=times[0] if times else None,
+    )
 
 
 def _allergy_fact(a: AllergyFact) -> dict[str, Any]:
@@ -280,9 +343,17 @@ def _allergy_fact(a: AllergyFact) -> dict[str, Any]:
     crit = f", criticality {a.criticality}" if a.criticality else ""
     reactions = f", reaction: {', '.join(a.reactions)}" if a.reactions else ""
     text = f"Allergy: {a.substance}{crit}{reactions}"
-    return dict(kind="allergy", label=a.substance, text=text, sentence=text, provenance=(a.ref,),
-                ingredients=a.ingredients, classes=a.classes + tm.classes_of(a.ingredients), priority=2,
-                section="patient")
+    return dict(
+        kind="allergy",
+        label=a.substance,
+        text=text,
+        sentence=text,
+        provenance=(a.ref,),
+        ingredients=a.ingredients,
+        classes=a.classes + tm.classes_of(a.ingredients),
+        priority=2,
+        section="patient",
+    )
 
 
 def _order_fact(o: MedicationOrder, priority: int, note: str, now: datetime) -> dict[str, Any]:
@@ -297,10 +368,20 @@ def _order_fact(o: MedicationOrder, priority: int, note: str, now: datetime) -> 
     if note.startswith("Stopped") and o.end:
         text += f", stopped {fmt_time(o.end)}"
     ings = o.ingredients
-    return dict(kind="medication", label=o.text, text=text, sentence=text, provenance=(o.ref,), ingredients=ings,
-                classes=tuple(dict.fromkeys(o.classes + tm.classes_of(ings))), frequency=frequency_of(o),
-                priority=priority, time=started, section="situation" if "high-alert" in o.classes else "patient",
-                value=o.dose_text or (str(o.dose) if o.dose else None))
+    return dict(
+        kind="medication",
+        label=o.text,
+        text=text,
+        sentence=text,
+        provenance=(o.ref,),
+        ingredients=ings,
+        classes=tuple(dict.fromkeys(o.classes + tm.classes_of(ings))),
+        frequency=frequency_of(o),
+        priority=priority,
+        time=started,
+        section="situation" if "high-alert" in o.classes else "patient",
+        value=o.dose_text or (str(o.dose) if o.dose else None),
+    )
 
 
 def _last_given(chart: Chart, order: MedicationOrder) -> Administration | None:
@@ -330,24 +411,60 @@ def administration_facts(chart: Chart, now: datetime) -> list[dict[str, Any]]:
         classes = tuple(dict.fromkeys(o.classes + tm.classes_of(ings)))
         last_text = f"; last given {fmt_time(last.time)}" if last else "; no dose recorded as given"
         prov = (o.ref,) + ((last.ref,) if last else ())
-        base = dict(provenance=prov, ingredients=ings, classes=classes, frequency=frequency_of(o), section="action",
-                    label=o.text, time=due, related_times=(last.time,) if last and last.time else ())
+        base = dict(
+            provenance=prov,
+            ingredients=ings,
+            classes=classes,
+            frequency=frequency_of(o),
+            section="action",
+            label=o.text,
+            time=due,
+            related_times=(last.time,) if last and last.time else (),
+        )
         if due < now - grace:
             text = f"Overdue dose: {order_phrase(o)} was due {fmt_time(due)}{last_text}"
-            out.append({**base, "kind": "administration", "text": text, "sentence": text, "priority": 4,
-                        "severity": "overdue"})
+            out.append(
+                {
+                    **base,
+                    "kind": "administration",
+                    "text": text,
+                    "sentence": text,
+                    "priority": 4,
+                    "severity": "overdue",
+                }
+            )
         elif due <= now + window:
             text = f"Dose due: {order_phrase(o)} due {fmt_time(due)}{last_text}"
-            out.append({**base, "kind": "administration", "text": text, "sentence": text, "priority": 5,
-                        "severity": "due"})
+            out.append(
+                {
+                    **base,
+                    "kind": "administration",
+                    "text": text,
+                    "sentence": text,
+                    "priority": 5,
+                    "severity": "due",
+                }
+            )
     recent = now - timedelta(hours=24)
     for a in chart.administrations:
         if a.status in ("not-done", "stopped") and a.time and a.time >= recent:
             reason = f" (reason: {quote_chart_text(a.status_reason, 80)})" if a.status_reason else ""
             text = f"Dose not given: {a.text} at {fmt_time(a.time)}{reason}"
-            out.append(dict(kind="administration", label=a.text, text=text, sentence=text, provenance=(a.ref,),
-                            ingredients=a.ingredients, classes=tuple(dict.fromkeys(a.classes + tm.classes_of(a.ingredients))),
-                            time=a.time, priority=5, section="action", severity="not-given"))
+            out.append(
+                dict(
+                    kind="administration",
+                    label=a.text,
+                    text=text,
+                    sentence=text,
+                    provenance=(a.ref,),
+                    ingredients=a.ingredients,
+                    classes=tuple(dict.fromkeys(a.classes + tm.classes_of(a.ingredients))),
+                    time=a.time,
+                    priority=5,
+                    section="action",
+                    severity="not-given",
+                )
+            )
     return out
 
 
@@ -398,15 +515,37 @@ def build_fact_sheet(
     for a in active:
         add(2, _allergy_fact(a))
     if not active:
-        nka = [a for a in chart.allergies if a.no_known_allergy and a.verification_status not in ("refuted", "entered-in-error")]
+        nka = [
+            a
+            for a in chart.allergies
+            if a.no_known_allergy and a.verification_status not in ("refuted", "entered-in-error")
+        ]
         if nka:
             text = "No known allergies recorded (no-known-allergy statement)"
-            add(2, dict(kind="no-allergy", label="No known allergies", text=text, sentence=text,
-                        provenance=(nka[0].ref,), section="patient"))
+            add(
+                2,
+                dict(
+                    kind="no-allergy",
+                    label="No known allergies",
+                    text=text,
+                    sentence=text,
+                    provenance=(nka[0].ref,),
+                    section="patient",
+                ),
+            )
         else:
             text = "No allergy record in the chart (allergy status not documented)"
-            add(2, dict(kind="no-allergy-record", label="Allergy status not documented", text=text, sentence=text,
-                        provenance=(patient,), section="patient"))
+            add(
+                2,
+                dict(
+                    kind="no-allergy-record",
+                    label="Allergy status not documented",
+                    text=text,
+                    sentence=text,
+                    provenance=(patient,),
+                    section="patient",
+                ),
+            )
 
     seen_orders: set[str] = set()
     for o in chart.active_orders():
@@ -428,9 +567,23 @@ def build_fact_sheet(
 
     for r in chart.results:
         if r.status == "registered":
-            text = f"Pending result: {r.name} (ordered, no value yet)" + (f", collected {fmt_time(r.time)}" if r.time else "")
-            add(6, dict(kind="pending", label=r.name, text=text, sentence=text, provenance=(r.ref,),
-                        analyte=r.analyte, time=r.time, section="action", severity="pending"))
+            text = f"Pending result: {r.name} (ordered, no value yet)" + (
+                f", collected {fmt_time(r.time)}" if r.time else ""
+            )
+            add(
+                6,
+                dict(
+                    kind="pending",
+                    label=r.name,
+                    text=text,
+                    sentence=text,
+                    provenance=(r.ref,),
+                    analyte=r.analyte,
+                    time=r.time,
+                    section="action",
+                    severity="pending",
+                ),
+            )
 
     for i, hit in enumerate(guidelines):
         if i >= 3:
@@ -439,17 +592,35 @@ def build_fact_sheet(
         first = re.split(r"(?<=[.!?])\s+", excerpt)[0]
         where = f"{hit.title} - {hit.section_path}" if hit.section_path else hit.title
         text = f'Guideline "{quote_chart_text(where, 120)}": "{excerpt}"'
-        sentence = f'Guideline ({quote_chart_text(where, 120)}): {_strip_period(first)}'
-        add(7, dict(kind="guideline", label=hit.title, text=text, sentence=sentence, provenance=(hit.citation,),
-                    section="situation"))
+        sentence = f"Guideline ({quote_chart_text(where, 120)}): {_strip_period(first)}"
+        add(
+            7,
+            dict(
+                kind="guideline",
+                label=hit.title,
+                text=text,
+                sentence=sentence,
+                provenance=(hit.citation,),
+                section="situation",
+            ),
+        )
 
     if include_context:
         p = chart.patient
         age = p.age_on(now.date())
         bits = [b for b in (f"{age}-year-old" if age is not None else "", p.sex or "") if b]
         text = "Patient: " + (" ".join(bits) if bits else "age and sex not recorded")
-        add(3, dict(kind="demographics", label="Patient", text=text, sentence=text, provenance=(patient,),
-                    section="patient"))
+        add(
+            3,
+            dict(
+                kind="demographics",
+                label="Patient",
+                text=text,
+                sentence=text,
+                provenance=(patient,),
+                section="patient",
+            ),
+        )
         e = chart.encounter
         if e is not None:
             bed = bed_label(e)
@@ -459,19 +630,51 @@ def build_fact_sheet(
                 text += f" for {quote_chart_text(e.reason, 80)}"
             if where:
                 text += f", {where}"
-            add(3, dict(kind="encounter", label="Encounter", text=text, sentence=text, provenance=(e.ref,),
-                        time=e.start, section="patient"))
+            add(
+                3,
+                dict(
+                    kind="encounter",
+                    label="Encounter",
+                    text=text,
+                    sentence=text,
+                    provenance=(e.ref,),
+                    time=e.start,
+                    section="patient",
+                ),
+            )
         conds = chart.active_conditions()[:4]
         for c in conds:
             text = f"Active condition: {quote_chart_text(c.text, 80)}"
-            add(6, dict(kind="condition", label=c.text, text=text, sentence=text, provenance=(c.ref,),
-                        section="patient"))
+            add(
+                6,
+                dict(
+                    kind="condition",
+                    label=c.text,
+                    text=text,
+                    sentence=text,
+                    provenance=(c.ref,),
+                    section="patient",
+                ),
+            )
         notes = sorted((n for n in chart.notes if n.time), key=lambda n: n.time, reverse=True)[:2]  # type: ignore[arg-type, return-value]
         for n in notes:
-            text = (f'Note "{quote_chart_text(n.title, 60)}" at {fmt_time(n.time)} (chart text, quoted as data): '
-                    f'"{quote_chart_text(n.text, NOTE_QUOTE_CHARS)}"')
-            add(8, dict(kind="note", label=n.title, text=text, sentence="", provenance=(n.ref,), time=n.time,
-                        quoted=True, section="situation"))
+            text = (
+                f'Note "{quote_chart_text(n.title, 60)}" at {fmt_time(n.time)} (chart text, quoted as data): '
+                f'"{quote_chart_text(n.text, NOTE_QUOTE_CHARS)}"'
+            )
+            add(
+                8,
+                dict(
+                    kind="note",
+                    label=n.title,
+                    text=text,
+                    sentence="",
+                    provenance=(n.ref,),
+                    time=n.time,
+                    quoted=True,
+                    section="situation",
+                ),
+            )
 
     def pinned(c: _Candidate) -> bool:
         return bool(c.kwargs.get("must_cover")) or c.kwargs["kind"] in PINNED_KINDS
@@ -482,12 +685,20 @@ def build_fact_sheet(
     keep.sort(key=lambda c: (c.priority, c.order))
     facts = [Fact(tag=f"F{i}", **c.kwargs) for i, c in enumerate(keep, 1)]
     allowed = frozenset(chart.fact_refs()) | frozenset(
-        ref for f in facts for ref in f.provenance if ref.startswith("guideline:"))
-    return FactSheet(patient=patient, facts=facts, now=now, allowed_refs=allowed,
-                     has_active_allergy=bool(active), omitted=len(cands) - len(keep))
+        ref for f in facts for ref in f.provenance if ref.startswith("guideline:")
+    )
+    return FactSheet(
+        patient=patient,
+        facts=facts,
+        now=now,
+        allowed_refs=allowed,
+        has_active_allergy=bool(active),
+        omitted=len(cands) - len(keep),
+    )
 
 
 # --- illness severity ---------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class News2:
@@ -504,7 +715,7 @@ def bed_label(e: Any) -> str:
     """'bed 03' from a bed name that may repeat the ward ('4B Med-Surg bed 03')."""
     bed = (e.bed_name or "") if e is not None else ""
     if e is not None and e.ward_name and bed.startswith(e.ward_name):
-        bed = bed[len(e.ward_name):].strip()
+        bed = bed[len(e.ward_name) :].strip()
     if bed and "bed" not in bed.lower():
         bed = f"bed {bed}"
     return bed
@@ -520,12 +731,18 @@ def news2_from_rules(chart: Chart, now: datetime) -> News2 | None:
     if not score.parameters:
         return None
     times = [p.time for p in score.parameters if p.time]
-    return News2(score=score.total, refs=tuple(score.evidence), single_param_3=any(p.points >= 3 for p in score.parameters),
-                 time=max(times) if times else None, missing=len(score.missing))
+    return News2(
+        score=score.total,
+        refs=tuple(score.evidence),
+        single_param_3=any(p.points >= 3 for p in score.parameters),
+        time=max(times) if times else None,
+        missing=len(score.missing),
+    )
 
 
-def illness_severity_fact(chart: Chart, findings: Sequence[Finding], news2: News2 | None,
-                          patient: str) -> dict[str, Any] | None:
+def illness_severity_fact(
+    chart: Chart, findings: Sequence[Finding], news2: News2 | None, patient: str
+) -> dict[str, Any] | None:
     cfg = vocabulary()["ipass"]
     high = [f for f in findings if f.patient == patient and f.severity == "high"]
     reasons: list[str] = []
@@ -533,8 +750,13 @@ def illness_severity_fact(chart: Chart, findings: Sequence[Finding], news2: News
     refs: list[str] = []
     if news2 is not None:
         refs += list(news2.refs)
-        risk = ("high clinical risk" if news2.score >= cfg["unstable_news2"] else
-                "medium clinical risk" if news2.score >= cfg["watcher_news2"] else "low clinical risk")
+        risk = (
+            "high clinical risk"
+            if news2.score >= cfg["unstable_news2"]
+            else "medium clinical risk"
+            if news2.score >= cfg["watcher_news2"]
+            else "low clinical risk"
+        )
         reasons.append(f"NEWS2 {news2.score} ({risk})")
         if news2.score >= cfg["unstable_news2"]:
             level = "unstable"
@@ -543,7 +765,9 @@ def illness_severity_fact(chart: Chart, findings: Sequence[Finding], news2: News
         if news2.single_param_3:
             reasons.append("a single NEWS2 parameter scores 3")
         if news2.missing:
-            reasons.append(f"{news2.missing} NEWS2 parameter{'s' if news2.missing > 1 else ''} not recorded recently")
+            reasons.append(
+                f"{news2.missing} NEWS2 parameter{'s' if news2.missing > 1 else ''} not recorded recently"
+            )
     if high:
         n = len(high)
         reasons.append(f"{n} high-severity flag" + ("s" if n > 1 else ""))
@@ -554,9 +778,17 @@ def illness_severity_fact(chart: Chart, findings: Sequence[Finding], news2: News
         reasons.append("NEWS2 not available and no high-severity flags")
         refs.append(patient)
     text = f"Illness severity {level}: " + "; ".join(reasons)
-    return dict(kind="severity", label="Illness severity", value=level, text=text, sentence=text,
-                provenance=tuple(dict.fromkeys(refs)), section="illness", number=float(news2.score) if news2 else None,
-                time=news2.time if news2 else None)
+    return dict(
+        kind="severity",
+        label="Illness severity",
+        value=level,
+        text=text,
+        sentence=text,
+        provenance=tuple(dict.fromkeys(refs)),
+        section="illness",
+        number=float(news2.score) if news2 else None,
+        time=news2.time if news2 else None,
+    )
 
 
 def severity_rank(level: str) -> int:

@@ -26,8 +26,10 @@ SECTIONS = (
     ("action", "Action list"),
     ("situation", "Situation awareness and contingencies"),
 )
-SYNTHESIS = ("Synthesis by receiver: [ ] summary read back  [ ] action list confirmed  "
-             "[ ] contingencies understood  [ ] questions answered")
+SYNTHESIS = (
+    "Synthesis by receiver: [ ] summary read back  [ ] action list confirmed  "
+    "[ ] contingencies understood  [ ] questions answered"
+)
 
 
 @dataclass(slots=True)
@@ -70,8 +72,12 @@ class WardHandoff:
     errors: list[str] = field(default_factory=list)  # patients whose chart could not be read, by id
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ward": self.ward, "now": self.now.isoformat(), "patients": [p.to_dict() for p in self.patients],
-                "errors": list(self.errors)}
+        return {
+            "ward": self.ward,
+            "now": self.now.isoformat(),
+            "patients": [p.to_dict() for p in self.patients],
+            "errors": list(self.errors),
+        }
 
 
 def _action_sentence(fact: Fact) -> str | None:
@@ -108,8 +114,9 @@ def compose_handoff(
     if severity is not None:
         add("illness", template_sentence(severity))
 
-    summary = compose(chart, findings, guidelines, backend, now=now, sheet=sheet, max_tokens=max_tokens,
-                      timeout=timeout)
+    summary = compose(
+        chart, findings, guidelines, backend, now=now, sheet=sheet, max_tokens=max_tokens, timeout=timeout
+    )
     llm = [s for s in summary.sentences if s.origin == "llm"]
     if llm:
         for s in llm:
@@ -150,16 +157,20 @@ def _must(sheet: Any, s: Sentence) -> bool:
     return bool(set(s.tags) & must)
 
 
-def compose_ward_handoff(entries: Iterable[HandoffPatient], *, ward: str | None, now: datetime,
-                         errors: Sequence[str] = ()) -> WardHandoff:
+def compose_ward_handoff(
+    entries: Iterable[HandoffPatient], *, ward: str | None, now: datetime, errors: Sequence[str] = ()
+) -> WardHandoff:
     """Patients sorted by illness severity (unstable first), then bed."""
     patients = sorted(entries, key=lambda p: (severity_rank(p.illness_severity), p.bed or "", p.patient))
     return WardHandoff(ward=ward, now=now, patients=patients, errors=list(errors))
 
 
 def handoff_markdown(handoff: WardHandoff) -> str:
-    lines = [f"# I-PASS handoff{' - ' + handoff.ward if handoff.ward else ''}",
-             f"Generated for {handoff.now:%Y-%m-%d %H:%M} UTC. Every line cites its chart sources.", ""]
+    lines = [
+        f"# I-PASS handoff{' - ' + handoff.ward if handoff.ward else ''}",
+        f"Generated for {handoff.now:%Y-%m-%d %H:%M} UTC. Every line cites its chart sources.",
+        "",
+    ]
     for p in handoff.patients:
         bed = f"{p.bed} - " if p.bed else ""
         lines.append(f"## {bed}{p.name} ({p.patient}) - {p.illness_severity.upper()}")

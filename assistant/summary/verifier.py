@@ -12,7 +12,9 @@ from typing import Any
 from assistant.summary.facts import Fact, FactSheet, vocabulary
 from assistant.terminology import _norm_unit, terminology
 
-REL_TOL_CONVERTED = 0.01  # a value converted between units (5.5 mmol/L glucose = 99 mg/dL) may differ by rounding
+REL_TOL_CONVERTED = (
+    0.01  # a value converted between units (5.5 mmol/L glucose = 99 mg/dL) may differ by rounding
+)
 
 
 @dataclass(slots=True)
@@ -33,6 +35,7 @@ class Sentence:
 
 
 # --- vocabulary-driven matchers -----------------------------------------------------------------------------
+
 
 def _alternation(phrases: Iterable[str]) -> str:
     uniq = sorted({p.lower() for p in phrases if p}, key=len, reverse=True)
@@ -120,8 +123,16 @@ def matchers() -> _Matchers:
 
 def stem(word: str) -> str:
     w = word.lower().strip("'’")
-    for suffix, repl in (("'s", ""), ("’s", ""), ("ies", "y"), ("ing", ""), ("ed", ""), ("es", ""), ("ly", ""),
-                         ("s", "")):
+    for suffix, repl in (
+        ("'s", ""),
+        ("’s", ""),
+        ("ies", "y"),
+        ("ing", ""),
+        ("ed", ""),
+        ("es", ""),
+        ("ly", ""),
+        ("s", ""),
+    ):
         if w.endswith(suffix) and len(w) - len(suffix) >= 3:
             return w[: len(w) - len(suffix)] + repl
     return w
@@ -129,11 +140,14 @@ def stem(word: str) -> str:
 
 # --- claims -------------------------------------------------------------------------------------------------
 
+
 @dataclass(slots=True)
 class Claims:
     """What a piece of text asserts, in comparable form."""
 
-    numbers: list[tuple[float, int, str | None]] = field(default_factory=list)  # value, decimals, canonical unit
+    numbers: list[tuple[float, int, str | None]] = field(
+        default_factory=list
+    )  # value, decimals, canonical unit
     dates: set[tuple[int | None, int, int]] = field(default_factory=set)
     date_options: list[set[tuple[int | None, int, int]]] = field(default_factory=list)  # ambiguous d/m forms
     times: set[tuple[int, int]] = field(default_factory=set)
@@ -149,31 +163,58 @@ class Claims:
     severities: set[str] = field(default_factory=set)
     negation: bool = False
     allergy: bool = False
-    allergy_negated: bool = False  # "no known allergies", "not allergic to", "NKDA": a claim about allergy status
+    allergy_negated: bool = (
+        False  # "no known allergies", "not allergic to", "NKDA": a claim about allergy status
+    )
     advice: set[str] = field(default_factory=set)
     words: set[str] = field(default_factory=set)
 
 
-MONTHS = {m: i for i, names in enumerate(
-    [("jan", "january"), ("feb", "february"), ("mar", "march"), ("apr", "april"), ("may",), ("jun", "june"),
-     ("jul", "july"), ("aug", "august"), ("sep", "sept", "september"), ("oct", "october"), ("nov", "november"),
-     ("dec", "december")], 1) for m in names}
+MONTHS = {
+    m: i
+    for i, names in enumerate(
+        [
+            ("jan", "january"),
+            ("feb", "february"),
+            ("mar", "march"),
+            ("apr", "april"),
+            ("may",),
+            ("jun", "june"),
+            ("jul", "july"),
+            ("aug", "august"),
+            ("sep", "sept", "september"),
+            ("oct", "october"),
+            ("nov", "november"),
+            ("dec", "december"),
+        ],
+        1,
+    )
+    for m in names
+}
 _MONTH_ALT = "|".join(sorted(MONTHS, key=len, reverse=True))
-_ISO_RE = re.compile(r"\b(\d{4})-(\d{1,2})-(\d{1,2})(?:[T ](\d{1,2}):(\d{2})(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?\b")
-_DMY_RE = re.compile(rf"\b(\d{{1,2}})(?:st|nd|rd|th)?(?:\s+of)?\s+({_MONTH_ALT})\.?(?:,?\s+(\d{{4}}))?\b", re.I)
+_ISO_RE = re.compile(
+    r"\b(\d{4})-(\d{1,2})-(\d{1,2})(?:[T ](\d{1,2}):(\d{2})(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?\b"
+)
+_DMY_RE = re.compile(
+    rf"\b(\d{{1,2}})(?:st|nd|rd|th)?(?:\s+of)?\s+({_MONTH_ALT})\.?(?:,?\s+(\d{{4}}))?\b", re.I
+)
 _MDY_RE = re.compile(rf"\b({_MONTH_ALT})\.?\s+(\d{{1,2}})(?:st|nd|rd|th)?(?:,?\s+(\d{{4}}))?\b", re.I)
 _SLASH_RE = re.compile(r"\b(\d{1,2})[/.](\d{1,2})[/.](\d{4}|\d{2})\b")
 _TIME_RE = re.compile(r"\b(\d{1,2}):(\d{2})(?::\d{2})?\s*(am|pm|a\.m\.|p\.m\.)?(?![\w:])", re.I)
 _AMPM_RE = re.compile(r"\b(\d{1,2})\s*(am|pm|a\.m\.|p\.m\.)(?!\w)", re.I)
 _HOURS_RE = re.compile(r"\b([01]\d|2[0-3])([0-5]\d)\s*(?:h|hrs|hours)\b", re.I)
-_REL_RE = re.compile(r"\b(today|yesterday|tomorrow|tonight|this morning|this evening|overnight|last night)\b", re.I)
+_REL_RE = re.compile(
+    r"\b(today|yesterday|tomorrow|tonight|this morning|this evening|overnight|last night)\b", re.I
+)
 _NUMBER_RE = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?")
 _SEVERITY_RE = re.compile(r"\b(high|medium|low)[- ]severity\b", re.I)
 _WORD_RE = re.compile(r"[A-Za-z][A-Za-z'’]+")
-STOPWORDS = frozenset("""a an the of for with on at in to and or by from as is are was were be been being this that
+STOPWORDS = frozenset(
+    """a an the of for with on at in to and or by from as is are was were be been being this that
 these those it its his her their they he she we you i our your which who whom whose what when where while than then
 so such into onto about above below over under again further once here there all any both each few more most other
-some same own only very can will just has have had do does did having also per via""".split())
+some same own only very can will just has have had do does did having also per via""".split()
+)
 
 
 def _mask(text: str, start: int, end: int) -> str:
@@ -194,8 +235,10 @@ def _hour(h: int, ampm: str | None) -> int:
     return (h % 12) + (12 if pm else 0)
 
 
-_ROLE_RE = re.compile(r"\b(due|given|administered|held|not given)\b[^.\d]{0,24}?(\d{4})-(\d{1,2})-(\d{1,2})[T ](\d{1,2}):(\d{2})",
-                      re.I)
+_ROLE_RE = re.compile(
+    r"\b(due|given|administered|held|not given)\b[^.\d]{0,24}?(\d{4})-(\d{1,2})-(\d{1,2})[T ](\d{1,2}):(\d{2})",
+    re.I,
+)
 _ROLE_NAMES = {"administered": "given", "not given": "held"}
 
 
@@ -220,7 +263,9 @@ def extract_claims(text: str, now: datetime | None = None) -> Claims:
         c.dates.add((int(mt.group(1)), int(mt.group(2)), int(mt.group(3))))
         if mt.group(4):
             c.times.add((int(mt.group(4)), int(mt.group(5))))
-            c.stamps.add((int(mt.group(1)), int(mt.group(2)), int(mt.group(3)), int(mt.group(4)), int(mt.group(5))))
+            c.stamps.add(
+                (int(mt.group(1)), int(mt.group(2)), int(mt.group(3)), int(mt.group(4)), int(mt.group(5)))
+            )
 
     def dmy(mt: re.Match[str]) -> None:
         c.dates.add((_y(mt.group(3)), MONTHS[mt.group(2).lower()], int(mt.group(1))))
@@ -286,7 +331,7 @@ def extract_claims(text: str, now: datetime | None = None) -> Claims:
         um = m.unit_re.match(stripped)
         unit = None
         end = pos
-        if um and (um.group(1) != "" ):
+        if um and (um.group(1) != ""):
             unit = m.unit_map.get(um.group(1).lower().replace(" ", ""), m.unit_map.get(um.group(1).lower()))
             end = pos + (len(rest) - len(stripped)) + um.end()
         elif rest[:1].isalpha():
@@ -302,8 +347,10 @@ def extract_claims(text: str, now: datetime | None = None) -> Claims:
     # A negation negates the allergy only when it stands just before it in the same clause
     # ("no known allergies"), not in "do not give the drug; confirm the allergy".
     c.allergy_negated = nkda or any(
-        0 <= a.start() - n.end() <= 25 and not re.search(r"[;:.,]", work[n.end():a.start()])
-        for n in m.neg_re.finditer(work) for a in m.allergy_re.finditer(work))
+        0 <= a.start() - n.end() <= 25 and not re.search(r"[;:.,]", work[n.end() : a.start()])
+        for n in m.neg_re.finditer(work)
+        for a in m.allergy_re.finditer(work)
+    )
     for w in _WORD_RE.findall(work):
         s = stem(w)
         if w.lower() in m.advice:
@@ -315,6 +362,7 @@ def extract_claims(text: str, now: datetime | None = None) -> Claims:
 
 
 # --- fact support -------------------------------------------------------------------------------------------
+
 
 @dataclass(slots=True)
 class Support:
@@ -376,8 +424,9 @@ def fact_support(fact: Fact, now: datetime | None = None) -> Support:
     if fact.analyte:
         s.analytes.add(fact.analyte)
     s.ingredients |= set(fact.ingredients)
-    s.classes |= set(fact.classes) | set(terminology().classes_of([i for i in fact.ingredients
-                                                                   if i in terminology().ingredients]))
+    s.classes |= set(fact.classes) | set(
+        terminology().classes_of([i for i in fact.ingredients if i in terminology().ingredients])
+    )
     if fact.frequency:
         s.frequencies.add(fact.frequency)
     return s
@@ -481,6 +530,7 @@ def clean_text(text: str) -> str:
 
 # --- the verifier -------------------------------------------------------------------------------------------
 
+
 class Verifier:
     """Checks sentences against one fact sheet; supports are computed once per fact."""
 
@@ -502,11 +552,21 @@ class Verifier:
         def result(ok: bool, reason: str | None, cited: list[Fact]) -> Sentence:
             citations = tuple(dict.fromkeys(r for f in cited for r in f.provenance))
             section = cited[0].section if cited else "summary"
-            return Sentence(text=text, citations=citations, origin=origin, verified=ok, tags=tuple(tags),
-                            raw=raw.strip(), reason=reason, section=section)
+            return Sentence(
+                text=text,
+                citations=citations,
+                origin=origin,
+                verified=ok,
+                tags=tuple(tags),
+                raw=raw.strip(),
+                reason=reason,
+                section=section,
+            )
 
         if unknown:
-            return result(False, f"unknown citation tag {unknown[0]!r}: only fact tags like [F1] may be cited", [])
+            return result(
+                False, f"unknown citation tag {unknown[0]!r}: only fact tags like [F1] may be cited", []
+            )
         missing = [t for t in tags if t not in self.facts]
         if missing:
             return result(False, f"cites [{missing[0]}], which is not in the fact sheet", [])
@@ -523,7 +583,9 @@ class Verifier:
         for f in cited:
             for ref in f.provenance:
                 if ref not in self.sheet.allowed_refs:
-                    return result(False, f"fact {f.tag} rests on {ref}, which is not in this patient's chart", cited)
+                    return result(
+                        False, f"fact {f.tag} rests on {ref}, which is not in this patient's chart", cited
+                    )
         if not re.search(r"[A-Za-z]", text):
             return result(False, "no text besides citations", cited)
         if matchers().injection_re.search(text):
@@ -550,7 +612,11 @@ class Verifier:
                 return f"number {shown} is not in the cited facts"
         for d in claims.dates:
             if not _date_ok(d, sup.dates):
-                return "date is not in the cited facts" if d[0] != -1 else "relative date without a reference time"
+                return (
+                    "date is not in the cited facts"
+                    if d[0] != -1
+                    else "relative date without a reference time"
+                )
         for opts in claims.date_options:
             if not any(_date_ok(d, sup.dates) for d in opts):
                 return "date is not in the cited facts"
@@ -616,8 +682,11 @@ def is_heading(line: str) -> bool:
     if "[" in s:
         return False
     words = s.split()
-    return bool(words) and len(words) <= 8 and (s.endswith(":") or s.startswith("#") or
-                                                 (s.startswith("**") and s.endswith("**")))
+    return (
+        bool(words)
+        and len(words) <= 8
+        and (s.endswith(":") or s.startswith("#") or (s.startswith("**") and s.endswith("**")))
+    )
 
 
 class SentenceSplitter:
@@ -633,9 +702,9 @@ class SentenceSplitter:
             nl = self.buf.find("\n")
             mt = _BOUNDARY_RE.search(self.buf)
             if mt and (nl < 0 or mt.end() <= nl):
-                piece, self.buf = self.buf[: mt.end()], self.buf[mt.end():]
+                piece, self.buf = self.buf[: mt.end()], self.buf[mt.end() :]
             elif nl >= 0:
-                piece, self.buf = self.buf[:nl], self.buf[nl + 1:]
+                piece, self.buf = self.buf[:nl], self.buf[nl + 1 :]
             else:
                 break
             out += self._clean(piece)
@@ -662,4 +731,3 @@ def iter_verified(sentences: Iterable[str], sheet: FactSheet, origin: str = "llm
     v = Verifier(sheet)
     for s in sentences:
         yield v.verify(s, origin)
-

@@ -13,18 +13,23 @@ from dashboard import render, services
 cfg, user = render.boot("access-log")
 render.record_or_stop(cfg, user, "access-log-view", "access-log")
 st.markdown("## Access log")
-st.caption(f"Append-only log at {services.access_log_path(cfg)}: references only (Patient/…, Location/…), never "
-           "chart content. Times are UTC.")
+st.caption(
+    f"Append-only log at {services.access_log_path(cfg)}: references only (Patient/…, Location/…), never "
+    "chart content. Times are UTC."
+)
 
 f1, f2, f3, f4 = st.columns([2, 2, 2, 1])
 who = f1.text_input("User", key="al-user", placeholder="exact user name (email)").strip()
-target = f2.text_input("Patient or ward", key="al-target", placeholder="Patient/<id> or Location/<id>").strip()
+target = f2.text_input(
+    "Patient or ward", key="al-target", placeholder="Patient/<id> or Location/<id>"
+).strip()
 actions = f3.multiselect("Action", ACTIONS, key="al-actions", placeholder="All actions")
 days = f4.number_input("Last days", min_value=1, max_value=3650, value=30, key="al-days")
 since = (datetime.now(UTC) - timedelta(days=int(days))).isoformat()
 try:
-    events = services.access_log(cfg).events(limit=2000, user=who or None, target=target or None,
-                                             actions=tuple(actions), since=since)
+    events = services.access_log(cfg).events(
+        limit=2000, user=who or None, target=target or None, actions=tuple(actions), since=since
+    )
 except Exception as exc:  # noqa: BLE001 - an unreadable log is reported, not a crash
     st.error(f"The access log cannot be read: {exc}", icon=":material/error:")
     st.stop()
@@ -36,8 +41,25 @@ m3.metric("Refusals", sum(e.action == "access-denied" for e in events))
 if not events:
     st.info("No access events match these filters.", icon=":material/info:")
     st.stop()
-table = pd.DataFrame([{"Time": e.at, "User": e.user, "Role": e.role, "Action": e.action, "Target": e.target,
-                       "Detail": e.detail} for e in events])
+table = pd.DataFrame(
+    [
+        {
+            "Time": e.at,
+            "User": e.user,
+            "Role": e.role,
+            "Action": e.action,
+            "Target": e.target,
+            "Detail": e.detail,
+        }
+        for e in events
+    ]
+)
 st.dataframe(table, hide_index=True, width="stretch", height=min(36 * (len(table) + 1) + 4, 600))
-st.download_button("Download CSV", table.to_csv(index=False).encode("utf-8"), file_name="nva-access-log.csv",
-                   mime="text/csv", icon=":material/download:", key="al-csv")
+st.download_button(
+    "Download CSV",
+    table.to_csv(index=False).encode("utf-8"),
+    file_name="nva-access-log.csv",
+    mime="text/csv",
+    icon=":material/download:",
+    key="al-csv",
+)

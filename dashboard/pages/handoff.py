@@ -19,33 +19,48 @@ loaded = min((r.view.loaded_at for r in rows), default=None)
 render.freshness(cfg, loaded, "handoff")
 
 st.markdown(f"## Ward handoff — {ward_name}")
-st.caption(f"{len(rows)} patients, sickest first (NEWS2, I-PASS illness severity, worst flag). "
-           f"Judged at {cfg.rules_now():%d %b %Y %H:%M} UTC.")
+st.caption(
+    f"{len(rows)} patients, sickest first (NEWS2, I-PASS illness severity, worst flag). "
+    f"Judged at {cfg.rules_now():%d %b %Y %H:%M} UTC."
+)
 file_errors = services.source_file_errors(source)
 if file_errors:
     render.load_banners(services.PatientView("-", None), file_errors)
 failed = [r for r in rows if r.view.error or r.view.error_issues]
 if failed:
-    st.error("**Part of the ward could not be loaded:** " + "; ".join(
-        f"{services.patient_label(r.view)}: " + (r.view.error or ", ".join(
-            f"{i.source} ({i.code})" for i in r.view.error_issues[:3])) for r in failed[:10]),
-        icon=":material/report:")
+    st.error(
+        "**Part of the ward could not be loaded:** "
+        + "; ".join(
+            f"{services.patient_label(r.view)}: "
+            + (r.view.error or ", ".join(f"{i.source} ({i.code})" for i in r.view.error_issues[:3]))
+            for r in failed[:10]
+        ),
+        icon=":material/report:",
+    )
 
-table = pd.DataFrame([{
-    "Bed": services.bed_label(r.view),
-    "Patient": r.view.chart.patient.name if r.view.chart else f"Patient/{r.patient_id}",
-    "NEWS2": r.view.news2_total,
-    "Severity": r.level,
-    "Flags": services.flag_counts(r.view),
-    "Top flags": "; ".join(f"{f.severity.upper()}: {f.title}" for f in r.view.findings[:2]),
-    "Pending": "; ".join(r.pending[:3]) + (f" (+{len(r.pending) - 3})" if len(r.pending) > 3 else ""),
-    "Open": f"/?patient={r.patient_id}",
-} for r in rows])
+table = pd.DataFrame(
+    [
+        {
+            "Bed": services.bed_label(r.view),
+            "Patient": r.view.chart.patient.name if r.view.chart else f"Patient/{r.patient_id}",
+            "NEWS2": r.view.news2_total,
+            "Severity": r.level,
+            "Flags": services.flag_counts(r.view),
+            "Top flags": "; ".join(f"{f.severity.upper()}: {f.title}" for f in r.view.findings[:2]),
+            "Pending": "; ".join(r.pending[:3]) + (f" (+{len(r.pending) - 3})" if len(r.pending) > 3 else ""),
+            "Open": f"/?patient={r.patient_id}",
+        }
+        for r in rows
+    ]
+)
 printable = False
 if user.can("handoff-export"):
     col_a, col_b, _ = st.columns([1, 1, 3], vertical_alignment="center")
-    printable = col_a.toggle("Print-friendly layout", key="handoff-print",
-                             help="Plain layout for the browser's Print (Ctrl+P); sidebar and buttons are hidden.")
+    printable = col_a.toggle(
+        "Print-friendly layout",
+        key="handoff-print",
+        help="Plain layout for the browser's Print (Ctrl+P); sidebar and buttons are hidden.",
+    )
     # Each switch to the print layout is an export; logged before the layout is drawn.
     if printable and not st.session_state.get("_nva_print_logged"):
         render.record_or_stop(cfg, user, "handoff-export", target, "print layout", once=False)
@@ -53,27 +68,41 @@ if user.can("handoff-export"):
     elif not printable:
         st.session_state.pop("_nva_print_logged", None)
     try:
-        build_pdf = services.exporter(cfg, user, target, "pdf",
-                                      lambda: pdf.ward_handoff_pdf(ward_name, rows, cfg.rules_now()))
+        build_pdf = services.exporter(
+            cfg, user, target, "pdf", lambda: pdf.ward_handoff_pdf(ward_name, rows, cfg.rules_now())
+        )
     except services.AccessLogError as exc:
         col_b.error(f"PDF export unavailable: the access log cannot be written ({exc}).")
     else:
-        col_b.download_button("Export PDF", data=build_pdf,
-                              file_name=f"handoff-{ward_name.replace(' ', '_')}-{cfg.rules_now():%Y%m%d-%H%M}.pdf",
-                              mime="application/pdf", icon=":material/picture_as_pdf:", key="handoff-pdf")
+        col_b.download_button(
+            "Export PDF",
+            data=build_pdf,
+            file_name=f"handoff-{ward_name.replace(' ', '_')}-{cfg.rules_now():%Y%m%d-%H%M}.pdf",
+            mime="application/pdf",
+            icon=":material/picture_as_pdf:",
+            key="handoff-pdf",
+        )
 
 if not printable:
-    st.dataframe(table, hide_index=True, width="stretch", height=min(38 * (len(table) + 1) + 4, 900),
-                 column_config={
-                     "NEWS2": st.column_config.NumberColumn(format="%d", width="small"),
-                     "Open": st.column_config.LinkColumn("Open", display_text="Patient view", width="small"),
-                     "Top flags": st.column_config.TextColumn(width="large"),
-                     "Pending": st.column_config.TextColumn(width="large")})
+    st.dataframe(
+        table,
+        hide_index=True,
+        width="stretch",
+        height=min(38 * (len(table) + 1) + 4, 900),
+        column_config={
+            "NEWS2": st.column_config.NumberColumn(format="%d", width="small"),
+            "Open": st.column_config.LinkColumn("Open", display_text="Patient view", width="small"),
+            "Top flags": st.column_config.TextColumn(width="large"),
+            "Pending": st.column_config.TextColumn(width="large"),
+        },
+    )
     st.markdown("### I-PASS per patient")
 
 for n, r in enumerate(rows):
-    title = (f"{services.bed_label(r.view)} · {r.view.chart.patient.name if r.view.chart else r.patient_id} · "
-             f"NEWS2 {r.view.news2_total if r.view.news2_total is not None else '—'} · {r.level or 'severity unknown'}")
+    title = (
+        f"{services.bed_label(r.view)} · {r.view.chart.patient.name if r.view.chart else r.patient_id} · "
+        f"NEWS2 {r.view.news2_total if r.view.news2_total is not None else '—'} · {r.level or 'severity unknown'}"
+    )
     if printable:
         st.markdown(f"#### {title}")
         render.ipass_block(r, key=f"ho-{n}", interactive=False)

@@ -28,8 +28,14 @@ def patient_picker(chosen: str | None) -> str | None:
     labels = {v.patient_id: services.patient_label(v) for v in ward}
     default = {} if "nva_patient" in st.session_state else {"index": None}  # no pick until the nurse picks
     with picker_slot.container():
-        return st.selectbox("Patient", ids, format_func=lambda p: labels.get(p, f"Patient/{p}"), key="nva_patient",
-                            placeholder="Choose a patient", **default)
+        return st.selectbox(
+            "Patient",
+            ids,
+            format_func=lambda p: labels.get(p, f"Patient/{p}"),
+            key="nva_patient",
+            placeholder="Choose a patient",
+            **default,
+        )
 
 
 pid = st.session_state.get("nva_patient")
@@ -48,9 +54,14 @@ if st.query_params.get("patient") != pid:
 
 # Ward access is decided from the census before the chart is read; the view is logged before it is shown.
 if not user.all_wards and not user.may_see_ward(services.patient_ward(cfg, user, pid)):
-    render.refuse(cfg, user, f"Patient/{pid}", f"**Patient/{pid} is not on a ward assigned to you.** You may open "
-                  "patients of your own wards only; ask the charge nurse if you need this chart.",
-                  "patient not on an assigned ward")
+    render.refuse(
+        cfg,
+        user,
+        f"Patient/{pid}",
+        f"**Patient/{pid} is not on a ward assigned to you.** You may open "
+        "patients of your own wards only; ask the charge nurse if you need this chart.",
+        "patient not on an assigned ward",
+    )
 render.record_or_stop(cfg, user, "view-chart", f"Patient/{pid}")
 view = services.patient_view(cfg, pid)
 render.freshness(cfg, view.loaded_at, "patient")
@@ -70,7 +81,8 @@ if view.chart is not None:
         summary_slot.caption("Composing the cited summary…")
     # Lazy tabs: only the open tab is drawn, so the first paint carries no hidden charts.
     labs_tab, vitals_tab, meds_tab, notes_tab = st.tabs(
-        ["Labs", "Vitals and NEWS2", "Medications and MAR", "Nursing notes"], key="nva_tab", on_change="rerun")
+        ["Labs", "Vitals and NEWS2", "Medications and MAR", "Nursing notes"], key="nva_tab", on_change="rerun"
+    )
     if labs_tab.open is not False:
         with labs_tab:
             draw_trends = render.labs_section(view, pid)

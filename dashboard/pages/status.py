@@ -13,10 +13,14 @@ if cfg.setup_error:
     st.error(cfg.setup_error, icon=":material/error:")
 
 user = services.current_user()
-st.markdown(f"**User:** {user.name} · role `{user.role}`" + (" · local demo mode (no access control)"
-                                                             if user.demo else ""))
-st.markdown(f"**Sign-in:** {'identity provider (OIDC)' if services.auth_configured() else 'not configured'} · "
-            f"access log `{services.access_log_path(cfg)}`")
+st.markdown(
+    f"**User:** {user.name} · role `{user.role}`"
+    + (" · local demo mode (no access control)" if user.demo else "")
+)
+st.markdown(
+    f"**Sign-in:** {'identity provider (OIDC)' if services.auth_configured() else 'not configured'} · "
+    f"access log `{services.access_log_path(cfg)}`"
+)
 
 st.markdown("### Data source")
 health = services.source_health(cfg)
@@ -35,10 +39,15 @@ st.markdown("### Language model")
 try:
     backend = services.get_llm(cfg)
     available = bool(getattr(backend, "available", False))
-    st.markdown(f"Backend **{getattr(backend, 'name', cfg.llm_backend)}** · model "
-                f"`{getattr(backend, 'model', '') or cfg.settings.get('NVA_LLM_MODEL') or 'default'}` · "
-                + ("available (loads on first summary)" if available else
-                   "not configured: summaries use the verified template"))
+    st.markdown(
+        f"Backend **{getattr(backend, 'name', cfg.llm_backend)}** · model "
+        f"`{getattr(backend, 'model', '') or cfg.settings.get('NVA_LLM_MODEL') or 'default'}` · "
+        + (
+            "available (loads on first summary)"
+            if available
+            else "not configured: summaries use the verified template"
+        )
+    )
 except Exception as exc:  # noqa: BLE001 - a misconfigured backend is reported, the app keeps working
     st.error(f"The LLM backend `{cfg.llm_backend}` cannot be set up: {exc}", icon=":material/error:")
 
@@ -56,6 +65,9 @@ else:
 
 st.markdown("### Effective settings")
 st.caption("Environment overrides .streamlit/secrets.toml overrides defaults; secrets are masked.")
-st.dataframe(pd.DataFrame(sorted(cfg.redacted_settings().items()), columns=["Setting", "Value"]),
-             hide_index=True, width="stretch")
+st.dataframe(
+    pd.DataFrame(sorted(cfg.redacted_settings().items()), columns=["Setting", "Value"]),
+    hide_index=True,
+    width="stretch",
+)
 render.freshness(cfg, None, "status")
