@@ -7,14 +7,10 @@ import re
 import unicodedata
 from typing import Any
 
-# Characters that reorder or hide text (Unicode bidi controls, zero-width and line/paragraph separators) and
-# control characters (NUL, ESC for terminal escapes, C1). Shown as a visible marker so "lm 0001" written with
-# U+202E cannot pass for "1000 ml"; the marker names the code point so the original can be reconstructed.
-_INVISIBLE = frozenset(
-    [0x061C, 0x200B, 0x200C, 0x200D, 0x200E, 0x200F, 0x2028, 0x2029, 0x2060, 0xFEFF]
-    + list(range(0x202A, 0x202F))
-    + list(range(0x2066, 0x206A))
-)
+# Characters that reorder or hide text (Unicode format characters: bidi controls, zero-width characters, BOM),
+# line/paragraph separators and control characters (NUL, ESC for terminal escapes, C1) are shown as a visible
+# marker, so "lm 0001" written with U+202E cannot pass for "1000 ml"; the marker names the code point.
+_MARKED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 _KEEP = frozenset("\n\t")
 # Markdown and Streamlit syntax is made of ASCII punctuation: every one becomes a numeric character reference,
 # which CommonMark turns back into the literal character without giving it a meaning (no emphasis, links,
@@ -36,23 +32,11 @@ def inert_text(value: Any) -> str:
     text = "" if value is None else str(value)
     if text.isascii() and text.isprintable():
         return text
-    out = []
-    for ch in text:
-        cp = ord(ch)
-        if ch in _KEEP:
-            out.append(ch)
-        elif (
-            cp in _INVISIBLE
-            or unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn")
-            and cp > 0x7E
-            or cp < 0x20
-        ):
-            out.append(visible_marker(ch))
-        elif cp == 0x7F:
-            out.append(visible_marker(ch))
-        else:
-            out.append(ch)
-    return "".join(out)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return "".join(
+        visible_marker(ch) if ch not in _KEEP and unicodedata.category(ch) in _MARKED_CATEGORIES else ch
+        for ch in text
+    )
 
 
 def one_line(value: Any) -> str:
