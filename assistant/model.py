@@ -219,6 +219,8 @@ class Chart:
     resources: dict[str, dict[str, Any]] = field(default_factory=dict)  # raw resources by ref, for display
     resource_count: int = 0
     retrieved_at: datetime | None = None
+    # resource type -> why it could not be loaded (a failed fetch, a type the server does not serve): incomplete
+    missing_types: dict[str, str] = field(default_factory=dict)
 
     @property
     def patient_ref(self) -> str:
