@@ -1,25 +1,24 @@
-"""Guideline store settings read from the environment (data dir, chroma server, embedding model)."""
+"""Guideline store settings (data dir, chroma server, collection, embedding model), built from assistant/settings.py."""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_COLLECTION = "nva_guidelines"
+from assistant import settings as nva_settings
+
+REPO_ROOT = nva_settings.REPO_ROOT
+DEFAULT_COLLECTION = nva_settings.default("NVA_GUIDELINES_COLLECTION")
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 
 # HNSW parameters chosen by bench/bench_guidelines.py (recall@5 >= 0.95 vs exact, p95 <= 25 ms at 100k chunks).
 DEFAULT_HNSW: dict[str, int] = {"max_neighbors": 32, "ef_construction": 200, "ef_search": 200}
 
 
-def default_data_dir() -> Path:
-    """`$NVA_DATA_DIR/guidelines` when set, else `var/guidelines` under the repository."""
-    base = os.environ.get("NVA_DATA_DIR")
-    if base:
-        return Path(base).expanduser() / "guidelines"
-    return REPO_ROOT / "var" / "guidelines"
+def default_data_dir(values: Mapping[str, str] | None = None) -> Path:
+    """`$NVA_DATA_DIR/guidelines` (the default data dir is `var` under the repository)."""
+    return nva_settings.data_dir(values) / "guidelines"
 
 
 @dataclass(frozen=True)
@@ -28,22 +27,21 @@ class GuidelineSettings:
 
     data_dir: Path = field(default_factory=default_data_dir)
     chroma_host: str | None = None
-    chroma_port: int = 8000
+    chroma_port: int = nva_settings.default("NVA_CHROMA_PORT")
     collection: str = DEFAULT_COLLECTION
     model_path: str | None = None
 
     @classmethod
-    def from_env(cls) -> GuidelineSettings:
-        """Read NVA_DATA_DIR, NVA_CHROMA_HOST, NVA_CHROMA_PORT, NVA_GUIDELINES_COLLECTION, NVA_EMBEDDING_MODEL."""
-        port_text = os.environ.get("NVA_CHROMA_PORT", "8000")
-        try:
-            port = int(port_text)
-        except ValueError as exc:
-            raise ValueError(f"NVA_CHROMA_PORT must be an integer port number, got {port_text!r}") from exc
-        return cls(
-            data_dir=default_data_dir(),
-            chroma_host=os.environ.get("NVA_CHROMA_HOST") or None,
-            chroma_port=port,
-            collection=os.environ.get("NVA_GUIDELINES_COLLECTION") or DEFAULT_COLLECTION,
-            model_path=os.environ.get("NVA_EMBEDDING_MODEL") or None,
+    def from_env(cls, values: Mapping[str, str] | None = None) -> GuidelineSettings:
+        """NVA_DATA_DIR, NVA_CHROMA_HOST, NVA_CHROMA_PORT, NVA_GUIDELINES_COLLECTION, NVA_EMBEDDING_MODEL.
+
+        `values` defaults to `load_settings()` (the environment over secrets.toml over the declarations).
+        """
+        vals = nva_settings.load_settings() if values is None else values
+        return cls(  # an invalid value raises SettingsError (a ValueError) naming the setting
+            data_dir=default_data_dir(vals),
+            chroma_host=nva_settings.get(vals, "NVA_CHROMA_HOST"),
+            chroma_port=nva_settings.get(vals, "NVA_CHROMA_PORT"),
+            collection=nva_settings.get(vals, "NVA_GUIDELINES_COLLECTION"),
+            model_path=nva_settings.get(vals, "NVA_EMBEDDING_MODEL"),
         )

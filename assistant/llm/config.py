@@ -1,34 +1,42 @@
-"""LLM settings, read from NVA_LLM_* environment variables."""
+"""LLM settings, built from the NVA_LLM_* declarations in assistant/settings.py (environment over secrets.toml)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .base import DEFAULT_MAX_TOKENS, DEFAULT_TIMEOUT_S, LlmConfigError
+from assistant import settings as nva_settings
 
-BACKENDS = ("none", "openai", "transformers", "llama-cpp")
-DEFAULT_BACKEND = "none"
+from .base import LlmConfigError
 
-# name -> (attribute, kind); kept in one table so docs, from_env and errors agree.
-ENV_VARS: dict[str, tuple[str, str]] = {
-    "NVA_LLM_BACKEND": ("backend", "str"),
-    "NVA_LLM_BASE_URL": ("base_url", "str"),
-    "NVA_LLM_MODEL": ("model", "str"),
-    "NVA_LLM_API_KEY": ("api_key", "str"),
-    "NVA_LLM_MODEL_PATH": ("model_path", "str"),
-    "NVA_LLM_TIMEOUT": ("timeout", "float"),
-    "NVA_LLM_CONNECT_TIMEOUT": ("connect_timeout", "float"),
-    "NVA_LLM_CA_BUNDLE": ("ca_bundle", "str"),
-    "NVA_LLM_TORCH_THREADS": ("torch_threads", "int"),
-    "NVA_LLM_MAX_TOKENS": ("max_tokens", "int"),
-    "NVA_LLM_ALLOW_HTTP": ("allow_http", "bool"),
-    "NVA_LLM_CACHE_DIR": ("cache_dir", "str"),
-    "NVA_LLM_ALLOW_REMOTE": ("allow_remote", "bool"),
-    "NVA_LLM_ALLOW_HOSTS": ("allow_hosts", "str"),
-    "NVA_LLM_DEIDENTIFY": ("deidentify", "bool"),
+BACKENDS = nva_settings.setting("NVA_LLM_BACKEND").choices
+DEFAULT_BACKEND = nva_settings.default("NVA_LLM_BACKEND")
+
+# name -> (attribute, kind); the kind and default come from the one declaration in assistant/settings.py.
+_ATTRS = {
+    "NVA_LLM_BACKEND": "backend",
+    "NVA_LLM_BASE_URL": "base_url",
+    "NVA_LLM_MODEL": "model",
+    "NVA_LLM_API_KEY": "api_key",
+    "NVA_LLM_MODEL_PATH": "model_path",
+    "NVA_LLM_TIMEOUT": "timeout",
+    "NVA_LLM_CONNECT_TIMEOUT": "connect_timeout",
+    "NVA_LLM_CA_BUNDLE": "ca_bundle",
+    "NVA_LLM_TORCH_THREADS": "torch_threads",
+    "NVA_LLM_MAX_TOKENS": "max_tokens",
+    "NVA_LLM_ALLOW_HTTP": "allow_http",
+    "NVA_LLM_CACHE_DIR": "cache_dir",
+    "NVA_LLM_ALLOW_REMOTE": "allow_remote",
+    "NVA_LLM_ALLOW_HOSTS": "allow_hosts",
+    "NVA_LLM_DEIDENTIFY": "deidentify",
 }
+ENV_VARS: dict[str, tuple[str, str]] = {
+    name: (attr, nva_settings.setting(name).kind) for name, attr in _ATTRS.items()
+}
+
+
+def _default(name: str):  # noqa: ANN202 - typed by the declaration
+    return nva_settings.default(name)
 
 
 @dataclass(frozen=True)
@@ -53,16 +61,16 @@ class LlmSettings:
     model: str | None = None
     api_key: str | None = field(default=None, repr=False)
     model_path: str | None = None
-    timeout: float = DEFAULT_TIMEOUT_S
-    connect_timeout: float = 5.0
+    timeout: float = _default("NVA_LLM_TIMEOUT")
+    connect_timeout: float = _default("NVA_LLM_CONNECT_TIMEOUT")
     ca_bundle: str | None = None
-    torch_threads: int = 2
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    allow_http: bool = False
+    torch_threads: int = _default("NVA_LLM_TORCH_THREADS")
+    max_tokens: int = _default("NVA_LLM_MAX_TOKENS")
+    allow_http: bool = _default("NVA_LLM_ALLOW_HTTP")
     cache_dir: str | None = None
-    allow_remote: bool = False  # send fact sheets to a non-loopback host at all
+    allow_remote: bool = _default("NVA_LLM_ALLOW_REMOTE")  # send fact sheets to a non-loopback host at all
     allow_hosts: str = ""  # comma-separated hosts approved by a privacy review
-    deidentify: bool = True  # de-identify fact sheets that leave the machine
+    deidentify: bool = _default("NVA_LLM_DEIDENTIFY")  # de-identify fact sheets that leave the machine
 
     def __post_init__(self) -> None:
         backend = (self.backend or DEFAULT_BACKEND).strip().lower().replace("_", "-")
@@ -84,37 +92,24 @@ class LlmSettings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LlmSettings:
         if environ is None:
             # the environment over .streamlit/secrets.toml over the declared defaults
-            from assistant.settings import load_settings
-
-            environ = load_settings()
+            try:
+                environ = nva_settings.load_settings()
+            except nva_settings.SettingsError as exc:
+                raise LlmConfigError(str(exc)) from None
         env = environ
         kwargs: dict[str, object] = {}
-        for var, (attr, kind) in ENV_VARS.items():
+        for var, (attr, _kind) in ENV_VARS.items():
             raw = env.get(var)
             if raw is None or raw.strip() == "":
                 continue
-            raw = raw.strip()
+            if var == "NVA_LLM_BACKEND":
+                kwargs[attr] = raw.strip()  # normalized (and refused with the choices) in __post_init__
+                continue
             try:
-                if kind == "float":
-                    kwargs[attr] = float(raw)
-                elif kind == "int":
-                    kwargs[attr] = int(raw)
-                elif kind == "bool":
-                    kwargs[attr] = _parse_bool(raw)
-                else:
-                    kwargs[attr] = raw
-            except ValueError:
-                raise LlmConfigError(f"{var} must be a {kind}, got {raw!r}") from None
+                kwargs[attr] = nva_settings.parse(var, raw)
+            except nva_settings.SettingsError as exc:
+                raise LlmConfigError(str(exc)) from None
         if "cache_dir" not in kwargs and (env.get("NVA_DATA_DIR") or "").strip():
             # Keep the fast-loading model copy beside the rest of NVA's data (5 s to load instead of ~20 s).
-            kwargs["cache_dir"] = os.path.join(env["NVA_DATA_DIR"].strip(), "models")
+            kwargs["cache_dir"] = str(nva_settings.data_dir(env) / "models")
         return cls(**kwargs)  # type: ignore[arg-type]
-
-
-def _parse_bool(raw: str) -> bool:
-    low = raw.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(raw)
