@@ -16,12 +16,16 @@ import streamlit as st
 
 from assistant.model import Chart, Finding, Result
 from assistant.security.roles import User
+from assistant.textsafe import html_text, inert_text, markdown_text, one_line
 from dashboard import services
 
 SEVERITY_COLORS = {"high": "#b42318", "medium": "#b54708", "low": "#1d4ed8"}
 SEVERITY_BADGE = {"high": "red", "medium": "orange", "low": "blue"}
 MAR_COLORS = {"given": "#15803d", "held": "#6b7280", "due": "#1d4ed8", "late": "#b42318"}
 log = logging.getLogger(__name__)
+# Every piece of chart (or identity-provider, or source) text shown through Markdown goes through md(): patient
+# data is data, never markup (issue 12). HTML the app writes itself goes through st.html with html_text().
+md = markdown_text
 VITALS = (
     ("heart_rate", "Heart rate"),
     ("respiratory_rate", "Respiratory rate"),
@@ -70,7 +74,7 @@ def user_box(user: User) -> None:
         )
         return
     wards = "all wards" if user.all_wards else (", ".join(w.split("/")[-1] for w in user.wards) or "no wards")
-    st.caption(f"Signed in as **{user.name}** · {user.role} · {wards}")
+    st.caption(f"Signed in as **{md(user.name)}** · {md(user.role)} · {md(wards)}")
     st.button("Sign out", key="nva-logout", icon=":material/logout:", on_click=st.logout)
 
 
@@ -96,13 +100,13 @@ def gate_page(g: services.Gate) -> None:
             )
     elif g.state == "no-role":
         st.error(
-            f"**You have no NVA role — ask your administrator.** Signed in as {g.who}; an administrator must "
+            f"**You have no NVA role — ask your administrator.** Signed in as {md(g.who)}; an administrator must "
             "give you the role nurse, charge-nurse or auditor (identity provider claim or NVA role file).",
             icon=":material/block:",
         )
         st.button("Sign out", key="nva-logout", icon=":material/logout:", on_click=st.logout)
     elif g.state == "demo-exposed":
-        st.error(f"**NVA refuses to start in local demo mode.** {g.message}", icon=":material/gpp_bad:")
+        st.error(f"**NVA refuses to start in local demo mode.** {md(g.message)}", icon=":material/gpp_bad:")
     else:
         st.error(g.message or "NVA cannot start.", icon=":material/error:")
 
@@ -125,7 +129,7 @@ def record_or_stop(
         services.record_access(cfg, user, action, target, detail, once=once)
     except services.AccessLogError as exc:
         st.error(
-            f"**Not shown: the access could not be recorded.** NVA only shows patient data it can log. {exc}. "
+            f"**Not shown: the access could not be recorded.** NVA only shows patient data it can log. {md(exc)}. "
             "Check NVA_ACCESS_LOG / NVA_DATA_DIR (writable, disk not full) or call your administrator.",
             icon=":material/error:",
         )
@@ -153,12 +157,12 @@ def load_banners(view: services.PatientView, file_errors: list[tuple[str, str]] 
     """A visible banner for every part of the chart that could not be loaded: which part, and why."""
     if view.error:
         st.error(
-            f"**The chart of Patient/{view.patient_id} could not be loaded.** {view.error}",
+            f"**The chart of {md('Patient/' + view.patient_id)} could not be loaded.** {md(view.error)}",
             icon=":material/error:",
         )
     issues = view.error_issues
     if issues:
-        lines = "\n".join(f"- **{i.source}**: {i.message} ({i.code})" for i in issues[:12])
+        lines = "\n".join(f"- **{md(i.source)}**: {md(i.message)} ({md(i.code)})" for i in issues[:12])
         more = f"\n- ... and {len(issues) - 12} more" if len(issues) > 12 else ""
         st.error(
             f"**Part of this chart could not be loaded** ({len(issues)} problem"
@@ -166,13 +170,13 @@ def load_banners(view: services.PatientView, file_errors: list[tuple[str, str]] 
             icon=":material/report:",
         )
     if file_errors:
-        lines = "\n".join(f"- **{f}**: {why}" for f, why in file_errors[:12])
+        lines = "\n".join(f"- **{md(f)}**: {md(why)}" for f, why in file_errors[:12])
         st.error(
             f"**{len(file_errors)} source file(s) could not be read**; patients in them are missing:\n{lines}",
             icon=":material/report:",
         )
     for note in view.notices:
-        st.info(note, icon=":material/info:")
+        st.info(md(note), icon=":material/info:")
 
 
 # --- header ------------------------------------------------------------------------------------------
@@ -190,24 +194,21 @@ def patient_header(view: services.PatientView) -> None:
             if enc.ward_name and enc.ward_name in bed
             else " · ".join(x for x in (enc.ward_name, bed) if x)
         )
-    st.markdown(f"## {p.name}")
+    st.markdown(f"## {md(p.name)}")
     bits = [
         f"**{age} y**" if age is not None else "age unknown",
-        (p.sex or "sex not recorded").capitalize(),
-        where,
-        f"MRN {p.mrn}" if p.mrn else None,
-        f"`{p.ref}`",
+        md((p.sex or "sex not recorded").capitalize()),
+        md(where),
+        f"MRN {md(p.mrn)}" if p.mrn else None,
+        f":gray[{md(p.ref)}]",
     ]
     st.markdown(" · ".join(b for b in bits if b))
     if enc and enc.reason:
-        st.caption(f"Admitted {fmt_time(enc.start)} for {enc.reason}")
+        st.caption(f"Admitted {fmt_time(enc.start)} for {md(enc.reason)}")
     allergy_banner(chart)
     status = services.code_status(chart)
     if status:
-        st.markdown(
-            f"**Code status:** {status[0]} <span class='nva-muted'>({status[1]})</span>",
-            unsafe_allow_html=True,
-        )
+        st.markdown(f"**Code status:** {md(status[0])} :gray[({md(status[1])})]")
 
 
 def allergy_banner(chart: Chart) -> None:
@@ -222,23 +223,30 @@ def allergy_banner(chart: Chart) -> None:
             )
             react = f" ({', '.join(a.reactions)})" if a.reactions else ""
             parts.append(f"{a.substance}{react}{crit}")
-        st.markdown(
-            f'<div class="nva-allergy">ALLERGIES: {"; ".join(_esc(x) for x in parts)}</div>',
-            unsafe_allow_html=True,
-        )
+        st.html(f'<div class="nva-allergy" role="alert">{html_text(allergy_text(chart))}</div>')
     elif any(a.no_known_allergy for a in chart.allergies):
-        st.markdown(
-            '<div class="nva-allergy nka">No known allergies (recorded)</div>', unsafe_allow_html=True
-        )
+        st.html(f'<div class="nva-allergy nka">{html_text(allergy_text(chart))}</div>')
     else:
-        st.markdown(
-            '<div class="nva-allergy unknown">Allergy status not recorded — ask and document</div>',
-            unsafe_allow_html=True,
-        )
+        st.html(f'<div class="nva-allergy unknown" role="alert">{html_text(allergy_text(chart))}</div>')
 
 
-def _esc(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+def allergy_text(chart: Chart) -> str:
+    """The allergy banner's wording; the PDF prints the same words (issue 15)."""
+    active = chart.active_allergies()
+    if active:
+        parts = []
+        for a in active:
+            crit = (
+                f" — {a.criticality} criticality"
+                if a.criticality and a.criticality != "unable-to-assess"
+                else ""
+            )
+            react = f" ({', '.join(a.reactions)})" if a.reactions else ""
+            parts.append(f"{a.substance}{react}{crit}")
+        return "ALLERGIES: " + "; ".join(parts)
+    if any(a.no_known_allergy for a in chart.allergies):
+        return "No known allergies (recorded)"
+    return "Allergy status not recorded — ask and document"
 
 
 # --- flags -------------------------------------------------------------------------------------------
@@ -252,29 +260,28 @@ def flags_section(view: services.PatientView, key: str) -> list[tuple[Finding, A
     for n, f in enumerate(view.findings):
         with st.container(border=True, key=f"flag-{f.severity}-{key}-{n}"):
             st.markdown(
-                f"{severity_badge(f.severity)} **{f.title}** <span class='nva-muted'>· {f.rule_id}"
-                f"{'' if f.verified else ' · UNVERIFIED (LLM-suggested)'}</span>",
-                unsafe_allow_html=True,
+                f"{severity_badge(f.severity)} **{md(f.title)}** :gray[· {md(f.rule_id)}"
+                f"{'' if f.verified else ' · UNVERIFIED (LLM-suggested)'}]"
             )
-            st.markdown(f.message)
+            st.markdown(md(f.message, multiline=True))
             if f.values:
                 st.markdown(evidence_table(f.values, view.now))
             if f.action:
-                st.markdown(f"**Suggested nursing action:** {f.action}")
+                st.markdown(f"**Suggested nursing action:** {md(f.action)}")
             citation_buttons(view, list(dict.fromkeys(f.evidence)), key=f"{key}-flag{n}")
             slots.append((f, st.empty()))
     return slots
 
 
 def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return md(text)  # one line, and '|' is a character reference: no cell can split the table
 
 
 def evidence_table(values: Any, now: datetime | None) -> str:
     """Evidence values as a Markdown table (light to render: flags must paint first)."""
     rows = ["| Evidence | Value | Time | Source |", "| --- | --- | --- | --- |"]
     rows += [
-        f"| {_cell(v.label)} | {_cell(v.value or '')} | {_cell(fmt_time(v.time, now))} | `{v.ref}` |"
+        f"| {_cell(v.label)} | {_cell(v.value or '')} | {_cell(fmt_time(v.time, now))} | {_cell(v.ref)} |"
         for v in values
     ]
     return "\n".join(rows)
@@ -285,11 +292,11 @@ def fill_guideline(slot: Any, finding: Finding) -> list[services.Passage]:
     with slot.container():
         if passages:
             p = passages[0]
-            with st.expander(f"Guideline: {p.title} — {p.section_path}", expanded=False):
-                st.markdown(p.text)
-                st.caption(p.citation)
+            with st.expander(f"Guideline: {md(p.title)} — {md(p.section_path)}", expanded=False):
+                st.markdown(md(p.text, multiline=True))
+                st.caption(md(p.citation))
         elif note:
-            st.caption(note)
+            st.caption(md(note))
     return passages
 
 
@@ -302,7 +309,7 @@ def citation_buttons(view: services.PatientView, refs: list[str], key: str, labe
     for i, ref in enumerate(refs):
         col = cols[1 + i % 4]
         col.button(
-            ref,
+            md(ref),
             key=f"cite-{key}-{i}",
             type="tertiary",
             icon=":material/description:",
@@ -332,7 +339,7 @@ def source_dialog(view: services.PatientView) -> None:
 
 
 def render_source(view: services.PatientView, ref: str) -> None:
-    st.markdown(f"#### {ref}")
+    st.markdown(f"#### {md(ref)}")
     if ref.startswith("guideline:"):
         _render_guideline_source(ref)
         return
@@ -340,30 +347,34 @@ def render_source(view: services.PatientView, ref: str) -> None:
     raw = chart.resources.get(ref) if chart else None
     fact = find_fact(chart, ref) if chart else None
     if raw is None and fact is None:
-        st.warning(f"{ref} is not in this chart; it may have been filtered out or failed to load.")
+        st.warning(f"{md(ref)} is not in this chart; it may have been filtered out or failed to load.")
         return
     rows = readable_rows(fact, raw)
     if rows:
-        st.table(pd.DataFrame(rows, columns=["Field", "Value"]).set_index("Field"))
+        # st.table renders cells as Markdown: every cell through md().
+        st.table(
+            pd.DataFrame([(md(k), md(v)) for k, v in rows], columns=["Field", "Value"]).set_index("Field")
+        )
     text = getattr(fact, "text", None)
     if text and type(fact).__name__ == "Note":
-        st.text(text)
+        st.text(inert_text(text))
     if raw is not None and st.toggle("Show raw JSON", key=f"raw-{ref}"):
-        st.code(json.dumps(raw, indent=2, ensure_ascii=False), language="json")
+        # ensure_ascii: bidi and control characters show as \\u escapes, never reorder the JSON.
+        st.code(json.dumps(raw, indent=2, ensure_ascii=True), language="json")
 
 
 def _render_guideline_source(ref: str) -> None:
     try:
         chunks = services.guideline_store().get([ref.split(":", 1)[1]])
     except Exception as exc:  # noqa: BLE001
-        st.warning(f"the guideline store is unavailable ({type(exc).__name__})")
+        st.warning(f"the guideline store is unavailable ({md(type(exc).__name__)})")
         return
     if not chunks:
         st.warning("this guideline passage is no longer in the store")
         return
     c = chunks[0]
-    st.markdown(f"**{c.metadata.get('title', '')}** — {c.metadata.get('section_path', '')}")
-    st.markdown(c.text)
+    st.markdown(f"**{md(c.metadata.get('title', ''))}** — {md(c.metadata.get('section_path', ''))}")
+    st.markdown(md(c.text, multiline=True))
 
 
 def find_fact(chart: Chart | None, ref: str) -> Any | None:
@@ -458,16 +469,40 @@ def _fmt_value(v: Any) -> str:
 
 
 # --- summary -----------------------------------------------------------------------------------------
+MAX_SHOWN_CITATIONS = 3
+
+
+def shown_citations(sent: Any) -> list[str]:
+    """The first citations of a sentence (the composer's own split when it has one); the rest go behind '+N'."""
+    shown = getattr(sent, "shown_citations", None)
+    return list(shown if shown is not None else sent.citations[:MAX_SHOWN_CITATIONS])
+
+
+def overflow_citations(sent: Any) -> list[str]:
+    more = getattr(sent, "overflow_citations", None)
+    return list(more if more is not None else sent.citations[MAX_SHOWN_CITATIONS:])
+
+
+def cite_marks(refs: list[str], numbers: dict[str, int]) -> str:
+    for c in refs:
+        numbers.setdefault(c, len(numbers) + 1)
+    return f" :gray[{''.join(f'&#91;{numbers[c]}&#93;' for c in refs)}]" if refs else ""
+
+
+def sentence_line(sent: Any, numbers: dict[str, int]) -> str:
+    """One sentence as Markdown: the text (inert), its numbered citations, '+N sources', unverified mark."""
+    more = overflow_citations(sent)
+    for c in more:
+        numbers.setdefault(c, len(numbers) + 1)
+    extra = f" :gray[+{len(more)} source{'s' if len(more) != 1 else ''}]" if more else ""
+    mark = "" if sent.verified else " :orange-badge[unverified]"
+    return f"{md(sent.text)}{cite_marks(shown_citations(sent), numbers)}{extra}{mark}"
+
+
 def sentence_markdown(sentences: list[Any], numbers: dict[str, int]) -> str:
-    """Sentences with numbered citations; an unverified sentence says so (dropped ones never reach here)."""
-    lines = []
-    for sent in sentences:
-        for c in sent.citations:
-            numbers.setdefault(c, len(numbers) + 1)
-        cites = "".join(f"<sup>[{numbers[c]}]</sup>" for c in sent.citations)
-        mark = "" if sent.verified else " :orange-badge[unverified]"
-        lines.append(f"- {sent.text}{cites}{mark}")
-    return "\n".join(lines)
+    """Sentences with numbered citations as a Markdown list; an unverified sentence says so (dropped ones never
+    reach here). Chart text is escaped by md(): only the app's own markup is Markdown."""
+    return "\n".join(f"- {sentence_line(sent, numbers)}" for sent in sentences)
 
 
 def summary_section(
@@ -483,13 +518,13 @@ def summary_section(
         try:
             services.record_access(cfg, services.current_user(), "summary", f"Patient/{view.patient_id}")
         except services.AccessLogError as exc:
-            slot.error(f"The summary was not composed: the access could not be recorded ({exc}).")
+            slot.error(f"The summary was not composed: the access could not be recorded ({md(exc)}).")
             return
         try:
             stream = services.compose_summary_stream(cfg, view, passages)
         except Exception as exc:  # noqa: BLE001 - the summary is an aid; facts above stand alone
             slot.warning(
-                f"The summary could not be composed ({type(exc).__name__}: {exc}). The facts and flags "
+                f"The summary could not be composed ({md(type(exc).__name__)}: {md(exc)}). The facts and flags "
                 "above are complete."
             )
             return
@@ -499,7 +534,7 @@ def summary_section(
             shown.append(sentence)
             # Redraw at most 4 times a second: each redraw re-renders the whole block in the browser.
             if time.monotonic() - last >= 0.25:
-                slot.markdown(sentence_markdown(shown, {}) + "\n\n*composing…*", unsafe_allow_html=True)
+                slot.markdown(sentence_markdown(shown, {}) + "\n\n*composing…*")
                 last = time.monotonic()
         result = stream.result
         cache[view.patient_id] = result
@@ -507,37 +542,83 @@ def summary_section(
         render_summary(view, result, key=f"sum-{view.patient_id}")
 
 
+def _summary_groups(result: Any) -> list[tuple[str, list[Any]]]:
+    groups = getattr(result, "groups", None)
+    if callable(groups):
+        try:
+            return [(title, list(sents)) for _key, title, sents in groups() if sents]
+        except Exception:  # noqa: BLE001 - an older result without groups is shown as one list
+            log.warning("summary groups unavailable; showing one list")
+    return [("", list(result.sentences))]
+
+
 def render_summary(view: services.PatientView, result: Any, key: str) -> None:
     numbers: dict[str, int] = {}
-    st.markdown(
-        sentence_markdown(list(result.sentences), numbers) or "_No facts to summarize._",
-        unsafe_allow_html=True,
-    )
+    groups = _summary_groups(result)
+    if not any(sents for _t, sents in groups):
+        st.markdown("_No facts to summarize._")
+    for g, (title, sents) in enumerate(groups):
+        if title:
+            st.markdown(f"**{md(title)}**")
+        for i, sent in enumerate(sents):
+            st.markdown(f"- {sentence_line(sent, numbers)}")
+            more = overflow_citations(sent)
+            dropped = getattr(sent, "dropped_text", None)
+            if more:
+                with st.expander(f"+{len(more)} sources", key=f"{key}-more-{g}-{i}"):
+                    citation_list(view, more, numbers, key=f"{key}-more-{g}-{i}")
+            if dropped:
+                with st.expander("dropped by the verifier", key=f"{key}-drop-{g}-{i}"):
+                    st.markdown(
+                        "The model wrote: "
+                        + md(dropped)
+                        + "  \n**Why dropped:** "
+                        + md(getattr(sent, "dropped_reason", None) or "not supported by the cited records")
+                        + "  \nThe sentence above is the template sentence shown in its place."
+                    )
+    overflow = list(getattr(result, "overflow", None) or [])
+    if overflow:
+        with st.expander(f"{len(overflow)} more sentence(s)", key=f"{key}-overflow"):
+            st.markdown(sentence_markdown(overflow, numbers))
     origin = (
         "LLM, verified sentence by sentence"
         if any(s.origin == "llm" for s in result.sentences)
         else "template"
     )
-    extra = (
-        [f"{len(result.dropped)} sentence(s) dropped by the verifier and not shown"] if result.dropped else []
-    )
     st.caption(
         " · ".join(
-            [f"Composed by {origin}" + (f" ({result.model})" if result.model else ""), *extra, *result.notes]
+            [
+                f"Composed by {origin}" + (f" ({md(result.model)})" if result.model else ""),
+                *map(md, result.notes),
+            ]
         )
     )
-    if numbers:
-        with st.expander(f"Sources ({len(numbers)})", expanded=False):
-            refs = sorted(numbers, key=numbers.get)
-            for i, ref in enumerate(refs):
-                st.button(
-                    f"[{numbers[ref]}] {ref}",
-                    key=f"{key}-src-{i}",
-                    type="tertiary",
-                    icon=":material/description:",
-                    on_click=_open_source,
-                    args=(view.patient_id, ref),
+    if result.dropped:
+        with st.expander(
+            f"{len(result.dropped)} sentence(s) dropped by the verifier and not shown", key=f"{key}-dropped"
+        ):
+            st.markdown(
+                "\n".join(
+                    f"- {md(d.text)} — **why:** {md(getattr(d, 'reason', None) or 'not supported')}"
+                    for d in result.dropped
                 )
+            )
+    if numbers:
+        # Buttons inside an expander: every citation is a Tab stop and opens with Enter.
+        with st.expander(f"Sources ({len(numbers)})", expanded=False, key=f"{key}-sources"):
+            citation_list(view, sorted(numbers, key=numbers.get), numbers, key=f"{key}-src")
+
+
+def citation_list(view: services.PatientView, refs: list[str], numbers: dict[str, int], key: str) -> None:
+    for i, ref in enumerate(refs):
+        st.button(
+            f"[{numbers.get(ref, i + 1)}] {md(ref)}",
+            key=f"{key}-{i}",
+            type="tertiary",
+            icon=":material/description:",
+            on_click=_open_source,
+            args=(view.patient_id, ref),
+        )
 
 
 # --- labs --------------------------------------------------------------------------------------------
@@ -556,12 +637,12 @@ def labs_table(chart: Chart, now: datetime) -> pd.DataFrame:
         rows.append(
             {
                 "Time": r.time,
-                "Test": r.name,
-                "Value": r.display_value(),
+                "Test": one_line(r.name),
+                "Value": one_line(r.display_value()),
                 "Reference": rng,
-                "Flag": (r.interpretation or ("abnormal" if r.abnormal else "")) if r.abnormal else "",
-                "Status": r.status,
-                "Source": r.ref,
+                "Flag": one_line(r.interpretation or "abnormal") if r.abnormal else "",
+                "Status": one_line(r.status),
+                "Source": one_line(r.ref),
             }
         )
     df = pd.DataFrame(rows, columns=["Time", "Test", "Value", "Reference", "Flag", "Status", "Source"])
@@ -584,7 +665,7 @@ def labs_section(view: services.PatientView, key: str) -> Any:
         st.caption("No laboratory results in this chart.")
         return lambda: None
 
-    st.markdown(latest_labs_html(chart, view.now), unsafe_allow_html=True)
+    st.html(latest_labs_html(chart, view.now))
     analytes: dict[str, str] = {}
     for r in chart.results:
         if _is_lab(r) and r.value is not None:
@@ -594,7 +675,7 @@ def labs_section(view: services.PatientView, key: str) -> Any:
         "Trend",
         options=list(analytes),
         default=abnormal[:4] or list(analytes)[:2],
-        format_func=lambda a: analytes[a],
+        format_func=lambda a: one_line(analytes[a]),
         key=f"trend-{key}",
     )
     holder = st.container()
@@ -610,7 +691,7 @@ def labs_section(view: services.PatientView, key: str) -> Any:
         cols = holder.columns(2)
         for i, analyte in enumerate(chosen):
             cols[i % 2].altair_chart(
-                trend_chart(chart.results_for(analyte), analytes[analyte]), width="stretch"
+                trend_chart(chart.results_for(analyte), one_line(analytes[analyte])), width="stretch"
             )
 
     return draw
@@ -636,11 +717,14 @@ def latest_labs_html(chart: Chart, now: datetime) -> str:
             rng = f"{'' if cur.ref_low is None else _num(cur.ref_low)}–{'' if cur.ref_high is None else _num(cur.ref_high)}"
         flag = (cur.interpretation or "abnormal") if cur.abnormal else ""
         cls = ' class="abn"' if cur.abnormal else ""
+        h = html_text
+        # Abnormal is said in words (the Flag column and a mark), not by the row colour alone.
+        mark = "⚠ " if cur.abnormal else ""
         rows.append(
-            f"<tr{cls}><td>{_esc(cur.name)}</td><td><b>{_esc(cur.display_value())}</b></td>"
-            f"<td>{_esc(flag)}</td><td>{_esc(fmt_time(cur.time, now))}</td>"
-            f"<td>{_esc(prev.display_value()) if prev else ''}</td><td>{_esc(rng)}</td>"
-            f"<td><code>{_esc(cur.ref)}</code></td></tr>"
+            f"<tr{cls}><td>{h(cur.name)}</td><td><b>{h(mark)}{h(cur.display_value())}</b></td>"
+            f"<td>{h(flag)}</td><td>{h(fmt_time(cur.time, now))}</td>"
+            f"<td>{h(prev.display_value()) if prev else ''}</td><td>{h(rng)}</td>"
+            f"<td><code>{h(cur.ref)}</code></td></tr>"
         )
     head = (
         "<tr><th>Test</th><th>Latest</th><th>Flag</th><th>Time</th><th>Previous</th><th>Reference</th>"
@@ -655,14 +739,14 @@ def trend_chart(results: list[Result], title: str) -> alt.LayerChart | alt.Chart
             "time": r.time,
             "value": r.value,
             "abnormal": "abnormal" if r.abnormal else "in range",
-            "display": r.display_value(),
-            "ref": r.ref,
+            "display": one_line(r.display_value()),
+            "ref": one_line(r.ref),
         }
         for r in results
         if r.value is not None
     ]
     df = pd.DataFrame(rows)
-    unit = next((r.unit for r in results if r.unit), "")
+    unit = one_line(next((r.unit for r in results if r.unit), ""))
     base = alt.Chart(df).encode(x=alt.X("time:T", title=None, axis=alt.Axis(format="%d %b %H:%M")))
     line = base.mark_line(color="#334155").encode(
         y=alt.Y("value:Q", title=unit or None, scale=alt.Scale(zero=False))
@@ -708,22 +792,24 @@ def vitals_section(view: services.PatientView, key: str) -> None:
     if score is not None and view.news2_total is not None:
         parts = ", ".join(f"{p.label} {p.value} (+{p.points})" for p in score.parameters if p.points)
         st.caption(
-            f"NEWS2 {score.total} ({score.band}): {score.response or 'routine monitoring'}"
-            + (f" — scored: {parts}" if parts else "")
-            + (f" — **missing, may be understated:** {', '.join(score.missing)}" if score.missing else "")
+            f"NEWS2 {score.total} ({md(score.band)}): {md(score.response or 'routine monitoring')}"
+            + (f" — scored: {md(parts)}" if parts else "")
+            + (f" — **missing, may be understated:** {md(', '.join(score.missing))}" if score.missing else "")
         )
     for col, (analyte, label) in zip(cols[1:], VITALS, strict=True):
         r = chart.latest(analyte)
         col.metric(
             label,
-            r.display_value() if r else "—",
-            help=f"{fmt_time(r.time, view.now)} · {r.ref}" if r else None,
+            one_line(r.display_value()) if r else "—",
+            help=f"{fmt_time(r.time, view.now)} · {md(r.ref)}" if r else None,
         )
     rows = []
     for analyte, label in VITALS:
         for r in chart.results_for(analyte):
             if r.value is not None:
-                rows.append({"time": r.time, "value": r.value, "vital": label, "display": r.display_value()})
+                rows.append(
+                    {"time": r.time, "value": r.value, "vital": label, "display": one_line(r.display_value())}
+                )
     if not rows and not view.news2:
         st.caption("No vital signs recorded.")
         return
@@ -798,12 +884,12 @@ def meds_section(view: services.PatientView, key: str) -> None:
     else:
         rows = [
             {
-                "Medication": o.text,
-                "Dose": o.dose_text or (str(o.dose) if o.dose else ""),
-                "Route": o.route or "",
-                "Schedule": o.timing.text or _schedule(o),
+                "Medication": one_line(o.text),
+                "Dose": one_line(o.dose_text or (str(o.dose) if o.dose else "")),
+                "Route": one_line(o.route or ""),
+                "Schedule": one_line(o.timing.text or _schedule(o)),
                 "Started": o.start or o.authored_on,
-                "Source": o.ref,
+                "Source": one_line(o.ref),
             }
             for o in orders
         ]
@@ -824,10 +910,10 @@ def meds_section(view: services.PatientView, key: str) -> None:
         [
             {
                 "time": e.time,
-                "order": e.order[:48],
+                "order": one_line(e.order)[:48],
                 "state": e.state,
-                "detail": e.detail,
-                "ref": e.ref or e.order_ref,
+                "detail": one_line(e.detail),
+                "ref": one_line(e.ref or e.order_ref),
             }
             for e in events
         ]
@@ -881,9 +967,11 @@ def notes_section(view: services.PatientView, key: str, limit: int = 5) -> None:
         st.caption("No notes in this chart.")
         return
     for n in notes[:limit]:
-        with st.expander(f"{fmt_time(n.time, view.now)} — {n.title}{' — ' + n.author if n.author else ''}"):
-            st.text(n.text or "(empty note)")
-            st.caption(n.ref)
+        with st.expander(
+            f"{fmt_time(n.time, view.now)} — {md(n.title)}{' — ' + md(n.author) if n.author else ''}"
+        ):
+            st.text(inert_text(n.text) or "(empty note)")
+            st.caption(md(n.ref))
 
 
 # --- page scaffolding ----------------------------------------------------------------------------------
@@ -912,14 +1000,16 @@ def boot(permission: str) -> tuple[services.AppConfig, User]:
         )
     if cfg.setup_error:
         st.error(
-            f"**NVA could not start:** {cfg.setup_error}. Set NVA_SOURCE to a FHIR server or bundle directory.",
+            f"**NVA could not start:** {md(cfg.setup_error)}. Set NVA_SOURCE to a FHIR server or bundle directory.",
             icon=":material/error:",
         )
         st.stop()
     try:
         services.session_source(cfg)
     except (FhirError, OSError) as exc:
-        st.error(f"**The data source could not be opened** ({cfg.source}): {exc}", icon=":material/error:")
+        st.error(
+            f"**The data source could not be opened** ({md(cfg.source)}): {md(exc)}", icon=":material/error:"
+        )
         st.stop()
     return cfg, user
 
@@ -943,7 +1033,7 @@ def ward_picker(cfg: services.AppConfig, user: User) -> str | None:
     current = st.session_state.get("nva_ward")
     if current not in refs:
         st.session_state["nva_ward"] = services.DEMO_WARD_REF if services.DEMO_WARD_REF in refs else refs[0]
-    return st.sidebar.selectbox("Ward", refs, format_func=lambda r: names.get(r, r), key="nva_ward")
+    return st.sidebar.selectbox("Ward", refs, format_func=lambda r: one_line(names.get(r, r)), key="nva_ward")
 
 
 def freshness(cfg: services.AppConfig, loaded_at: Any, key: str) -> None:
@@ -963,7 +1053,7 @@ def freshness(cfg: services.AppConfig, loaded_at: Any, key: str) -> None:
 def ipass_block(row: services.HandoffRow, key: str, interactive: bool) -> None:
     view = row.view
     if view.chart is None:
-        st.error(f"Chart not loaded: {view.error}")
+        st.error(f"Chart not loaded: {md(view.error)}")
         return
     result = row.handoff()
     if result is None:
@@ -975,11 +1065,11 @@ def ipass_block(row: services.HandoffRow, key: str, interactive: bool) -> None:
     for heading, sentences in services.ipass_sections(result):
         body = sentence_markdown(sentences, numbers) if sentences else "- nothing recorded"
         if heading.startswith("A") and pending_results:
-            body += "\n" + "\n".join(f"- Pending: {p}" for p in pending_results)
+            body += "\n" + "\n".join(f"- Pending: {md(p)}" for p in pending_results)
         parts.append(f"**{heading}**\n\n{body}")
     synthesis = services.synthesis_line(result).replace("Synthesis by receiver:", "").strip()
-    parts.append(f"**S — Synthesis by receiver:** {synthesis.replace('[ ]', '☐')}")
-    st.markdown("\n\n".join(parts), unsafe_allow_html=True)  # one element per patient keeps the page light
+    parts.append(f"**S — Synthesis by receiver:** {md(synthesis.replace('[ ]', '☐'))}")
+    st.markdown("\n\n".join(parts))  # one element per patient keeps the page light
     if interactive and numbers:
         refs = sorted(numbers, key=numbers.get)
         pick = st.selectbox(
@@ -987,7 +1077,7 @@ def ipass_block(row: services.HandoffRow, key: str, interactive: bool) -> None:
             refs,
             index=None,
             key=f"{key}-pick",
-            format_func=lambda r: f"[{numbers[r]}] {r}",
+            format_func=lambda r: f"[{numbers[r]}] {one_line(r)}",
             placeholder="Open a cited source",
         )
         if pick:
