@@ -6,11 +6,9 @@ import argparse
 import dataclasses
 import json
 import logging
-from datetime import datetime
 from typing import Any, TextIO
 
 from assistant.clock import clinical_now
-from connectors.errors import FhirError
 
 log = logging.getLogger(__name__)
 BACKENDS = ("openai", "transformers", "llama-cpp", "none")
@@ -26,35 +24,6 @@ def make_llm(name: str | None) -> Any | None:
     if settings.backend == "none":
         return None
     return make_backend(settings)
-
-
-def findings_for(chart: Any, now: datetime) -> list[Any]:
-    try:
-        from assistant.rules.engine import evaluate
-    except ImportError:
-        log.warning("rules engine not installed; summaries carry no flags")
-        return []
-    return list(evaluate(chart, now=now))
-
-
-def guideline_hits(findings: list[Any], k: int = 3) -> list[Any]:
-    """Passages linked to the findings' rules; none when the guideline store is unavailable."""
-    if not findings:
-        return []
-    try:
-        from guidelines.embedding import get_embedder
-        from guidelines.retrieval import GuidelineRetriever
-        from guidelines.store import open_store
-
-        retriever = GuidelineRetriever(open_store(), get_embedder())
-        query = " ".join(f.title for f in findings[:3])
-        rule_ids = [f.rule_id for f in findings]
-        return retriever.search(query, k=k, rule_ids=rule_ids)
-    except Exception as exc:  # noqa: BLE001 -- guidance is optional; the summary must still be produced
-        log.warning(
-            "guideline retrieval unavailable (%s); summary without guideline passages", type(exc).__name__
-        )
-        return []
 
 
 def format_summary_text(res: Any) -> str:
@@ -75,16 +44,18 @@ def format_summary_text(res: Any) -> str:
 
 
 def _cmd_summarize(args: argparse.Namespace, out: TextIO) -> int:
-    from assistant.summary.composer import compose
+    from assistant import pipeline
     from connectors import open_source
 
     now = clinical_now(args.source, args.now)
     backend = make_llm(args.backend)
     with open_source(args.source) as source:
         chart = source.patient_chart(args.patient)
-    findings = findings_for(chart, now)
-    hits = guideline_hits(findings) if args.guidelines else []
-    res = compose(chart, findings, hits, backend, now=now, max_tokens=args.max_tokens)
+    view = pipeline.patient_view(chart, now, patient_id=args.patient)
+    passages = (
+        pipeline.guideline_passages(view.findings, pipeline.open_retriever()) if args.guidelines else []
+    )
+    res = pipeline.summary_for(view, backend, passages, max_tokens=args.max_tokens)
     if args.format == "json":
         json.dump(res.to_dict(), out, indent=2)
         out.write("\n")
@@ -111,33 +82,26 @@ def resolve_ward(source: Any, ward: str | None) -> tuple[str | None, str | None]
 
 
 def _cmd_handoff(args: argparse.Namespace, out: TextIO) -> int:
-    from assistant.summary.handoff import compose_handoff, compose_ward_handoff, handoff_markdown
+    from assistant import pipeline
+    from assistant.summary.handoff import handoff_markdown
     from connectors import open_source
 
     now = clinical_now(args.source, args.now)
     backend = make_llm(args.backend)
-    entries = []
-    errors: list[str] = []
+    retriever = pipeline.open_retriever() if args.guidelines else None
     with open_source(args.source) as source:
         ward_ref, ward_name = resolve_ward(source, args.ward)
-        census = source.ward_census(ward_ref) if ward_ref or source.wards() else []
-        ids = (
-            [c.patient_id for c in census]
-            if census
-            else ([] if ward_ref else list(source.iter_patient_ids()))
+        ward = pipeline.ward_view(
+            source,
+            ward_ref,
+            now,
+            ward_name=ward_name,
+            with_handoff=True,
+            backend=backend,
+            retriever=retriever,
+            max_tokens=args.max_tokens,
         )
-        for pid in dict.fromkeys(ids):
-            try:
-                chart = source.patient_chart(pid)
-            except (FhirError, LookupError) as exc:
-                errors.append(f"Patient/{pid}: {type(exc).__name__}")
-                continue
-            findings = findings_for(chart, now)
-            hits = guideline_hits(findings) if args.guidelines else []
-            entries.append(
-                compose_handoff(chart, findings, hits, backend, now=now, max_tokens=args.max_tokens)
-            )
-    handoff = compose_ward_handoff(entries, ward=ward_name, now=now, errors=errors)
+    handoff = ward.handoff
     if args.format == "json":
         json.dump(handoff.to_dict(), out, indent=2)
         out.write("\n")

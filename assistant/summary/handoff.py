@@ -19,6 +19,7 @@ from assistant.summary.facts import (
     severity_rank,
 )
 from assistant.summary.verifier import Sentence, Verifier
+from assistant.views import hold_map, hold_text
 
 SECTIONS = (
     ("illness", "Illness severity"),
@@ -41,6 +42,9 @@ class HandoffPatient:
     sections: dict[str, list[Sentence]]
     synthesis: str
     summary: SummaryResult  # facts, dropped sentences and LLM figures behind the handoff
+    acuity: Any = (
+        None  # assistant.views.Acuity: the census's place of this patient (set by assistant.pipeline)
+    )
 
     def sentences(self) -> list[Sentence]:
         return [s for key, _ in SECTIONS for s in self.sections.get(key, [])]
@@ -51,6 +55,11 @@ class HandoffPatient:
             "name": self.name,
             "bed": self.bed,
             "illness_severity": self.illness_severity,
+            "acuity": (
+                {"tier": self.acuity.tier, "label": self.acuity.label, "reasons": list(self.acuity.reasons)}
+                if self.acuity is not None
+                else None
+            ),
             "sections": {key: [s.to_dict() for s in self.sections.get(key, [])] for key, _ in SECTIONS},
             "synthesis": self.synthesis,
             "dropped": [s.to_dict() for s in self.summary.dropped],
@@ -126,13 +135,27 @@ def compose_handoff(
     for f in sheet.facts:
         if f.section == "patient" and f.sentence and f.tag not in cited:
             add("patient", template_sentence(f))
+    # Action list: what a flag says not to give comes first, then the other flags' actions, then the doses and
+    # results to chase; a dose of a drug on hold carries "HOLD — see flag" (issue 15).
+    holds = hold_map(chart, list(findings))
+    flag_tags = {f.label: f.tag for f in sheet.facts if f.kind == "flag"}
+    stops = [f for f in sheet.facts if _action_sentence(f) and f.severity in ("high", "medium")]
+    first = [f for f in stops if any(h.title == f.label for hs in holds.values() for h in hs)]
+    for f in first + [f for f in stops if f not in first]:
+        add("action", _action_sentence(f))  # type: ignore[arg-type]
     for f in sheet.facts:
         if f.section == "action" and f.sentence:
-            add("action", template_sentence(f))
-    for f in sheet.facts:
-        line = _action_sentence(f)
-        if line and f.severity in ("high", "medium"):
-            add("action", line)
+            flags = holds.get(f.provenance[0], ()) if f.kind == "administration" and f.provenance else ()
+            if flags and f.severity in ("due", "overdue"):
+                # The mark is the flag's own title, added after verification: the verifier reads the dose
+                # sentence (cited with the flag) and the words "HOLD — see flag" are the product's, not a claim.
+                tags = "".join(f"[{flag_tags[h.title]}]" for h in flags if h.title in flag_tags)
+                body = template_sentence(f).rsplit(" [", 1)[0]
+                add("action", f"{body} [{f.tag}]{tags}")
+                held = sections["action"][-1]
+                held.text = f"{hold_text(flags)} — {held.text}"
+            else:
+                add("action", template_sentence(f))
     for f in sheet.facts:
         if f.section == "situation" and f.sentence:
             add("situation", template_sentence(f))
@@ -160,8 +183,12 @@ def _must(sheet: Any, s: Sentence) -> bool:
 def compose_ward_handoff(
     entries: Iterable[HandoffPatient], *, ward: str | None, now: datetime, errors: Sequence[str] = ()
 ) -> WardHandoff:
-    """Patients sorted by illness severity (unstable first), then bed."""
-    patients = sorted(entries, key=lambda p: (severity_rank(p.illness_severity), p.bed or "", p.patient))
+    """Patients in acuity order (assistant/data/acuity.toml) when known, else by illness severity, then bed."""
+    entries = list(entries)
+    if entries and all(p.acuity is not None for p in entries):
+        patients = sorted(entries, key=lambda p: (p.acuity.key, p.patient))
+    else:
+        patients = sorted(entries, key=lambda p: (severity_rank(p.illness_severity), p.bed or "", p.patient))
     return WardHandoff(ward=ward, now=now, patients=patients, errors=list(errors))
 
 
@@ -174,6 +201,9 @@ def handoff_markdown(handoff: WardHandoff) -> str:
     for p in handoff.patients:
         bed = f"{p.bed} - " if p.bed else ""
         lines.append(f"## {bed}{p.name} ({p.patient}) - {p.illness_severity.upper()}")
+        if p.acuity is not None:
+            why = f" ({'; '.join(p.acuity.reasons)})" if p.acuity.reasons else ""
+            lines.append(f"Acuity: {p.acuity.label}{why}")
         for key, title in SECTIONS:
             lines.append(f"**{title}**")
             rows = p.sections.get(key, [])
