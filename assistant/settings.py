@@ -97,8 +97,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "NVA_LLM_BACKEND",
         "none",
-        "Summary LLM: none (template summaries, no model), openai, transformers or llama-cpp.",
-        choices=("none", "openai", "transformers", "llama-cpp"),
+        "Summary LLM: none (template summaries, no model), openai, transformers, llama-cpp or onnx "
+        "(embedded SmolLM2, ONNX Runtime int8, prepared once under NVA_DATA_DIR/models).",
+        choices=("none", "openai", "transformers", "llama-cpp", "onnx"),
     ),
     Setting("NVA_LLM_BASE_URL", "", "OpenAI-compatible server base URL, e.g. http://127.0.0.1:8000/v1."),
     Setting("NVA_LLM_MODEL", "", "Model name sent to the OpenAI-compatible server."),
@@ -171,6 +172,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "NVA_ACCESS_LOG", "", "SQLite access audit log (empty: NVA_DATA_DIR/access_log.sqlite).", kind="path"
+    ),
+    Setting(
+        "NVA_ACCESS_LOG_KEY",
+        "",
+        "HMAC key for the access log's hash chain (empty: plain SHA-256, which detects edits but not a "
+        "rewrite of the whole chain by someone who can write the file).",
+        secret=True,
     ),
     Setting(
         "NVA_CHROMA_HOST", "", "chroma server host for a shared guideline store (empty: embedded store)."

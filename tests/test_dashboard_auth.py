@@ -16,10 +16,36 @@ REPO = Path(__file__).resolve().parent.parent
 APP = str(REPO / "dashboard" / "app.py")
 ANCHOR = datetime(2025, 1, 6, 7, 0, tzinfo=UTC)
 W4B, W5A = "Location/ward-4b", "Location/ward-5a"
-NURSE = {"is_logged_in": True, "email": "nina@example.org", "name": "Nina"}
-AUDITOR = {"is_logged_in": True, "email": "audrey@example.org"}
-CHARGE = {"is_logged_in": True, "email": "carl@example.org", "nva_role": "charge-nurse"}
-NO_ROLE = {"is_logged_in": True, "email": "stranger@example.org"}
+IDP = "https://login.example.org"
+# Real OIDC ID-token claims as st.user shows them: the identity is iss + sub; e-mails are matched only if verified.
+NURSE = {
+    "is_logged_in": True,
+    "iss": IDP,
+    "sub": "u-nina",
+    "email": "nina@example.org",
+    "email_verified": True,
+}
+AUDITOR = {
+    "is_logged_in": True,
+    "iss": IDP,
+    "sub": "u-audrey",
+    "email": "audrey@example.org",
+    "email_verified": True,
+}
+CHARGE = {
+    "is_logged_in": True,
+    "iss": IDP,
+    "sub": "u-carl",
+    "email": "carl@example.org",
+    "nva_role": "charge-nurse",
+}
+NO_ROLE = {
+    "is_logged_in": True,
+    "iss": IDP,
+    "sub": "u-x",
+    "email": "stranger@example.org",
+    "email_verified": True,
+}
 ROLES = f'''
 [users."nina@example.org"]
 role = "nurse"

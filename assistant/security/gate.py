@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from assistant.security.roles import AccessDenied, User, local_demo_user, user_from_claims
+from assistant.security.roles import (
+    AccessDenied,
+    User,
+    display_name,
+    local_demo_user,
+    subject_of,
+    user_from_claims,
+)
 
-# Gate states: ok (user set), sign-in (provider configured, nobody signed in), no-role (signed in, no NVA role),
-# demo-exposed (no provider and the server listens beyond loopback).
-GATE_STATES = ("ok", "sign-in", "no-role", "demo-exposed")
+log = logging.getLogger(__name__)
+
+# Gate states: ok (user set), sign-in (provider configured, nobody signed in), no-role (signed in, no NVA role or
+# claims of the wrong shape), demo-exposed (no provider and the server listens beyond loopback), config-error
+# (secrets.toml, [auth] or the role file unreadable or invalid: nobody is let in, demo mode included).
+GATE_STATES = ("ok", "sign-in", "no-role", "demo-exposed", "config-error")
 
 DEMO_EXPOSED = (
     "NVA is running without sign-in (local demo mode) on a non-loopback address ({address}), so anyone "
@@ -27,6 +38,13 @@ class Gate:
     user: User | None = None
     message: str = ""
     who: str = ""  # the signed-in name that was refused, for the access log
+    subject: str = ""  # its "<iss> <sub>", for the access log
+
+
+def config_error(exc: Exception) -> Gate:
+    """Fail closed: a configuration that cannot be read or checked lets nobody in and says what to fix."""
+    log.error("NVA sign-in configuration refused: %s", exc)
+    return Gate("config-error", message=f"NVA cannot start: {exc}")
 
 
 def is_loopback_address(address: str | None) -> bool:
@@ -63,6 +81,7 @@ def resolve_gate(
     try:
         user = user_from_claims(claims, role_claim=role_claim, ward_claim=ward_claim, role_file=role_file)
     except AccessDenied as exc:
-        who = str(claims.get("email") or claims.get("preferred_username") or claims.get("sub") or "unknown")
-        return Gate("no-role", message=str(exc), who=who)
+        who, subject = display_name(claims), subject_of(claims)
+        log.warning("sign-in refused for %s (%s): %s", who, subject or "no iss/sub", exc)
+        return Gate("no-role", message=str(exc), who=who, subject=subject)
     return Gate("ok", user)

@@ -23,12 +23,13 @@ class AccessDenied(PermissionError):
 
 @dataclass(frozen=True, slots=True)
 class User:
-    name: str
+    name: str  # shown and logged: the verified e-mail, else preferred_username, else sub
     role: str
     wards: tuple[str, ...] = ()  # Location refs; empty with all_wards=True for charge nurses and auditors
     all_wards: bool = False
     demo: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    subject: str = ""  # "<iss> <sub>": the identity itself (names and e-mails can be reassigned or spoofed)
 
     def can(self, permission: str) -> bool:
         # The local demo (loopback only, bannered) shows every page: there is nobody to tell apart.
@@ -48,17 +49,54 @@ class User:
             raise AccessDenied("this patient is on a ward you are not assigned to")
 
 
+def wards_value(value: Any, where: str) -> tuple[str, ...]:
+    """A ward list: a list of non-empty strings (Location refs), or nothing; anything else is refused."""
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in value):
+        raise AccessDenied(
+            f'{where} must be a list of ward references (strings such as "Location/ward-4b"), '
+            f"got {type(value).__name__}; an administrator must fix it"
+        )
+    return tuple(w.strip() for w in value)
+
+
 def load_role_file(path: Path | str) -> dict[str, dict[str, Any]]:
-    """TOML: [users."email@example.org"] role = "nurse", wards = ["Location/ward-4b"]."""
+    """TOML: [users."email@example.org"] role = "nurse", wards = ["Location/ward-4b"]; keys are verified e-mails."""
     with Path(path).open("rb") as fh:
         data = tomllib.load(fh)
     users = data.get("users", {})
+    if not isinstance(users, dict):
+        raise ValueError(f'role file {path}: `users` must be a table of [users."<e-mail>"] sections')
     for name, spec in users.items():
-        if spec.get("role") not in ROLES:
-            raise ValueError(
-                f"role file {path}: user {name} has role {spec.get('role')!r}; use one of {ROLES}"
-            )
-    return users
+        if not isinstance(spec, dict) or spec.get("role") not in ROLES:
+            role = spec.get("role") if isinstance(spec, dict) else spec
+            raise ValueError(f"role file {path}: user {name} has role {role!r}; use one of {ROLES}")
+        try:
+            wards_value(spec.get("wards"), f"role file {path}: wards of {name}")
+        except AccessDenied as exc:
+            raise ValueError(str(exc)) from None
+    return {name.strip().lower(): spec for name, spec in users.items()}
+
+
+def _claim_text(claims: Mapping[str, Any], key: str) -> str:
+    value = claims.get(key)
+    return value.strip() if isinstance(value, str) else ""
+
+
+def display_name(claims: Mapping[str, Any]) -> str:
+    """Who to show and log: a verified e-mail, else "unverified: <preferred_username or e-mail>", else sub."""
+    email = _claim_text(claims, "email").lower()
+    if email and claims.get("email_verified") is True:
+        return email
+    other = _claim_text(claims, "preferred_username") or email
+    return f"unverified: {other}" if other else (_claim_text(claims, "sub") or "unknown")
+
+
+def subject_of(claims: Mapping[str, Any]) -> str:
+    """The identity bound to this sign-in: "<iss> <sub>" ("" when the provider sent neither)."""
+    iss, sub = _claim_text(claims, "iss"), _claim_text(claims, "sub")
+    return f"{iss} {sub}" if iss and sub else ""
 
 
 def user_from_claims(
@@ -68,23 +106,41 @@ def user_from_claims(
     ward_claim: str = "nva_wards",
     role_file: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> User:
-    """A signed-in user's role: the identity provider's claim first, else the local role file; else no access."""
-    name = str(claims.get("email") or claims.get("preferred_username") or claims.get("sub") or "")
-    if not name:
-        raise AccessDenied("the identity provider sent no user name (email, preferred_username or sub)")
-    role = claims.get(role_claim)
-    wards = claims.get(ward_claim) or ()
-    if role is None and role_file is not None and name in role_file:
-        spec = role_file[name]
-        role, wards = spec.get("role"), spec.get("wards", ())
-    if role not in ROLES:
+    """A signed-in user's role: the identity provider's claim first, else the local role file; else no access.
+
+    The identity is the issuer and subject (`iss` + `sub`). The role file is matched only by an e-mail the
+    provider says it verified (`email_verified: true`); a `preferred_username` never matches it. Claims of the
+    wrong type are refused with AccessDenied (and logged by the caller), never a traceback.
+    """
+    iss, sub = _claim_text(claims, "iss"), _claim_text(claims, "sub")
+    if not sub or not iss:
         raise AccessDenied(
-            f"{name} has no NVA role; an administrator must add one (claim {role_claim} or the role file)"
+            "the identity provider sent no issuer and subject (iss, sub) for this sign-in; NVA cannot tell who "
+            "this is"
         )
-    if isinstance(wards, str):
-        wards = tuple(w.strip() for w in wards.split(",") if w.strip())
+    email = _claim_text(claims, "email").lower()
+    verified = claims.get("email_verified") is True
+    name = display_name(claims)
+    role = claims.get(role_claim)
+    if role is not None:
+        if not isinstance(role, str) or role not in ROLES:
+            raise AccessDenied(
+                f"{name}: the claim {role_claim} must be one of {', '.join(ROLES)}; an administrator must fix it"
+            )
+        wards = wards_value(claims.get(ward_claim), f"the claim {ward_claim}")
+    elif role_file is not None and verified and email and email in role_file:
+        spec = role_file[email]
+        role = spec.get("role")
+        wards = wards_value(spec.get("wards"), f"the role file's wards for {email}")
+    else:
+        hint = "" if verified or not email else " (the role file needs an e-mail the provider has verified)"
+        raise AccessDenied(
+            f"{name} has no NVA role{hint}; an administrator must add one (claim {role_claim} or the role file)"
+        )
+    if role not in ROLES:
+        raise AccessDenied(f"{name} has no NVA role; an administrator must add one")
     all_wards = role in ("charge-nurse", "auditor") and not wards
-    return User(name=name, role=role, wards=tuple(wards), all_wards=all_wards)
+    return User(name=name, role=role, wards=wards, all_wards=all_wards, subject=f"{iss} {sub}")
 
 
 def local_demo_user() -> User:
