@@ -11,7 +11,6 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,10 +21,11 @@ import streamlit as st
 from assistant.cli import default_anchor
 from assistant.clock import demo_anchor
 from assistant.model import SEVERITY_ORDER, Chart, Finding
-from assistant.security.access_log import AccessLog, AccessLogError
-from assistant.security.gate import Gate, resolve_gate
+from assistant.security.access_log import AccessLog, AccessLogError, ChainStatus
+from assistant.security.gate import Gate, config_error, resolve_gate
 from assistant.security.roles import AccessDenied, User, load_role_file, visible_wards
-from assistant.settings import load_settings, redacted
+from assistant.security.signin import AuthConfig, SignInConfigError, read_auth_config
+from assistant.settings import SettingsError, load_settings, redacted, secrets_file
 
 log = logging.getLogger(__name__)
 
@@ -36,26 +36,29 @@ _DEMO_LOCK = threading.Lock()
 
 
 # --- who is using the app ------------------------------------------------------------------------------
+def secrets_files() -> list[str]:
+    """Every secrets file that may hold [auth] or NVA_* keys: streamlit's own list and NVA_SECRETS_FILE."""
+    files = [str(p) for p in (st.get_option("secrets.files") or [])]
+    return files + [str(secrets_file())]
+
+
+def auth_config() -> AuthConfig:
+    """The sign-in configuration; raises SignInConfigError when a secrets file or [auth] is unreadable or invalid."""
+    return read_auth_config(secrets_files())
+
+
 def auth_section() -> dict[str, Any]:
-    """The [auth] section of streamlit's secrets.toml (identity provider), or {} when sign-in is not configured."""
-    try:
-        if not st.secrets.load_if_toml_exists():
-            return {}
-        section = st.secrets.get("auth")
-    except Exception:  # noqa: BLE001 - an unreadable secrets file means no provider; the demo gate then applies
-        log.warning("secrets.toml could not be read for [auth]")
-        return {}
-    return dict(section) if isinstance(section, Mapping) else {}
+    """The [auth] section (identity provider), or {} when no secrets file has one at all."""
+    return auth_config().section
 
 
 def auth_configured() -> bool:
-    return bool(auth_section())
+    return auth_config().configured
 
 
 def auth_providers() -> list[str | None]:
     """Named providers ([auth.<name>] sections) to offer, or [None] for the single provider in [auth] itself."""
-    named = [k for k, v in auth_section().items() if isinstance(v, Mapping)]
-    return named or [None]
+    return list(auth_config().providers) or [None]
 
 
 class RoleFileError(RuntimeError):
@@ -81,15 +84,19 @@ def role_file(values: dict[str, str]) -> dict[str, dict[str, Any]] | None:
 
 def gate() -> Gate:
     """This run's user: signed in with a role, refused, or the local demo (loopback only)."""
-    values = load_settings()
-    configured = auth_configured()
-    claims = st.user.to_dict() if configured else None
+    try:  # fail closed: an unreadable or invalid configuration lets nobody in, demo mode included
+        values = load_settings()
+        configured = auth_configured()
+        roles = role_file(values) if configured else None
+    except (SettingsError, SignInConfigError, RoleFileError) as exc:
+        return config_error(exc)
     return resolve_gate(
         auth_configured=configured,
         server_address=st.get_option("server.address"),
-        claims=claims,
+        claims=st.user.to_dict() if configured else None,
         role_claim=(values.get("NVA_AUTH_ROLE_CLAIM") or "nva_role").strip(),
-        role_file=role_file(values) if configured else None,
+        ward_claim=(values.get("NVA_AUTH_WARD_CLAIM") or "nva_wards").strip(),
+        role_file=roles,
     )
 
 
@@ -104,10 +111,10 @@ def current_user() -> User:
 def forget_other_user(user: User) -> None:
     """A different identity in the same browser session starts clean: no charts or log marks carried over."""
     ss = st.session_state
-    if ss.get("_nva_who") != (user.name, user.role):
+    if ss.get("_nva_who") != (user.subject, user.name, user.role):  # identity = iss + sub
         refresh()
         ss.pop("_nva_logged", None)
-        ss["_nva_who"] = (user.name, user.role)
+        ss["_nva_who"] = (user.subject, user.name, user.role)
 
 
 # --- access audit log ------------------------------------------------------------------------------------
@@ -117,16 +124,24 @@ def access_log_path(cfg: AppConfig) -> Path:
 
 
 @st.cache_resource(show_spinner=False)
-def _access_log(path: str) -> AccessLog:
-    return AccessLog(path)
+def _access_log(path: str, key: str) -> AccessLog:
+    return AccessLog(path, key=key or None)  # the hash chain is verified on open (status logged if broken)
 
 
 def access_log(cfg: AppConfig) -> AccessLog:
     path = access_log_path(cfg)
     try:
-        return _access_log(str(path))
+        return _access_log(str(path), cfg.settings.get("NVA_ACCESS_LOG_KEY") or "")
     except (OSError, sqlite3.Error) as exc:
         raise AccessLogError(f"cannot open the access log at {path}: {exc}") from exc
+
+
+def access_log_status(cfg: AppConfig) -> ChainStatus:
+    """The hash-chain check for the access-log page's banner (a log that cannot be opened is broken too)."""
+    try:
+        return access_log(cfg).verify()
+    except AccessLogError as exc:
+        return ChainStatus(False, 0, (str(exc),))
 
 
 def record_access(
@@ -140,7 +155,9 @@ def record_access(
     key = (action, target)
     if once and key in done:
         return
-    access_log(cfg).record(user=user.name, role=user.role, action=action, target=target, detail=detail)
+    access_log(cfg).record(
+        user=user.name, role=user.role, action=action, target=target, detail=detail, subject=user.subject
+    )
     done.add(key)
 
 
@@ -149,7 +166,14 @@ def exporter(cfg: AppConfig, user: User, target: str, detail: str, make: Any) ->
     log_ = access_log(cfg)
 
     def build() -> Any:
-        log_.record(user=user.name, role=user.role, action="handoff-export", target=target, detail=detail)
+        log_.record(
+            user=user.name,
+            role=user.role,
+            action="handoff-export",
+            target=target,
+            detail=detail,
+            subject=user.subject,
+        )
         return make()
 
     return build
