@@ -171,6 +171,8 @@ class Result:
     ref_low: float | None = None
     ref_high: float | None = None
     interpretation: str | None = None  # H, L, HH, LL, N, A, ...
+    loinc_codes: tuple[str, ...] = ()  # every LOINC code of the observation (loinc is the first)
+    value_codes: tuple[str, ...] = ()  # codes of a coded answer (valueCodeableConcept)
 
     @property
     def is_usable(self) -> bool:
@@ -192,6 +194,16 @@ class Result:
         if self.original is not None:
             return str(self.original)
         return self.value_text or ""
+
+
+@dataclass(frozen=True, slots=True)
+class CodeStatus:
+    """The recorded resuscitation (code) status: the chart's own wording, where it came from, and its kind."""
+
+    text: str  # as the chart words it, e.g. "DNR"
+    ref: str  # Observation/id
+    time: datetime | None
+    kind: str = "unknown"  # "full" | "dnr" | "unknown" (answer code not in assistant/data/fhir_codes.toml)
 
 
 @dataclass(slots=True)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 from collections.abc import Iterable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -13,6 +16,7 @@ from assistant.model import (
     Administration,
     AllergyFact,
     Chart,
+    CodeStatus,
     ConditionFact,
     DataQualityIssue,
     Demographics,
@@ -23,7 +27,7 @@ from assistant.model import (
     Result,
     Timing,
 )
-from assistant.terminology import LOINC, RXNORM, Terminology, UnknownUnitError, terminology
+from assistant.terminology import LOINC, RXNORM, Terminology, UnknownUnitError, fhir_codes, terminology
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +44,11 @@ CHART_TYPES = (
     "Location",
     "Medication",
 )
-INPATIENT_CLASSES = {"IMP", "ACUTE", "NONAC", "inpatient", "OBSENC", "EMER"}
-NO_KNOWN_ALLERGY_CODES = {"716186003", "409137002", "428607008", "429625007"}
+# Types every file of a bundle folder may carry its own copy of: de-duplicated, not counted as duplicates.
+SHARED_TYPES = frozenset({"Location", "Medication", "Organization", "Practitioner"})
 NOTE_TEXT_LIMIT = 20_000
+# What a bug in reading a malformed shape looks like; caught per resource so one resource never costs the chart.
+UNEXPECTED_SHAPE_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ValueError, OverflowError)
 
 
 class ResourceShapeError(ValueError):
@@ -53,18 +59,67 @@ class PatientNotFoundError(LookupError):
     """The source holds no Patient resource for the requested id."""
 
 
-# --- small typed accessors: every read checks its type so a bad resource fails loudly, not silently ---------
+# --- small typed accessors: every read checks its type. Inside a chart build a wrong shape costs only that field
+# (a data-quality issue through the field sink below); outside a build it raises ResourceShapeError.
+
+NUMERIC_STRING = re.compile(r"\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,3})?\s*")
 
 
-def _get(obj: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+@dataclass(slots=True)
+class _FieldSink:
+    ref: str
+    issues: list[DataQualityIssue]
+    note: str = ""  # appended to every message, e.g. what losing the field means for a lab result
+    seen: set[str] = field(default_factory=set)  # a field read twice is reported once
+
+
+# A context variable rather than a parameter: the accessors are shared by every handler and helper, and the
+# sink must never leak from one resource (or thread) into another.
+_FIELD_SINK: ContextVar[_FieldSink | None] = ContextVar("nva_field_sink", default=None)
+
+
+def _bad(message: str) -> None:
+    """A field has the wrong shape: record it against the resource being read, or raise outside a build."""
+    sink = _FIELD_SINK.get()
+    if sink is None:
+        raise ResourceShapeError(message)
+    if message in sink.seen:
+        return
+    sink.seen.add(message)
+    sink.issues.append(
+        DataQualityIssue(
+            sink.ref, "invalid-resource", f"{message}; that field was ignored{sink.note}", "error"
+        )
+    )
+
+
+def _warn(code: str, message: str) -> None:
+    sink = _FIELD_SINK.get()
+    if sink is not None:
+        sink.issues.append(DataQualityIssue(sink.ref, code, message, "warning"))
+
+
+def _get(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(obj, dict):
+        return None
     value = obj.get(key)
     if value is None:
         return None
-    if not isinstance(value, kind) or (
-        kind is not bool and isinstance(value, bool) and bool not in _kinds(kind)
-    ):
-        raise ResourceShapeError(f"{where}.{key} should be {_kind_name(kind)}, got {type(value).__name__}")
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _kinds(kind)):
+        _bad(f"{where}.{key} should be {_kind_name(kind)}, got {_json_type(value)}")
+        return None
     return value
+
+
+def _json_type(value: Any) -> str:
+    return {
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+    }.get(type(value), type(value).__name__)
 
 
 def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -72,30 +127,60 @@ def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
-    return " or ".join(k.__name__ for k in _kinds(kind))
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number"}
+    return " or ".join(dict.fromkeys(names.get(k, "a number") for k in _kinds(kind)))
 
 
-def _list(obj: dict, key: str, where: str) -> list:
+def _list(obj: Any, key: str, where: str) -> list:
     value = _get(obj, key, list, where)
     return value or []
 
 
-def _dict(obj: dict, key: str, where: str) -> dict:
+def _dict(obj: Any, key: str, where: str) -> dict:
     value = _get(obj, key, dict, where)
     return value or {}
 
 
-def _str(obj: dict, key: str, where: str) -> str | None:
+def _str(obj: Any, key: str, where: str) -> str | None:
     return _get(obj, key, str, where)
 
 
-def _number(obj: dict, key: str, where: str) -> float | None:
+def _dicts(items: list, where: str) -> list[dict]:
+    """The object entries of an array; a non-object entry is one ignored field, not a lost resource."""
+    out = []
+    for item in items:
+        if isinstance(item, dict):
+            out.append(item)
+        else:
+            _bad(f"{where} entries should be objects, got {_json_type(item)}")
+    return out
+
+
+def _finite(value: float) -> bool:
+    return not (value != value or value in (float("inf"), float("-inf")))
+
+
+def _number(obj: Any, key: str, where: str) -> float | None:
+    raw = obj.get(key) if isinstance(obj, dict) else None
+    if isinstance(raw, str) and NUMERIC_STRING.fullmatch(raw):
+        value = float(raw)
+        if _finite(value):
+            # A number sent as a JSON string ("5.9"): read it, and say so, rather than drop the newest value.
+            _warn(
+                "numeric-string", f"{where}.{key} is the string {raw.strip()!r}; read as the number {value:g}"
+            )
+            return value
     value = _get(obj, key, (int, float), where)
     if value is None:
         return None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ResourceShapeError(f"{where}.{key} is not a finite number")
-    return float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        value = float("inf")
+    if not _finite(value):
+        _bad(f"{where}.{key} is not a finite number")
+        return None
+    return value
 
 
 def parse_datetime(value: Any, where: str = "value") -> datetime | None:
@@ -103,7 +188,8 @@ def parse_datetime(value: Any, where: str = "value") -> datetime | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise ResourceShapeError(f"{where} should be a FHIR dateTime string, got {type(value).__name__}")
+        _bad(f"{where} should be a FHIR dateTime string, got {_json_type(value)}")
+        return None
     text = value.strip()
     try:
         if len(text) == 4:
@@ -113,11 +199,12 @@ def parse_datetime(value: Any, where: str = "value") -> datetime | None:
         if len(text) == 10:
             return datetime.fromisoformat(text).replace(tzinfo=UTC)
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise ResourceShapeError(f"{where} {value!r} is not a valid FHIR dateTime") from exc
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
+        _bad(f"{where} {value[:40]!r} is not a valid FHIR dateTime")
+        return None
 
 
 def parse_date(value: Any, where: str) -> date | None:
@@ -136,24 +223,21 @@ def local_ref(reference: str | None) -> str | None:
     return ref
 
 
-def _ref(obj: dict, key: str, where: str) -> str | None:
+def _ref(obj: Any, key: str, where: str) -> str | None:
     reference = _dict(obj, key, where)
     return local_ref(_str(reference, "reference", f"{where}.{key}"))
 
 
-def _codings(concept: dict | None, where: str) -> list[dict]:
+def _codings(concept: Any, where: str) -> list[dict]:
     if not concept:
         return []
     if not isinstance(concept, dict):
-        raise ResourceShapeError(f"{where} should be a CodeableConcept object")
-    codings = _list(concept, "coding", where)
-    for c in codings:
-        if not isinstance(c, dict):
-            raise ResourceShapeError(f"{where}.coding entries should be objects")
-    return codings
+        _bad(f"{where} should be a CodeableConcept object, got {_json_type(concept)}")
+        return []
+    return _dicts(_list(concept, "coding", where), f"{where}.coding")
 
 
-def _codes(concept: dict | None, system: str, where: str) -> list[str]:
+def _codes(concept: Any, system: str, where: str) -> list[str]:
     return [
         c["code"]
         for c in _codings(concept, where)
@@ -161,33 +245,38 @@ def _codes(concept: dict | None, system: str, where: str) -> list[str]:
     ]
 
 
-def _concept_text(concept: dict | None, where: str) -> str:
+def _concept_text(concept: Any, where: str) -> str:
     if not concept:
+        return ""
+    if not isinstance(concept, dict):
+        _bad(f"{where} should be a CodeableConcept object, got {_json_type(concept)}")
         return ""
     text = _str(concept, "text", where)
     if text:
         return text
-    for c in _codings(concept, where):
-        if isinstance(c.get("display"), str):
+    codings = _codings(concept, where)
+    for c in codings:
+        if isinstance(c.get("display"), str) and c["display"]:
             return c["display"]
-    for c in _codings(concept, where):
-        if isinstance(c.get("code"), str):
+    for c in codings:
+        if isinstance(c.get("code"), str) and c["code"]:
             return c["code"]
     return ""
 
 
-def _first_code(concept: dict | None, where: str) -> str | None:
+def _first_code(concept: Any, where: str) -> str | None:
     for c in _codings(concept, where):
         if isinstance(c.get("code"), str):
             return c["code"]
     return None
 
 
-def _quantity(obj: dict | None, where: str) -> Quantity | None:
+def _quantity(obj: Any, where: str) -> Quantity | None:
     if not obj:
         return None
     if not isinstance(obj, dict):
-        raise ResourceShapeError(f"{where} should be a Quantity object")
+        _bad(f"{where} should be a Quantity object, got {_json_type(obj)}")
+        return None
     value = _number(obj, "value", where)
     if value is None:
         return None
@@ -195,8 +284,169 @@ def _quantity(obj: dict | None, where: str) -> Quantity | None:
     return Quantity(value, unit)
 
 
+# --- public helpers on raw resources, shared with the connectors: never raise on a malformed shape ----------
+
+
+def resource_owner(resource: Any) -> str | None:
+    """The id of the patient a raw resource belongs to (Patient.id, or its subject/patient reference), or None."""
+    if not isinstance(resource, dict):
+        return None
+    if resource.get("resourceType") == "Patient":
+        rid = resource.get("id")
+        return rid if isinstance(rid, str) and rid else None
+    for key in ("subject", "patient"):
+        holder = resource.get(key)
+        if isinstance(holder, dict):
+            ref = local_ref(holder.get("reference"))
+            if ref and ref.startswith("Patient/") and len(ref) > len("Patient/"):
+                return ref.split("/", 1)[1]
+    return None
+
+
+def resource_key(resource: Any) -> str | None:
+    """'ResourceType/id' of a raw resource, or None when either part is missing or not a string."""
+    if not isinstance(resource, dict):
+        return None
+    rtype, rid = resource.get("resourceType"), resource.get("id")
+    if isinstance(rtype, str) and rtype and isinstance(rid, str) and rid:
+        return f"{rtype}/{rid}"
+    return None
+
+
+def _last_updated(resource: dict) -> datetime:
+    meta = resource.get("meta")
+    stamp = meta.get("lastUpdated") if isinstance(meta, dict) else None
+    try:
+        return parse_datetime(stamp, "meta.lastUpdated") or _EPOCH
+    except ResourceShapeError:
+        return _EPOCH
+
+
+_EPOCH = datetime.min.replace(tzinfo=UTC)
+
+
+def newer(candidate: dict, current: dict) -> bool:
+    """True when `candidate` should replace `current` (same type and id): newer meta.lastUpdated, a tie goes to
+    the one read later (a missing or unreadable lastUpdated counts as oldest)."""
+    return _last_updated(candidate) >= _last_updated(current)
+
+
+def dedupe_resources(resources: Iterable[Any]) -> tuple[list[Any], int]:
+    """One resource per type+id, the newest meta.lastUpdated kept, in order of first appearance; entries without
+    a type or id are kept as they are. Returns (kept, how many duplicates of patient data were dropped):
+    copies of shared resources (Location, Medication, ...) that every file of a folder carries are not counted."""
+    kept: dict[Any, Any] = {}
+    dropped = 0
+    for n, resource in enumerate(resources):
+        key = resource_key(resource)
+        if key is None:
+            kept[n] = resource
+            continue
+        current = kept.get(key)
+        if current is None:
+            kept[key] = resource
+            continue
+        if resource.get("resourceType") not in SHARED_TYPES:
+            dropped += 1
+        if newer(resource, current):
+            kept[key] = resource
+    return list(kept.values()), dropped
+
+
+def duplicate_issue(count: int, source: str) -> DataQualityIssue:
+    """The one data-quality line that says how many duplicate resources were merged."""
+    return DataQualityIssue(
+        source,
+        "duplicate-resource",
+        f"{count} duplicate resource{'s' if count != 1 else ''} (same type and id) were merged; "
+        "the one with the newest meta.lastUpdated was kept",
+    )
+
+
+def location_kind(location: Any) -> str | None:
+    """'ward', 'bed' or None from a Location (or Encounter.location entry) physicalType, per fhir_codes.toml."""
+    physical = location.get("physicalType") if isinstance(location, dict) else None
+    codings = physical.get("coding") if isinstance(physical, dict) else None
+    codes = fhir_codes()
+    for coding in codings if isinstance(codings, list) else ():
+        code = coding.get("code") if isinstance(coding, dict) else None
+        if isinstance(code, str):
+            if code in codes.ward_types:
+                return "ward"
+            if code in codes.bed_types:
+                return "bed"
+    return None
+
+
+def location_name(location: Any) -> str | None:
+    """Location.name, or its id when the name is missing or not a string."""
+    if not isinstance(location, dict):
+        return None
+    name = location.get("name")
+    if isinstance(name, str) and name.strip():
+        return name
+    rid = location.get("id")
+    return rid if isinstance(rid, str) else None
+
+
+def is_current_encounter(encounter: Any) -> bool:
+    """A raw Encounter whose status means the patient is in it now (fhir_codes.toml [encounter])."""
+    status = encounter.get("status") if isinstance(encounter, dict) else None
+    return isinstance(status, str) and status in fhir_codes().current_encounter_statuses
+
+
+def current_encounter(encounters: Iterable[EncounterFact]) -> EncounterFact | None:
+    """THE current encounter: a current status, an inpatient class preferred, the latest start wins."""
+    codes = fhir_codes()
+    current = [e for e in encounters if e.status in codes.current_encounter_statuses]
+    inpatient = [e for e in current if e.class_code in codes.inpatient_classes] or current
+    if not inpatient:
+        return None
+    return max(inpatient, key=lambda e: (e.start or _EPOCH, e.ref))
+
+
+def census_encounter(encounters: Iterable[Any], locations: dict[str, dict]) -> EncounterFact | None:
+    """One patient's current encounter from raw Encounters and Locations ('Location/id' -> resource): the census
+    reads ward and bed exactly as the chart does. Malformed encounters are skipped; never raises."""
+    builder = ChartBuilder(source="census")
+    builder.index = locations  # read only: the location lookups need nothing else
+    facts = []
+    for enc in encounters:
+        ref = resource_key(enc)
+        if ref is None or not is_current_encounter(enc):
+            continue
+        token = _FIELD_SINK.set(_FieldSink(ref, []))
+        try:
+            facts.append(builder._encounter(enc, ref))
+        except (ResourceShapeError, *UNEXPECTED_SHAPE_ERRORS):
+            continue
+        finally:
+            _FIELD_SINK.reset(token)
+    return current_encounter(facts)
+
+
+def code_status(chart: Chart) -> CodeStatus | None:
+    """The newest resuscitation (code) status observation, LOINC 100822-6 per fhir_codes.toml, or None."""
+    codes = fhir_codes()
+    found = None
+    for r in chart.results:  # oldest first
+        if (
+            not r.is_usable
+            or not set(r.loinc_codes or ((r.loinc,) if r.loinc else ())) & codes.code_status_loinc
+        ):
+            continue
+        kind = next(
+            (codes.code_status_answers[c] for c in r.value_codes if c in codes.code_status_answers), None
+        )
+        text = r.value_text or r.display_value()
+        if not text and kind is None:
+            continue
+        found = CodeStatus(text=text or kind or "", ref=r.ref, time=r.time, kind=kind or "unknown")
+    return found
+
+
 class ChartBuilder:
-    """Collects one patient's resources and builds the Chart; keeps going past bad resources."""
+    """Collects one patient's resources and builds the Chart; keeps going past bad resources and bad fields."""
 
     def __init__(
         self,
@@ -210,10 +460,13 @@ class ChartBuilder:
         self.patient_id = patient_id
         self.strict = strict
         self.terms = terms or terminology()
+        self.codes = fhir_codes()
         self.issues: list[DataQualityIssue] = []
-        self.by_type: dict[str, list[dict]] = {t: [] for t in CHART_TYPES}
+        # Per type, ref -> resource: a second copy of the same type+id replaces the first in place (newest wins).
+        self.by_type: dict[str, dict[str, dict]] = {t: {} for t in CHART_TYPES}
         self.index: dict[str, dict] = {}
         self.count = 0
+        self.duplicates = 0
 
     def add(self, resource: Any, *, origin: str | None = None) -> None:
         self.count += 1
@@ -228,11 +481,16 @@ class ChartBuilder:
             )
             return
         rtype = resource["resourceType"]
-        rid = resource.get("id")
-        ref = f"{rtype}/{rid}" if isinstance(rid, str) and rid else (origin or f"{rtype}/<no id>")
-        if not isinstance(rid, str) or not rid:
+        ref = resource_key(resource)
+        if ref is None:
+            where = origin or f"{rtype}/<no id>"
             self.issues.append(
-                DataQualityIssue(ref, "invalid-resource", f"{rtype} has no id; it cannot be cited", "error")
+                DataQualityIssue(
+                    where,
+                    "invalid-resource",
+                    f"{rtype} has no id (or not a string); it cannot be cited",
+                    "error",
+                )
             )
             return
         if self.strict and rtype in CHART_TYPES:
@@ -241,7 +499,13 @@ class ChartBuilder:
                 self.issues.append(DataQualityIssue(ref, "invalid-resource", problem, "error"))
                 return
         if rtype in self.by_type:
-            self.by_type[rtype].append(resource)
+            current = self.by_type[rtype].get(ref)
+            if current is not None:
+                if rtype not in SHARED_TYPES:
+                    self.duplicates += 1
+                if not newer(resource, current):
+                    return
+            self.by_type[rtype][ref] = resource
             self.index[ref] = resource
 
     def add_issue(self, issue: DataQualityIssue) -> None:
@@ -263,15 +527,26 @@ class ChartBuilder:
             ("DocumentReference", self._note, chart.notes),
         )
         for rtype, handler, sink in handlers:
-            for resource in self.by_type[rtype]:
-                ref = f"{rtype}/{resource['id']}"
+            for ref, resource in self.by_type[rtype].items():
                 try:
-                    subject = self._subject(resource, rtype)
+                    subject = self._subject(resource, rtype, ref)
                     if subject is not None and subject != patient.ref:
                         continue  # another patient's resource in a shared bundle: not ours to show
-                    produced = handler(resource, ref)
+                    produced = self._read(handler, resource, ref)
                 except ResourceShapeError as exc:
                     self.issues.append(DataQualityIssue(ref, "invalid-resource", str(exc), "error"))
+                    continue
+                except UNEXPECTED_SHAPE_ERRORS as exc:
+                    # A shape no accessor anticipated: lose this resource, never the chart (the type names the bug).
+                    log.warning("unreadable %s resource (%s)", rtype, type(exc).__name__)
+                    self.issues.append(
+                        DataQualityIssue(
+                            ref,
+                            "invalid-resource",
+                            f"could not be read ({type(exc).__name__}); not shown",
+                            "error",
+                        )
+                    )
                     continue
                 if produced is None:
                     continue
@@ -280,13 +555,15 @@ class ChartBuilder:
                 else:
                     sink.append(produced)
                 chart.resources[ref] = resource
-        for loc in self.by_type["Location"]:
-            chart.resources[f"Location/{loc['id']}"] = loc
-        chart.encounter = _current_encounter(chart.encounters)
+        for ref, loc in self.by_type["Location"].items():
+            chart.resources[ref] = loc
+        chart.encounter = current_encounter(chart.encounters)
         self._check_references(chart)
-        chart.results.sort(key=lambda r: (r.time or datetime.min.replace(tzinfo=UTC), r.ref))
-        chart.administrations.sort(key=lambda a: (a.time or datetime.min.replace(tzinfo=UTC), a.ref))
-        chart.notes.sort(key=lambda n: (n.time or datetime.min.replace(tzinfo=UTC), n.ref))
+        chart.results.sort(key=lambda r: (r.time or _EPOCH, r.ref))
+        chart.administrations.sort(key=lambda a: (a.time or _EPOCH, a.ref))
+        chart.notes.sort(key=lambda n: (n.time or _EPOCH, n.ref))
+        if self.duplicates:
+            self.issues.append(duplicate_issue(self.duplicates, patient.ref))
         chart.issues = self.issues
         log.debug(
             "chart built: %d resources, %d results, %d orders, %d issues",
@@ -297,8 +574,21 @@ class ChartBuilder:
         )
         return chart
 
+    def _read(self, handler, resource: dict, ref: str, note: str = ""):
+        """Run one handler with the field sink set: a wrong-typed field becomes an issue on `ref`."""
+        if ref.startswith("Observation/"):
+            note = (
+                note
+                or "; if it was the value, time or status, this result is not used and an older one may show"
+            )
+        token = _FIELD_SINK.set(_FieldSink(ref, self.issues, note))
+        try:
+            return handler(resource, ref)
+        finally:
+            _FIELD_SINK.reset(token)
+
     def _patient(self) -> Demographics:
-        patients = self.by_type["Patient"]
+        patients = list(self.by_type["Patient"].values())
         if self.patient_id:
             patients = [p for p in patients if p.get("id") == self.patient_id]
         if not patients:
@@ -308,45 +598,56 @@ class ChartBuilder:
             raise PatientNotFoundError(f"{self.source} holds {len(patients)} patients; pass --patient ID")
         p = patients[0]
         ref = f"Patient/{p['id']}"
-        try:
-            name = _human_name(_list(p, "name", "Patient"))
-            birth = parse_date(p.get("birthDate"), "Patient.birthDate")
-            sex = _str(p, "gender", "Patient")
-            mrn = _mrn(_list(p, "identifier", "Patient"))
-        except ResourceShapeError as exc:
-            self.issues.append(DataQualityIssue(ref, "invalid-resource", str(exc), "error"))
-            name, birth, sex, mrn = "(name unreadable)", None, None, None
-        return Demographics(ref=ref, name=name, birth_date=birth, sex=sex, mrn=mrn)
+        # Each field on its own: a bad birth date costs the birth date, not the name and MRN.
+        return self._read(self._demographics, p, ref, note=" (the rest of the patient record is shown)")
 
-    def _subject(self, resource: dict, rtype: str) -> str | None:
+    def _demographics(self, p: dict, ref: str) -> Demographics:
+        return Demographics(
+            ref=ref,
+            name=_human_name(_list(p, "name", "Patient"), "Patient.name"),
+            birth_date=parse_date(p.get("birthDate"), "Patient.birthDate"),
+            sex=_str(p, "gender", "Patient"),
+            mrn=_mrn(_list(p, "identifier", "Patient"), "Patient.identifier"),
+        )
+
+    def _subject(self, resource: dict, rtype: str, ref: str) -> str | None:
+        """Whose resource this is. Strict: a resource that cannot be attributed is never shown in a chart."""
         key = "patient" if rtype == "AllergyIntolerance" else "subject"
-        return _ref(resource, key, rtype)
+        holder = resource.get(key)
+        if holder is None:
+            return None
+        reference = holder.get("reference") if isinstance(holder, dict) else holder
+        if not isinstance(holder, dict) or not isinstance(reference, (str, type(None))):
+            raise ResourceShapeError(
+                f"{ref}.{key} is unreadable ({_json_type(reference)}); the resource cannot be attributed to a "
+                "patient and is not shown"
+            )
+        return local_ref(reference)
 
     def _encounter(self, r: dict, ref: str) -> EncounterFact:
         period = _dict(r, "period", ref)
-        cls = _get(r, "class", dict, ref) or {}
+        cls = _dict(r, "class", ref)
         ward_ref = ward_name = bed_ref = bed_name = None
-        for loc in _list(r, "location", ref):
-            if not isinstance(loc, dict):
-                raise ResourceShapeError(f"{ref}.location entries should be objects")
-            if loc.get("status") not in (None, "active", "planned", "reserved"):
+        for loc in _dicts(_list(r, "location", ref), f"{ref}.location"):
+            status = _str(loc, "status", f"{ref}.location")
+            if status is not None and status not in self.codes.current_location_statuses:
                 continue
-            lref = _ref(loc, "location", ref)
-            display = _str(_dict(loc, "location", ref), "display", ref)
-            kind = self._location_kind(lref, loc, ref)
+            lref = _ref(loc, "location", f"{ref}.location")
+            display = _str(_dict(loc, "location", f"{ref}.location"), "display", f"{ref}.location.location")
+            kind = self._location_kind(lref, loc)
             name = display or self._location_name(lref)
-            if kind == "bd" or kind == "ro":
+            if kind == "bed":
                 bed_ref, bed_name = lref, name
                 parent = self._location_parent(lref)
                 if parent and not ward_ref:
                     ward_ref, ward_name = parent, self._location_name(parent)
-            elif kind == "wa" or ward_ref is None:
+            elif kind == "ward" or ward_ref is None:
                 ward_ref, ward_name = lref, name
         reasons = [_concept_text(c, f"{ref}.reasonCode") for c in _list(r, "reasonCode", ref)]
         return EncounterFact(
             ref=ref,
             status=_str(r, "status", ref) or "unknown",
-            class_code=_str(cls, "code", ref),
+            class_code=_str(cls, "code", f"{ref}.class"),
             start=parse_datetime(period.get("start"), f"{ref}.period.start"),
             end=parse_datetime(period.get("end"), f"{ref}.period.end"),
             ward_ref=ward_ref,
@@ -356,24 +657,17 @@ class ChartBuilder:
             reason="; ".join(x for x in reasons if x) or None,
         )
 
-    def _location_kind(self, lref: str | None, loc: dict, where: str) -> str | None:
-        physical = _get(loc, "physicalType", dict, where)
-        if physical:
-            return _first_code(physical, where)
-        target = self.index.get(lref or "")
-        if target:
-            return _first_code(target.get("physicalType"), lref or where)
-        return None
+    def _location_kind(self, lref: str | None, loc: dict) -> str | None:
+        return location_kind(loc) or location_kind(self.index.get(lref or ""))
 
     def _location_name(self, lref: str | None) -> str | None:
         target = self.index.get(lref or "")
-        if target and isinstance(target.get("name"), str):
-            return target["name"]
-        return lref.split("/", 1)[1] if lref else None
+        name = location_name(target) if target else None
+        return name or (lref.split("/", 1)[1] if lref else None)
 
     def _location_parent(self, lref: str | None) -> str | None:
         target = self.index.get(lref or "")
-        if not target:
+        if not isinstance(target, dict):
             return None
         part_of = target.get("partOf")
         return local_ref(part_of.get("reference")) if isinstance(part_of, dict) else None
@@ -381,8 +675,11 @@ class ChartBuilder:
     def _allergy(self, r: dict, ref: str) -> AllergyFact:
         code = _get(r, "code", dict, ref)
         text = _concept_text(code, f"{ref}.code")
-        nka = any(cd.get("code") in NO_KNOWN_ALLERGY_CODES for cd in _codings(code, ref))
-        ingredients, classes = self.terms.resolve_allergen(_codes(code, RXNORM, ref), text)
+        nka = any(
+            isinstance(cd.get("code"), str) and cd["code"] in self.codes.no_known_allergy_codes
+            for cd in _codings(code, f"{ref}.code")
+        )
+        ingredients, classes = self.terms.resolve_allergen(_codes(code, RXNORM, f"{ref}.code"), text)
         categories = [c for c in _list(r, "category", ref) if isinstance(c, str)]
         about_medication = not categories or "medication" in categories
         if about_medication and not nka and not ingredients and not classes:
@@ -395,19 +692,20 @@ class ChartBuilder:
                 )
             )
         reactions = []
-        for reaction in _list(r, "reaction", ref):
-            if isinstance(reaction, dict):
-                for m in _list(reaction, "manifestation", ref):
-                    t = _concept_text(m, f"{ref}.reaction.manifestation")
-                    if t:
-                        reactions.append(t)
+        for reaction in _dicts(_list(r, "reaction", ref), f"{ref}.reaction"):
+            for m in _list(reaction, "manifestation", f"{ref}.reaction"):
+                t = _concept_text(m, f"{ref}.reaction.manifestation")
+                if t:
+                    reactions.append(t)
         return AllergyFact(
             ref=ref,
             substance=text or "(uncoded substance)",
             ingredients=ingredients,
             classes=classes,
-            clinical_status=_first_code(_get(r, "clinicalStatus", dict, ref), ref),
-            verification_status=_first_code(_get(r, "verificationStatus", dict, ref), ref),
+            clinical_status=_first_code(_get(r, "clinicalStatus", dict, ref), f"{ref}.clinicalStatus"),
+            verification_status=_first_code(
+                _get(r, "verificationStatus", dict, ref), f"{ref}.verificationStatus"
+            ),
             criticality=_str(r, "criticality", ref),
             category=tuple(categories),
             reactions=tuple(reactions),
@@ -418,9 +716,9 @@ class ChartBuilder:
         code = _get(r, "code", dict, ref)
         return ConditionFact(
             ref=ref,
-            text=_concept_text(code, ref) or "(uncoded condition)",
-            codes=tuple(c.get("code") for c in _codings(code, ref) if isinstance(c.get("code"), str)),
-            clinical_status=_first_code(_get(r, "clinicalStatus", dict, ref), ref),
+            text=_concept_text(code, f"{ref}.code") or "(uncoded condition)",
+            codes=tuple(c["code"] for c in _codings(code, f"{ref}.code") if isinstance(c.get("code"), str)),
+            clinical_status=_first_code(_get(r, "clinicalStatus", dict, ref), f"{ref}.clinicalStatus"),
             onset=parse_datetime(r.get("onsetDateTime"), f"{ref}.onsetDateTime"),
         )
 
@@ -432,9 +730,9 @@ class ChartBuilder:
         if not med_ref:
             return None
         if med_ref.startswith("#"):
-            for contained in _list(r, "contained", ref):
-                if isinstance(contained, dict) and contained.get("id") == med_ref[1:]:
-                    return _get(contained, "code", dict, ref)
+            for contained in _dicts(_list(r, "contained", ref), f"{ref}.contained"):
+                if contained.get("id") == med_ref[1:]:
+                    return _get(contained, "code", dict, f"{ref}.contained")
         target = self.index.get(med_ref)
         if target is None:
             self.issues.append(
@@ -473,19 +771,17 @@ class ChartBuilder:
         text, match = self._resolve_med(concept, ref)
         dose = dose_text = route = None
         timing = Timing()
-        instructions = _list(r, "dosageInstruction", ref)
+        instructions = _dicts(_list(r, "dosageInstruction", ref), f"{ref}.dosageInstruction")
         if instructions:
             d = instructions[0]
-            if not isinstance(d, dict):
-                raise ResourceShapeError(f"{ref}.dosageInstruction entries should be objects")
-            dose_text = _str(d, "text", ref)
-            route = _concept_text(_get(d, "route", dict, ref), ref) or None
-            timing = _timing(d, ref)
-            for dr in _list(d, "doseAndRate", ref):
-                if isinstance(dr, dict) and dr.get("doseQuantity") is not None:
+            dose_text = _str(d, "text", f"{ref}.dosageInstruction")
+            route = _concept_text(_get(d, "route", dict, ref), f"{ref}.route") or None
+            timing = _timing(d, f"{ref}.dosageInstruction")
+            for dr in _dicts(_list(d, "doseAndRate", ref), f"{ref}.doseAndRate"):
+                if dr.get("doseQuantity") is not None:
                     dose = _quantity(dr.get("doseQuantity"), f"{ref}.doseQuantity")
                     break
-        period = _dict(_dict(r, "dispenseRequest", ref), "validityPeriod", ref)
+        period = _dict(_dict(r, "dispenseRequest", ref), "validityPeriod", f"{ref}.dispenseRequest")
         return MedicationOrder(
             ref=ref,
             status=_str(r, "status", ref) or "unknown",
@@ -500,8 +796,10 @@ class ChartBuilder:
             route=route,
             timing=timing,
             authored_on=parse_datetime(r.get("authoredOn"), f"{ref}.authoredOn"),
-            start=parse_datetime(period.get("start"), ref) or _timing_start(instructions, ref),
-            end=parse_datetime(period.get("end"), ref) or _timing_end(instructions, ref),
+            start=parse_datetime(period.get("start"), f"{ref}.validityPeriod.start")
+            or _timing_start(instructions, ref),
+            end=parse_datetime(period.get("end"), f"{ref}.validityPeriod.end")
+            or _timing_end(instructions, ref),
         )
 
     def _statement(self, r: dict, ref: str) -> MedicationOrder:
@@ -526,7 +824,7 @@ class ChartBuilder:
         if when is None:
             when = _dict(r, "effectivePeriod", ref).get("start")
         dosage = _dict(r, "dosage", ref)
-        reasons = [_concept_text(c, ref) for c in _list(r, "statusReason", ref)]
+        reasons = [_concept_text(c, f"{ref}.statusReason") for c in _list(r, "statusReason", ref)]
         return Administration(
             ref=ref,
             status=_str(r, "status", ref) or "unknown",
@@ -559,36 +857,36 @@ class ChartBuilder:
         ranges = _list(r, "referenceRange", ref)
         results = []
         code = _get(r, "code", dict, ref)
-        if any(k.startswith("value") for k in r) or not _list(r, "component", ref):
+        components = _dicts(_list(r, "component", ref), f"{ref}.component")
+        if any(k.startswith("value") for k in r) or not components:
             results.append(self._result(ref, r, code, category, time, status, interpretation, ranges))
-        for comp in _list(r, "component", ref):
-            if not isinstance(comp, dict):
-                raise ResourceShapeError(f"{ref}.component entries should be objects")
+        for comp in components:
             results.append(
                 self._result(
                     ref,
                     comp,
-                    _get(comp, "code", dict, ref),
+                    _get(comp, "code", dict, f"{ref}.component"),
                     category,
                     time,
                     status,
                     interpretation,
-                    _list(comp, "referenceRange", ref) or ranges,
+                    _list(comp, "referenceRange", f"{ref}.component") or ranges,
                 )
             )
         return results
 
     def _result(self, ref, holder, code, category, time, status, interpretation, ranges) -> Result:
-        loinc_codes = _codes(code, LOINC, ref)
+        loinc_codes = _codes(code, LOINC, f"{ref}.code")
         analyte = None
         for lc in loinc_codes:
             analyte = self.terms.analyte_for_loinc(lc)
             if analyte:
                 break
-        name = _concept_text(code, ref) or "(uncoded observation)"
+        name = _concept_text(code, f"{ref}.code") or "(uncoded observation)"
         loinc = loinc_codes[0] if loinc_codes else None
         key = analyte.key if analyte else (f"loinc:{loinc}" if loinc else f"text:{name.lower()}")
-        original = _quantity(_get(holder, "valueQuantity", dict, ref), f"{ref}.valueQuantity")
+        vq = _get(holder, "valueQuantity", dict, ref)
+        original = _quantity(vq, f"{ref}.valueQuantity")
         if original is None:
             for k in ("valueInteger", "valueDecimal"):
                 v = _number(holder, k, ref)
@@ -596,12 +894,23 @@ class ChartBuilder:
                     original = Quantity(v, "")
         value_text = None
         vcc = _get(holder, "valueCodeableConcept", dict, ref)
+        value_codes: tuple[str, ...] = ()
         if vcc:
-            value_text = _concept_text(vcc, ref)
+            value_text = _concept_text(vcc, f"{ref}.valueCodeableConcept") or None
+            value_codes = tuple(
+                c["code"]
+                for c in _codings(vcc, f"{ref}.valueCodeableConcept")
+                if isinstance(c.get("code"), str)
+            )
         elif isinstance(holder.get("valueString"), str):
             value_text = holder["valueString"]
         elif isinstance(holder.get("valueBoolean"), bool):
             value_text = "yes" if holder["valueBoolean"] else "no"
+        elif original is None and isinstance(vq, dict) and isinstance(vq.get("value"), str):
+            # The value was refused (not a number): show what the source says, never an older value in its place.
+            value_text = (
+                f"{vq['value'][:40]} {vq.get('unit') if isinstance(vq.get('unit'), str) else ''}".strip()
+            )
         value = unit = low = high = None
         if original is not None:
             if analyte:
@@ -610,19 +919,22 @@ class ChartBuilder:
                     value = self.terms.to_canonical(analyte, original.value, original.unit)
                 except UnknownUnitError as exc:
                     # The human-readable unit may be free text ("beats/minute"); the UCUM code is authoritative.
-                    vq = holder.get("valueQuantity")
-                    code = vq.get("code") if isinstance(vq, dict) else None
+                    ucum = vq.get("code") if isinstance(vq, dict) else None
                     try:
-                        if not isinstance(code, str) or code == original.unit:
+                        if not isinstance(ucum, str) or ucum == original.unit:
                             raise exc
-                        value = self.terms.to_canonical(analyte, original.value, code)
+                        value = self.terms.to_canonical(analyte, original.value, ucum)
                     except UnknownUnitError:
                         self.issues.append(DataQualityIssue(ref, "unknown-unit", str(exc)))
             else:
                 value, unit = original.value, original.unit
-        if ranges and isinstance(ranges[0], dict):
-            low_q = _quantity(ranges[0].get("low"), f"{ref}.referenceRange.low")
-            high_q = _quantity(ranges[0].get("high"), f"{ref}.referenceRange.high")
+        if value is not None and not _finite(value):
+            _bad(f"{ref} value {original} is out of range after unit conversion")
+            value = None
+        range0 = ranges[0] if ranges and isinstance(ranges[0], dict) else {}
+        if range0:
+            low_q = _quantity(range0.get("low"), f"{ref}.referenceRange.low")
+            high_q = _quantity(range0.get("high"), f"{ref}.referenceRange.high")
             low = self._range_value(analyte, low_q, ref)
             high = self._range_value(analyte, high_q, ref)
         if value is not None:
@@ -642,6 +954,8 @@ class ChartBuilder:
             ref_low=low,
             ref_high=high,
             interpretation=interpretation,
+            loinc_codes=tuple(loinc_codes),
+            value_codes=value_codes,
         )
 
     def _range_value(self, analyte, q: Quantity | None, ref: str) -> float | None:
@@ -650,26 +964,25 @@ class ChartBuilder:
         if analyte is None:
             return q.value
         try:
-            return round(self.terms.to_canonical(analyte, q.value, q.unit or analyte.canonical_unit), 4)
+            value = self.terms.to_canonical(analyte, q.value, q.unit or analyte.canonical_unit)
         except UnknownUnitError:
             return None
+        return round(value, 4) if _finite(value) else None
 
     def _note(self, r: dict, ref: str) -> Note | None:
         status = _str(r, "status", ref)
         if status == "entered-in-error":
             return None
         texts = []
-        for content in _list(r, "content", ref):
-            if not isinstance(content, dict):
-                raise ResourceShapeError(f"{ref}.content entries should be objects")
-            att = _dict(content, "attachment", ref)
-            data = _str(att, "data", ref)
-            ctype = (_str(att, "contentType", ref) or "text/plain").split(";")[0]
+        for content in _dicts(_list(r, "content", ref), f"{ref}.content"):
+            att = _dict(content, "attachment", f"{ref}.content")
+            data = _str(att, "data", f"{ref}.attachment")
+            ctype = (_str(att, "contentType", f"{ref}.attachment") or "text/plain").split(";")[0]
             if data and ctype.startswith("text/"):
                 try:
                     texts.append(base64.b64decode(data, validate=True).decode("utf-8", errors="replace"))
-                except (binascii.Error, ValueError) as exc:
-                    raise ResourceShapeError(f"{ref} attachment data is not valid base64") from exc
+                except (binascii.Error, ValueError):
+                    _bad(f"{ref} attachment data is not valid base64")
             elif att.get("url") or data:
                 self.issues.append(
                     DataQualityIssue(
@@ -680,7 +993,7 @@ class ChartBuilder:
         return Note(
             ref=ref,
             time=parse_datetime(r.get("date"), f"{ref}.date"),
-            title=_concept_text(_get(r, "type", dict, ref), ref) or "Note",
+            title=_concept_text(_get(r, "type", dict, ref), f"{ref}.type") or "Note",
             text=text[:NOTE_TEXT_LIMIT],
             author=None,
         )
@@ -698,70 +1011,64 @@ class ChartBuilder:
                 )
 
 
-def _human_name(names: list) -> str:
-    for n in names:
-        if isinstance(n, dict) and n.get("use") in (None, "official", "usual"):
-            given = " ".join(g for g in n.get("given", []) if isinstance(g, str))
-            family = n.get("family") if isinstance(n.get("family"), str) else ""
-            text = n.get("text") if isinstance(n.get("text"), str) else ""
+def _human_name(names: list, where: str) -> str:
+    for n in _dicts(names, where):
+        use = _str(n, "use", where)
+        if use in (None, "official", "usual"):
+            given = " ".join(g for g in _list(n, "given", where) if isinstance(g, str))
+            family = _str(n, "family", where) or ""
+            text = _str(n, "text", where) or ""
             full = text or f"{given} {family}".strip()
             if full:
                 return full
     return "(no name recorded)"
 
 
-def _mrn(identifiers: list) -> str | None:
-    for ident in identifiers:
-        if not isinstance(ident, dict):
-            continue
-        codes = {c.get("code") for c in (ident.get("type") or {}).get("coding", []) if isinstance(c, dict)}
-        if "MR" in codes and isinstance(ident.get("value"), str):
-            return ident["value"]
+def _mrn(identifiers: list, where: str) -> str | None:
+    for ident in _dicts(identifiers, where):
+        codes = {c.get("code") for c in _codings(_get(ident, "type", dict, where), f"{where}.type")}
+        value = _str(ident, "value", where)
+        if "MR" in codes and value:
+            return value
     return None
 
 
 def _timing(dosage: dict, where: str) -> Timing:
     timing = _dict(dosage, "timing", where)
-    repeat = _dict(timing, "repeat", where)
+    repeat = _dict(timing, "repeat", f"{where}.timing")
     as_needed = (
         bool(_get(dosage, "asNeededBoolean", bool, where))
         or dosage.get("asNeededCodeableConcept") is not None
     )
-    frequency = _get(repeat, "frequency", int, where)
+    frequency = _get(repeat, "frequency", int, f"{where}.timing.repeat")
     return Timing(
         frequency=frequency,
-        period=_number(repeat, "period", where),
-        period_unit=_str(repeat, "periodUnit", where),
+        period=_number(repeat, "period", f"{where}.timing.repeat"),
+        period_unit=_str(repeat, "periodUnit", f"{where}.timing.repeat"),
         as_needed=as_needed,
-        text=_concept_text(_get(timing, "code", dict, where), where) or None,
+        text=_concept_text(_get(timing, "code", dict, f"{where}.timing"), f"{where}.timing.code") or None,
     )
 
 
-def _timing_start(instructions: list, where: str) -> datetime | None:
+def _bounds(instructions: list, where: str, key: str) -> datetime | None:
     for d in instructions:
         if isinstance(d, dict):
-            bounds = _dict(_dict(_dict(d, "timing", where), "repeat", where), "boundsPeriod", where)
-            if bounds.get("start"):
-                return parse_datetime(bounds["start"], f"{where}.boundsPeriod.start")
+            timing = _dict(d, "timing", where)
+            bounds = _dict(
+                _dict(timing, "repeat", f"{where}.timing"), "boundsPeriod", f"{where}.timing.repeat"
+            )
+            if bounds.get(key):
+                return parse_datetime(bounds[key], f"{where}.boundsPeriod.{key}")
     return None
+
+
+def _timing_start(instructions: list, where: str) -> datetime | None:
+    return _bounds(instructions, where, "start")
 
 
 def _timing_end(instructions: list, where: str) -> datetime | None:
     """The end of the dosing period (Timing.repeat.boundsPeriod.end): when a stopped order actually stopped."""
-    for d in instructions:
-        if isinstance(d, dict):
-            bounds = _dict(_dict(_dict(d, "timing", where), "repeat", where), "boundsPeriod", where)
-            if bounds.get("end"):
-                return parse_datetime(bounds["end"], f"{where}.boundsPeriod.end")
-    return None
-
-
-def _current_encounter(encounters: list[EncounterFact]) -> EncounterFact | None:
-    current = [e for e in encounters if e.status in ("in-progress", "arrived", "onleave", "triaged")]
-    inpatient = [e for e in current if e.class_code in INPATIENT_CLASSES] or current
-    if not inpatient:
-        return None
-    return max(inpatient, key=lambda e: e.start or datetime.min.replace(tzinfo=UTC))
+    return _bounds(instructions, where, "end")
 
 
 def build_chart(

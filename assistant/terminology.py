@@ -196,3 +196,33 @@ class Terminology:
 @cache
 def terminology() -> Terminology:
     return Terminology(_load_toml("lab_analytes.toml"), _load_toml("medications.toml"))
+
+
+@dataclass(frozen=True, slots=True)
+class FhirCodes:
+    """FHIR codes the core decides on (assistant/data/fhir_codes.toml, each table with its source)."""
+
+    current_encounter_statuses: frozenset[str]
+    inpatient_classes: frozenset[str]
+    current_location_statuses: frozenset[str]
+    ward_types: frozenset[str]
+    bed_types: frozenset[str]
+    no_known_allergy_codes: frozenset[str]
+    code_status_loinc: frozenset[str]
+    code_status_answers: dict[str, str]  # SNOMED answer code -> "full" | "dnr" | ...
+
+
+@cache
+def fhir_codes() -> FhirCodes:
+    data = _load_toml("fhir_codes.toml")
+    enc, loc = data["encounter"], data["location"]
+    return FhirCodes(
+        current_encounter_statuses=frozenset(enc["current_statuses"]),
+        inpatient_classes=frozenset(enc["inpatient_classes"]),
+        current_location_statuses=frozenset(enc["current_location_statuses"]),
+        ward_types=frozenset(loc["ward_types"]),
+        bed_types=frozenset(loc["bed_types"]),
+        no_known_allergy_codes=frozenset(data["allergy"]["no_known_allergy_codes"]),
+        code_status_loinc=frozenset(data["code_status"]["loinc"]),
+        code_status_answers={str(k): str(v) for k, v in data["code_status"]["answers"].items()},
+    )

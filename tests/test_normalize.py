@@ -163,21 +163,107 @@ def test_allergy_to_a_class_keeps_the_class():
     assert "penicillin" in chart.allergies[0].classes and chart.allergies[0].is_active
 
 
-def test_wrong_types_make_one_issue_and_the_rest_of_the_chart_stays():
-    bad = obs("bad", "2823-3", "five point nine", "mmol/L")
+def test_a_wrong_type_costs_only_its_field_and_says_so():
+    bad = obs("bad", "2823-3", "five point nine", "mmol/L", when="2026-03-16T06:00:00Z")
     bad_date = obs("bad-date", "2823-3", 4.0, "mmol/L", when="yesterday")
     good = obs("good", "2823-3", 4.1, "mmol/L")
     chart = chart_of(
         bad, bad_date, good, med_request("m1", text="KCl 20 mEq", dosageInstruction="twice daily")
     )
-    assert [r.ref for r in chart.results] == ["Observation/good"]
-    codes = {(i.source, i.code) for i in chart.issues}
-    assert codes == {
-        ("Observation/bad", "invalid-resource"),
-        ("Observation/bad-date", "invalid-resource"),
-        ("MedicationRequest/m1", "invalid-resource"),
+    # Every resource is still in the chart; only the unreadable field is gone.
+    assert {r.ref for r in chart.results} == {"Observation/bad", "Observation/bad-date", "Observation/good"}
+    by_ref = {r.ref: r for r in chart.results}
+    assert by_ref["Observation/bad"].value is None
+    assert by_ref["Observation/bad"].value_text == "five point nine mmol/L"  # what the source says, not 4.1
+    assert by_ref["Observation/bad-date"].time is None and by_ref["Observation/bad-date"].value == 4.0
+    order = chart.orders[0]
+    assert order.ref == "MedicationRequest/m1" and order.ingredients == ("potassium-chloride",)
+    assert order.is_active and order.dose_text is None
+    issues = {i.source: i for i in chart.issues}
+    assert set(issues) == {"Observation/bad", "Observation/bad-date", "MedicationRequest/m1"}
+    assert all(i.code == "invalid-resource" and i.severity == "error" for i in chart.issues)
+    assert "dosageInstruction" in issues["MedicationRequest/m1"].message
+    # A result without its value or time says that an older one may show as the latest.
+    assert "older one may show" in issues["Observation/bad"].message
+    assert "older one may show" in issues["Observation/bad-date"].message
+
+
+def test_a_numeric_string_is_read_as_a_number_with_a_warning():
+    chart = chart_of(
+        obs("old", "2823-3", 4.6, "mmol/L", when="2026-03-15T05:00:00Z"),
+        obs("new", "2823-3", "5.9", "mmol/L", when="2026-03-16T05:00:00Z"),
+    )
+    assert chart.latest("potassium").ref == "Observation/new"
+    assert chart.latest("potassium").value == 5.9
+    [issue] = chart.issues
+    assert (issue.source, issue.code, issue.severity) == ("Observation/new", "numeric-string", "warning")
+    assert "'5.9'" in issue.message
+
+
+@pytest.mark.parametrize("text", ["5,9", "<5", "5.9.1", "1e999", "nan", " "])
+def test_a_string_that_is_not_a_plain_number_is_refused_with_an_issue(text):
+    chart = chart_of(obs("new", "2823-3", text, "mmol/L"))
+    assert chart.results[0].value is None
+    assert [i.code for i in chart.issues] == ["invalid-resource"]
+
+
+def test_a_bad_birth_date_keeps_the_name_and_mrn():
+    p = patient(
+        birthDate="1950-02-31",
+        identifier=[{"type": {"coding": [{"code": "MR"}]}, "value": "MRN-7"}],
+    )
+    chart = build_chart([p, obs("k", "2823-3", 4.0, "mmol/L")], source="t")
+    assert (chart.patient.name, chart.patient.mrn, chart.patient.birth_date) == ("Ada Test", "MRN-7", None)
+    assert chart.patient.sex == "female"
+    assert [(i.source, i.code) for i in chart.issues] == [(f"Patient/{PID}", "invalid-resource")]
+    assert "birthDate" in chart.issues[0].message
+
+
+def test_given_name_as_a_number_keeps_the_family_name():
+    chart = build_chart([patient(name=[{"given": 5, "family": "Test"}])], source="t")
+    assert chart.patient.name == "Test"
+    assert "given" in chart.issues[0].message
+
+
+def test_encounter_location_as_a_string_keeps_the_encounter():
+    enc = {
+        "resourceType": "Encounter",
+        "id": "e1",
+        "status": "in-progress",
+        "class": {"code": "IMP"},
+        "subject": {"reference": f"Patient/{PID}"},
+        "period": {"start": "2026-03-14T10:00:00Z"},
+        "location": [{"location": "Location/ward-a"}, "junk"],
     }
-    assert all(i.severity == "error" for i in chart.issues)
+    chart = chart_of(enc)
+    assert chart.encounter is not None and chart.encounter.ref == "Encounter/e1"
+    assert chart.encounter.ward_ref is None
+    assert len(chart.issues) == 2 and {i.source for i in chart.issues} == {"Encounter/e1"}
+
+
+def test_an_unattributable_subject_is_not_shown():
+    bad = obs("k", "2823-3", 6.5, "mmol/L", subject="Patient/p1")
+    chart = chart_of(bad)
+    assert chart.results == []
+    assert chart.issues[0].source == "Observation/k" and "attributed" in chart.issues[0].message
+
+
+def test_duplicates_are_merged_newest_last_updated_wins_and_counted():
+    older = obs("k", "2823-3", 4.0, "mmol/L", meta={"lastUpdated": "2026-03-16T05:00:00Z"})
+    newer = obs("k", "2823-3", 6.1, "mmol/L", meta={"lastUpdated": "2026-03-16T06:00:00+01:00"})
+    newest = obs("k", "2823-3", 5.2, "mmol/L", meta={"lastUpdated": "2026-03-16T05:30:00Z"})
+    chart = chart_of(older, newest, newer)  # 06:00+01:00 is 05:00Z, older than 05:30Z
+    assert [r.value for r in chart.results] == [5.2]
+    [issue] = chart.issues
+    assert issue.code == "duplicate-resource" and issue.message.startswith("2 duplicate resources")
+    chart = chart_of(newest, older)
+    assert [r.value for r in chart.results] == [5.2]
+
+
+def test_shared_resource_copies_are_not_counted_as_duplicates():
+    loc = {"resourceType": "Location", "id": "w", "name": "Ward W"}
+    chart = chart_of(loc, dict(loc))
+    assert chart.issues == [] and "Location/w" in chart.resources
 
 
 def test_reference_to_a_missing_resource_is_reported():
