@@ -1,6 +1,6 @@
 """FHIR R4 sources: REST servers, Bundle directories and Bulk Data NDJSON directories behind one interface."""
 
-from connectors.base import FhirSource, open_source
+from connectors.base import FhirSource, PatientRecord, SourceCompleteness
 from connectors.errors import (
     FhirAuthError,
     FhirError,
@@ -10,6 +10,7 @@ from connectors.errors import (
     FhirTemporaryError,
     SourceFileError,
 )
+from connectors.factory import open_source
 
 __all__ = [
     "FhirAuthError",
@@ -19,6 +20,8 @@ __all__ = [
     "FhirResponseError",
     "FhirSource",
     "FhirTemporaryError",
+    "PatientRecord",
+    "SourceCompleteness",
     "SourceFileError",
     "open_source",
 ]

@@ -36,6 +36,40 @@ class BearerAuth(Auth):
         return {"Authorization": f"Bearer {self._token}"}
 
 
+def check_private_key(pem: bytes, alg: str) -> None:
+    """Refuse, with what to do, a key that cannot sign `alg` assertions: not PEM, a public key, wrong kind."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except TypeError as exc:  # an encrypted key given without a password
+        raise FhirAuthError(
+            "NVA_FHIR_PRIVATE_KEY is encrypted; give an unencrypted PEM private key (PKCS#8 or PKCS#1)"
+        ) from exc
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        looks_public = b"PUBLIC KEY" in pem[:200] or b"BEGIN CERTIFICATE" in pem[:200]
+        raise FhirAuthError(
+            "NVA_FHIR_PRIVATE_KEY is a public key or certificate, not the private key; give the private key "
+            "whose public half is registered with the server"
+            if looks_public
+            else "NVA_FHIR_PRIVATE_KEY is not a PEM private key ('-----BEGIN PRIVATE KEY-----'); check the path"
+        ) from exc
+    if alg == "RS384" and not isinstance(key, rsa.RSAPrivateKey):
+        raise FhirAuthError(
+            f"NVA_FHIR_JWT_ALG=RS384 needs an RSA key, but the key is {type(key).__name__.removesuffix('PrivateKey')}; "
+            "set NVA_FHIR_JWT_ALG=ES384 for an EC (P-384) key"
+        )
+    if alg == "ES384":
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise FhirAuthError(
+                "NVA_FHIR_JWT_ALG=ES384 needs an EC P-384 key; set NVA_FHIR_JWT_ALG=RS384 for RSA"
+            )
+        if key.curve.name != "secp384r1":
+            raise FhirAuthError(f"ES384 needs a P-384 (secp384r1) key, not {key.curve.name}")
+
+
 class SmartBackendAuth(Auth):
     """client_credentials grant with a private_key_jwt assertion; the token is cached until shortly before expiry."""
 
@@ -60,6 +94,7 @@ class SmartBackendAuth(Auth):
             )
         if not client_id:
             raise FhirAuthError("SMART auth needs NVA_FHIR_CLIENT_ID")
+        check_private_key(private_key_pem, alg)
         self.token_url = token_url
         self.client_id = client_id
         self._key = private_key_pem
@@ -97,8 +132,11 @@ class SmartBackendAuth(Auth):
         headers = {"kid": self.kid} if self.kid else None
         try:
             return jwt.encode(claims, self._key, algorithm=self.alg, headers=headers)
-        except (ValueError, TypeError) as exc:
-            raise FhirAuthError(f"the private key cannot sign {self.alg} assertions ({exc})") from exc
+        except (ValueError, TypeError, AttributeError, jwt.PyJWTError) as exc:
+            raise FhirAuthError(
+                f"the private key cannot sign {self.alg} assertions ({exc.__class__.__name__}); check "
+                "NVA_FHIR_PRIVATE_KEY and NVA_FHIR_JWT_ALG"
+            ) from exc
 
     def _fetch(self) -> None:
         form = {

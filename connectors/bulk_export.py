@@ -1,18 +1,19 @@
-"""FHIR Bulk Data $export client: kick-off, poll honouring Retry-After and X-Progress, download NDJSON files."""
+"""FHIR Bulk Data $export client: kick-off (only types the server serves), poll, download, say what is missing."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import random
+import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import requests
 
+from connectors.base import ANY_TYPE
 from connectors.errors import (
     FhirAuthError,
     FhirError,
@@ -21,18 +22,14 @@ from connectors.errors import (
     FhirResponseError,
     FhirTemporaryError,
 )
-from connectors.rest import (
-    RETRY_STATUSES,
-    RestFhirSource,
-    _maybe_json,
-    _retry_after_seconds,
-    _where,
-    outcome_text,
-)
+from connectors.http import issue_text, maybe_json, outcome_issues, outcome_text, retry_after_seconds, where
+from connectors.ndjson_dir import EXPORT_STATUS, ndjson_files
+from connectors.rest import RestFhirSource
 
 log = logging.getLogger(__name__)
 
-COMPLETE = ".export-complete.json"
+COMPLETE = EXPORT_STATUS
+JOB_FILE = ".export-job.json"
 # What a chart needs: the patient compartment plus the shared resources it points to.
 EXPORT_TYPES = (
     "Patient",
@@ -76,117 +73,90 @@ def supports_bulk_export(source: RestFhirSource) -> bool:
     return bool(export_operations(source))
 
 
-def _send(
+@dataclass(slots=True)
+class ExportGaps:
+    """What one export could not deliver; written to the status file that NdjsonDirSource reads back."""
+
+    missing_types: dict[str, str] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def missing(self, rtype: str, reason: str) -> None:
+        self.missing_types.setdefault(rtype, reason)
+
+
+def refused_types(body: object, asked: Iterable[str]) -> set[str]:
+    """The asked-for types an OperationOutcome names (e.g. 'resource type "Location" is not available')."""
+    text = " ".join(issue_text(i) for i in outcome_issues(body))
+    return {t for t in asked if re.search(rf"\b{re.escape(t)}\b", text)}
+
+
+def exportable_types(source: RestFhirSource, wanted: Iterable[str], gaps: ExportGaps) -> list[str]:
+    """The wanted types the CapabilityStatement lists (all of them when it lists none)."""
+    wanted = list(wanted)
+    served = source.served_types()
+    if served is None:
+        return wanted
+    for rtype in wanted:
+        if rtype not in served:
+            gaps.missing(rtype, "not served by the server (absent from its CapabilityStatement)")
+    return [t for t in wanted if t in served]
+
+
+def kick_off(
     source: RestFhirSource,
-    method: str,
-    url: str,
     *,
-    params: Mapping[str, Any] | None = None,
-    headers: Mapping[str, str] | None = None,
-    stream: bool = False,
-    accept: Iterable[int] = (200, 202),
-) -> requests.Response:
-    """One request with the source's retries, backoff and re-authentication; typed errors otherwise."""
-    reauthed = False
-    attempt = 0
-    accepted = set(accept)
-    while True:
-        attempt += 1
-        wait: float | None = None
-        try:
-            resp = source.session.request(
-                method,
-                url,
-                params=params,
-                headers={**(headers or {}), **source.auth.headers()},
-                verify=source.options.verify,
-                stream=stream,
-                timeout=(source.options.connect_timeout, source.options.read_timeout),
-            )
-        except requests.Timeout as exc:
-            error: FhirError = FhirTemporaryError(
-                f"no answer from {_where(url)} (timeout); the server is slow or down", url=url
-            )
-            error.__cause__ = exc
-        except requests.ConnectionError as exc:
-            error = FhirTemporaryError(
-                f"cannot connect to {_where(url)}; check the URL and that the server is up", url=url
-            )
-            error.__cause__ = exc
-        else:
-            status = resp.status_code
-            if status in accepted:
-                return resp
-            body = _maybe_json(resp.content)
-            detail = outcome_text(body)
-            if status == 401 and source.auth.can_refresh and not reauthed:
-                reauthed = True
-                source.auth.refresh()
-                attempt -= 1
-                continue
-            if status in RETRY_STATUSES:
-                error = FhirTemporaryError(
-                    f"{_where(url)} answered HTTP {status}{': ' + detail if detail else ''}",
-                    url=url,
-                    status=status,
-                )
-                wait = _retry_after_seconds(resp.headers.get("Retry-After"))
-            elif status in (401, 403):
-                raise FhirAuthError(
-                    f"{_where(url)} refused the bulk export (HTTP {status}); check the credentials "
-                    "and that the client has system/*.read scope",
-                    url=url,
-                    status=status,
-                )
-            elif status in (404, 410):
-                raise FhirNotFoundError(
-                    f"{_where(url)} not found (HTTP {status}){': ' + detail if detail else ''}; "
-                    "the export job may have expired, start again without --resume",
-                    url=url,
-                    status=status,
-                )
-            else:
-                raise FhirFatalError(
-                    f"{_where(url)} rejected the bulk export request (HTTP {status})"
-                    f"{': ' + detail if detail else ''}",
-                    url=url,
-                    status=status,
-                )
-        if attempt > source.options.retries:
-            raise error
-        delay = (
-            wait
-            if wait is not None
-            else random.uniform(  # noqa: S311 - jitter, not crypto
-                0, min(source.options.backoff_cap, source.options.backoff_base * 2 ** (attempt - 1))
-            )
-        )
-        source._sleep(min(delay, MAX_POLL_SLEEP))
+    types: Iterable[str] = EXPORT_TYPES,
+    level: str | None = None,
+    gaps: ExportGaps | None = None,
+) -> str:
+    """Start an export of the types the server serves; returns the status (polling) URL from Content-Location.
 
-
-def kick_off(source: RestFhirSource, *, types: Iterable[str] = EXPORT_TYPES, level: str | None = None) -> str:
-    """Start an export; returns the status (polling) URL from Content-Location."""
+    A 400 whose OperationOutcome names some of the asked-for types is answered by asking again without them;
+    the refused types go to `gaps`.
+    """
+    gaps = gaps if gaps is not None else ExportGaps()
     levels = export_operations(source)
     if level is None:
         level = "system" if "system" in levels else "patient"
     path = "$export" if level == "system" else "Patient/$export"
-    params = {"_outputFormat": "application/fhir+ndjson", "_type": ",".join(types)}
-    resp = _send(
-        source,
-        "GET",
-        source.url_for(path),
-        params=params,
-        headers={"Accept": "application/fhir+json", "Prefer": "respond-async"},
-        accept=(202,),
-    )
-    status_url = resp.headers.get("Content-Location")
-    if not status_url:
-        raise FhirResponseError(
-            f"{_where(resp.url)} accepted the export but sent no Content-Location to poll",
-            url=resp.url,
-            status=resp.status_code,
-        )
-    return status_url
+    asked = exportable_types(source, types, gaps)
+    while True:
+        if not asked:
+            raise FhirFatalError(
+                f"{where(source.url_for(path))} exports none of the resource types a chart needs "
+                f"({', '.join(sorted(gaps.missing_types))})",
+                url=source.url_for(path),
+            )
+        params = {"_outputFormat": "application/fhir+ndjson", "_type": ",".join(asked)}
+        try:
+            resp, _ = source.request(
+                "GET",
+                path,
+                params=params,
+                headers={"Accept": "application/fhir+json", "Prefer": "respond-async"},
+                accept=(202,),
+                what="the bulk export request",
+            )
+        except FhirFatalError as exc:
+            if exc.status != 400 or isinstance(exc, (FhirAuthError, FhirNotFoundError)):
+                raise
+            refused = refused_types(exc.outcome, asked)
+            if not refused:
+                raise
+            detail = outcome_text(exc.outcome)
+            for rtype in sorted(refused):
+                gaps.missing(rtype, f"the server refused to export it ({detail[:200]})")
+            log.info("the server refused %d resource type(s); asking again without them", len(refused))
+            asked = [t for t in asked if t not in refused]
+            continue
+        status_url = resp.headers.get("Content-Location")
+        if not status_url:
+            raise FhirResponseError(
+                f"{where(resp.url)} accepted the export but sent no Content-Location to poll",
+                url=resp.url,
+                status=resp.status_code,
+            )
+        return status_url
 
 
 def poll(
@@ -197,17 +167,26 @@ def poll(
     on_progress: Callable[[str], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> dict:
-    """Poll until the manifest is ready, sleeping as the server's Retry-After says (bounded)."""
+    """Poll until the manifest is ready, sleeping as the server's Retry-After says (bounded).
+
+    Raises FhirNotFoundError when the server no longer knows the job (404/410), e.g. after a restart.
+    """
     deadline = clock() + max_wait
     polls = 0
     while True:
         polls += 1
-        resp = _send(source, "GET", status_url, headers={"Accept": "application/json"}, accept=(200, 202))
+        resp, _ = source.request(
+            "GET",
+            status_url,
+            headers={"Accept": "application/json"},
+            accept=(200, 202),
+            what="the bulk export status request",
+        )
         if resp.status_code == 200:
-            manifest = _maybe_json(resp.content)
+            manifest = maybe_json(resp.content)
             if not isinstance(manifest, dict) or not isinstance(manifest.get("output"), list):
                 raise FhirResponseError(
-                    f"{_where(status_url)} sent a bulk export manifest without an output list",
+                    f"{where(status_url)} sent a bulk export manifest without an output list",
                     url=status_url,
                     status=200,
                 )
@@ -217,7 +196,7 @@ def poll(
             log.info("bulk export in progress: %s", progress)
             if on_progress:
                 on_progress(progress)
-        wait = _retry_after_seconds(resp.headers.get("Retry-After"))
+        wait = retry_after_seconds(resp.headers.get("Retry-After"))
         if wait is None:
             wait = min(MAX_POLL_SLEEP, 1.0 * 2 ** min(polls, 6))
         if clock() + wait > deadline:
@@ -229,48 +208,114 @@ def poll(
         source._sleep(min(wait, MAX_POLL_SLEEP))
 
 
-def download(source: RestFhirSource, manifest: dict, outdir: Path) -> list[Path]:
-    """Stream every output file to `outdir` (tmp + rename, so a crash never leaves a half file named .ndjson)."""
+def _fetch_file(source: RestFhirSource, url: str, target: Path, *, token: bool) -> None:
+    """Stream one export file to `target` via a .part file; a connection broken mid-way is retried."""
+    tmp = target.with_name(target.name + ".part")
+    attempt = 0
+    while True:
+        attempt += 1
+        resp, _ = source.request(
+            "GET",
+            url,
+            headers={"Accept": "application/fhir+ndjson"},
+            stream=True,
+            accept=(200,),
+            what="the export file download",
+            auth=token,
+        )
+        try:
+            with resp, tmp.open("wb") as fh:
+                for chunk in resp.iter_content(chunk_size=1 << 16):
+                    fh.write(chunk)
+        except requests.RequestException as exc:
+            tmp.unlink(missing_ok=True)
+            if attempt > source.options.retries:
+                raise FhirTemporaryError(
+                    f"{where(url)} broke off the download {attempt} times ({exc.__class__.__name__})", url=url
+                ) from exc
+            log.info("export file download broke off (%s); fetching it again", exc.__class__.__name__)
+            source._sleep(min(source.options.backoff_cap, source.options.backoff_base * 2 ** (attempt - 1)))
+            continue
+        os.replace(tmp, target)
+        return
+
+
+def _error_messages(source: RestFhirSource, item: dict, token: bool) -> list[str]:
+    """The diagnostics in one manifest `error` file (NDJSON of OperationOutcomes); a placeholder if unreadable."""
+    url = item.get("url")
+    if not isinstance(url, str):
+        return ["the export reported an error without a file"]
+    try:
+        resp, _ = source.request(
+            "GET", url, headers={"Accept": "application/fhir+ndjson"}, accept=(200,), auth=token
+        )
+    except FhirError as exc:
+        return [f"an export error file could not be read ({exc.__class__.__name__})"]
+    out = []
+    for line in resp.text.splitlines():
+        text = outcome_text(maybe_json(line))
+        if text:
+            out.append(text[:300])
+    return out or ["the export reported an error (no diagnostics)"]
+
+
+def download(
+    source: RestFhirSource, manifest: dict, outdir: Path, gaps: ExportGaps | None = None
+) -> list[Path]:
+    """Stream every output file to `outdir` (tmp + rename, so a crash never leaves a half file named .ndjson).
+
+    A file that cannot be fetched (expired: 410, gone, broken off beyond the retries) does not stop the export:
+    its type goes to `gaps` as missing, with the manifest's error entries.
+    """
+    gaps = gaps if gaps is not None else ExportGaps()
     outdir.mkdir(parents=True, exist_ok=True)
-    needs_token = bool(manifest.get("requiresAccessToken"))
+    token = bool(manifest.get("requiresAccessToken"))
     written: list[Path] = []
     counters: dict[str, int] = {}
-    for item in manifest["output"]:
-        if not isinstance(item, dict) or not isinstance(item.get("url"), str):
-            continue
-        rtype = str(item.get("type") or "Unknown")
+    outputs = [i for i in manifest["output"] if isinstance(i, dict) and isinstance(i.get("url"), str)]
+    for item in outputs:
+        rtype = str(item.get("type") or ANY_TYPE)
         counters[rtype] = counters.get(rtype, 0) + 1
-        target = outdir / f"{rtype}.{counters[rtype]:04d}.ndjson"
+        target = outdir / f"{rtype if rtype != ANY_TYPE else 'Unknown'}.{counters[rtype]:04d}.ndjson"
         if target.exists():
             written.append(target)  # downloaded before an interruption
             continue
-        headers = {"Accept": "application/fhir+ndjson"}
-        if needs_token:
-            resp = _send(source, "GET", item["url"], headers=headers, stream=True, accept=(200,))
-        else:
-            resp = source.session.get(
-                item["url"],
-                headers=headers,
-                stream=True,
-                verify=source.options.verify,
-                timeout=(source.options.connect_timeout, source.options.read_timeout),
+        try:
+            _fetch_file(source, item["url"], target, token=token)
+        except FhirAuthError:
+            raise
+        except FhirError as exc:
+            expired = exc.status in (404, 410)
+            message = (
+                f"export file {counters[rtype]} of {rtype} "
+                f"{'has expired or is gone' if expired else 'could not be downloaded'}"
+                f"{f' (HTTP {exc.status})' if exc.status else ''}"
             )
-            if resp.status_code != 200:
-                raise FhirFatalError(
-                    f"{_where(item['url'])} answered HTTP {resp.status_code} for an export file",
-                    url=item["url"],
-                    status=resp.status_code,
-                )
-        tmp = target.with_name(target.name + ".part")
-        with resp, tmp.open("wb") as fh:
-            for chunk in resp.iter_content(chunk_size=1 << 16):
-                fh.write(chunk)
-        os.replace(tmp, target)
+            log.warning("%s", message)
+            gaps.errors.append(message)
+            gaps.missing(rtype, message)
+            continue
         written.append(target)
     errors = [e for e in manifest.get("error") or [] if isinstance(e, dict)]
+    for entry in errors:
+        for message in _error_messages(source, entry, token):
+            gaps.errors.append(message)
+            named = refused_types(
+                {"resourceType": "OperationOutcome", "issue": [{"diagnostics": message}]}, EXPORT_TYPES
+            )
+            for rtype in sorted(named) or [ANY_TYPE]:
+                gaps.missing(rtype, f"the export reported an error: {message[:200]}")
     if errors:
         log.warning("the bulk export reported %d error file(s); they are listed in %s", len(errors), COMPLETE)
     return written
+
+
+def _discard_files(outdir: Path) -> None:
+    """Files of an earlier job: a new job has its own transaction time, so they must not be mixed in."""
+    for path in ndjson_files(outdir):
+        path.unlink()
+    for path in outdir.glob("*.part"):
+        path.unlink()
 
 
 def bulk_export(
@@ -281,26 +326,49 @@ def bulk_export(
     max_wait: float = 3600.0,
     on_progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Export the server to an NDJSON directory; an interrupted export resumes polling the same job."""
+    """Export the server to an NDJSON directory; an interrupted export resumes polling the same job.
+
+    A job the server no longer knows (404/410 on its status URL, e.g. after a restart) is started again. What
+    could not be exported is written to the status file; `NdjsonDirSource(outdir).completeness` reads it.
+    """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     if (outdir / COMPLETE).exists():
         return outdir
-    job_file = outdir / ".export-job.json"
+    job_file = outdir / JOB_FILE
+    gaps = ExportGaps()
     status_url = None
     if job_file.exists():
-        status_url = json.loads(job_file.read_text(encoding="utf-8")).get("status_url")
-    if not status_url:
-        status_url = kick_off(source, types=types)
-        job_file.write_text(json.dumps({"status_url": status_url}), encoding="utf-8")
-    manifest = poll(source, status_url, max_wait=max_wait, on_progress=on_progress)
-    download(source, manifest, outdir)
+        try:
+            saved = json.loads(job_file.read_text(encoding="utf-8"))
+        except ValueError:
+            saved = {}
+        status_url = saved.get("status_url") if isinstance(saved, dict) else None
+        if status_url:
+            gaps.missing_types.update(saved.get("missing_types") or {})
+    manifest = None
+    if status_url:
+        try:
+            manifest = poll(source, status_url, max_wait=max_wait, on_progress=on_progress)
+        except FhirNotFoundError:
+            log.warning("the server no longer knows the export job; starting a new one")
+            _discard_files(outdir)
+            gaps = ExportGaps()
+    if manifest is None:
+        status_url = kick_off(source, types=types, gaps=gaps)
+        job_file.write_text(
+            json.dumps({"status_url": status_url, "missing_types": gaps.missing_types}), encoding="utf-8"
+        )
+        manifest = poll(source, status_url, max_wait=max_wait, on_progress=on_progress)
+    download(source, manifest, outdir, gaps)
     (outdir / COMPLETE).write_text(
         json.dumps(
             {
                 "transactionTime": manifest.get("transactionTime"),
                 "files": len(manifest["output"]),
                 "errors": manifest.get("error") or [],
+                "missing_types": gaps.missing_types,
+                "error_messages": gaps.errors,
             }
         ),
         encoding="utf-8",
@@ -312,6 +380,6 @@ def bulk_export(
             verify=source.options.verify,
             timeout=(source.options.connect_timeout, source.options.read_timeout),
         )
-    except requests.RequestException:
+    except (requests.RequestException, FhirError):
         log.info("could not delete the finished export job")
     return outdir

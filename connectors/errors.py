@@ -8,10 +8,13 @@ class FhirError(Exception):
 
     retryable = False
 
-    def __init__(self, message: str, *, url: str | None = None, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, url: str | None = None, status: int | None = None, outcome: object = None
+    ) -> None:
         super().__init__(message)
         self.url = url
         self.status = status
+        self.outcome = outcome  # the server's OperationOutcome, when it sent one
 
 
 class FhirTemporaryError(FhirError):

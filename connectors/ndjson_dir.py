@@ -1,4 +1,4 @@
-"""A Bulk Data export directory: NDJSON files (.ndjson or .ndjson.gz) of one resource type each, streamed."""
+"""A Bulk Data export directory: NDJSON files (.ndjson or .ndjson.gz), each line read by its own resourceType."""
 
 from __future__ import annotations
 
@@ -8,26 +8,45 @@ import logging
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from assistant.model import DataQualityIssue
-from connectors.base import SHARED_TYPES, CensusEntry, FhirSource, PatientRecord, Ward, census_from_encounters
-from connectors.bundle_dir import _owner
+from connectors.base import (
+    ANY_TYPE,
+    SHARED_TYPES,
+    CensusEntry,
+    FhirSource,
+    PatientRecord,
+    SourceCompleteness,
+    Ward,
+    census_from_encounters,
+    dedupe_resources,
+    newer,
+    resource_owner,
+)
 from connectors.errors import FhirNotFoundError, SourceFileError
+from connectors.partition import is_ndjson_file, line_type, ndjson_files, open_read, partition_export
 
 log = logging.getLogger(__name__)
 
+# Written by the bulk export client next to the files: what the server could not export (types, failed files).
+EXPORT_STATUS = ".export-complete.json"
+CURRENT_STATUSES = ("in-progress", "arrived", "onleave")
 
-def _open_text(path: Path) -> IO[str]:
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open("r", encoding="utf-8")
+__all__ = [
+    "EXPORT_STATUS",
+    "NdjsonDirSource",
+    "is_ndjson_file",
+    "iter_ndjson",
+    "read_export_status",
+    "write_ndjson_export",
+]
 
 
 def iter_ndjson(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
     """(line number, resource or None, problem) for each non-empty line; never loads the file whole."""
     try:
-        with _open_text(path) as fh:
+        with open_read(path) as fh:
             for n, line in enumerate(fh, start=1):
                 if not line.strip():
                     continue
@@ -44,36 +63,87 @@ def iter_ndjson(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
         raise SourceFileError(str(path), f"cannot be read ({exc.__class__.__name__}: {exc})") from exc
 
 
+def read_export_status(directory: Path) -> SourceCompleteness:
+    """The completeness a bulk export left in `directory` (complete when there is no status file)."""
+    completeness = SourceCompleteness()
+    try:
+        data = json.loads((directory / EXPORT_STATUS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return completeness
+    if not isinstance(data, dict):
+        return completeness
+    missing = data.get("missing_types")
+    if isinstance(missing, dict):
+        completeness.missing_types.update({str(k): str(v) for k, v in missing.items()})
+    messages = data.get("error_messages")
+    if isinstance(messages, list):
+        completeness.errors.extend(str(m) for m in messages)
+    elif data.get("errors"):  # a status file from before error messages were kept
+        completeness.errors.append(f"the server reported {len(data['errors'])} export error file(s)")
+        completeness.missing_types.setdefault(ANY_TYPE, "the export reported errors")
+    return completeness
+
+
 class NdjsonDirSource(FhirSource):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.description = str(self.path)
         self._patient_ids: list[str] | None = None
         self._locations: dict[str, dict] | None = None
+        self._file_types: dict[Path, str | None] = {}
+        self.__dict__["_completeness"] = read_export_status(self.path)
 
     def files(self) -> list[Path]:
-        return sorted(p for p in self.path.iterdir() if p.name.endswith((".ndjson", ".ndjson.gz")))
+        return ndjson_files(self.path)
+
+    def file_type(self, path: Path) -> str | None:
+        """The resourceType of a file's first resource: exports hold one type per file whatever the name."""
+        if path not in self._file_types:
+            found = None
+            try:
+                with open_read(path) as fh:
+                    for line in fh:
+                        if line.strip():
+                            found = line_type(line)
+                            if found is None:
+                                obj = json.loads(line)
+                                found = obj.get("resourceType") if isinstance(obj, dict) else None
+                            break
+            except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError):
+                found = None  # unreadable: the partitioning pass reports it
+            self._file_types[path] = found if isinstance(found, str) else None
+        return self._file_types[path]
 
     def _files_of(self, rtype: str) -> list[Path]:
-        return [p for p in self.files() if p.name.split(".")[0] == rtype]
+        return [p for p in self.files() if self.file_type(p) == rtype]
+
+    def _resources_of(self, rtype: str) -> Iterator[dict]:
+        for path in self._files_of(rtype):
+            try:
+                for _, obj, _problem in iter_ndjson(path):
+                    if obj is not None and obj.get("resourceType") == rtype:
+                        yield obj
+            except SourceFileError as exc:
+                log.warning("skipping the rest of an unreadable export file: %s", exc.reason)
 
     def iter_patient_ids(self) -> Iterator[str]:
         if self._patient_ids is None:
-            ids = []
-            for path in self._files_of("Patient"):
-                for _, obj, _problem in iter_ndjson(path):
-                    if obj is not None and isinstance(obj.get("id"), str):
-                        ids.append(obj["id"])
-            self._patient_ids = ids
+            seen: dict[str, None] = {}  # ordered, de-duplicated: a patient served twice is listed once
+            for obj in self._resources_of("Patient"):
+                if isinstance(obj.get("id"), str) and obj["id"]:
+                    seen.setdefault(obj["id"], None)
+            self._patient_ids = list(seen)
         yield from self._patient_ids
 
     def locations(self) -> dict[str, dict]:
         if self._locations is None:
             self._locations = {}
-            for path in self._files_of("Location"):
-                for _, obj, _problem in iter_ndjson(path):
-                    if obj is not None and isinstance(obj.get("id"), str):
-                        self._locations[f"Location/{obj['id']}"] = obj
+            for obj in self._resources_of("Location"):
+                if isinstance(obj.get("id"), str):
+                    key = f"Location/{obj['id']}"
+                    kept = self._locations.get(key)
+                    if kept is None or newer(obj, kept):
+                        self._locations[key] = obj
         return self._locations
 
     def patient_resources(self, patient_id: str) -> PatientRecord:
@@ -82,11 +152,10 @@ class NdjsonDirSource(FhirSource):
         record = PatientRecord(patient_id, origin=str(self.path))
         found = False
         for path in self.files():
-            rtype = path.name.split(".")[0]
-            if rtype in SHARED_TYPES:
+            if self.file_type(path) in SHARED_TYPES:
                 continue
             try:
-                with _open_text(path) as fh:
+                with open_read(path) as fh:
                     for n, line in enumerate(fh, start=1):
                         if not any(needle in line for needle in needles):
                             continue
@@ -102,48 +171,60 @@ class NdjsonDirSource(FhirSource):
                                 )
                             )
                             continue
-                        if isinstance(obj, dict) and _owner(obj) == patient_id:
+                        if isinstance(obj, dict) and resource_owner(obj) == patient_id:
                             record.resources.append(obj)
                             found = found or obj.get("resourceType") == "Patient"
             except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
                 record.issues.append(
                     DataQualityIssue(str(path), "file-unreadable", f"cannot be read: {exc}", "error")
                 )
+                record.mark_missing(
+                    self.file_type(path) or ANY_TYPE, f"{path.name} could not be read to the end"
+                )
         if not found:
             raise FhirNotFoundError(f"Patient/{patient_id} is not in {self.path}")
+        record.resources, record.duplicates = dedupe_resources(record.resources)
         record.resources.extend(self.locations().values())
+        self.completeness.apply(record)
+        self.completeness.note_record(record)
         return record
 
     def iter_patient_records(self) -> Iterator[PatientRecord]:
         """Partition the export by patient on disk, then read one partition at a time: memory stays flat."""
-        from assistant.audit.partition import partition_export  # local import: audit depends on connectors
-
-        yield from partition_export(self).iter_records()
+        for record in partition_export(self).iter_records():
+            self.completeness.note_record(record)
+            yield record
 
     def wards(self) -> list[Ward]:
         out = []
         for ref, loc in self.locations().items():
-            kinds = [c.get("code") for c in (loc.get("physicalType") or {}).get("coding", [])]
+            coding = (loc.get("physicalType") or {}).get("coding") if isinstance(loc, dict) else None
+            kinds = [c.get("code") for c in coding or [] if isinstance(c, dict)]
             if "wa" in kinds:
                 out.append(Ward(ref, loc.get("name") or ref))
         return sorted(out, key=lambda w: w.name)
 
     def ward_census(self, ward_ref: str | None = None) -> list[CensusEntry]:
-        encounters: dict[str, list[dict]] = {}
-        for path in self._files_of("Encounter"):
-            for _, obj, _problem in iter_ndjson(path):
-                if obj is not None and obj.get("status") in ("in-progress", "arrived", "onleave"):
-                    owner = _owner(obj)
-                    if owner:
-                        encounters.setdefault(owner, []).append(obj)
+        encounters: dict[str, dict[str, dict]] = {}
+        for obj in self._resources_of("Encounter"):
+            owner = resource_owner(obj)
+            if not owner:
+                continue
+            mine = encounters.setdefault(owner, {})
+            key = str(obj.get("id"))
+            kept = mine.get(key)
+            if kept is None or newer(obj, kept):  # a duplicate's newest copy decides the status
+                mine[key] = obj
         entries = []
-        for pid, encs in encounters.items():
-            entries.extend(census_from_encounters(pid, encs, self.locations(), ward_ref))
+        for pid, by_id in encounters.items():
+            current = [e for e in by_id.values() if e.get("status") in CURRENT_STATUSES]
+            if current:
+                entries.extend(census_from_encounters(pid, current, self.locations(), ward_ref))
         return entries
 
 
 def write_ndjson_export(
-    records: Iterator[tuple[str, list[dict]]] | list, outdir: Path, *, gz: bool = False
+    records: Iterator[tuple[str, list[dict]]] | list[Any], outdir: Path, *, gz: bool = False
 ) -> Path:
     """Write resources as a Bulk Data style export (one file per type); used by tests, benchmarks and `nva export`."""
     outdir.mkdir(parents=True, exist_ok=True)

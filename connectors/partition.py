@@ -11,15 +11,22 @@ import re
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from assistant.model import DataQualityIssue
 from assistant.normalize import local_ref
-from connectors.base import SHARED_TYPES, PatientRecord
-from connectors.bundle_dir import _owner
+from connectors.base import (
+    ANY_TYPE,
+    SHARED_TYPES,
+    PatientRecord,
+    dedupe_resources,
+    newer,
+    resource_key,
+    resource_owner,
+)
 from connectors.errors import SourceFileError
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,16 @@ TARGET_PARTITION_BYTES = 8 * 1024 * 1024
 MAX_PARTITIONS = 256  # one open file per partition while routing; stay well under the usual fd limit
 # Fast path: the owner reference of a compartment resource without parsing the whole line.
 _OWNER_RE = re.compile(r'"(?:subject|patient)"\s*:\s*\{[^{}]*?"reference"\s*:\s*"([^"]+)"')
+# Each line's type from its content (file names vary: Patient.ndjson, 1.Patient.ndjson, export-000.ndjson).
+_TYPE_RE = re.compile(r'"resourceType"\s*:\s*"([A-Za-z]+)"')
+# Only a resourceType at the very start of the line is the resource's own (a contained one comes later).
+_TYPE_AT_START = 8
+
+
+def line_type(line: str) -> str | None:
+    """The resourceType of one NDJSON line without parsing it; None when it is not plainly at the start."""
+    m = _TYPE_RE.search(line, 0, 200)
+    return m.group(1) if m is not None and m.start() <= _TYPE_AT_START else None
 
 
 def partition_of(patient_id: str, partitions: int) -> int:
@@ -37,7 +54,19 @@ def partition_of(patient_id: str, partitions: int) -> int:
     return zlib.crc32(patient_id.encode("utf-8")) % partitions
 
 
-def _open_read(path: Path) -> IO[str]:
+NDJSON_SUFFIXES = (".ndjson", ".ndjson.gz")
+
+
+def is_ndjson_file(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(NDJSON_SUFFIXES) and not path.name.startswith(".")
+
+
+def ndjson_files(directory: Path) -> list[Path]:
+    """The export's data files whatever they are called (Patient.ndjson, 1.Patient.ndjson, part-3.ndjson.gz)."""
+    return sorted(p for p in directory.iterdir() if is_ndjson_file(p))
+
+
+def open_read(path: Path) -> IO[str]:
     if path.name.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
     return path.open("r", encoding="utf-8")
@@ -65,10 +94,12 @@ class PartitionedExport:
     skipped_types: dict[str, int] = field(default_factory=dict)  # types not kept (not used by the chart)
     issues: list[DataQualityIssue] = field(default_factory=list)
     owns_root: bool = False  # a temporary directory removed after iter_records()
+    # types missing for every patient: from the export itself, or a file that could not be read to the end
+    missing_types: dict[str, str] = field(default_factory=dict)
 
     def shared(self) -> list[dict]:
         out = []
-        with _open_read(self.shared_path) as fh:
+        with open_read(self.shared_path) as fh:
             for line in fh:
                 if line.strip():
                     out.append(json.loads(line))
@@ -76,7 +107,10 @@ class PartitionedExport:
 
     def records_of(self, index: int, shared: list[dict] | None = None) -> Iterator[PatientRecord]:
         yield from read_partition(
-            self.paths[index], self.shared() if shared is None else shared, origin=str(self.root)
+            self.paths[index],
+            self.shared() if shared is None else shared,
+            origin=str(self.root),
+            missing_types=self.missing_types,
         )
 
     def iter_records(self) -> Iterator[PatientRecord]:
@@ -103,6 +137,7 @@ class PartitionedExport:
             "resources": self.resources,
             "skipped_types": self.skipped_types,
             "issues": [asdict(i) for i in self.issues],
+            "missing_types": self.missing_types,
         }
         tmp = self.root / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(data), encoding="utf-8")
@@ -126,13 +161,20 @@ class PartitionedExport:
             resources=data["resources"],
             skipped_types=data.get("skipped_types", {}),
             issues=[DataQualityIssue(**i) for i in data["issues"]],
+            missing_types=data.get("missing_types", {}),
         )
 
 
-def read_partition(path: Path, shared: list[dict], *, origin: str = "") -> Iterator[PatientRecord]:
-    """The patients of one partition file, whole, in first-seen order; bad lines become the patient's issues."""
+def read_partition(
+    path: Path, shared: list[dict], *, origin: str = "", missing_types: Mapping[str, str] | None = None
+) -> Iterator[PatientRecord]:
+    """The patients of one partition file, whole, in first-seen order; bad lines become the patient's issues.
+
+    One patient's resources from several files are merged here, and repeats of the same type+id dropped (the
+    newest meta.lastUpdated wins) and counted; `missing_types` (source-wide gaps) is set on every record.
+    """
     by_patient: dict[str, PatientRecord] = {}
-    with _open_read(path) as fh:
+    with open_read(path) as fh:
         for line in fh:
             pid, where, body = line.rstrip("\n").split("\t", 2)
             record = by_patient.get(pid)
@@ -147,15 +189,17 @@ def read_partition(path: Path, shared: list[dict], *, origin: str = "") -> Itera
                 continue
             record.resources.append(obj)
     for record in by_patient.values():
+        record.resources, record.duplicates = dedupe_resources(record.resources)
         record.resources.extend(shared)
+        for rtype, reason in (missing_types or {}).items():
+            record.mark_missing(rtype, reason)
         yield record
 
 
 def export_files(source: Any) -> list[Path]:
     if hasattr(source, "files"):
         return list(source.files())
-    path = Path(source)
-    return sorted(p for p in path.iterdir() if p.name.endswith((".ndjson", ".ndjson.gz")))
+    return ndjson_files(Path(source))
 
 
 def choose_partitions(files: Iterable[Path], *, minimum: int = 8) -> int:
@@ -189,23 +233,31 @@ def partition_export(
     result = PartitionedExport(
         root=root, paths=paths, shared_path=shared_path, patients=[0] * k, owns_root=owns
     )
+    completeness = getattr(source, "completeness", None)
+    if completeness is not None:
+        result.missing_types.update(completeness.missing_types)
     handles = [_open_write(p) for p in paths]
-    shared_seen: set[str] = set()
+    shared: dict[str, dict] = {}  # small (locations, medications): held to keep the newest copy of each
     try:
-        with _open_write(shared_path) as shared_fh:
-            for path in files:
-                rtype = path.name.split(".")[0]
-                try:
-                    _route_file(path, rtype, k, handles, shared_fh, shared_seen, keep, result)
-                except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
-                    result.issues.append(
-                        DataQualityIssue(
-                            path.name,
-                            "file-unreadable",
-                            f"cannot be read ({exc.__class__.__name__}); the rest of this file was skipped",
-                            "error",
-                        )
+        for path in files:
+            seen_types: list[str] = []
+            try:
+                _route_file(path, k, handles, shared, keep, result, seen_types)
+            except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+                result.issues.append(
+                    DataQualityIssue(
+                        path.name,
+                        "file-unreadable",
+                        f"cannot be read ({exc.__class__.__name__}); the rest of this file was skipped",
+                        "error",
                     )
+                )
+                # The rest of the file may hold any patient's resources: that type is incomplete for everyone.
+                for rtype in seen_types or [ANY_TYPE]:
+                    result.missing_types.setdefault(rtype, f"{path.name} could not be read to the end")
+        with _open_write(shared_path) as shared_fh:
+            for obj in shared.values():
+                shared_fh.write(json.dumps(obj, separators=(",", ":")) + "\n")
     finally:
         for fh in handles:
             fh.close()
@@ -217,28 +269,30 @@ def partition_export(
 
 def _route_file(
     path: Path,
-    rtype: str,
     k: int,
     handles: list[IO[str]],
-    shared_fh: IO[str],
-    shared_seen: set[str],
+    shared: dict[str, dict],
     keep: set[str] | None,
     result: PartitionedExport,
+    seen_types: list[str],
 ) -> None:
-    with _open_read(path) as fh:
+    with open_read(path) as fh:
         for n, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             result.resources += 1
             where = f"{path.name}:{n}"
+            rtype = line_type(line)
+            if rtype is not None and rtype not in seen_types:
+                seen_types.append(rtype)
             if rtype in SHARED_TYPES:
-                _shared_line(line, rtype, where, shared_fh, shared_seen, result)
+                _shared_line(line, rtype, where, shared, result)
                 continue
-            if keep is not None and rtype not in keep and rtype != "Patient":
+            if rtype is not None and keep is not None and rtype not in keep and rtype != "Patient":
                 result.skipped_types[rtype] = result.skipped_types.get(rtype, 0) + 1
                 continue
             pid = None
-            if rtype != "Patient":
+            if rtype is not None and rtype != "Patient":
                 m = _OWNER_RE.search(line)
                 ref = local_ref(m.group(1)) if m else None
                 if ref and ref.startswith("Patient/"):
@@ -261,15 +315,19 @@ def _route_file(
                         DataQualityIssue(where, "invalid-resource", "not a FHIR resource; skipped", "error")
                     )
                     continue
-                if obj["resourceType"] in SHARED_TYPES:
-                    _shared_line(line, obj["resourceType"], where, shared_fh, shared_seen, result)
+                rtype = obj["resourceType"]
+                if rtype not in seen_types:
+                    seen_types.append(rtype)
+                if rtype in SHARED_TYPES:
+                    _shared_line(line, rtype, where, shared, result)
                     continue
-                owner = _owner(obj)
+                if keep is not None and rtype not in keep and rtype != "Patient":
+                    result.skipped_types[rtype] = result.skipped_types.get(rtype, 0) + 1
+                    continue
+                owner = resource_owner(obj)
                 if not isinstance(owner, str) or not owner:
                     result.issues.append(
-                        DataQualityIssue(
-                            where, "no-patient", f"{obj['resourceType']} names no patient; skipped", "warning"
-                        )
+                        DataQualityIssue(where, "no-patient", f"{rtype} names no patient; skipped", "warning")
                     )
                     continue
                 pid = owner
@@ -280,7 +338,7 @@ def _route_file(
 
 
 def _shared_line(
-    line: str, rtype: str, where: str, shared_fh: IO[str], seen: set[str], result: PartitionedExport
+    line: str, rtype: str, where: str, shared: dict[str, dict], result: PartitionedExport
 ) -> None:
     if rtype not in SHARED_KEEP:
         result.skipped_types[rtype] = result.skipped_types.get(rtype, 0) + 1
@@ -292,8 +350,9 @@ def _shared_line(
             DataQualityIssue(where, "invalid-json", f"not valid JSON ({exc.msg}); skipped", "error")
         )
         return
-    key = f"{obj.get('resourceType')}/{obj.get('id')}" if isinstance(obj, dict) else None
-    if key is None or key in seen:
+    key = resource_key(obj)
+    if key is None:
         return
-    seen.add(key)
-    shared_fh.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    kept = shared.get(key)
+    if kept is None or newer(obj, kept):
+        shared[key] = obj

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import email.utils
-import json
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -21,7 +18,14 @@ from assistant.model import DataQualityIssue
 from assistant.normalize import local_ref
 from assistant.settings import load_settings
 from connectors.auth import Auth, BearerAuth, SmartBackendAuth
-from connectors.base import CensusEntry, FhirSource, PatientRecord, Ward, census_from_encounters
+from connectors.base import (
+    CensusEntry,
+    FhirSource,
+    PatientRecord,
+    Ward,
+    census_from_encounters,
+    dedupe_resources,
+)
 from connectors.errors import (
     FhirAuthError,
     FhirError,
@@ -30,10 +34,17 @@ from connectors.errors import (
     FhirResponseError,
     FhirTemporaryError,
 )
+from connectors.http import (
+    RETRY_STATUSES,
+    backoff_delay,
+    maybe_json,
+    outcome_text,
+    retry_after_seconds,
+    where,
+)
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 # The two big categories get a search each so they page in parallel; the small ones share one OR search.
 OBSERVATION_SEARCHES = (
     ("laboratory", "laboratory"),
@@ -63,31 +74,6 @@ class RestOptions:
     page_size: int = 500
     everything: str = "auto"  # auto | always | never
     verify: bool | str = True
-
-
-def _retry_after_seconds(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        if parsed is None:
-            return None
-        return max(parsed.timestamp() - time.time(), 0.0)
-
-
-def outcome_text(body: Any) -> str:
-    """The diagnostics of an OperationOutcome, for an error message."""
-    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
-        return ""
-    parts = []
-    for issue in body.get("issue") or []:
-        if isinstance(issue, dict):
-            detail = issue.get("diagnostics") or (issue.get("details") or {}).get("text") or issue.get("code")
-            if detail:
-                parts.append(f"{issue.get('severity', 'error')}: {detail}")
-    return "; ".join(parts)
 
 
 class RestFhirSource(FhirSource):
@@ -166,124 +152,103 @@ class RestFhirSource(FhirSource):
     def url_for(self, path: str) -> str:
         return path if path.startswith(("http://", "https://")) else urljoin(self.base_url, path.lstrip("/"))
 
-    def get_json(
-        self, path: str, params: Mapping[str, Any] | None = None, *, expect: str | None = None
-    ) -> dict:
-        """GET with retries, one re-authentication on 401, and typed errors; returns the parsed resource."""
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        stream: bool = False,
+        accept: tuple[int, ...] = (200,),
+        what: str = "the request",
+        check: Callable[[requests.Response, bytes], Any] | None = None,
+        auth: bool = True,
+    ) -> tuple[requests.Response, Any]:
+        """One HTTP exchange with retries (transport faults, busy statuses, truncated bodies), one
+        re-authentication on 401, and typed errors naming the URL. Shared by searches and bulk export.
+
+        Returns the response and `check(resp, body)` (the body is read unless `stream`); `check` raises
+        FhirTemporaryError for a body worth fetching again (truncated), another FhirError to stop.
+        """
         url = self.url_for(path)
         reauthed = False
         attempt = 0
         while True:
             attempt += 1
+            wait: float | None = None
             try:
-                headers = self.auth.headers()
                 with self._gate:
                     self.request_count += 1
-                    resp = self.session.get(
+                    resp = self.session.request(
+                        method,
                         url,
                         params=params,
-                        headers=headers,
+                        headers={**(headers or {}), **(self.auth.headers() if auth else {})},
                         verify=self.options.verify,
+                        stream=stream,
                         timeout=(self.options.connect_timeout, self.options.read_timeout),
                     )
-                    body_bytes = resp.content
-            except FhirTemporaryError as exc:
-                error: FhirError = exc
-                wait = None
-            except requests.Timeout as exc:
-                error = FhirTemporaryError(
-                    f"no answer from {_where(url)} within {self.options.read_timeout:g} s "
-                    "(timeout); the server is slow or down",
-                    url=url,
-                )
-                error.__cause__ = exc
-                wait = None
-            except requests.ConnectionError as exc:
-                error = FhirTemporaryError(
-                    f"cannot connect to {_where(url)} ({exc.__class__.__name__}); check "
-                    "NVA_SOURCE and that the server is up",
-                    url=url,
-                )
-                error.__cause__ = exc
-                wait = None
-            else:
+                    body = b"" if stream else resp.content
                 status = resp.status_code
-                if status == 401 and self.auth.can_refresh and not reauthed:
+                if status == 401 and auth and self.auth.can_refresh and not reauthed:
                     reauthed = True
                     self.auth.refresh()
                     attempt -= 1
                     continue
-                if status in RETRY_STATUSES:
-                    error = FhirTemporaryError(
-                        f"{_where(url)} answered HTTP {status}"
-                        f"{': ' + outcome_text(_maybe_json(body_bytes)) if body_bytes else ''}",
+                if status in RETRY_STATUSES and status not in accept:
+                    detail = outcome_text(maybe_json(body))
+                    wait = retry_after_seconds(resp.headers.get("Retry-After"))
+                    raise FhirTemporaryError(
+                        f"{where(url)} answered HTTP {status}{': ' + detail if detail else ''}",
                         url=url,
                         status=status,
                     )
-                    wait = _retry_after_seconds(resp.headers.get("Retry-After"))
-                else:
-                    return self._parse(resp, body_bytes, url, expect)
+                if status not in accept:
+                    raise status_error(url, status, maybe_json(body), what)
+                return resp, (check(resp, body) if check is not None else None)
+            except FhirTemporaryError as exc:
+                error: FhirError = exc
+            except requests.Timeout as exc:
+                error = FhirTemporaryError(
+                    f"no answer from {where(url)} within {self.options.read_timeout:g} s "
+                    "(timeout); the server is slow or down",
+                    url=url,
+                )
+                error.__cause__ = exc
+            except requests.ConnectionError as exc:
+                error = FhirTemporaryError(
+                    f"cannot connect to {where(url)} ({exc.__class__.__name__}); check "
+                    "NVA_SOURCE and that the server is up",
+                    url=url,
+                )
+                error.__cause__ = exc
+            except requests.RequestException as exc:  # e.g. the connection reset while the body was read
+                error = FhirTemporaryError(
+                    f"{where(url)} broke off the answer ({exc.__class__.__name__}); the server or a proxy "
+                    "closed the connection",
+                    url=url,
+                )
+                error.__cause__ = exc
             if attempt > self.options.retries:
                 raise error
-            delay = (
-                wait
-                if wait is not None
-                else random.uniform(  # noqa: S311 - jitter, not crypto
-                    0, min(self.options.backoff_cap, self.options.backoff_base * 2 ** (attempt - 1))
-                )
+            delay = backoff_delay(
+                attempt, base=self.options.backoff_base, cap=self.options.backoff_cap, retry_after=wait
             )
             log.info(
                 "retrying FHIR request in %.2f s (attempt %d): %s", delay, attempt, error.__class__.__name__
             )
             self._sleep(min(delay, self.options.backoff_cap * 3))
 
-    def _parse(self, resp: requests.Response, body: bytes, url: str, expect: str | None) -> dict:
-        status = resp.status_code
-        parsed = _maybe_json(body)
-        detail = outcome_text(parsed)
-        if status == 401 or status == 403:
-            raise FhirAuthError(
-                f"{_where(url)} refused access (HTTP {status}){': ' + detail if detail else ''}; check "
-                "the FHIR credentials and scopes",
-                url=url,
-                status=status,
-            )
-        if status == 404 or status == 410:
-            raise FhirNotFoundError(
-                f"not found on the server (HTTP {status}){': ' + detail if detail else ''}",
-                url=url,
-                status=status,
-            )
-        if status >= 400:
-            raise FhirFatalError(
-                f"{_where(url)} rejected the request (HTTP {status}){': ' + detail if detail else ''}",
-                url=url,
-                status=status,
-            )
-        ctype = resp.headers.get("Content-Type", "")
-        if "json" not in ctype:
-            raise FhirResponseError(
-                f"{_where(url)} answered {ctype or 'no content type'} instead of FHIR JSON; is "
-                "this a FHIR base URL?",
-                url=url,
-                status=status,
-            )
-        if not isinstance(parsed, dict):
-            raise FhirResponseError(
-                f"{_where(url)} sent a truncated or invalid JSON body", url=url, status=status
-            )
-        if expect and parsed.get("resourceType") != expect:
-            if parsed.get("resourceType") == "OperationOutcome":
-                raise FhirFatalError(
-                    f"{_where(url)} returned an OperationOutcome instead of a {expect}: {detail}",
-                    url=url,
-                    status=status,
-                )
-            raise FhirResponseError(
-                f"{_where(url)} returned {parsed.get('resourceType')!r}, expected {expect}",
-                url=url,
-                status=status,
-            )
+    def get_json(
+        self, path: str, params: Mapping[str, Any] | None = None, *, expect: str | None = None
+    ) -> dict:
+        """GET with retries, one re-authentication on 401, and typed errors; returns the parsed resource."""
+
+        def parse(resp: requests.Response, body: bytes) -> dict:
+            return parse_fhir_json(resp, body, expect)
+
+        _, parsed = self.request("GET", path, params=params, what="the request", check=parse)
         return parsed
 
     # --- FHIR operations ----------------------------------------------------------------------------------
@@ -291,6 +256,23 @@ class RestFhirSource(FhirSource):
         if self._capabilities is None:
             self._capabilities = self.get_json("metadata", expect="CapabilityStatement")
         return self._capabilities
+
+    def served_types(self) -> set[str] | None:
+        """Resource types the CapabilityStatement lists; None when the server does not say (then ask for all)."""
+        try:
+            caps = self.capabilities()
+        except FhirAuthError:
+            raise
+        except FhirError:
+            return None
+        types = {
+            res["type"]
+            for rest in caps.get("rest") or []
+            if isinstance(rest, dict)
+            for res in rest.get("resource") or []
+            if isinstance(res, dict) and isinstance(res.get("type"), str)
+        }
+        return types or None
 
     def supports_everything(self) -> bool:
         if self.options.everything in ("always", "never"):
@@ -360,7 +342,17 @@ class RestFhirSource(FhirSource):
                     yield r["id"]
 
     def patient_resources(self, patient_id: str) -> PatientRecord:
+        """One patient: $everything when offered, else one search per type; a failed search marks its type missing."""
         use_everything = self.supports_everything()
+        served = self.served_types()
+        searches = []
+        for label, rtype, extra in PATIENT_SEARCHES:
+            if served is not None and rtype not in served:
+                self.completeness.missing_types.setdefault(
+                    rtype, "not served by the server (absent from its CapabilityStatement)"
+                )
+                continue
+            searches.append((label, rtype, {"patient": patient_id, **extra}))
         with ThreadPoolExecutor(
             max_workers=self.options.concurrency, thread_name_prefix="fhir-search"
         ) as pool:
@@ -372,27 +364,25 @@ class RestFhirSource(FhirSource):
                 record = PatientRecord(patient_id, [patient], origin=self.description)
                 try:
                     resources = everything.result()
+                except FhirAuthError:
+                    raise
+                except FhirError as exc:
+                    log.info(
+                        "$everything failed (%s); falling back to per-type searches", exc.__class__.__name__
+                    )
+                else:
                     record.resources += [
                         r
                         for r in resources
                         if not (r.get("resourceType") == "Patient" and r.get("id") == patient_id)
                     ]
-                    self._add_referenced(record)
-                    return record
-                except FhirAuthError:
-                    raise
-                except FhirFatalError as exc:
-                    log.info(
-                        "$everything failed (%s); falling back to per-type searches", exc.__class__.__name__
-                    )
-            searches = [
-                (label, rtype, {"patient": patient_id, **extra}) for label, rtype, extra in PATIENT_SEARCHES
+                    return self._finish(record)
+            futures = [
+                (label, rtype, pool.submit(self.search, rtype, params)) for label, rtype, params in searches
             ]
-            futures = [(label, pool.submit(self.search, rtype, params)) for label, rtype, params in searches]
             patient = patient_future.result()
             record = PatientRecord(patient_id, [patient], origin=self.description)
-            seen: set[str] = {f"Patient/{patient_id}"}
-            for label, future in futures:
+            for label, rtype, future in futures:
                 try:
                     resources = future.result()
                 except FhirAuthError:
@@ -406,13 +396,17 @@ class RestFhirSource(FhirSource):
                             "error",
                         )
                     )
+                    record.mark_missing(rtype, f"{label} could not be loaded ({exc.__class__.__name__})")
                     continue
-                for r in resources:
-                    key = f"{r.get('resourceType')}/{r.get('id')}"
-                    if key not in seen:
-                        seen.add(key)
-                        record.resources.append(r)
+                record.resources.extend(resources)
+        return self._finish(record)
+
+    def _finish(self, record: PatientRecord) -> PatientRecord:
+        """Merge pages and searches (repeats dropped), add what the resources point to, note completeness."""
+        record.resources, record.duplicates = dedupe_resources(record.resources)
         self._add_referenced(record)
+        self.completeness.apply(record)
+        self.completeness.note_record(record)
         log.debug(
             "patient searches done: %d resources, %d fetch issues", len(record.resources), len(record.issues)
         )
@@ -506,15 +500,56 @@ class RestFhirSource(FhirSource):
         return entries
 
 
-def _maybe_json(body: bytes) -> Any:
-    if not body:
-        return None
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
+def status_error(url: str, status: int, body: Any, what: str = "the request") -> FhirError:
+    """The typed error for an HTTP status that retrying will not fix; the message names the URL."""
+    detail = outcome_text(body)
+    suffix = f": {detail}" if detail else ""
+    if status in (401, 403):
+        scope = " (a bulk export needs system/*.read)" if "export" in what else ""
+        return FhirAuthError(
+            f"{where(url)} refused access to {what} (HTTP {status}){suffix}; check the FHIR credentials and "
+            f"scopes{scope}",
+            url=url,
+            status=status,
+            outcome=body,
+        )
+    if status in (404, 410):
+        return FhirNotFoundError(
+            f"{where(url)} was not found on the server (HTTP {status}){suffix}; check the id and the base URL "
+            "(a server that offers only bulk export answers searches this way: `nva audit` uses $export)",
+            url=url,
+            status=status,
+            outcome=body,
+        )
+    return FhirFatalError(
+        f"{where(url)} rejected {what} (HTTP {status}){suffix}", url=url, status=status, outcome=body
+    )
 
 
-def _where(url: str) -> str:
-    """The URL without its query string: query parameters may carry patient ids."""
-    return url.split("?", 1)[0]
+def parse_fhir_json(resp: requests.Response, body: bytes, expect: str | None) -> dict:
+    """The FHIR resource in a 2xx answer; a truncated body is a temporary fault (fetched again)."""
+    url = resp.url or ""
+    status = resp.status_code
+    ctype = resp.headers.get("Content-Type", "")
+    if "json" not in ctype:
+        raise FhirResponseError(
+            f"{where(url)} answered {ctype or 'no content type'} instead of FHIR JSON; is this a FHIR base URL?",
+            url=url,
+            status=status,
+        )
+    parsed = maybe_json(body)
+    if not isinstance(parsed, dict):
+        raise FhirTemporaryError(
+            f"{where(url)} sent a truncated or invalid JSON body ({len(body)} bytes)", url=url, status=status
+        )
+    if expect and parsed.get("resourceType") != expect:
+        if parsed.get("resourceType") == "OperationOutcome":
+            raise FhirFatalError(
+                f"{where(url)} returned an OperationOutcome instead of a {expect}: {outcome_text(parsed)}",
+                url=url,
+                status=status,
+            )
+        raise FhirResponseError(
+            f"{where(url)} returned {parsed.get('resourceType')!r}, expected {expect}", url=url, status=status
+        )
+    return parsed

@@ -181,12 +181,23 @@ def test_timeout_then_success(synthea_dir, fhir_server_factory):
     assert rest.read("Patient", pid)["id"] == pid
 
 
-def test_truncated_json_is_a_clear_error(synthea_dir, fhir_server_factory):
+@pytest.mark.parametrize("mode", ["body", "connection"])
+def test_truncated_body_is_retried_like_a_transient_fault(synthea_dir, fhir_server_factory, mode):
+    server = fhir_server_factory(synthea_dir)
+    pid = server.patient_ids()[0]
+    server.faults.add("truncated", path=rf"/Patient/{pid}$", count=2, mode=mode)
+    source = fast_rest(server.base_url)
+    assert source.read("Patient", pid)["id"] == pid
+    assert len(source.sleeps) == 2  # two truncated answers, each waited for and fetched again
+
+
+def test_truncated_json_beyond_the_retries_is_a_clear_temporary_error(synthea_dir, fhir_server_factory):
     server = fhir_server_factory(synthea_dir)
     pid = server.patient_ids()[0]
     server.faults.add("truncated", path=rf"/Patient/{pid}$")
-    with pytest.raises(FhirResponseError, match="truncated or invalid JSON"):
+    with pytest.raises(FhirTemporaryError, match="truncated or invalid JSON") as err:
         fast_rest(server.base_url).read("Patient", pid)
+    assert f"/Patient/{pid}" in str(err.value)
 
 
 def test_html_page_is_not_fhir(synthea_dir, fhir_server_factory):
