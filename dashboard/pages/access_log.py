@@ -8,11 +8,21 @@ import pandas as pd
 import streamlit as st
 
 from assistant.security.access_log import ACTIONS
+from assistant.textsafe import markdown_text as md
 from dashboard import render, services
 
 cfg, user = render.boot("access-log")
-render.record_or_stop(cfg, user, "access-log-view", "access-log")
 st.markdown("## Access log")
+# The hash chain is checked before this view is logged: a missing or broken log must show even if it cannot be written.
+chain = services.access_log_status(cfg)
+if not chain.ok:
+    st.error(
+        "**Access log integrity broken — do not trust these entries.** "
+        + "; ".join(md(p) for p in chain.problems)
+        + ". Keep the log file and its `.head` file as they are and report this to your security team.",
+        icon=":material/gpp_bad:",
+    )
+render.record_or_stop(cfg, user, "access-log-view", "access-log")
 st.caption(
     f"Append-only log at {services.access_log_path(cfg)}: references only (Patient/…, Location/…), never "
     "chart content. Times are UTC."
