@@ -35,6 +35,7 @@ if gate.user is None:
                 action="access-denied",
                 target="nva",
                 detail="signed in without an NVA role",
+                subject=gate.subject,
             )
             st.session_state["_nva_refused"] = gate.who
         except services.AccessLogError:
