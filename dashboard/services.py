@@ -2,30 +2,40 @@
 
 from __future__ import annotations
 
-import csv
 import functools
-import importlib
-import io
-import json
 import logging
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
+from assistant import pipeline
+from assistant.audit import report
 from assistant.cli import default_anchor
 from assistant.clock import demo_anchor
-from assistant.model import SEVERITY_ORDER, Chart, Finding
+from assistant.model import Chart, Finding
 from assistant.security.access_log import AccessLog, AccessLogError, ChainStatus
 from assistant.security.gate import Gate, config_error, resolve_gate
 from assistant.security.roles import AccessDenied, User, load_role_file, visible_wards
 from assistant.security.signin import AuthConfig, SignInConfigError, read_auth_config
 from assistant.settings import SettingsError, load_settings, redacted, secrets_file
+from assistant.views import (  # noqa: F401 - re-exported: pages and tests name them from here
+    MarEvent,
+    News2Point,
+    PatientView,
+    WardView,
+    bed_sort_key,
+    chart_code_status,
+    hold_map,
+    sort_by_acuity,
+)
+from assistant.views import mar_events as views_mar_events
+from assistant.views import pending_results as views_pending_results
 
 log = logging.getLogger(__name__)
 
@@ -273,140 +283,10 @@ def source_file_errors(source: Any) -> list[tuple[str, str]]:
     ]
 
 
-# --- per-patient view model --------------------------------------------------------------------------
-@dataclass(slots=True)
-class News2Point:
-    time: datetime
-    score: int
-    band: str = ""
-    parts: dict[str, int] = field(default_factory=dict)
-    refs: tuple[str, ...] = ()
-    incomplete: bool = False
-
-
-@dataclass(slots=True)
-class PatientView:
-    patient_id: str
-    chart: Chart | None
-    findings: list[Finding] = field(default_factory=list)
-    news2: list[News2Point] = field(default_factory=list)
-    error: str | None = None
-    notices: list[str] = field(default_factory=list)  # parts of the view that are unavailable, and why
-    loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    now: datetime = field(default_factory=lambda: datetime.now(UTC))
-    load_s: float = 0.0
-    news2_score: Any = None  # assistant.rules.news2.News2Score at `now`
-
-    @property
-    def news2_total(self) -> int | None:
-        return (
-            self.news2_score.total if self.news2_score is not None and self.news2_score.parameters else None
-        )
-
-    @property
-    def top_severity(self) -> str | None:
-        return self.findings[0].severity if self.findings else None
-
-    @property
-    def error_issues(self) -> list:
-        return [i for i in (self.chart.issues if self.chart else []) if i.severity == "error"]
-
-
-def _optional(module: str) -> Any | None:
-    """A core module written by another contributor, or None while it does not exist yet."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and module.startswith(exc.name):
-            return None
-        raise
-
-
-def evaluate_findings(chart: Chart, now: datetime) -> tuple[list[Finding], str | None]:
-    engine = _optional("assistant.rules.engine")
-    if engine is None:
-        return [], "the rules engine is not installed; no flags are computed"
-    try:
-        findings = list(engine.evaluate(chart, now=now))
-    except Exception as exc:  # noqa: BLE001 - one failing rule set must not blank the chart
-        log.exception("rules evaluation failed")
-        return [], f"flags could not be computed ({type(exc).__name__}); the chart below is complete"
-    findings.sort(key=lambda f: f.sort_key)
-    return findings, None
-
-
-def news2_series(
-    chart: Chart, now: datetime, *, window: timedelta = timedelta(hours=72), limit: int = 80
-) -> tuple[list[News2Point], str | None]:
-    """NEWS2 as it stood at each charted vital-sign time in the window (the core scores one moment)."""
-    mod = _optional("assistant.rules.news2")
-    if mod is None or not callable(getattr(mod, "news2", None)):
-        return [], "the NEWS2 calculator is not installed"
-    try:
-        table = mod.news2_table()
-        analytes = {spec["analyte"] for spec in table["parameters"].values() if "analyte" in spec}
-        times = sorted(
-            {
-                r.time
-                for r in chart.results
-                if r.is_usable
-                and r.time is not None
-                and (r.analyte in analytes or r.category == "vital-signs")
-                and now - window <= r.time <= now
-            }
-        )
-        points = []
-        for t in times[-limit:]:
-            score = mod.news2(chart, now=t)
-            if score.parameters:
-                points.append(
-                    News2Point(
-                        time=t,
-                        score=score.total,
-                        band=score.band,
-                        parts=dict(score.points),
-                        refs=tuple(score.evidence),
-                        incomplete=bool(score.missing),
-                    )
-                )
-    except Exception as exc:  # noqa: BLE001 - NEWS2 helps, the chart must still show
-        log.exception("NEWS2 series failed")
-        return [], f"NEWS2 could not be computed ({type(exc).__name__})"
-    return points, None
-
-
-def news2_now(chart: Chart, now: datetime) -> Any | None:
-    mod = _optional("assistant.rules.news2")
-    if mod is None:
-        return None
-    try:
-        return mod.news2(chart, now=now)
-    except Exception:  # noqa: BLE001
-        log.exception("NEWS2 failed")
-        return None
-
-
+# --- per-patient view model (assistant.views, built by assistant.pipeline; pages only lay it out) -----------
 def load_patient(source: Any, patient_id: str, now: datetime) -> PatientView:
     """Chart, flags and NEWS2 of one patient. Facts first: nothing here waits for an LLM or an embedding model."""
-    from connectors.errors import FhirError
-
-    t0 = time.perf_counter()
-    try:
-        chart = source.patient_chart(patient_id)
-    except (FhirError, LookupError, ValueError) as exc:
-        return PatientView(
-            patient_id, None, error=f"{type(exc).__name__}: {exc}", now=now, load_s=time.perf_counter() - t0
-        )
-    view = PatientView(patient_id, chart, now=now)
-    view.findings, note = evaluate_findings(chart, now)
-    if note:
-        view.notices.append(note)
-    view.news2, note = news2_series(chart, now)
-    if note:
-        view.notices.append(note)
-    view.news2_score = news2_now(chart, now)
-    view.load_s = time.perf_counter() - t0
-    return view
+    return pipeline.load_patient_view(source, patient_id, now)
 
 
 def _views() -> dict[str, PatientView]:
@@ -448,6 +328,10 @@ def ward_choices(cfg: AppConfig, user: User | None = None) -> list[WardChoice]:
     return [w for w in wards if w.ref in allowed]
 
 
+def ward_name(cfg: AppConfig, ward_ref: str | None) -> str | None:
+    return next((w.name for w in ward_choices(cfg) if w.ref == ward_ref), ward_ref)
+
+
 def patient_ward(cfg: AppConfig, user: User, patient_id: str) -> str | None:
     """The user's ward this patient is on (census), or None: the question is asked before the chart is opened."""
     for w in ward_choices(cfg, user):
@@ -470,25 +354,28 @@ def ward_views(cfg: AppConfig, ward_ref: str | None) -> list[PatientView]:
     return [patient_view(cfg, e.patient_id) for e in ward_census(cfg, ward_ref)]
 
 
+def ward_view(cfg: AppConfig, ward_ref: str | None, since: datetime | None = None) -> WardView:
+    """The census (acuity order) and the shift delta of a ward, from this session's patient views."""
+    return pipeline.ward_view(
+        session_source(cfg),
+        ward_ref,
+        cfg.rules_now(),
+        ward_name=ward_name(cfg, ward_ref),
+        since=since,
+        views=ward_views(cfg, ward_ref),
+    )
+
+
 def acuity_key(view: PatientView) -> tuple:
-    """Sickest first: NEWS2, then the worst flag, then how many high flags."""
-    news = view.news2_total if view.news2_total is not None else -1
-    worst = SEVERITY_ORDER.get(view.top_severity or "", 9)
-    highs = sum(1 for f in view.findings if f.severity == "high")
-    failed = 0 if (view.error or view.error_issues) else 1
-    return (failed, -news, worst, -highs, bed_label(view))
+    """Sickest first (assistant/data/acuity.toml)."""
+    return view.acuity.key if view.acuity is not None else (0,)
 
 
 def bed_label(view: PatientView) -> str:
+    if view.header is not None:
+        return view.header.bed
     enc = view.chart.encounter if view.chart else None
     return (enc.bed_name or enc.bed_ref or "") if enc else ""
-
-
-def bed_sort_key(bed: str) -> tuple:
-    """Beds in ward order: 'bed 2' before 'bed 10'."""
-    import re
-
-    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.findall(r"\d+|\D+", bed))
 
 
 def patient_label(view: PatientView) -> str:
@@ -498,122 +385,30 @@ def patient_label(view: PatientView) -> str:
     return f"{bed + ' · ' if bed else ''}{view.chart.patient.name}"
 
 
-# --- facts derived for display ----------------------------------------------------------------------
+# --- facts derived for display (kept for pages not yet on PatientView.header) -----------------------------
 def age_of(chart: Chart, now: datetime) -> int | None:
     return chart.patient.age_on(now.date())
 
 
 def code_status(chart: Chart) -> tuple[str, str] | None:
-    """(status, ref) when the chart records a code status (resuscitation status observation or flag)."""
-    keys = ("code status", "code_status", "resuscitation", "dnr", "dnacpr", "advance directive")
-    found = None
-    for r in chart.results:
-        label = f"{r.analyte} {r.name}".lower()
-        if any(k in label for k in keys) and (r.value_text or r.value is not None):
-            found = (r.value_text or r.display_value(), r.ref)
-    return found
+    """(status, ref) of the chart's code status (assistant.views.chart_code_status: LOINC 100822-6)."""
+    found = chart_code_status(chart)
+    return (found.text, found.ref) if found else None
 
 
-@dataclass(slots=True)
-class MarEvent:
-    order_ref: str
-    order: str
-    time: datetime
-    state: str  # given | held | due | late
-    ref: str | None = None  # the administration, when there is one
-    detail: str = ""
+def mar_events(chart: Chart, now: datetime) -> list[MarEvent]:
+    """The MAR around `now` with HOLD marks (assistant.views.mar_events, holds from the pipeline's flags)."""
+    holds = hold_map(chart, pipeline.findings_for(chart, now))
+    return views_mar_events(chart, now, holds=holds)
 
 
-def _administration_facts(chart: Chart, now: datetime) -> list[dict[str, Any]]:
-    """Due / overdue / not-given doses as the summary's fact sheet sees them (one definition of 'late')."""
-    facts = _optional("assistant.summary.facts")
-    fn = getattr(facts, "administration_facts", None) if facts else None
-    if not callable(fn):
-        return []
-    try:
-        return list(fn(chart, now))
-    except Exception:  # noqa: BLE001
-        log.exception("administration facts failed")
-        return []
-
-
-def mar_events(
-    chart: Chart,
-    now: datetime,
-    *,
-    past: timedelta = timedelta(hours=24),
-    ahead: timedelta = timedelta(hours=12),
-) -> list[MarEvent]:
-    """Doses around `now`: given and held (administrations), late and due (next dose of each scheduled order)."""
-    events: list[MarEvent] = []
-    orders = {o.ref: o for o in chart.orders}
-    lo, hi = now - past, now + ahead
-    for a in chart.administrations:
-        if a.time is None or not (lo <= a.time <= hi):
-            continue
-        order = orders.get(a.order_ref or "")
-        state = "given" if a.was_given else "held"
-        detail = a.status if a.was_given else f"{a.status}{': ' + a.status_reason if a.status_reason else ''}"
-        events.append(
-            MarEvent(a.order_ref or a.ref, order.text if order else a.text, a.time, state, a.ref, detail)
-        )
-    for fact in _administration_facts(chart, now):
-        if fact.get("severity") not in ("overdue", "due") or not fact.get("time"):
-            continue
-        order_ref = fact["provenance"][0]
-        order = orders.get(order_ref)
-        due = fact["time"]
-        label = order.text if order else str(fact.get("label", order_ref))
-        events.append(
-            MarEvent(
-                order_ref,
-                label,
-                due,
-                "late" if fact["severity"] == "overdue" else "due",
-                None,
-                fact.get("text", ""),
-            )
-        )
-        interval = order.timing.interval_hours() if order else None
-        if interval:
-            step = timedelta(hours=interval)
-            nxt = due + step
-            for _ in range(200):  # bounded: hourly doses over 12 h is 12
-                if nxt > hi or (order and order.end and nxt > order.end):
-                    break
-                if nxt > now:
-                    events.append(
-                        MarEvent(order_ref, label, nxt, "due", None, f"scheduled {nxt:%d %b %H:%M}")
-                    )
-                nxt += step
-    events.sort(key=lambda e: (e.time, e.order))
-    return events
-
-
-def pending_items(view: PatientView, *, within: timedelta = timedelta(hours=4)) -> list[str]:
-    """What the next shift must not miss: overdue and upcoming doses, doses not given, results still pending."""
-    if view.chart is None:
-        return []
-    items: list[str] = []
-    for fact in sorted(_administration_facts(view.chart, view.now), key=lambda f: f.get("priority", 9)):
-        when = fact.get("time")
-        label = str(fact.get("label", ""))[:60]
-        if fact.get("severity") == "overdue":
-            items.append(f"OVERDUE {label} (due {when:%d %b %H:%M})")
-        elif fact.get("severity") == "due" and when and when <= view.now + within:
-            items.append(f"{label} due {when:%H:%M}")
-        elif fact.get("severity") == "not-given":
-            items.append(f"Not given: {label}")
-    items += pending_results(view)
-    return items
+def pending_items(view: PatientView) -> list[str]:
+    """What the next shift must not miss (assistant.views.pending_items: one pending window, HOLD marks)."""
+    return [p.text for p in view.pending]
 
 
 def pending_results(view: PatientView) -> list[str]:
-    if view.chart is None:
-        return []
-    return [
-        f"{r.name} result {r.status}" for r in view.chart.results if r.status in ("registered", "preliminary")
-    ]
+    return [p.text for p in views_pending_results(view.chart)] if view.chart is not None else []
 
 
 # --- cached models and stores (shared across sessions; no patient data) -------------------------------
@@ -655,18 +450,12 @@ class Passage:
 
 
 def guideline_passages(finding: Finding, k: int = 1) -> tuple[list[Passage], str | None]:
-    """The guideline passage(s) linked to a finding: by chunk id when the rule names one, else retrieved."""
+    """The guideline passage(s) linked to a flag, by the pipeline's one query policy."""
     try:
         store = guideline_store()
         if store.count() == 0:
             return [], "the guideline store is empty (run `nva guidelines ingest guidelines/corpus`)"
-        query = f"{finding.title}. {finding.action}".strip()
-        retriever = guideline_retriever()
-        hits = retriever.search(
-            query, k=k, rule_ids=[finding.rule_id], doc_ids=list(finding.guideline_ids) or None
-        )
-        if not hits and finding.guideline_ids:  # linked documents not ingested: best passage from the rest
-            hits = retriever.search(query, k=k, rule_ids=[finding.rule_id])
+        hits = pipeline.passages_for_finding(guideline_retriever(), finding, k)
     except Exception as exc:  # noqa: BLE001 - guidance is helpful, never required to show a flag
         log.warning("guideline lookup failed: %s", type(exc).__name__)
         return [], f"guideline passages unavailable ({type(exc).__name__})"
@@ -700,36 +489,18 @@ def source_health(cfg: AppConfig) -> dict[str, Any]:
     }
 
 
-# --- summaries and handoff --------------------------------------------------------------------------
+# --- summaries and handoff (assistant.pipeline: the same composition as `nva summarize` / `nva handoff`) ---
 def summary_news2(view: PatientView) -> Any | None:
-    """The NEWS2 aggregate in the shape the fact sheet takes (assistant.summary.facts.News2)."""
-    score = view.news2_score
-    facts = _optional("assistant.summary.facts")
-    if score is None or not score.parameters or facts is None or not hasattr(facts, "News2"):
-        return None
-    adapt = getattr(facts, "news2_from_score", None)
-    if callable(adapt):
-        return adapt(score)
-    times = [p.time for p in score.parameters if p.time is not None]
-    return facts.News2(
-        score=score.total,
-        refs=tuple(score.evidence),
-        single_param_3=any(p.points >= 3 for p in score.parameters),
-        time=max(times) if times else None,
-    )
+    """The NEWS2 aggregate in the shape the fact sheet takes, with its missing parameters."""
+    return pipeline.summary_news2(view)
 
 
 def compose_summary_stream(
     cfg: AppConfig | None, view: PatientView, passages: list[Passage] | None = None, *, use_llm: bool = True
 ) -> Any:
     """A SummaryStream of displayed sentences (assistant.summary.composer); `.result` once exhausted."""
-    composer = _optional("assistant.summary.composer")
-    if composer is None:
-        raise RuntimeError("the summary composer is not installed")
     backend = get_llm(cfg) if (use_llm and cfg is not None) else None
-    return composer.compose_stream(
-        view.chart, view.findings, passages or (), backend, now=view.now, news2=summary_news2(view)
-    )
+    return pipeline.summary_stream(view, backend, passages or ())
 
 
 IPASS_SECTIONS = (
@@ -741,32 +512,26 @@ IPASS_SECTIONS = (
 
 
 def handoff_for(view: PatientView) -> Any | None:
-    """I-PASS handoff of one patient from the template composer (no LLM wait); cached for this session only."""
+    """I-PASS handoff of one patient, as `nva handoff` composes it (template, no LLM wait); cached per session."""
     cache = st.session_state.setdefault("_nva_handoffs", {})
     if view.patient_id in cache:
         return cache[view.patient_id]
     result = None
     if view.chart is not None:
         try:
-            handoff_mod = _optional("assistant.summary.handoff")
-            fn = getattr(handoff_mod, "compose_handoff", None) if handoff_mod else None
-            if callable(fn):
-                news2 = summary_news2(view)
-                result = fn(
-                    view.chart,
-                    view.findings,
-                    (),
-                    None,
-                    now=view.now,
-                    news2=news2 if news2 is not None else "auto",
-                )
-            else:
-                result = compose_summary_stream(None, view, use_llm=False).collect()
+            result = pipeline.handoff_for(view)
         except Exception as exc:  # noqa: BLE001 - one patient's handoff must not break the ward list
             log.warning("handoff composition failed: %s", type(exc).__name__)
             result = None
     cache[view.patient_id] = result
     return result
+
+
+def ward_handoff_document(cfg: AppConfig, ward_ref: str | None) -> Any:
+    """The ward's I-PASS (assistant.summary.handoff.WardHandoff) exactly as `nva handoff --ward` writes it."""
+    return pipeline.ward_handoff(
+        ward_views(cfg, ward_ref), ward=ward_name(cfg, ward_ref), now=cfg.rules_now(), compose=handoff_for
+    )
 
 
 def ipass_sections(result: Any) -> list[tuple[str, list[Any]]]:
@@ -785,21 +550,8 @@ def ipass_sections(result: Any) -> list[tuple[str, list[Any]]]:
     return out
 
 
-# --- audit ---------------------------------------------------------------------------------------------
-CSV_FIELDS = (
-    "patient",
-    "ward",
-    "rule_id",
-    "category",
-    "severity",
-    "title",
-    "message",
-    "evidence",
-    "values",
-    "action",
-    "guideline_ids",
-    "sources",
-)
+# --- audit (assistant.audit: the runner's per-patient step, report.py's formats) ------------------------------
+CSV_FIELDS = report.CSV_FIELDS
 
 
 def audit_dir(cfg: AppConfig) -> Path:
@@ -818,92 +570,23 @@ def audit_runs(cfg: AppConfig) -> list[Path]:
 
 
 def read_audit_jsonl(lines: Any) -> tuple[list[dict[str, Any]], int]:
-    """Finding rows from an audit JSONL (one finding a line, or one patient a line with `findings`); bad lines counted."""
-    rows: list[dict[str, Any]] = []
-    bad = 0
-    for line in lines:
-        line = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            bad += 1
-            continue
-        if not isinstance(obj, dict):
-            bad += 1
-        elif isinstance(obj.get("findings"), list):
-            for f in obj["findings"]:
-                if isinstance(f, dict):
-                    rows.append(_audit_row({**f, "ward": obj.get("ward")}))
-        elif "rule_id" in obj:
-            rows.append(_audit_row(obj))
-        else:
-            bad += 1
-    return rows, bad
-
-
-def _audit_row(obj: dict[str, Any]) -> dict[str, Any]:
-    row = dict(obj)
-    patient = str(row.get("patient") or "")
-    if patient and "/" not in patient and ":" not in patient:
-        patient = f"Patient/{patient}"
-    row["patient"] = patient
-    row["ward"] = row.get("ward") or "(no ward)"
-    row["severity"] = str(row.get("severity") or "low")
-    row["evidence"] = list(row.get("evidence") or [])
-    row["values"] = list(row.get("values") or [])
-    return row
+    """Finding rows from an audit JSONL; lines that are not findings are counted (assistant.audit.report)."""
+    return report.parse_findings_jsonl(lines)
 
 
 def audit_csv(rows: list[dict[str, Any]]) -> bytes:
     """The filtered findings as CSV, in the column layout of `nva audit --format csv`."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    for f in rows:
-        values = "; ".join(
-            f"{v.get('label')}={v.get('value') or ''}@{v.get('time') or ''} [{v.get('ref')}]"
-            for v in f.get("values") or []
-            if isinstance(v, dict)
-        )
-        writer.writerow(
-            {
-                **f,
-                "evidence": " ".join(f.get("evidence") or []),
-                "values": values,
-                "guideline_ids": " ".join(f.get("guideline_ids") or []),
-                "sources": " | ".join(f.get("sources") or []),
-            }
-        )
-    return buf.getvalue().encode("utf-8")
+    return report.findings_csv(rows).encode("utf-8")
 
 
 def run_ward_audit(cfg: AppConfig, ward_ref: str | None, progress: Any = None) -> Path:
     """Audit every patient on the ward with the audit runner's per-patient step; writes JSONL under the data dir."""
-    from assistant.audit.report import write_output
-    from assistant.audit.runner import audit_record
-    from assistant.rules.engine import default_catalogue
-    from connectors.base import PatientRecord
-    from connectors.errors import FhirError
-
-    source = session_source(cfg)
-    census = ward_census(cfg, ward_ref)
     now = cfg.rules_now()
-    catalogue = default_catalogue()
-    rows = []
-    for i, entry in enumerate(census):
-        try:
-            record = source.patient_resources(entry.patient_id)
-        except FhirError as exc:
-            record = PatientRecord(patient_id=entry.patient_id, error=exc, origin=cfg.source)
-        rows.append(audit_record(record, now, catalogue))
-        if progress is not None:
-            progress(i + 1, len(census))
+    ids = [e.patient_id for e in ward_census(cfg, ward_ref)]
+    rows = pipeline.audit_patients(session_source(cfg), ids, now, origin=cfg.source, progress=progress)
     slug = (ward_ref or "all").split("/")[-1]
     out = audit_dir(cfg) / f"audit-{slug}-{datetime.now(UTC):%Y%m%dT%H%M%S}.jsonl"
-    write_output(lambda: rows, out, fmt="jsonl", now=now.isoformat(), source=cfg.source)
+    report.write_output(lambda: rows, out, fmt="jsonl", now=now.isoformat(), source=cfg.source)
     return out
 
 
@@ -917,7 +600,7 @@ def synthesis_line(result: Any) -> str:
 @dataclass(slots=True)
 class HandoffRow:
     view: PatientView
-    result: Any  # the composed I-PASS (SummaryResult); None until asked for
+    result: Any  # the composed I-PASS (HandoffPatient); None until asked for
     level: str
     pending: list[str]
 
@@ -934,28 +617,19 @@ class HandoffRow:
 
 def illness_severity(view: PatientView) -> str:
     """I-PASS illness severity (stable | watcher | unstable) from the fact sheet's rule, without composing."""
-    facts = _optional("assistant.summary.facts")
-    fn = getattr(facts, "illness_severity_fact", None) if facts else None
-    if view.chart is None or not callable(fn):
-        return ""
     try:
-        fact = fn(view.chart, view.findings, summary_news2(view), view.chart.patient.ref)
-    except Exception:  # noqa: BLE001
+        return pipeline.illness_severity(view)
+    except Exception:  # noqa: BLE001 - the row still shows, without a level
         log.exception("illness severity failed")
         return ""
-    return str((fact or {}).get("value") or "")
-
-
-LEVEL_ORDER = {"unstable": 0, "watcher": 1, "stable": 2}
 
 
 def ward_handoff(cfg: AppConfig, ward_ref: str | None) -> list[HandoffRow]:
-    """The ward sorted by acuity (NEWS2, worst flag, I-PASS illness severity), one row per patient."""
-    rows = []
-    for view in ward_views(cfg, ward_ref):
-        rows.append(HandoffRow(view, None, illness_severity(view), pending_items(view)))
-    rows.sort(key=lambda r: (acuity_key(r.view)[0], LEVEL_ORDER.get(r.level, 3), *acuity_key(r.view)[1:]))
-    return rows
+    """The ward in acuity order (the census's and `nva handoff`'s order), one row per patient."""
+    return [
+        HandoffRow(view, None, illness_severity(view), pending_items(view))
+        for view in sort_by_acuity(ward_views(cfg, ward_ref))
+    ]
 
 
 def flag_counts(view: PatientView) -> str:
