@@ -1,4 +1,4 @@
-"""LLM layer: one chat interface (`LlmBackend`) over OpenAI-compatible servers, transformers and llama.cpp."""
+"""LLM layer: one chat interface (`LlmBackend`) over OpenAI-compatible servers, ONNX Runtime, transformers, llama.cpp."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ __all__ = [
     "ScriptedBackend",
     "for_chart",
     "make_backend",
+    "warm",
 ]
 
 
@@ -61,7 +62,7 @@ class NoBackend(LlmBackend):
     @staticmethod
     def _error() -> LlmConfigError:
         return LlmConfigError(
-            "no LLM backend configured: set NVA_LLM_BACKEND to openai, transformers or llama-cpp "
+            "no LLM backend configured: set NVA_LLM_BACKEND to onnx, openai, transformers or llama-cpp "
             "(callers should check backend.available first)"
         )
 
@@ -100,6 +101,10 @@ def make_backend(settings: LlmSettings | Mapping[str, str] | None = None) -> Llm
             raise LlmConfigError(str(exc)) from exc
         backend.requires_deid = egress != "local" and settings.deidentify  # type: ignore[attr-defined]
         return backend
+    if settings.backend == "onnx":
+        from .onnx_backend import OnnxBackend
+
+        return OnnxBackend(settings)
     if settings.backend == "transformers":
         from .transformers_backend import TransformersBackend
 
@@ -109,3 +114,25 @@ def make_backend(settings: LlmSettings | Mapping[str, str] | None = None) -> Llm
 
         return LlamaCppBackend(settings)
     return NoBackend()
+
+
+def warm(backend: LlmBackend | None, prompts: Sequence[Sequence[ChatMessage]] = ()) -> None:
+    """Load an in-process model once and pre-fill `prompts` (prefixes every patient uses); call at app start.
+
+    Never raises for LLM trouble (the summary falls back to templates and says why); logs the cause instead.
+    A no-op for NoBackend and servers. `assistant.summary.synopsis.warm_summary_model` passes the summary prompts.
+    """
+    import logging
+
+    if backend is None or not backend.available or not getattr(backend, "small_model", False):
+        return
+    try:
+        warmer = getattr(backend, "warm", None)
+        if warmer is not None:
+            warmer(prompts)
+        else:
+            load = getattr(backend, "load", None)
+            if load is not None:
+                load()
+    except Exception as exc:  # noqa: BLE001 -- warm-up is best effort: the first patient would load it anyway
+        logging.getLogger("assistant.llm").warning("LLM warm-up failed (%s): %s", type(exc).__name__, exc)

@@ -9,11 +9,13 @@ from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from assistant import settings as nva_settings
+
 T = TypeVar("T")
 R = TypeVar("R")
 
-DEFAULT_MAX_TOKENS = 512
-DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_MAX_TOKENS: int = nva_settings.default("NVA_LLM_MAX_TOKENS")
+DEFAULT_TIMEOUT_S: float = nva_settings.default("NVA_LLM_TIMEOUT")
 
 ROLES = frozenset({"system", "user", "assistant"})
 
@@ -160,6 +162,8 @@ class LlmBackend(ABC):
 
     name: str = "abstract"
     model: str = ""
+    # A small in-process model: the summary asks it one fact at a time and never asks it for free judgement.
+    small_model: bool = False
 
     @property
     def available(self) -> bool:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any
 
 from .base import (
+    DEFAULT_MAX_TOKENS,
     ChatMessage,
     ChatResult,
     ChatStream,
@@ -50,7 +51,7 @@ class ScriptedBackend(LlmBackend):
         self,
         messages: Sequence[ChatMessage],
         *,
-        max_tokens: int = 512,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
         temperature: float = 0.0,
         json_schema: dict[str, Any] | None = None,
         timeout: float | None = None,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import (
+    DEFAULT_MAX_TOKENS,
     ChatMessage,
     ChatResult,
     ChatStream,
@@ -42,6 +43,7 @@ class LlamaCppBackend(LlmBackend):
     """GGUF models through llama.cpp. `json_schema` is enforced with llama.cpp's grammar support."""
 
     name = "llama-cpp"
+    small_model = True
 
     def __init__(self, settings: LlmSettings) -> None:
         self._llama_cls = _llama_class()
@@ -67,7 +69,7 @@ class LlamaCppBackend(LlmBackend):
         self,
         messages: Sequence[ChatMessage],
         *,
-        max_tokens: int = 512,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
         temperature: float = 0.0,
         json_schema: dict[str, Any] | None = None,
         timeout: float | None = None,

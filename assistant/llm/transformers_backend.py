@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import (
+    DEFAULT_MAX_TOKENS,
     ChatMessage,
     ChatResult,
     ChatStream,
@@ -187,6 +188,7 @@ class TransformersBackend(LlmBackend):
     result's `schema_fallback` is set so callers know); prompt for JSON and validate it."""
 
     name = "transformers"
+    small_model = True
 
     def __init__(self, settings: LlmSettings) -> None:
         self.settings = settings
@@ -221,7 +223,7 @@ class TransformersBackend(LlmBackend):
         self,
         messages: Sequence[ChatMessage],
         *,
-        max_tokens: int = 512,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
         temperature: float = 0.0,
         json_schema: dict[str, Any] | None = None,
         timeout: float | None = None,

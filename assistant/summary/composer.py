@@ -64,7 +64,7 @@ PER_FACT_KINDS = frozenset(
 )
 PER_FACT_MAX_TOKENS = 60
 PER_FACT_LIMIT = 8  # facts phrased by a small model; the rest keep their template sentences
-SMALL_MODEL_BACKENDS = frozenset({"transformers", "llama-cpp"})
+SMALL_MODEL_BACKENDS = frozenset({"transformers", "llama-cpp", "onnx"})
 
 
 def build_fact_messages(fact: Fact) -> list[Any]:

@@ -1,0 +1,412 @@
+"""In-process backend on ONNX Runtime GenAI: the packaged SmolLM2 GGUF exported once to int8 ONNX, prefix-cached."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .base import (
+    DEFAULT_MAX_TOKENS,
+    ChatMessage,
+    ChatResult,
+    ChatStream,
+    Clock,
+    LlmBackend,
+    LlmConfigError,
+    LlmError,
+    LlmTimeout,
+    check_messages,
+    check_params,
+    log_result,
+)
+from .config import LlmSettings
+from .transformers_backend import ModelSource, export_hf_folder, hf_copy_dir, resolve_model_source
+
+log = logging.getLogger(__name__)
+
+# int8 weight-only quantization keeps the greedy output of the fp32 model on the demo prompts; int4 re-quantization
+# of the Q4_1 GGUF weights garbles it (docs/BENCHMARKS_summary.md, speed options).
+PRECISION = "int8"
+EXPORT_FORMAT = 1  # bump when the export recipe changes, so an old copy is not reused
+SLOT_TOKENS = 1024  # KV capacity of one cached generator (~47 MB for SmolLM2-135M)
+MAX_SLOTS = 3  # prompt families kept warm at once: per-fact, synopsis, one more
+BUILD_TIMEOUT_S = 900.0
+SAME_PREFIX_MIN = 16  # fewer shared tokens than this: a different prompt family, take a free slot if any
+
+
+def onnx_copy_dir(source: ModelSource, cache_dir: str | os.PathLike[str]) -> Path:
+    """Folder under `cache_dir` for the ONNX export of a GGUF source (size in the name: a new GGUF is re-exported)."""
+    if not source.gguf_file:
+        raise ValueError("only GGUF sources are exported to ONNX")
+    gguf = Path(source.directory) / source.gguf_file
+    return (
+        Path(cache_dir).expanduser() / f"{gguf.stem}-{gguf.stat().st_size}-onnx-{PRECISION}-v{EXPORT_FORMAT}"
+    )
+
+
+def _genai() -> Any:
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise LlmConfigError(
+            "onnx backend needs onnxruntime-genai (and onnx, onnx-ir to export): pip install nva"
+        ) from None
+    if hasattr(og, "disable_telemetry_events"):
+        og.disable_telemetry_events()  # no network at run time
+    return og
+
+
+def is_onnx_dir(path: Path) -> bool:
+    return (path / "genai_config.json").is_file()
+
+
+def prepare_onnx(
+    source: ModelSource, cache_dir: str | os.PathLike[str], torch_threads: int = 2
+) -> tuple[Path, float]:
+    """The int8 ONNX copy of `source` under `cache_dir`, exported once; returns (folder, seconds spent exporting).
+
+    GGUF -> plain transformers folder (the same copy the transformers backend loads) -> onnxruntime-genai model
+    builder, in a subprocess so the export's memory is returned. Written to a temp folder and renamed, so a
+    half-written export is never loaded.
+    """
+    out = onnx_copy_dir(source, cache_dir)
+    if is_onnx_dir(out):
+        return out, 0.0
+    clock = Clock()
+    hf = hf_copy_dir(source, cache_dir)
+    if not (hf / "config.json").is_file():
+        export_hf_folder(source, hf, torch_threads)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": str(torch_threads),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(hf),
+        "-o",
+        str(tmp),
+        "-p",
+        PRECISION,
+        "-e",
+        "cpu",
+        "-c",
+        str(tmp / "build-cache"),
+    ]
+    try:
+        proc = subprocess.run(  # noqa: S603 -- fixed argv, no shell
+            cmd, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LlmConfigError(
+            f"ONNX export did not finish in {BUILD_TIMEOUT_S:g}s: run `nva prepare-model` on an idle machine"
+        ) from None
+    if proc.returncode != 0 or not is_onnx_dir(tmp):
+        tail = (proc.stderr or proc.stdout or "")[-800:]
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LlmConfigError(
+            f"ONNX export failed (exit {proc.returncode}): install onnx, onnx-ir and onnxruntime-genai; log tail: {tail}"
+        )
+    shutil.rmtree(tmp / "build-cache", ignore_errors=True)
+    try:
+        tmp.rename(out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first; its export is equivalent
+    spent = clock.elapsed()
+    log.info("exported the local model to ONNX %s in %.1fs", PRECISION, spent)
+    return out, spent
+
+
+@dataclass
+class _Slot:
+    """One generator and the tokens whose keys and values it holds (prompt plus fed completion tokens)."""
+
+    generator: Any
+    tokens: list[int] = field(default_factory=list)
+    used: float = 0.0
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class OnnxEngine:
+    """The loaded model plus a few greedy generators whose KV caches keep recent prompt prefixes.
+
+    A prompt that starts like an earlier one (the per-fact system prompt and worked example) rewinds that
+    generator to the shared prefix and feeds only the rest, so a per-fact call pre-fills ~35 tokens, not ~170.
+    One generation at a time per process: on a small CPU, parallel decoding only slows each other down.
+    """
+
+    def __init__(self, path: Path, threads: int) -> None:
+        og = _genai()
+        self.og = og
+        self.path = path
+        clock = Clock()
+        cfg = og.Config(str(path))
+        cfg.overlay(
+            json.dumps(
+                {
+                    "model": {
+                        "decoder": {
+                            "session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+                        }
+                    }
+                }
+            )
+        )
+        self.model = og.Model(cfg)
+        self.tokenizer = og.Tokenizer(self.model)
+        template = path / "chat_template.jinja"
+        self.chat_template = template.read_text() if template.is_file() else None
+        self.eos = {int(t) for t in self.tokenizer.eos_token_ids}
+        self.slots: list[_Slot] = []
+        self.lock = threading.Lock()
+        self.load_s = clock.elapsed()
+        log.info("loaded ONNX model %s in %.2fs", path.name, self.load_s)
+
+    def encode_chat(self, msgs: Sequence[ChatMessage]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            json.dumps([m.as_dict() for m in msgs]),
+            template_str=self.chat_template,
+            add_generation_prompt=True,
+        )
+        return [int(t) for t in self.tokenizer.encode(text)]
+
+    def _new_generator(self, capacity: int, temperature: float) -> Any:
+        params = self.og.GeneratorParams(self.model)
+        opts: dict[str, Any] = {"max_length": capacity, "batch_size": 1}
+        if temperature > 0:
+            opts.update(do_sample=True, temperature=temperature, top_k=50, top_p=1.0)
+        else:
+            opts.update(do_sample=False)
+        params.set_search_options(**opts)
+        return self.og.Generator(self.model, params)
+
+    def _slot_for(self, ids: list[int]) -> tuple[_Slot, int]:
+        """(slot, tokens already in its cache) for `ids`; at least the last prompt token is always fed again."""
+        best, best_len = None, -1
+        for slot in self.slots:
+            n = min(_common_prefix(slot.tokens, ids), len(ids) - 1)
+            if n > best_len:
+                best, best_len = slot, n
+        if best is None or (best_len < SAME_PREFIX_MIN and len(self.slots) < MAX_SLOTS):
+            slot = _Slot(self._new_generator(SLOT_TOKENS, 0.0))
+            self.slots.append(slot)
+            return slot, 0
+        if best_len < SAME_PREFIX_MIN:
+            best = min(self.slots, key=lambda s: s.used)  # least recently used prompt family makes room
+            best_len = 0
+        if best_len == 0:
+            best.generator = self._new_generator(SLOT_TOKENS, 0.0)
+            best.tokens = []
+        else:
+            # Always rewind: the generator's sequence also holds the last sampled token, which was never fed.
+            best.generator.rewind_to(best_len)
+            del best.tokens[best_len:]
+        return best, best_len
+
+    def generate(
+        self, ids: list[int], max_tokens: int, temperature: float, deadline: float
+    ) -> Generator[tuple[int, str], None, None]:
+        """Yield (token id, text delta) greedily (or sampled); the caller holds `self.lock`."""
+        if temperature > 0 or len(ids) + max_tokens > SLOT_TOKENS:
+            # Sampling and long prompts use a one-off generator: they would evict the warm prefixes.
+            slot, have = _Slot(self._new_generator(len(ids) + max_tokens + 1, temperature)), 0
+            cached = False
+        else:
+            slot, have = self._slot_for(ids)
+            cached = True
+        import numpy as np
+
+        gen = slot.generator
+        gen.append_tokens(np.asarray([ids[have:]], dtype=np.int32))
+        slot.tokens = list(ids)
+        slot.used = time.monotonic()
+        stream = self.tokenizer.create_stream()
+        generated: list[int] = []
+        try:
+            for _ in range(max_tokens):
+                if time.monotonic() > deadline:
+                    raise LlmTimeout(
+                        "local model did not finish in time: raise NVA_LLM_TIMEOUT or lower max_tokens"
+                    )
+                if gen.is_done():
+                    break
+                gen.generate_next_token()
+                token = int(gen.get_next_tokens()[0])
+                generated.append(token)
+                if token in self.eos:
+                    yield token, ""
+                    break
+                yield token, stream.decode(token)
+        finally:
+            if cached:
+                # A sampled token is fed (in the cache) only on the next step: the last one never was.
+                slot.tokens = list(ids) + generated[:-1]
+
+    def prefill(self, msgs: Sequence[ChatMessage]) -> None:
+        """Put a prompt prefix in a slot's cache (warm-up)."""
+        ids = self.encode_chat(msgs)
+        with self.lock:
+            for _ in self.generate(ids, 1, 0.0, time.monotonic() + 120):
+                pass
+
+
+_ENGINES: dict[Path, OnnxEngine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def load_engine(path: Path, threads: int) -> OnnxEngine:
+    """The engine for `path`, loaded once per process."""
+    with _ENGINES_LOCK:
+        if path not in _ENGINES:
+            _ENGINES[path] = OnnxEngine(path, threads)
+        return _ENGINES[path]
+
+
+def default_cache_dir(settings: LlmSettings) -> Path:
+    if settings.cache_dir:
+        return Path(settings.cache_dir).expanduser()
+    from assistant import settings as nva_settings
+
+    return nva_settings.data_dir() / "models"
+
+
+class OnnxBackend(LlmBackend):
+    """Local greedy generation on ONNX Runtime. `json_schema` is not enforced (the result's `schema_fallback`
+    says so); prompt for JSON and validate it. NVA_LLM_MODEL_PATH may name a GGUF (exported once) or an
+    onnxruntime-genai folder (with genai_config.json)."""
+
+    name = "onnx"
+    small_model = True
+
+    def __init__(self, settings: LlmSettings) -> None:
+        self.settings = settings
+        path = Path(settings.model_path).expanduser() if settings.model_path else None
+        self._ready_dir: Path | None = path if path is not None and is_onnx_dir(path) else None
+        self.source = None if self._ready_dir else resolve_model_source(settings.model_path)
+        if self.source is not None and not self.source.gguf_file:
+            raise LlmConfigError(
+                "onnx backend needs a .gguf file or an onnxruntime-genai folder (genai_config.json) in "
+                "NVA_LLM_MODEL_PATH"
+            )
+        self.model = settings.model or (self.source.label if self.source else self._ready_dir.name)  # type: ignore[union-attr]
+        self.prepare_s = 0.0
+
+    def model_dir(self) -> Path:
+        """The ONNX folder, exported now when missing (about a minute, once per machine and GGUF)."""
+        if self._ready_dir is None:
+            assert self.source is not None
+            self._ready_dir, self.prepare_s = prepare_onnx(
+                self.source, default_cache_dir(self.settings), self.settings.torch_threads
+            )
+        return self._ready_dir
+
+    def engine(self) -> OnnxEngine:
+        return load_engine(self.model_dir(), self.settings.torch_threads)
+
+    def load(self) -> None:
+        """Load now rather than on the first call (e.g. at app start)."""
+        self.engine()
+
+    def warm(self, prompts: Sequence[Sequence[ChatMessage]] = ()) -> None:
+        """Load the model and pre-fill the KV cache with prompt prefixes used on every patient."""
+        engine = self.engine()
+        for msgs in prompts:
+            engine.prefill(msgs)
+
+    def stream(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        temperature: float = 0.0,
+        json_schema: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> ChatStream:
+        msgs = check_messages(messages)
+        check_params(max_tokens, temperature)
+        engine = self.engine()
+        return ChatStream(
+            self._run(
+                engine,
+                msgs,
+                max_tokens,
+                temperature,
+                json_schema is not None,
+                timeout or self.settings.timeout,
+            )
+        )
+
+    def _run(
+        self,
+        engine: OnnxEngine,
+        msgs: list[ChatMessage],
+        max_tokens: int,
+        temperature: float,
+        schema_asked: bool,
+        timeout: float,
+    ) -> Generator[str, None, ChatResult]:
+        clock = Clock()
+        ids = engine.encode_chat(msgs)
+        parts: list[str] = []
+        completion = 0
+        eos = False
+        deadline = time.monotonic() + timeout
+        if not engine.lock.acquire(timeout=timeout):
+            raise LlmTimeout(
+                f"local model busy with other patients for {timeout:g}s: raise NVA_LLM_TIMEOUT or retry"
+            )
+        try:
+            for token, delta in engine.generate(ids, max_tokens, temperature, deadline):
+                completion += 1
+                if token in engine.eos:
+                    eos = True
+                    break
+                if delta:
+                    clock.mark_first()
+                    parts.append(delta)
+                    yield delta
+        except LlmError:
+            raise
+        except (RuntimeError, ValueError) as exc:
+            raise LlmError(
+                f"local ONNX generation failed ({type(exc).__name__}): check the model files"
+            ) from exc
+        finally:
+            engine.lock.release()
+        result = ChatResult(
+            text="".join(parts),
+            model=self.model,
+            backend=self.name,
+            prompt_tokens=len(ids),
+            completion_tokens=completion,
+            latency_s=clock.elapsed(),
+            first_token_s=clock.first,
+            finish_reason="stop" if eos or completion < max_tokens else "length",
+            schema_fallback=schema_asked,
+        )
+        log_result(result)
+        return result
