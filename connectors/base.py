@@ -4,16 +4,41 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from assistant.model import Chart, DataQualityIssue
-from assistant.normalize import build_chart, local_ref
+from assistant.normalize import (
+    SHARED_TYPES,
+    build_chart,
+    census_encounter,
+    dedupe_resources,
+    duplicate_issue,
+    newer,
+    resource_key,
+    resource_owner,
+)
 from connectors.errors import FhirError
 
-SHARED_TYPES = {"Location", "Medication", "Organization", "Practitioner"}
+# Re-exported for the connectors: one implementation of ownership and de-duplication, in the core.
+__all__ = [
+    "ANY_TYPE",
+    "SHARED_TYPES",
+    "CensusEntry",
+    "FhirSource",
+    "PatientRecord",
+    "SourceCompleteness",
+    "Ward",
+    "census_from_encounters",
+    "chart_from_record",
+    "dedupe_resources",
+    "merge_duplicates",
+    "missing_issues",
+    "newer",
+    "resource_key",
+    "resource_owner",
+]
 ANY_TYPE = "*"  # key of missing_types when what is missing cannot be tied to one resource type
 
 
@@ -96,81 +121,13 @@ class SourceCompleteness:
         return "incomplete: " + "; ".join(parts)
 
 
-def resource_owner(resource: dict) -> str | None:
-    """The patient id a compartment resource belongs to (its own id for a Patient), or None."""
-    if resource.get("resourceType") == "Patient":
-        rid = resource.get("id")
-        return rid if isinstance(rid, str) else None
-    for key in ("subject", "patient"):
-        holder = resource.get(key)
-        if isinstance(holder, dict):
-            ref = local_ref(holder.get("reference"))
-            if ref and ref.startswith("Patient/"):
-                return ref.split("/", 1)[1]
-    return None
-
-
-def resource_key(resource: Any) -> str | None:
-    """'Type/id' of a resource, or None when it has no usable id (such resources are never merged)."""
-    if not isinstance(resource, dict):
-        return None
-    rtype, rid = resource.get("resourceType"), resource.get("id")
-    if isinstance(rtype, str) and isinstance(rid, str) and rid:
-        return f"{rtype}/{rid}"
-    return None
-
-
-def _last_updated(resource: dict) -> datetime | None:
-    meta = resource.get("meta")
-    value = meta.get("lastUpdated") if isinstance(meta, dict) else None
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else None  # a naive instant cannot be ordered against others
-
-
-def newer(candidate: dict, kept: dict) -> bool:
-    """True when `candidate` should replace `kept`: a later meta.lastUpdated, or the later copy on a tie."""
-    a, b = _last_updated(candidate), _last_updated(kept)
-    if a is None or b is None:
-        return b is None  # a dated copy beats an undated one; two undated copies: the later one read
-    return a >= b
-
-
-def dedupe_resources(resources: Iterable[dict]) -> tuple[list[dict], int]:
-    """Resources with repeats of the same type+id merged (newest meta.lastUpdated wins); first-seen order kept.
-
-    Returns the resources and how many repeats were dropped, for a data-quality count.
-    """
-    out: list[dict] = []
-    position: dict[str, int] = {}
-    dropped = 0
-    for resource in resources:
-        key = resource_key(resource)
-        if key is None:
-            out.append(resource)
-            continue
-        at = position.get(key)
-        if at is None:
-            position[key] = len(out)
-            out.append(resource)
-            continue
-        dropped += 1
-        if newer(resource, out[at]):
-            out[at] = resource
-    return out, dropped
-
-
-def duplicate_issue(origin: str, count: int) -> DataQualityIssue:
-    return DataQualityIssue(
-        origin,
-        "duplicate-resource",
-        f"{count} resource(s) appeared more than once (same type and id); the newest by meta.lastUpdated was kept",
-        "warning",
-    )
+def merge_duplicates(record: PatientRecord) -> PatientRecord:
+    """Drop repeats of the same type+id in a record (newest meta.lastUpdated kept) and say how many."""
+    record.resources, dropped = dedupe_resources(record.resources)
+    if dropped:
+        record.duplicates += dropped
+        record.issues.append(duplicate_issue(dropped, record.origin or f"Patient/{record.patient_id}"))
+    return record
 
 
 def missing_issues(missing: Mapping[str, str]) -> list[DataQualityIssue]:
@@ -253,42 +210,17 @@ class FhirSource(ABC):
 def census_from_encounters(
     patient_id: str, encounters: list[dict], locations: dict[str, dict], ward_ref: str | None
 ) -> list[CensusEntry]:
-    """In-progress encounters of one patient that sit on `ward_ref` (directly or through a bed's partOf)."""
-    entries = []
-    for enc in encounters:
-        if enc.get("status") not in ("in-progress", "arrived", "onleave"):
-            continue
-        ward = bed = None
-        for loc in enc.get("location") or []:
-            if not isinstance(loc, dict) or loc.get("status") not in (None, "active"):
-                continue
-            lref = local_ref((loc.get("location") or {}).get("reference"))
-            target = locations.get(lref or "", {})
-            kind = _physical_type(loc) or _physical_type(target)
-            if kind in ("bd", "ro"):
-                bed = lref
-                parent = local_ref((target.get("partOf") or {}).get("reference")) if target else None
-                ward = ward or parent
-            else:
-                ward = ward or lref
-        if ward_ref is None or ward == ward_ref:
-            entries.append(CensusEntry(patient_id, f"Encounter/{enc.get('id')}", ward, bed))
-    return entries
-
-
-def _physical_type(obj: dict) -> str | None:
-    for coding in (obj.get("physicalType") or {}).get("coding", []) or []:
-        if isinstance(coding, dict) and coding.get("code"):
-            return coding["code"]
-    return None
+    """The patient's current encounter when it sits on `ward_ref` (all wards when None): the same encounter, ward
+    and bed the chart shows (assistant.normalize.census_encounter, codes in assistant/data/fhir_codes.toml)."""
+    enc = census_encounter(encounters, locations)
+    if enc is None or (ward_ref is not None and enc.ward_ref != ward_ref):
+        return []
+    return [CensusEntry(patient_id, enc.ref, enc.ward_ref, enc.bed_ref)]
 
 
 def chart_from_record(record: PatientRecord, *, source: str, strict: bool = False) -> Chart:
     """A Chart from one record, carrying its missing types (as a field and as data-quality issues)."""
-    issues = list(record.issues)
-    if record.duplicates:
-        issues.append(duplicate_issue(record.origin or source, record.duplicates))
-    issues += missing_issues(record.missing_types)
+    issues = list(record.issues) + missing_issues(record.missing_types)
     chart = build_chart(
         record.resources, source=source, patient_id=record.patient_id, strict=strict, issues=issues
     )

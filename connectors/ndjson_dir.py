@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from assistant.model import DataQualityIssue
+from assistant.normalize import is_current_encounter
 from connectors.base import (
     ANY_TYPE,
     SHARED_TYPES,
@@ -20,7 +21,7 @@ from connectors.base import (
     SourceCompleteness,
     Ward,
     census_from_encounters,
-    dedupe_resources,
+    merge_duplicates,
     newer,
     resource_owner,
 )
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 
 # Written by the bulk export client next to the files: what the server could not export (types, failed files).
 EXPORT_STATUS = ".export-complete.json"
-CURRENT_STATUSES = ("in-progress", "arrived", "onleave")
 
 __all__ = [
     "EXPORT_STATUS",
@@ -183,7 +183,7 @@ class NdjsonDirSource(FhirSource):
                 )
         if not found:
             raise FhirNotFoundError(f"Patient/{patient_id} is not in {self.path}")
-        record.resources, record.duplicates = dedupe_resources(record.resources)
+        merge_duplicates(record)
         record.resources.extend(self.locations().values())
         self.completeness.apply(record)
         self.completeness.note_record(record)
@@ -217,7 +217,7 @@ class NdjsonDirSource(FhirSource):
                 mine[key] = obj
         entries = []
         for pid, by_id in encounters.items():
-            current = [e for e in by_id.values() if e.get("status") in CURRENT_STATUSES]
+            current = [e for e in by_id.values() if is_current_encounter(e)]
             if current:
                 entries.extend(census_from_encounters(pid, current, self.locations(), ward_ref))
         return entries

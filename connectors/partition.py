@@ -22,7 +22,7 @@ from connectors.base import (
     ANY_TYPE,
     SHARED_TYPES,
     PatientRecord,
-    dedupe_resources,
+    merge_duplicates,
     newer,
     resource_key,
     resource_owner,
@@ -189,7 +189,7 @@ def read_partition(
                 continue
             record.resources.append(obj)
     for record in by_patient.values():
-        record.resources, record.duplicates = dedupe_resources(record.resources)
+        merge_duplicates(record)
         record.resources.extend(shared)
         for rtype, reason in (missing_types or {}).items():
             record.mark_missing(rtype, reason)

@@ -24,7 +24,7 @@ from connectors.base import (
     PatientRecord,
     Ward,
     census_from_encounters,
-    dedupe_resources,
+    merge_duplicates,
 )
 from connectors.errors import (
     FhirAuthError,
@@ -403,7 +403,7 @@ class RestFhirSource(FhirSource):
 
     def _finish(self, record: PatientRecord) -> PatientRecord:
         """Merge pages and searches (repeats dropped), add what the resources point to, note completeness."""
-        record.resources, record.duplicates = dedupe_resources(record.resources)
+        merge_duplicates(record)
         self._add_referenced(record)
         self.completeness.apply(record)
         self.completeness.note_record(record)
