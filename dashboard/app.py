@@ -50,8 +50,18 @@ if gate.user is None:
 
 user = gate.user
 services.forget_other_user(user)
+# The ward census is the landing page: who is sickest, one click to the patient (issue 15). A link that names a
+# patient (/?patient=<id>, as older links and bookmarks do) lands on that patient instead.
+to_patient = bool(st.query_params.get("patient"))
 pages = [
-    st.Page(PAGES / "patient.py", title="Patient", icon=":material/person:", default=True),
+    st.Page(PAGES / "census.py", title="Ward census", icon=":material/groups:", default=not to_patient),
+    st.Page(
+        PAGES / "patient.py",
+        title="Patient",
+        icon=":material/person:",
+        url_path="patient",
+        default=to_patient,
+    ),
     st.Page(PAGES / "handoff.py", title="Ward handoff", icon=":material/assignment:", url_path="handoff"),
 ]
 # Pages a role may not open are not listed; each page checks again (a URL can be typed).

@@ -74,7 +74,8 @@ def _app(patient: str | None = None, page: str | None = None) -> AppTest:
 
 
 def _md(at: AppTest) -> str:
-    return "\n".join(m.value for m in at.markdown)
+    # Markdown and st.html blocks (app-written HTML around escaped chart text, issue 12).
+    return "\n".join([m.value for m in at.markdown] + [h.value for h in at.get("html")])
 
 
 def test_patient_view_shows_header_flags_labs_and_cited_summary(env: Path, ward_facts: dict) -> None:
@@ -94,7 +95,7 @@ def test_patient_view_shows_header_flags_labs_and_cited_summary(env: Path, ward_
     assert labs and len(labs[0]) > 0
     assert at.multiselect(key=f"trend-{pid}").value, "abnormal analytes are trended by default"
     # The summary: template sentences with numbered citations, composed without an LLM.
-    assert "### Summary" in text and "<sup>[1]</sup>" in text
+    assert "### Summary" in text and ":gray[&#91;1&#93;" in text
     assert any("Composed by template" in c.value for c in at.caption)
     assert any(c.value.startswith("Data as of") for c in at.caption)
     assert not at.error
@@ -121,6 +122,10 @@ def test_vitals_and_medication_tabs_render_on_demand(env: Path, ward_facts: dict
 
 def test_patient_picker_sets_the_url(env: Path, ward_facts: dict) -> None:
     at = _app()
+    # The landing page is the ward census (issue 15): every patient as a link to the patient view.
+    links = " | ".join(p.proto.label for p in at.get("page_link"))
+    assert all(ward_facts["charts"][p].patient.name in links for p in ward_facts["census"])
+    at.switch_page("pages/patient.py").run()
     assert "Choose a patient" in " ".join(i.value for i in at.info)
     picker = at.selectbox(key="nva_patient")
     names = [ward_facts["charts"][p].patient.name for p in ward_facts["census"]]

@@ -152,7 +152,8 @@ def test_sign_in_is_asked_before_anything(signed_in: Path, ward: dict) -> None:
 def test_nurse_sees_her_ward_only_and_is_refused_another_wards_patient(signed_in: Path, ward: dict) -> None:
     at = _app(NURSE)
     assert at.selectbox(key="nva_ward").options == ["4B Med-Surg"]  # 5A Cardiology is not offered
-    labels = " | ".join(at.selectbox(key="nva_patient").options)
+    # The landing page is the ward census: one page link per patient of her ward (issue 15).
+    labels = " | ".join(p.proto.label for p in at.get("page_link"))
     assert all(ward["names"][p] in labels for p in ward["census"][W4B])
     assert not any(ward["names"][p] in labels for p in ward["census"][W5A])
     assert "Signed in as **nina@example.org** · nurse" in "\n".join(c.value for c in at.sidebar.caption)

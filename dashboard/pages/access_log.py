@@ -9,6 +9,7 @@ import streamlit as st
 
 from assistant.security.access_log import ACTIONS
 from assistant.textsafe import markdown_text as md
+from assistant.textsafe import one_line
 from dashboard import render, services
 
 cfg, user = render.boot("access-log")
@@ -41,7 +42,7 @@ try:
         limit=2000, user=who or None, target=target or None, actions=tuple(actions), since=since
     )
 except Exception as exc:  # noqa: BLE001 - an unreadable log is reported, not a crash
-    st.error(f"The access log cannot be read: {exc}", icon=":material/error:")
+    st.error(f"The access log cannot be read: {md(exc)}", icon=":material/error:")
     st.stop()
 
 m1, m2, m3 = st.columns(3)
@@ -55,11 +56,11 @@ table = pd.DataFrame(
     [
         {
             "Time": e.at,
-            "User": e.user,
-            "Role": e.role,
-            "Action": e.action,
-            "Target": e.target,
-            "Detail": e.detail,
+            "User": one_line(e.user),
+            "Role": one_line(e.role),
+            "Action": one_line(e.action),
+            "Target": one_line(e.target),
+            "Detail": one_line(e.detail),
         }
         for e in events
     ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
+from assistant.textsafe import markdown_text as md
+from assistant.textsafe import one_line
 from dashboard import render, services
 
 cfg, user = render.boot("patient")
@@ -31,7 +33,7 @@ def patient_picker(chosen: str | None) -> str | None:
         return st.selectbox(
             "Patient",
             ids,
-            format_func=lambda p: labels.get(p, f"Patient/{p}"),
+            format_func=lambda p: one_line(labels.get(p, f"Patient/{p}")),
             key="nva_patient",
             placeholder="Choose a patient",
             **default,
@@ -43,7 +45,8 @@ if pid is None:
     pid = patient_picker(None)
     if pid is None:
         st.markdown("## Patient view")
-        st.info("Choose a patient in the sidebar, or open `?patient=<id>`.", icon=":material/person_search:")
+        st.info("Choose a patient in the sidebar, or from the ward census.", icon=":material/person_search:")
+        st.page_link("pages/census.py", label="Ward census", icon=":material/groups:")
         st.stop()
     drawn = True
 else:
@@ -58,7 +61,7 @@ if not user.all_wards and not user.may_see_ward(services.patient_ward(cfg, user,
         cfg,
         user,
         f"Patient/{pid}",
-        f"**Patient/{pid} is not on a ward assigned to you.** You may open "
+        f"**{md('Patient/' + pid)} is not on a ward assigned to you.** You may open "
         "patients of your own wards only; ask the charge nurse if you need this chart.",
         "patient not on an assigned ward",
     )
