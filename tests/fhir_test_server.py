@@ -210,6 +210,15 @@ RESULT_PARAMS = frozenset({"_count", "_format", "_pretty", "_total", "_sort", "_
 _EARLIEST = datetime.min.replace(tzinfo=UTC)
 
 
+def _touched(resource: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `resource` as a later version of it: meta.lastUpdated one day after now, a marker extension."""
+    copy = json.loads(json.dumps(resource))
+    later = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    copy.setdefault("meta", {})["lastUpdated"] = later
+    copy.setdefault("extension", []).append({"url": "urn:nva-test:duplicate", "valueBoolean": True})
+    return copy
+
+
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -740,6 +749,10 @@ class ExportJob:
     files: dict[str, tuple[str, list[dict[str, Any]]]]  # file name -> (type, resources)
     polls_remaining: int
     total_polls: int
+    errors: dict[str, tuple[str, list[dict[str, Any]]]] = field(
+        default_factory=dict
+    )  # manifest `error` files
+    expired: set[str] = field(default_factory=set)  # file names that answer 410 Gone
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -763,6 +776,14 @@ class FhirTestServer:
     (client_id -> PEM public key, JWK or JWKS), token_lifetime (s), latency_ms (added to every request),
     default_count/max_count (page sizes), export_polls (202 answers before the manifest),
     export_retry_after (s), export_max_lines (split ndjson files), search_cache_size (paging states kept).
+
+    Real-server behaviours (issue 14), all attributes a test may also set on a running server:
+    unserved_types (absent from the CapabilityStatement, searches answer 404, an $export asking for them
+    answers 400 with an OperationOutcome naming them), advertise_unserved (list them anyway, as servers that
+    refuse at export time do), export_file_names ("type": Patient.ndjson | "numbered": 1.Patient.ndjson),
+    export_errors (diagnostics: one manifest `error` file of OperationOutcomes each), export_expired (types whose
+    files answer 410 Gone), export_duplicates (types served twice: a second file with every resource again, a
+    newer meta.lastUpdated); `forget_export_jobs()` drops every job as a restarted server would.
     """
 
     def __init__(
@@ -784,6 +805,12 @@ class FhirTestServer:
         export_retry_after: int = 1,
         export_max_lines: int | None = None,
         search_cache_size: int = 2000,
+        unserved_types: Iterable[str] = (),
+        advertise_unserved: bool = False,
+        export_file_names: str = "type",
+        export_errors: Iterable[str] = (),
+        export_expired: Iterable[str] = (),
+        export_duplicates: Iterable[str] = (),
     ) -> None:
         if auth is not None and auth != "smart" and not auth.startswith("bearer:"):
             raise ValueError("auth must be None, 'smart' or 'bearer:<token>'")
@@ -810,6 +837,14 @@ class FhirTestServer:
         self.export_polls = export_polls
         self.export_retry_after = export_retry_after
         self.export_max_lines = export_max_lines
+        if export_file_names not in ("type", "numbered"):
+            raise ValueError("export_file_names must be 'type' or 'numbered'")
+        self.unserved_types = set(unserved_types)
+        self.advertise_unserved = advertise_unserved
+        self.export_file_names = export_file_names
+        self.export_errors = list(export_errors)
+        self.export_expired = set(export_expired)
+        self.export_duplicates = set(export_duplicates)
         self.faults = FaultSet()
         self.requests: list[RequestRecord] = []
         self.ignored_params: Counter[str] = Counter()
@@ -1159,8 +1194,18 @@ class FhirTestServer:
                 return True
         return False
 
+    def forget_export_jobs(self) -> None:
+        """Drop every export job, as a server restarted mid-export does: their status URLs answer 404."""
+        with self._jobs_lock:
+            self._jobs.clear()
+
+    def serves(self, rtype: str) -> bool:
+        return rtype not in self.unserved_types
+
     def capability_statement(self, base: str) -> dict[str, Any]:
         types = sorted(set(ADVERTISED_TYPES) | set(self.store.by_type))
+        if not self.advertise_unserved:
+            types = [t for t in types if self.serves(t)]
         resources = []
         for rtype in types:
             params = [{"name": "_id", "type": "token"}]
@@ -1239,20 +1284,39 @@ class FhirTestServer:
             pool = [r for items in self.store.by_type.values() for r in items.values()]
         by_type: dict[str, list[dict[str, Any]]] = {}
         for resource in pool:
+            if not self.serves(resource["resourceType"]):
+                continue
             if types is None or resource["resourceType"] in types:
                 by_type.setdefault(resource["resourceType"], []).append(resource)
         files: dict[str, tuple[str, list[dict[str, Any]]]] = {}
+        numbered = 0
         for rtype in sorted(by_type):
             items = by_type[rtype]
             size = self.export_max_lines or len(items)
             chunks = [items[i : i + size] for i in range(0, len(items), size)]
+            if rtype in self.export_duplicates:  # the same resources again, updated later: newest must win
+                chunks.append([_touched(r) for r in items])
             for n, chunk in enumerate(chunks):
-                name = f"{rtype}.ndjson" if len(chunks) == 1 else f"{rtype}.{n + 1}.ndjson"
+                numbered += 1
+                if self.export_file_names == "numbered":
+                    name = f"{numbered}.{rtype}.ndjson"
+                else:
+                    name = f"{rtype}.ndjson" if len(chunks) == 1 else f"{rtype}.{n + 1}.ndjson"
                 files[name] = (rtype, chunk)
+        errors = {
+            f"error-{n + 1}.ndjson": ("OperationOutcome", [outcome("error", "processing", text)])
+            for n, text in enumerate(self.export_errors)
+        }
         job_id = uuid.uuid4().hex
         with self._jobs_lock:
             self._jobs[job_id] = ExportJob(
-                request_url, _now_iso(), files, self.export_polls, self.export_polls
+                request_url,
+                _now_iso(),
+                files,
+                self.export_polls,
+                self.export_polls,
+                errors,
+                {name for name, (rtype, _) in files.items() if rtype in self.export_expired},
             )
         return job_id
 
@@ -1508,6 +1572,9 @@ class _Handler(BaseHTTPRequestHandler):
         if rtype not in R4_TYPES:
             self._oo(404, "not-supported", f"Unknown resource type '{rtype}'")
             return
+        if not app.serves(rtype):
+            self._oo(404, "not-supported", f"Resource type {rtype} is not available on this server")
+            return
         if len(parts) == 1:
             self._search(rtype, query, base, root)
         elif len(parts) == 2 and not parts[1].startswith("$"):
@@ -1614,7 +1681,7 @@ class _Handler(BaseHTTPRequestHandler):
         types = None
         if query.get("_type"):
             types = [t for v in query["_type"] for t in v.split(",") if t]
-        results = app.store.compartment(pid, types)
+        results = [r for r in app.store.compartment(pid, types) if app.serves(r["resourceType"])]
         count = self._count(query)
         token = app._store_search(results) if len(results) > count else None
         self._json(200, self._bundle(results, 0, count, base, root, token))
@@ -1678,6 +1745,21 @@ class _Handler(BaseHTTPRequestHandler):
             self._oo(400, "invalid", f"_outputFormat {fmt} is not supported; use application/fhir+ndjson")
             return
         types = [t for v in query.get("_type", []) for t in v.split(",") if t] or None
+        refused = [t for t in types or [] if not app.serves(t)]
+        if refused:
+            doc = {
+                "resourceType": "OperationOutcome",
+                "issue": [
+                    {
+                        "severity": "error",
+                        "code": "not-supported",
+                        "diagnostics": f'The requested resource type "{t}" is not available on this server',
+                    }
+                    for t in refused
+                ],
+            }
+            self._json(400, doc)
+            return
         job_id = app.create_export(level, types, root + self.path)
         status_url = f"{root}{app.base_path}/$export-poll-status/{job_id}"
         self._json(
@@ -1711,7 +1793,10 @@ class _Handler(BaseHTTPRequestHandler):
                 {"type": rtype, "url": f"{base}/$export-file/{job_id}/{name}", "count": len(items)}
                 for name, (rtype, items) in job.files.items()
             ],
-            "error": [],
+            "error": [
+                {"type": "OperationOutcome", "url": f"{base}/$export-file/{job_id}/{name}"}
+                for name in job.errors
+            ],
         }
         self._json(200, manifest, content_type="application/json")
 
@@ -1728,10 +1813,14 @@ class _Handler(BaseHTTPRequestHandler):
         app = self.app
         with app._jobs_lock:
             job = app._jobs.get(job_id)
-        if job is None or name not in job.files or job.polls_remaining > 0:
+        found = (job.files.get(name) or job.errors.get(name)) if job is not None else None
+        if job is None or found is None or job.polls_remaining > 0:
             self._oo(404, "not-found", "export file unknown")
             return
-        lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in job.files[name][1])
+        if name in job.expired:
+            self._oo(410, "expired", "this export file has expired; start a new export")
+            return
+        lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in found[1])
         self._send(200, lines.encode(), NDJSON)
 
 

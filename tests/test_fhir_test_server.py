@@ -403,6 +403,109 @@ def test_bulk_export_system_level_split_and_cancel():
         assert "Location" not in {o["type"] for o in manifest["output"]}
 
 
+# ------------------------------------------------------------------------------ real export server behaviours
+
+
+def kick_off(server, types):
+    return get(
+        server,
+        "/$export",
+        params={"_type": ",".join(types)},
+        headers={"Prefer": "respond-async", "Accept": "application/fhir+json"},
+    )
+
+
+def finished_manifest(server, types=None):
+    kick = kick_off(server, types) if types else get(server, "/$export", headers={"Prefer": "respond-async"})
+    assert kick.status_code == 202, kick.text
+    status_url = kick.headers["Content-Location"]
+    for _ in range(10):
+        resp = requests.get(status_url, timeout=HTTP_TIMEOUT)
+        if resp.status_code == 200:
+            return status_url, resp.json()
+    raise AssertionError("export did not finish")
+
+
+def test_unserved_type_is_refused_with_an_operation_outcome_naming_it():
+    with FhirTestServer(MINI_DIR, export_polls=0, unserved_types={"MedicationAdministration"}) as server:
+        cap = get(server, "/metadata").json()
+        listed = {r["type"] for r in cap["rest"][0]["resource"]}
+        assert "MedicationAdministration" not in listed and "Encounter" in listed
+        refused = kick_off(server, ["Patient", "MedicationAdministration", "Encounter"])
+        assert refused.status_code == 400
+        body = refused.json()
+        assert body["resourceType"] == "OperationOutcome"
+        assert 'resource type "MedicationAdministration" is not available' in body["issue"][0]["diagnostics"]
+        assert len(body["issue"]) == 1  # only the refused type is named
+        assert get(server, "/MedicationAdministration").status_code == 404
+        # without the refused type the export runs, and an export of everything leaves it out
+        assert kick_off(server, ["Patient", "Encounter"]).status_code == 202
+        _, manifest = finished_manifest(server)
+        assert "MedicationAdministration" not in {o["type"] for o in manifest["output"]}
+
+
+def test_advertise_unserved_lists_the_type_but_still_refuses_it():
+    with FhirTestServer(MINI_DIR, unserved_types={"Location"}, advertise_unserved=True) as server:
+        listed = {r["type"] for r in get(server, "/metadata").json()["rest"][0]["resource"]}
+        assert "Location" in listed
+        assert kick_off(server, ["Location"]).status_code == 400
+
+
+def test_numbered_export_file_names():
+    with FhirTestServer(MINI_DIR, export_polls=0, export_file_names="numbered") as server:
+        _, manifest = finished_manifest(server)
+        names = [o["url"].rsplit("/", 1)[1] for o in manifest["output"]]
+        assert names[0].startswith("1.") and all(n.split(".")[0].isdigit() for n in names)
+        for item, name in zip(manifest["output"], names, strict=True):
+            assert name.split(".")[1] == item["type"]
+            lines = requests.get(item["url"], timeout=HTTP_TIMEOUT).text.splitlines()
+            assert {json.loads(line)["resourceType"] for line in lines} == {item["type"]}
+
+
+def test_manifest_errors_and_expired_files():
+    with FhirTestServer(
+        MINI_DIR,
+        export_polls=0,
+        export_errors=["Encounter export failed: disk full"],
+        export_expired={"Location"},
+    ) as server:
+        _, manifest = finished_manifest(server)
+        assert len(manifest["error"]) == 1 and manifest["error"][0]["type"] == "OperationOutcome"
+        error_lines = requests.get(manifest["error"][0]["url"], timeout=HTTP_TIMEOUT).text.splitlines()
+        assert json.loads(error_lines[0])["issue"][0]["diagnostics"] == "Encounter export failed: disk full"
+        by_type = {o["type"]: o["url"] for o in manifest["output"]}
+        gone = requests.get(by_type["Location"], timeout=HTTP_TIMEOUT)
+        assert gone.status_code == 410 and gone.json()["issue"][0]["code"] == "expired"
+        assert requests.get(by_type["Patient"], timeout=HTTP_TIMEOUT).status_code == 200
+
+
+def test_duplicates_are_served_again_with_a_newer_last_updated():
+    with FhirTestServer(MINI_DIR, export_polls=0, export_duplicates={"Encounter"}) as server:
+        _, manifest = finished_manifest(server)
+        files = [o for o in manifest["output"] if o["type"] == "Encounter"]
+        assert len(files) == 2
+        first, second = (
+            [json.loads(x) for x in requests.get(o["url"], timeout=HTTP_TIMEOUT).text.splitlines()]
+            for o in files
+        )
+        assert [r["id"] for r in first] == [r["id"] for r in second] and len(first) == 2
+        for a, b in zip(first, second, strict=True):
+            assert instant(b["meta"]["lastUpdated"]) > instant(
+                (a.get("meta") or {}).get("lastUpdated", "1970-01-01T00:00:00Z")
+            )
+
+
+def test_a_forgotten_export_job_answers_404():
+    with FhirTestServer(MINI_DIR, export_polls=5) as server:
+        kick = kick_off(server, ["Patient"])
+        status_url = kick.headers["Content-Location"]
+        assert requests.get(status_url, timeout=HTTP_TIMEOUT).status_code == 202
+        server.forget_export_jobs()
+        gone = requests.get(status_url, timeout=HTTP_TIMEOUT)
+        assert gone.status_code == 404 and gone.json()["resourceType"] == "OperationOutcome"
+        assert kick_off(server, ["Patient"]).status_code == 202  # a new job can start
+
+
 # ------------------------------------------------------------------------------------------ SMART auth
 
 
