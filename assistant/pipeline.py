@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from assistant.model import EvidenceValue, Finding
@@ -31,6 +31,13 @@ NEWS2_SOURCE = (
 )
 GUIDELINE_FINDINGS = 3  # passages for at most this many flags, most severe first
 GUIDELINE_K = 1  # passages per flag
+
+
+def as_utc(now: datetime) -> datetime:
+    """Every view, summary and handoff is stated in UTC, whatever zone the caller's clock is in."""
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware (e.g. datetime.now(UTC))")
+    return now.astimezone(UTC)
 
 
 # --- flags ----------------------------------------------------------------------------------------------------
@@ -100,6 +107,7 @@ def patient_view(
 ) -> PatientView:
     """Chart -> flags -> view. A failing rule set leaves the chart on screen with a notice."""
     t0 = time.perf_counter()
+    now = as_utc(now)
     score = news2(chart, now=now)
     notices = []
     try:
@@ -246,6 +254,7 @@ def ward_handoff(
     """The ward's I-PASS in acuity order; a chart that could not be read is listed under errors."""
     from assistant.summary.handoff import compose_ward_handoff
 
+    now = as_utc(now)
     entries = []
     errors = []
     for view in sort_by_acuity(list(views)):
@@ -276,7 +285,8 @@ def ward_view(
     max_tokens: int = 256,
 ) -> WardView:
     """Census (acuity order), delta since `since` (default 12 h) and, when asked, the ward's I-PASS."""
-    since = since or default_since(now)
+    now = as_utc(now)
+    since = as_utc(since) if since is not None else default_since(now)
     if views is None:
         views = [
             load_patient_view(source, pid, now, since=since) for pid in ward_patient_ids(source, ward_ref)

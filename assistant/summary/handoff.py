@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from assistant.model import Chart, Finding
@@ -83,7 +83,7 @@ class WardHandoff:
     def to_dict(self) -> dict[str, Any]:
         return {
             "ward": self.ward,
-            "now": self.now.isoformat(),
+            "now": self.now.astimezone(UTC).isoformat(),
             "patients": [p.to_dict() for p in self.patients],
             "errors": list(self.errors),
         }
@@ -195,7 +195,7 @@ def compose_ward_handoff(
 def handoff_markdown(handoff: WardHandoff) -> str:
     lines = [
         f"# I-PASS handoff{' - ' + handoff.ward if handoff.ward else ''}",
-        f"Generated for {handoff.now:%Y-%m-%d %H:%M} UTC. Every line cites its chart sources.",
+        f"Generated for {handoff.now.astimezone(UTC):%Y-%m-%d %H:%M} UTC. Every line cites its chart sources.",
         "",
     ]
     for p in handoff.patients:

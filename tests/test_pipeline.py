@@ -1,0 +1,222 @@
+"""One pipeline: CLI and dashboard handoffs identical, NEWS2 flags, acuity order, holds first, one guideline policy."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from assistant import pipeline
+from assistant.rules.news2 import news2
+from assistant.views import acuity_table, says_hold
+
+WARD = "Location/ward-4b"
+LOCAL = timezone(timedelta(hours=-5), "EST")  # a non-UTC clock: every comparison must be by instant
+
+
+@pytest.fixture(scope="module")
+def ward(demo_ward_dir: Path, demo_anchor: datetime) -> Any:
+    from connectors import open_source
+
+    now = demo_anchor.astimezone(LOCAL)
+    with open_source(demo_ward_dir) as src:
+        return pipeline.ward_view(src, WARD, now, ward_name="4B Med-Surg", with_handoff=True)
+
+
+def _cli(*argv: str) -> str:
+    from assistant.cli import main
+
+    out = io.StringIO()
+    assert main(list(argv), out=out) == 0
+    return out.getvalue()
+
+
+def _strip_latency(data: dict) -> dict:
+    for p in data["patients"]:
+        p.pop("latency_s", None)
+    return data
+
+
+def test_cli_and_dashboard_produce_identical_handoffs(
+    demo_ward_dir: Path, demo_anchor: datetime, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pytest.importorskip("streamlit")
+    from assistant.summary.handoff import handoff_markdown
+    from dashboard import services
+
+    when = demo_anchor.astimezone(LOCAL).isoformat()
+    args = ("handoff", str(demo_ward_dir), "--ward", "4B Med-Surg", "--backend", "none", "--now", when)
+    cli_md = _cli(*args, "--format", "md")
+    cli_json = json.loads(_cli(*args, "--format", "json"))
+
+    monkeypatch.setattr(services.st, "session_state", {})  # a fresh session without a Streamlit runtime
+    monkeypatch.setenv("NVA_SOURCE", str(demo_ward_dir))
+    monkeypatch.setenv("NVA_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("NVA_SECRETS_FILE", str(tmp_path / "none.toml"))
+    cfg = services.app_config()
+    assert cfg.rules_now() == demo_anchor  # the demo anchor: the same instant the CLI was given
+    doc = services.ward_handoff_document(cfg, WARD)
+    assert handoff_markdown(doc) == cli_md
+    dash_json = json.loads(json.dumps(doc.to_dict()))
+    assert _strip_latency(dash_json) == _strip_latency(cli_json)
+    # The handoff page's rows are in the same (acuity) order as the document.
+    rows = services.ward_handoff(cfg, WARD)
+    assert [f"Patient/{r.patient_id}" for r in rows] == [p["patient"] for p in cli_json["patients"]]
+    assert len(cli_json["patients"]) >= 20 and cli_md.count("## ") == len(cli_json["patients"])
+
+
+def test_cli_summarize_is_the_pipeline_summary(demo_ward_dir: Path, demo_anchor: datetime, ward: Any) -> None:
+    pid = ward.rows[0].patient_id
+    data = json.loads(
+        _cli(
+            "summarize",
+            str(demo_ward_dir),
+            "--patient",
+            pid,
+            "--backend",
+            "none",
+            "--format",
+            "json",
+            "--now",
+            demo_anchor.isoformat(),
+        )
+    )
+    view = ward.patients[pid]
+    expected = pipeline.summary_for(view).to_dict()
+    assert [s["text"] for s in data["sentences"]] == [s["text"] for s in expected["sentences"]]
+    assert data["sentences"] and all(s["verified"] for s in data["sentences"])
+
+
+def test_news2_flags_carry_the_rcp_response(ward: Any) -> None:
+    specs = {s["band"]: s for s in acuity_table()["news2_flags"]}
+    seen = set()
+    for view in ward.patients.values():
+        score = news2(view.chart, now=view.now)
+        flags = [f for f in view.findings if f.category == "early-warning"]
+        if not score.parameters or score.band not in specs:
+            assert not flags, view.header.name
+            continue
+        seen.add(score.band)
+        (flag,) = flags
+        assert flag.action == score.response and flag.severity == specs[score.band]["severity"]
+        assert flag.rule_id == specs[score.band]["rule_id"]
+        if score.band == "low-medium":  # the flag rests on the parameter that scored 3
+            threes = {p.ref for p in score.parameters if p.points >= 3}
+            assert set(flag.evidence) == threes
+        else:
+            assert set(flag.evidence) == set(score.evidence) and score.total >= 5
+    assert {"high", "medium", "low-medium"} <= seen, "the demo ward has every escalation band"
+
+
+def test_acuity_is_one_order_for_census_and_handoff(ward: Any) -> None:
+    order = [r.patient_ref for r in ward.rows]
+    assert [p.patient for p in ward.handoff.patients] == order
+    tiers = [r.acuity.tier for r in ward.rows]
+    assert tiers == sorted(tiers)
+    # Every patient with a high-severity flag ranks above every patient whose only concern is a low NEWS2.
+    high = [i for i, r in enumerate(ward.rows) if any(b.severity == "high" for b in r.badges)]
+    quiet = [i for i, r in enumerate(ward.rows) if not r.badges and r.news2_band in ("low", "")]
+    assert high and quiet and max(high) < min(quiet)
+    # NEWS2 bands sit with flags: the emergency band first, medium NEWS2 with the high-severity flags.
+    first = ward.rows[0]
+    assert first.news2_band == "high"
+    medium = next(r for r in ward.rows if r.news2_band == "medium")
+    one_high = [r for r in ward.rows if r.news2_band == "low" and any(b.severity == "high" for b in r.badges)]
+    assert one_high and all(r.acuity.tier == medium.acuity.tier for r in one_high)
+
+
+def test_do_not_give_comes_before_dose_reminders(ward: Any) -> None:
+    checked = 0
+    for entry in ward.handoff.patients:
+        view = ward.patients[entry.patient.split("/", 1)[1]]
+        actions = [s.text for s in entry.sections["action"]]
+        stops = [
+            i
+            for i, t in enumerate(actions)
+            if any(t.startswith(f.action.rstrip(".")) for f in view.findings if says_hold(f))
+        ]
+        doses = [i for i, t in enumerate(actions) if "Dose due" in t or "Overdue dose" in t]
+        if stops and doses:
+            checked += 1
+            assert max(stops) < min(doses), actions
+        for ref, flags in view.holds.items():
+            label = next(o.text for o in view.chart.orders if o.ref == ref)
+            for t in actions:
+                if label in t and ("Dose due" in t or "Overdue dose" in t):
+                    assert t.startswith("HOLD — see flag: ") and flags[0].title in t
+    assert checked >= 3
+
+
+def test_holds_mark_every_dose_surface(ward: Any) -> None:
+    held = [v for v in ward.patients.values() if v.holds]
+    assert len(held) >= 5
+    for view in held:
+        for e in view.mar:
+            assert e.hold == (e.order_ref in view.holds and e.state in ("due", "late"))
+        for d in view.do_now:
+            assert d.hold == (d.order_ref in view.holds) and (
+                d.hold_text.startswith("HOLD — see flag") or not d.hold
+            )
+        marks = [p.hold for p in view.pending if p.kind in ("due", "overdue")]
+        assert marks == sorted(marks, reverse=True), "held doses are listed first"
+    row = next(r for r in ward.rows if r.holds)
+    assert all(h in {o.text for o in ward.patients[row.patient_id].chart.orders} for h in row.holds)
+
+
+class _Retriever:
+    def __init__(self, empty_for_docs: bool = False) -> None:
+        self.calls: list[dict] = []
+        self.empty_for_docs = empty_for_docs
+
+    def search(self, query: str, k: int, rule_ids: list[str] | None = None, doc_ids: list[str] | None = None):
+        self.calls.append({"query": query, "k": k, "rule_ids": rule_ids, "doc_ids": doc_ids})
+        if self.empty_for_docs and doc_ids:
+            return []
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(citation=f"guideline:{rule_ids[0]}", title="t", section_path="", text="x")]
+
+
+def test_one_guideline_query_policy(ward: Any) -> None:
+    view = max(ward.patients.values(), key=lambda v: len(v.findings))
+    fake = _Retriever()
+    hits = pipeline.guideline_passages(view.findings, fake)
+    top = sorted(view.findings, key=lambda f: f.sort_key)[: pipeline.GUIDELINE_FINDINGS]
+    assert [c["query"] for c in fake.calls] == [f"{f.title}. {f.action}" for f in top]
+    assert [c["rule_ids"] for c in fake.calls] == [[f.rule_id] for f in top]
+    assert len(hits) == len({f.rule_id for f in top})
+    fallback = _Retriever(empty_for_docs=True)
+    linked = (
+        next(f for f in view.findings if f.guideline_ids)
+        if any(f.guideline_ids for f in view.findings)
+        else None
+    )
+    if linked is not None:
+        assert pipeline.passages_for_finding(fallback, linked)
+        assert fallback.calls[-1]["doc_ids"] is None
+    assert pipeline.guideline_passages(view.findings, None) == []
+
+
+def test_failed_chart_ranks_first_and_is_reported(demo_anchor: datetime) -> None:
+    from connectors.errors import FhirError
+
+    class Source:
+        def patient_chart(self, pid: str) -> Any:
+            raise FhirError("unreadable bundle")
+
+    view = pipeline.load_patient_view(Source(), "x1", demo_anchor)
+    assert view.error and view.acuity.tier == 0 and view.chart is None
+    doc = pipeline.ward_handoff([view], ward="4B", now=demo_anchor)
+    assert doc.errors == ["Patient/x1: FhirError"] and not doc.patients
+
+
+def test_a_local_clock_gives_the_same_instant_stated_in_utc(ward: Any, demo_anchor: datetime) -> None:
+    assert ward.now == demo_anchor and ward.now.utcoffset() == timedelta(0)
+    assert ward.handoff.to_dict()["now"] == demo_anchor.astimezone(UTC).isoformat()
+    assert all(v.now.utcoffset() == timedelta(0) for v in ward.patients.values())
+    with pytest.raises(ValueError, match="timezone-aware"):
+        pipeline.as_utc(demo_anchor.replace(tzinfo=None))
