@@ -74,6 +74,8 @@ class SourceCompleteness:
     errors: list[str] = field(default_factory=list)  # export-level: manifest errors, failed or expired files
     patients: dict[str, dict[str, str]] = field(default_factory=dict)  # patient id -> {type: reason}
     duplicates: int = 0
+    # shared types (Location, Medication) not delivered: said, but no rule rests on their absence
+    notes: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -101,6 +103,7 @@ class SourceCompleteness:
             "errors": list(self.errors),
             "patients": {pid: dict(types) for pid, types in self.patients.items()},
             "duplicates": self.duplicates,
+            "notes": list(self.notes),
         }
 
     def summary(self) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import requests
 
-from connectors.base import ANY_TYPE
+from connectors.base import ANY_TYPE, SHARED_TYPES
 from connectors.errors import (
     FhirAuthError,
     FhirError,
@@ -79,8 +79,14 @@ class ExportGaps:
 
     missing_types: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def missing(self, rtype: str, reason: str) -> None:
+        if rtype in SHARED_TYPES:  # ward names, drug resources: unresolved references say it per chart
+            note = f"{rtype}: {reason}"
+            if note not in self.notes:
+                self.notes.append(note)
+            return
         self.missing_types.setdefault(rtype, reason)
 
 
@@ -346,6 +352,7 @@ def bulk_export(
         status_url = saved.get("status_url") if isinstance(saved, dict) else None
         if status_url:
             gaps.missing_types.update(saved.get("missing_types") or {})
+            gaps.notes.extend(saved.get("notes") or [])
     manifest = None
     if status_url:
         try:
@@ -357,7 +364,8 @@ def bulk_export(
     if manifest is None:
         status_url = kick_off(source, types=types, gaps=gaps)
         job_file.write_text(
-            json.dumps({"status_url": status_url, "missing_types": gaps.missing_types}), encoding="utf-8"
+            json.dumps({"status_url": status_url, "missing_types": gaps.missing_types, "notes": gaps.notes}),
+            encoding="utf-8",
         )
         manifest = poll(source, status_url, max_wait=max_wait, on_progress=on_progress)
     download(source, manifest, outdir, gaps)
@@ -369,6 +377,7 @@ def bulk_export(
                 "errors": manifest.get("error") or [],
                 "missing_types": gaps.missing_types,
                 "error_messages": gaps.errors,
+                "notes": gaps.notes,
             }
         ),
         encoding="utf-8",

@@ -75,6 +75,9 @@ def read_export_status(directory: Path) -> SourceCompleteness:
     missing = data.get("missing_types")
     if isinstance(missing, dict):
         completeness.missing_types.update({str(k): str(v) for k, v in missing.items()})
+    notes = data.get("notes")
+    if isinstance(notes, list):
+        completeness.notes.extend(str(n) for n in notes)
     messages = data.get("error_messages")
     if isinstance(messages, list):
         completeness.errors.extend(str(m) for m in messages)

@@ -254,7 +254,8 @@ def partition_export(
                 )
                 # The rest of the file may hold any patient's resources: that type is incomplete for everyone.
                 for rtype in seen_types or [ANY_TYPE]:
-                    result.missing_types.setdefault(rtype, f"{path.name} could not be read to the end")
+                    if rtype not in SHARED_TYPES:
+                        result.missing_types.setdefault(rtype, f"{path.name} could not be read to the end")
         with _open_write(shared_path) as shared_fh:
             for obj in shared.values():
                 shared_fh.write(json.dumps(obj, separators=(",", ":")) + "\n")
