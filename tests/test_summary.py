@@ -27,19 +27,41 @@ def _tag(sheet, kind: str, label: str | None = None) -> str:
 
 def test_template_summary_fully_verified_and_covers_flags():
     chart = make_chart()
-    res = template_summary(chart, [high_k_finding(), medium_finding()], now=NOW)
+    res = template_summary(chart, [high_k_finding(), medium_finding()], now=NOW, include_flags=True)
     assert res.sentences and all(s.verified for s in res.sentences)
     assert all(s.origin == "template" and s.citations for s in res.sentences)
     assert not res.dropped
-    # every fact with a template sentence is shown: 100 % of template sentences pass
-    with_sentence = [f for f in res.facts.facts if f.sentence]
-    assert {t for s in res.sentences for t in s.tags} == {f.tag for f in with_sentence}
-    assert res.sentences[0].citations == (
+    # every fact with a template sentence is shown or behind "more": 100 % of template sentences pass
+    with_sentence = [f for f in res.facts.facts if f.sentence and "Ignore previous" not in f.sentence]
+    assert {t for s in (*res.sentences, *res.overflow) for t in s.tags} == {f.tag for f in with_sentence}
+    assert res.sentences[0].citations[:2] == (
         "Observation/k2",
         "MedicationRequest/m1",
     )  # the high flag comes first
     assert any("Penicillin" in s.text for s in res.sentences)
     assert res.latency_s < 1.0
+
+
+def test_summary_adds_to_the_flags_grouped_and_capped():
+    """Issue 15: flags stay in the flags column; at most 10 sentences, grouped; more than 3 sources go behind +N."""
+    chart = make_chart()
+    findings = [high_k_finding(), medium_finding()]
+    res = template_summary(chart, findings, now=NOW)
+    kinds = {res.facts.by_tag()[t].kind for s in res.sentences for t in s.tags}
+    assert "flag" not in kinds and "severity" not in kinds
+    pinned = [f for f in res.facts.facts if f.must_cover or f.kind == "allergy"]
+    assert len(res.sentences) <= max(10, len(pinned))
+    assert {f.tag for f in pinned if f.kind != "flag"} <= {t for s in res.sentences for t in s.tags}
+    order = [key for key, _title, sents in res.groups() if sents]
+    assert order == sorted(
+        order,
+        key=[k for k, _ in __import__("assistant.summary.composer").summary.composer.SUMMARY_GROUPS].index,
+    )
+    assert all(len(s.shown_citations) <= 3 for s in res.sentences)
+    assert all(s.shown_citations + s.overflow_citations == s.citations for s in res.sentences)
+    capped = template_summary(chart, findings, now=NOW, max_sentences=4)
+    assert len(capped.sentences) == max(4, len([f for f in pinned if f.kind != "flag"]))
+    assert capped.overflow and all(s.verified for s in capped.overflow)
 
 
 def test_llm_stub_omitting_high_flag_still_shows_it():
@@ -54,7 +76,7 @@ def test_llm_stub_omitting_high_flag_still_shows_it():
             f"The patient is stable [{demo}]."
         ]
     )
-    res = compose(chart, findings, backend=backend, now=NOW)
+    res = compose(chart, findings, backend=backend, now=NOW, include_flags=True)
     texts = [s.text for s in res.sentences]
     assert any(t.startswith("High-severity flag: Potassium supplement") for t in texts)
     assert any(
@@ -150,7 +172,7 @@ def test_stream_yields_flags_first_then_each_llm_sentence_early():
     inr = _tag(sheet, "result", "INR")
     demo = _tag(sheet, "demographics")
     probe = _SlowStream(f"INR was 3.8 [{inr}].", f"The patient is a 74-year-old female [{demo}].")
-    stream = compose_stream(chart, findings, backend=probe, now=NOW)
+    stream = compose_stream(chart, findings, backend=probe, now=NOW, include_flags=True)
     first = next(stream)
     assert first.origin == "template" and first.text.startswith("High-severity flag")
     probe.consumer.append(first)
@@ -159,9 +181,10 @@ def test_stream_yields_flags_first_then_each_llm_sentence_early():
     assert "INR was 3.8." in probe.seen_before_rest
     res = stream.result
     assert res.first_llm_sentence_s is not None and res.first_sentence_s <= res.first_llm_sentence_s
+    # streamed in the model's order, kept in display order (history before results)
     assert [s.text for s in res.sentences if s.origin == "llm"] == [
-        "INR was 3.8.",
         "The patient is a 74-year-old female.",
+        "INR was 3.8.",
     ]
 
 
@@ -175,10 +198,11 @@ def test_messages_ask_for_tags_and_keep_facts_in_user_message():
 
 
 def test_result_to_dict_is_json():
-    res = template_summary(make_chart(), [high_k_finding()], now=NOW)
+    res = template_summary(make_chart(), [high_k_finding()], now=NOW, include_flags=True)
     data = json.loads(json.dumps(res.to_dict()))
     assert data["patient"] == "Patient/p1" and data["backend"] == "none"
-    assert data["sentences"][0]["citations"] == ["Observation/k2", "MedicationRequest/m1"]
+    assert data["sentences"][0]["citations"][:2] == ["Observation/k2", "MedicationRequest/m1"]
+    assert [g["key"] for g in data["groups"]][:2] == ["status", "history"]
 
 
 def test_handoff_ipass_sections():
@@ -238,10 +262,15 @@ def test_demo_ward_template_summaries_verified_and_cover_flags(demo_dir):
         for pid in src.iter_patient_ids():
             chart = src.patient_chart(pid)
             findings = evaluate(chart, now=now)
-            res = template_summary(chart, findings, now=now)
+            res = template_summary(chart, findings, now=now, include_flags=True)
             assert all(s.verified for s in res.sentences), [s.reason for s in res.sentences if not s.verified]
             shown = {t for s in res.sentences for t in s.tags}
             assert {f.tag for f in res.facts.must_cover()} <= shown
+            plain = template_summary(chart, findings, now=now)  # the dashboard's: flags stay in their column
+            assert all(s.verified for s in (*plain.sentences, *plain.overflow))
+            assert not {t for s in plain.sentences for t in s.tags} & {
+                f.tag for f in plain.facts.facts if f.kind == "flag"
+            }
             high = [f for f in findings if f.severity == "high"]
             assert len([f for f in res.facts.facts if f.kind == "flag" and f.severity == "high"]) == len(high)
             if any(n.ref in injected for n in chart.notes) and chart.active_allergies():
@@ -320,4 +349,7 @@ def test_per_fact_mode_cites_by_construction_and_still_verifies():
         s.origin == "template" and "INR was 3.8" in s.text for s in result.sentences
     )  # the fact still shows
     shown_tags = {t for s in result.sentences for t in s.tags}
-    assert all(f.tag in shown_tags for f in result.facts.must_cover())
+    assert all(f.tag in shown_tags for f in result.facts.must_cover() if f.kind != "flag")
+    # the failed model sentence is one click away, on the template sentence shown in its place
+    inr = next(s for s in result.sentences if "INR was 3.8" in s.text)
+    assert inr.dropped_text and "9.99" in inr.dropped_text and inr.dropped_reason

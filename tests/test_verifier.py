@@ -46,7 +46,8 @@ def test_fact_sheet_priorities(sheet):
     assert any(f.kind == "administration" and f.severity == "overdue" for f in sheet.facts)
     assert any(f.kind == "pending" for f in sheet.facts)
     note = next(f for f in sheet.facts if f.kind == "note")
-    assert note.quoted and note.sentence == ""
+    # the summary covers notes (issue 15): quoted word for word, never paraphrased by the model
+    assert note.quoted and '"Ignore previous instructions' in note.sentence
 
 
 @pytest.mark.parametrize(
@@ -93,7 +94,7 @@ def test_supported_sentences_pass(verifier, tags, kind, sentence):
         ("medication:Warfarin 5 mg PO", "The patient takes an opioid [{t}].", "Opioid"),
         ("flag", "Give potassium chloride now [{t}].", "advice"),
         ("flag", "The patient should be transferred to intensive care [{t}].", "advice"),
-        ("encounter", "The patient has sepsis [{t}].", "words not supported"),
+        ("encounter", "The patient has sepsis [{t}].", "words not in the cited records"),
         ("allergy", "The patient has no known allergies [{t}].", "records allergies"),
         ("allergy", "The patient is not allergic to amoxicillin [{t}].", "not allergic"),
         ("result", "The patient is allergic to potassium [{t}].", "allergy"),
@@ -109,8 +110,9 @@ def test_citation_problems(verifier, sheet, tags):
     assert "cites no fact" in verifier.verify("Potassium is 6.4 mmol/L.").reason
     s = verifier.verify("Potassium is 6.4 mmol/L [F99].")
     assert not s.verified and "F99" in s.reason
+    # "[1]" is not a tag the composer issued: it is text, and its number is not in any cited fact
     s = verifier.verify("Potassium is 6.4 mmol/L [1].")
-    assert not s.verified and "unknown citation" in s.reason
+    assert not s.verified and "[1]" in s.text
     # a resource of another patient: not in this chart, so never support
     s = verifier.verify("Potassium is 6.4 mmol/L [Observation/other-patient-k].")
     assert not s.verified and "not a resource of this patient's chart" in s.reason
@@ -206,8 +208,7 @@ def test_a_due_time_is_not_a_given_time(sheet, verifier):
         if f.kind == "administration" and " due " in f" {f.text} " and "given" in f.text
     )
     claims = extract_claims(fact.text)
-    due = next(st for role, st in claims.roles if role == "due")
-    stamp = f"{due[0]:04d}-{due[1]:02d}-{due[2]:02d} {due[3]:02d}:{due[4]:02d}"
+    stamp = next(rc.when.text() for rc in claims.roles if rc.role == "due")
     drug = fact.label
     right = verifier.verify(f"{drug} is due {stamp} [{fact.tag}].", origin="llm")
     assert right.verified, right.reason

@@ -1,4 +1,4 @@
-"""Summary composer: template sentences for flags first, then LLM sentences that pass the verifier, then coverage."""
+"""Summary composer: what the flags do not say, grouped; each sentence the model wrote or, when it fails, the template."""
 
 from __future__ import annotations
 
@@ -22,11 +22,27 @@ from assistant.summary.facts import (
     build_fact_sheet,
 )
 from assistant.summary.verifier import Sentence, SentenceSplitter, Verifier
+from assistant.summary.vocab import vocabulary
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 320
 ALWAYS_SHOWN_KINDS = ("severity", "allergy", "no-allergy", "no-allergy-record")
+NEVER_DROPPED_KINDS = ("allergy", "no-allergy", "no-allergy-record")  # shown even when unverified, marked so
+FLAG_KINDS = (
+    "flag",
+    "severity",
+)  # shown in the flags column and the header; the summary does not repeat them
+
+
+def _groups_cfg() -> dict[str, Any]:
+    return vocabulary()["summary_groups"]
+
+
+SUMMARY_GROUPS: tuple[tuple[str, str], ...] = tuple(
+    (key, _groups_cfg()["titles"][key]) for key in _groups_cfg()["order"]
+)
+DEFAULT_MAX_SENTENCES = int(_groups_cfg()["max_sentences"])
 
 SYSTEM_PROMPT = """You write short nursing summaries from a numbered list of FACTS.
 Rules:
@@ -116,22 +132,28 @@ def build_messages(
 
 @dataclass(slots=True)
 class SummaryResult:
-    """A verified summary: what to show, what was dropped and why, and what the LLM call cost."""
+    """A verified summary: what to show (grouped), what was dropped and why, and what the LLM call cost."""
 
     patient: str
     sentences: list[Sentence]
-    dropped: list[Sentence]
+    dropped: list[
+        Sentence
+    ]  # model sentences (and non-essential template sentences) that failed, each with .reason
     facts: FactSheet
     backend: str = "none"
     model: str = ""
     latency_s: float = 0.0
     llm_latency_s: float | None = None
-    first_sentence_s: float | None = None  # first displayed sentence (template flags come first)
+    first_sentence_s: float | None = None  # first displayed sentence
     first_llm_sentence_s: float | None = None  # first verified LLM sentence
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     notes: list[str] = field(default_factory=list)
     now: datetime | None = None
+    overflow: list[Sentence] = field(
+        default_factory=list
+    )  # verified, beyond max_sentences: a "more" expander
+    synopsis: list[Sentence] = field(default_factory=list)  # verified synopsis sentences shown above (H6)
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -142,11 +164,27 @@ class SummaryResult:
     def llm_sentences(self) -> list[Sentence]:
         return [s for s in (*self.sentences, *self.dropped) if s.origin == "llm"]
 
+    def groups(self) -> list[tuple[str, str, list[Sentence]]]:
+        """(key, title, sentences) in display order, every group listed (empty ones too)."""
+        out = []
+        for key, title in SUMMARY_GROUPS:
+            out.append((key, title, [s for s in self.sentences if s.group == key]))
+        known = {k for k, _ in SUMMARY_GROUPS}
+        rest = [s for s in self.sentences if s.group not in known]
+        if rest:
+            out.append(("other", "Other", rest))
+        return out
+
     def text(self) -> str:
-        lines = [
-            f"{s.text}  [{', '.join(s.citations)}]" + ("" if s.verified else "  (unverified)")
-            for s in self.sentences
-        ]
+        lines = []
+        for _key, title, sents in self.groups():
+            if not sents:
+                continue
+            lines.append(f"{title}:")
+            for s in sents:
+                more = f" +{len(s.overflow_citations)} sources" if s.overflow_citations else ""
+                mark = "" if s.verified else "  (unverified)"
+                lines.append(f"- {s.text}  [{', '.join(s.shown_citations)}{more}]{mark}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,7 +192,13 @@ class SummaryResult:
             "patient": self.patient,
             "now": self.now.isoformat() if self.now else None,
             "sentences": [s.to_dict() for s in self.sentences],
+            "groups": [
+                {"key": k, "title": t, "sentences": [s.to_dict() for s in sents]}
+                for k, t, sents in self.groups()
+            ],
             "dropped": [s.to_dict() for s in self.dropped],
+            "overflow": [s.to_dict() for s in self.overflow],
+            "synopsis": [s.to_dict() for s in self.synopsis],
             "backend": self.backend,
             "model": self.model,
             "latency_s": round(self.latency_s, 4),
@@ -182,6 +226,29 @@ def template_sentence(fact: Fact) -> str:
     return f"{body}. [{fact.tag}]"
 
 
+def select_facts(
+    sheet: FactSheet, *, include_flags: bool = False, max_sentences: int | None = DEFAULT_MAX_SENTENCES
+) -> tuple[list[Fact], list[Fact]]:
+    """(shown, overflow) facts in display order: grouped, most important first, at most `max_sentences` shown.
+
+    Must-cover facts (critical values) and allergy status are always shown, even past the limit."""
+    candidates = [f for f in sheet.facts if f.sentence and (include_flags or f.kind not in FLAG_KINDS)]
+    pinned = [f for f in candidates if f.must_cover or f.kind in NEVER_DROPPED_KINDS]
+    rest = sorted((f for f in candidates if f not in pinned), key=lambda f: (f.priority, int(f.tag[1:])))
+    room = len(rest) if max_sentences is None else max(0, max_sentences - len(pinned))
+    shown, overflow = pinned + rest[:room], rest[room:]
+    order = {key: i for i, (key, _) in enumerate(SUMMARY_GROUPS)}
+
+    def display_key(f: Fact) -> tuple[int, int, int]:
+        if include_flags and f.kind in FLAG_KINDS:
+            return (-1, f.priority, int(f.tag[1:]))  # a stand-alone summary leads with its flags
+        return (order.get(f.group, len(order)), f.priority, int(f.tag[1:]))
+
+    shown.sort(key=display_key)
+    overflow.sort(key=display_key)
+    return shown, overflow
+
+
 def compose_stream(
     chart: Chart,
     findings: Sequence[Finding] = (),
@@ -196,8 +263,13 @@ def compose_stream(
     sheet: FactSheet | None = None,
     prompt_facts: int = DEFAULT_PROMPT_FACTS,
     mode: str = "auto",
+    include_flags: bool = False,
+    max_sentences: int | None = DEFAULT_MAX_SENTENCES,
 ) -> SummaryStream:
-    """Stream the summary. Never raises for LLM trouble: the template summary is shown with a note."""
+    """Stream the summary. Never raises for LLM trouble: the template sentence is shown with a note.
+
+    `include_flags=False` (the dashboard): flags stay in the flags column and are not repeated here; True for a
+    stand-alone summary (CLI text) that must carry them."""
     return SummaryStream(
         _compose(
             chart,
@@ -212,6 +284,8 @@ def compose_stream(
             sheet=sheet,
             prompt_facts=prompt_facts,
             mode=mode,
+            include_flags=include_flags,
+            max_sentences=max_sentences,
         )
     )
 
@@ -240,6 +314,38 @@ def template_summary(
     return compose(chart, findings, guidelines, None, now=now, **kwargs)
 
 
+class _Composer:
+    """State of one composition: the verifier, the result, and the template fallback for each fact."""
+
+    def __init__(self, sheet: FactSheet, res: SummaryResult, t0: float) -> None:
+        self.sheet = sheet
+        self.verifier = Verifier(sheet)
+        self.res = res
+        self.t0 = t0
+
+    def show(self, s: Sentence) -> Sentence:
+        self.res.sentences.append(s)
+        if self.res.first_sentence_s is None:
+            self.res.first_sentence_s = time.perf_counter() - self.t0
+        if s.origin == "llm" and self.res.first_llm_sentence_s is None:
+            self.res.first_llm_sentence_s = time.perf_counter() - self.t0
+        return s
+
+    def template(self, fact: Fact, failed: Sentence | None = None) -> Sentence | None:
+        """The fact's template sentence, carrying the model sentence it replaces; None when it cannot be shown."""
+        s = self.verifier.verify(template_sentence(fact), origin="template", quoted=fact.quoted)
+        s.group = fact.group
+        if failed is not None:
+            s.dropped_text, s.dropped_reason = failed.text, failed.reason
+        if s.verified:
+            return s
+        log.warning("template sentence for a %s fact failed verification", fact.kind)
+        if fact.must_cover or fact.kind in NEVER_DROPPED_KINDS or fact.kind in FLAG_KINDS:
+            return s  # allergy status, flags and critical values are never dropped: shown, marked unverified
+        self.res.dropped.append(s)
+        return None
+
+
 def _compose(
     chart: Chart,
     findings: Sequence[Finding],
@@ -254,158 +360,187 @@ def _compose(
     sheet: FactSheet | None,
     prompt_facts: int,
     mode: str = "auto",
+    include_flags: bool = False,
+    max_sentences: int | None = DEFAULT_MAX_SENTENCES,
 ) -> Generator[Sentence, None, SummaryResult]:
     t0 = time.perf_counter()
     sheet = sheet or build_fact_sheet(chart, findings, guidelines, now=now, max_facts=max_facts, news2=news2)
-    verifier = Verifier(sheet)
     res = SummaryResult(patient=sheet.patient, sentences=[], dropped=[], facts=sheet, now=now)
-    covered: set[str] = set()
+    c = _Composer(sheet, res, t0)
+    shown, overflow = select_facts(sheet, include_flags=include_flags, max_sentences=max_sentences)
+    for fact in overflow:
+        s = c.template(fact)
+        if s is not None:
+            res.overflow.append(s)
 
-    def show(s: Sentence) -> Sentence:
-        res.sentences.append(s)
-        covered.update(s.tags)
-        if res.first_sentence_s is None:
-            res.first_sentence_s = time.perf_counter() - t0
-        return s
-
-    def template(fact: Fact) -> Sentence:
-        s = verifier.verify(template_sentence(fact), origin="template")
-        if not s.verified:
-            # A must-cover flag is shown even when its sources look wrong, but marked unverified.
-            log.warning("template sentence for a %s fact failed verification: %s", fact.kind, s.reason)
-        return s
-
-    for fact in sheet.must_cover():
-        yield show(template(fact))
-
-    llm_ok = False
-    if (
-        backend is not None
-        and getattr(backend, "available", False)
-        and prompt_mode(backend, mode) == "per-fact"
-    ):
+    usable = backend is not None and getattr(backend, "available", False)
+    if usable:
         res.backend = getattr(backend, "name", type(backend).__name__)
         res.model = getattr(backend, "model", "") or ""
-        res.notes.append("per-fact prompting (small local model): one fact per call")
-        yield from _per_fact(
-            for_chart(backend, chart), sheet, verifier, res, covered, show, t0, prompt_facts, timeout
-        )
-    elif backend is not None and getattr(backend, "available", False):
-        backend = for_chart(backend, chart)
-        res.backend = getattr(backend, "name", type(backend).__name__)
-        res.model = getattr(backend, "model", "") or ""
-        seen_text: set[str] = set()
-        t_llm = time.perf_counter()
-        try:
-            stream = backend.stream(
-                build_messages(sheet, prompt_facts=prompt_facts),
-                max_tokens=max_tokens,
-                temperature=0.0,
-                timeout=timeout,
-            )
-            splitter = SentenceSplitter()
-            try:
-                for delta in stream:
-                    for raw in splitter.feed(delta):
-                        out = _llm_sentence(verifier, raw, covered, seen_text, sheet, res)
-                        if out is not None:
-                            if res.first_llm_sentence_s is None:
-                                res.first_llm_sentence_s = time.perf_counter() - t0
-                            yield show(out)
-                for raw in splitter.flush():
-                    out = _llm_sentence(verifier, raw, covered, seen_text, sheet, res)
-                    if out is not None:
-                        if res.first_llm_sentence_s is None:
-                            res.first_llm_sentence_s = time.perf_counter() - t0
-                        yield show(out)
-            finally:
-                close = getattr(stream, "close", None)
-                if close is not None and not getattr(stream, "done", True):
-                    close()
-            final = stream.result
-            res.prompt_tokens = final.prompt_tokens
-            res.completion_tokens = final.completion_tokens
-            res.llm_latency_s = final.latency_s or (time.perf_counter() - t_llm)
-            res.model = final.model or res.model
-            llm_ok = any(s.origin == "llm" for s in res.sentences)
-            if not llm_ok:
-                res.notes.append("no LLM sentence could be verified; the template summary is shown")
-        except GeneratorExit:
-            raise
-        except Exception as exc:  # noqa: BLE001 -- any backend failure must end in the template summary, not a crash
-            res.llm_latency_s = time.perf_counter() - t_llm
-            kind = type(exc).__name__
-            log.warning("LLM summary failed (%s); template summary shown", kind)
-            res.notes.append(f"LLM unavailable ({kind}: {exc}); the template summary is shown")
     elif backend is not None:
         res.notes.append("no LLM backend configured; template summary")
 
-    llm_ok = llm_ok or any(x.origin == "llm" for x in res.sentences)
-    if llm_ok and prompt_mode(backend, mode) == "sheet":
-        # Coverage beyond flags: severity and allergy facts always reach the nurse.
-        for fact in sheet.facts:
-            if fact.kind in ALWAYS_SHOWN_KINDS and fact.tag not in covered and fact.sentence:
-                yield show(template(fact))
+    if usable and prompt_mode(backend, mode) == "per-fact":
+        res.notes.append("per-fact prompting (small local model): one fact per call")
+        yield from _per_fact(for_chart(backend, chart), c, shown, prompt_facts, timeout)
+    elif usable:
+        # served models: the whole sheet at once; verified sentences stream as they come, then each shown fact
+        # no model sentence covered gets its template sentence (carrying the dropped model text, if any)
+        covered: set[str] = set()
+        shown_tags = {f.tag for f in shown}
+        for fact in shown:
+            if fact.kind in FLAG_KINDS:  # flags first, from the rules, before the model has written anything
+                covered.add(fact.tag)
+                s = c.template(fact)
+                if s is not None:
+                    yield c.show(s)
+        for s in _sheet_mode(for_chart(backend, chart), c, shown_tags, prompt_facts, max_tokens, timeout):
+            if set(s.tags) & shown_tags:
+                first = next(f for f in shown if f.tag in s.tags)
+                s.group = first.group
+                covered |= {t for t in s.tags if c.verifier.facts[t].kind not in FLAG_KINDS}
+                yield c.show(s)
+            else:
+                res.overflow.append(s)  # verified, but about facts beyond the limit
+        for fact in shown:
+            if fact.tag in covered:
+                continue
+            failed = next((d for d in res.dropped if d.origin == "llm" and fact.tag in d.tags), None)
+            s = c.template(fact, failed)
+            if s is not None:
+                yield c.show(s)
+        rank = {f.tag: i for i, f in enumerate(shown)}
+        res.sentences.sort(key=lambda s: min((rank[t] for t in s.tags if t in rank), default=len(rank)))
+        if not any(s.origin == "llm" for s in res.sentences):
+            res.notes.append("no LLM sentence could be verified; the template summary is shown")
     else:
-        for fact in sheet.facts:
-            if fact.tag not in covered and fact.sentence:
-                s = template(fact)
-                if s.verified:
-                    yield show(s)
-                else:
-                    res.dropped.append(s)
-    # Final coverage check (defensive): every must-cover fact is cited by a shown sentence.
-    for fact in sheet.must_cover():
-        if fact.tag not in covered:
-            yield show(template(fact))
+        for fact in shown:
+            s = c.template(fact)
+            if s is not None:
+                yield c.show(s)
     res.latency_s = time.perf_counter() - t0
     return res
 
 
 def _per_fact(
     backend: Any,
-    sheet: FactSheet,
-    verifier: Verifier,
-    res: SummaryResult,
-    covered: set[str],
-    show: Any,
-    t0: float,
+    c: _Composer,
+    shown: list[Fact],
     prompt_facts: int,
     timeout: float | None,
 ) -> Generator[Sentence, None, None]:
-    """One LLM call per fact, most important first; a fact whose sentence fails keeps its template sentence."""
+    """One LLM call per fact, in display order; a fact whose sentence fails shows its template in its place."""
+    res = c.res
     t_llm = time.perf_counter()
     prompt_tokens = completion_tokens = 0
-    candidates = [
-        f for f in sheet.facts if f.kind in PER_FACT_KINDS and f.tag not in covered and not f.quoted
-    ]
-    for fact in candidates[: min(prompt_facts, PER_FACT_LIMIT)]:
+    budget = min(prompt_facts, PER_FACT_LIMIT)
+    broken = False
+    for fact in shown:
+        if broken or budget <= 0 or fact.kind not in PER_FACT_KINDS or fact.quoted:
+            s = c.template(fact)
+            if s is not None:
+                yield c.show(s)
+            continue
+        budget -= 1
         try:
             text, used = _first_sentence_streamed(backend, build_fact_messages(fact), timeout)
         except Exception as exc:  # noqa: BLE001 -- any backend failure ends in the template summary, not a crash
             log.warning("LLM per-fact call failed (%s); template sentences shown", type(exc).__name__)
             res.notes.append(f"LLM unavailable ({type(exc).__name__}); the template summary is shown")
-            break
+            broken = True
+            s = c.template(fact)
+            if s is not None:
+                yield c.show(s)
+            continue
         if used is not None:
             prompt_tokens += used.prompt_tokens or 0
             completion_tokens += used.completion_tokens or 0
         first = _first_sentence(text)
-        if not first:
-            continue
-        raw = first if re.search(r"\[F\d+\]", first) else f"{first.rstrip()} [{fact.tag}]"
-        s = verifier.verify(raw, origin="llm")
-        if s.verified and set(s.tags) == {fact.tag}:
-            if res.first_llm_sentence_s is None:
-                res.first_llm_sentence_s = time.perf_counter() - t0
-            yield show(s)
-        else:
+        failed: Sentence | None = None
+        if first:
+            raw = first if re.search(r"\[F\d+\]", first) else f"{first.rstrip()} [{fact.tag}]"
+            s = c.verifier.verify(raw, origin="llm")
+            s.group = fact.group
+            if s.verified and set(s.tags) == {fact.tag}:
+                yield c.show(s)
+                continue
             if s.verified:
                 s.verified = False
                 s.reason = f"cites {', '.join(s.tags)} but was asked about {fact.tag}"
             res.dropped.append(s)
+            failed = s
+        t = c.template(fact, failed)
+        if t is not None:
+            yield c.show(t)
     res.prompt_tokens = prompt_tokens or None
     res.completion_tokens = completion_tokens or None
     res.llm_latency_s = time.perf_counter() - t_llm
+
+
+def _sheet_mode(
+    backend: Any,
+    c: _Composer,
+    shown_tags: set[str],
+    prompt_facts: int,
+    max_tokens: int,
+    timeout: float | None,
+) -> Generator[Sentence, None, None]:
+    """The whole fact sheet in one call (served models): each verified sentence as soon as it is complete."""
+    res, sheet = c.res, c.sheet
+    seen: set[str] = set()
+    t_llm = time.perf_counter()
+    try:
+        stream = backend.stream(
+            build_messages(sheet, prompt_facts=prompt_facts),
+            max_tokens=max_tokens,
+            temperature=0.0,
+            timeout=timeout,
+        )
+        splitter = SentenceSplitter()
+        try:
+            for delta in stream:
+                for raw in splitter.feed(delta):
+                    s = _take(c, raw, seen, shown_tags)
+                    if s is not None:
+                        yield s
+            for raw in splitter.flush():
+                s = _take(c, raw, seen, shown_tags)
+                if s is not None:
+                    yield s
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None and not getattr(stream, "done", True):
+                close()
+        final = stream.result
+        res.prompt_tokens = final.prompt_tokens
+        res.completion_tokens = final.completion_tokens
+        res.llm_latency_s = final.latency_s or (time.perf_counter() - t_llm)
+        res.model = final.model or res.model
+    except GeneratorExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- any backend failure must end in the template summary, not a crash
+        res.llm_latency_s = time.perf_counter() - t_llm
+        kind = type(exc).__name__
+        log.warning("LLM summary failed (%s); template summary shown", kind)
+        res.notes.append(f"LLM unavailable ({kind}: {exc}); the template summary is shown")
+
+
+def _take(c: _Composer, raw: str, seen: set[str], shown_tags: set[str]) -> Sentence | None:
+    """A verified model sentence, or None (then it is in res.dropped with its reason)."""
+    s = c.verifier.verify(raw, origin="llm")
+    key = s.text.lower()
+    if key in _EXAMPLE_KEYS:
+        s.verified, s.reason = False, "copied the prompt's example"
+    elif s.verified and key in seen:
+        s.verified, s.reason = False, "repeats an earlier sentence"
+    elif s.verified and s.tags and {c.verifier.facts[t].kind for t in s.tags} <= set(FLAG_KINDS):
+        # flags reach the nurse from the rule engine, never through the model
+        s.verified, s.reason = False, "repeats a flag already shown"
+    if not s.verified:
+        c.res.dropped.append(s)
+        return None
+    seen.add(key)
+    return s
 
 
 def _first_sentence_streamed(backend: Any, messages: list[Any], timeout: float | None) -> tuple[str, Any]:
@@ -429,27 +564,3 @@ def _first_sentence(text: str) -> str:
     text = " ".join(text.strip().split())
     match = re.match(r"(.+?[.!?])(\s|$)", text)
     return (match.group(1) if match else text)[:400]
-
-
-def _llm_sentence(
-    verifier: Verifier, raw: str, covered: set[str], seen: set[str], sheet: FactSheet, res: SummaryResult
-) -> Sentence | None:
-    s = verifier.verify(raw, origin="llm")
-    if s.text.lower() in _EXAMPLE_KEYS:
-        s.verified = False
-        s.reason = "copied the prompt's example"
-    if not s.verified:
-        res.dropped.append(s)
-        return None
-    key = s.text.lower()
-    must = {f.tag for f in sheet.must_cover()}
-    if key in seen:
-        s.reason = "repeats an earlier sentence"
-        res.dropped.append(s)
-        return None
-    if s.tags and set(s.tags) <= (must & covered):
-        s.reason = "repeats a flag already shown"
-        res.dropped.append(s)
-        return None
-    seen.add(key)
-    return s

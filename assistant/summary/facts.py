@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from functools import cache
-from importlib import resources
 from typing import Any, Protocol
 
 from assistant.model import (
@@ -21,18 +18,19 @@ from assistant.model import (
     Result,
     format_number,
 )
+from assistant.summary.citations import make_visible, neutralise_tags
+from assistant.summary.claims import extract_claims, stem
+from assistant.summary.display import in_unit, reported, show_result
+from assistant.summary.vocab import vocabulary
 from assistant.terminology import terminology
 
+__all__ = ["vocabulary"]  # re-exported: views and the dashboard read the administration settings through it
+
 NOTE_QUOTE_CHARS = 240
+NOTE_SENTENCE_CHARS = 160
 GUIDELINE_QUOTE_CHARS = 320
 DEFAULT_MAX_FACTS = 20
 PINNED_KINDS = ("severity", "allergy", "no-allergy", "no-allergy-record")  # never cut to keep the sheet short
-
-
-@cache
-def vocabulary() -> dict[str, Any]:
-    with resources.files("assistant.summary").joinpath("vocabulary.toml").open("rb") as fh:
-        return tomllib.load(fh)
 
 
 class GuidelinePassage(Protocol):
@@ -42,6 +40,30 @@ class GuidelinePassage(Protocol):
     title: str
     section_path: str
     text: str
+
+
+Subject = tuple[str, str]  # ("analyte", key) | ("ingredient", key) | ("class", key)
+
+
+@dataclass(frozen=True, slots=True)
+class Atom:
+    """What one record states on the sheet: a claim holds only when one atom holds all of its parts."""
+
+    ref: str  # the record (ResourceType/id) or rule (rule:<id>) that states it
+    role: str  # latest | previous | baseline | threshold | ordered | due | given | held | stopped | admitted | allergy
+    subjects: tuple[Subject, ...] = ()
+    value: float | None = None
+    unit: str | None = None  # as on the record (UCUM code or spelling)
+    time: datetime | None = None
+    frequency: str | None = None
+    level: str | None = None  # high | low | critical high | critical low | abnormal | None (in range)
+    direction: str | None = None  # rising | falling | flat, against the earlier value on the same sheet line
+    words: tuple[str, ...] = ()  # allergy: stems of the reaction and criticality words
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["time"] = self.time.isoformat() if self.time else None
+        return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +90,12 @@ class Fact:
     sentence: str = ""  # the template sentence, without tags
     section: str = "summary"  # I-PASS section: illness, patient, action, situation
     related_times: tuple[datetime, ...] = ()
+    atoms: tuple[Atom, ...] = ()  # the record-level statements the verifier binds claims to
+
+    @property
+    def group(self) -> str:
+        """Summary group of this fact (vocabulary.toml [summary_groups])."""
+        return str(vocabulary()["summary_groups"]["kinds"].get(self.kind, "history"))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -75,6 +103,8 @@ class Fact:
             if data[key] is not None:
                 data[key] = data[key].isoformat()
         data["related_times"] = [t.isoformat() for t in self.related_times]
+        data["atoms"] = [a.to_dict() for a in self.atoms]
+        data["group"] = self.group
         return data
 
 
@@ -185,25 +215,16 @@ ROUTE_WORDS = {
     "subcutaneous": ("subcutaneous", "sc", "subcut", "sq"),
     "intramuscular": ("intramuscular", "im"),
 }
-DISPLAY_UNITS = {
-    "{INR}": "",
-    "{score}": "",
-    "{Score}": "",
-    "{ratio}": "",
-    "mm[Hg]": "mmHg",
-    "Cel": "°C",
-    "10*3/uL": "x10^3/uL",
-    "[IU]/mL": "IU/mL",
-    "{beats}/min": "/min",
-    "{breaths}/min": "/min",
-}
 
 
-def display_value(r: Result) -> str:
-    if r.value is not None:
-        unit = DISPLAY_UNITS.get(r.unit or "", r.unit or "")
-        return f"{format_number(r.value)} {unit}".strip()
-    return r.display_value()
+def display_value(r: Result, unit: str | None = None) -> str:
+    """The value as the lab reported it (one unit per test), at the analyte's precision: '132 mmHg', '36.9 °C'."""
+    return show_result(r, unit)
+
+
+def chart_text(text: str) -> str:
+    """Chart text shown in a sentence: tag look-alikes can never cite, invisible controls are made visible."""
+    return make_visible(neutralise_tags(text or ""))
 
 
 _TAG_LIKE = re.compile(r"\[[^\]]*\]|\bF\d+\b")
@@ -211,7 +232,7 @@ _TAG_LIKE = re.compile(r"\[[^\]]*\]|\bF\d+\b")
 
 def quote_chart_text(text: str, limit: int) -> str:
     """Chart free text as inert data: one line, no brackets or tag look-alikes, no quotes to break out of."""
-    flat = " ".join(text.split())
+    flat = " ".join(make_visible(text or "").split())
     flat = _TAG_LIKE.sub(" ", flat).replace('"', "'")
     flat = " ".join(flat.split())
     if len(flat) > limit:
@@ -269,21 +290,74 @@ def level_word(result: Result) -> str | None:
     return None
 
 
+def _subjects_of_text(text: str) -> tuple[Subject, ...]:
+    c = extract_claims(text)
+    return tuple(
+        [("ingredient", i) for i in sorted(c.ingredients)] + [("class", k) for k in sorted(c.classes)]
+    )
+
+
+def _drug_subjects(ingredients: Iterable[str], classes: Iterable[str], text: str) -> tuple[Subject, ...]:
+    out: list[Subject] = [("ingredient", i) for i in ingredients] + [("class", k) for k in classes]
+    out += [s for s in _subjects_of_text(text) if s not in out]
+    return tuple(dict.fromkeys(out))
+
+
+def _quantity_atoms(ref: str, role: str, subjects: tuple[Subject, ...], text: str, **kw: Any) -> list[Atom]:
+    """One atom per amount the record's text states ('40 mg/0.4 mL ... 40 mg': 40 mg and 0.4 mL)."""
+    return [
+        Atom(ref, role, subjects, value=v, unit=u, **kw)
+        for v, _, u in extract_claims(text).numbers
+        if u is not None
+    ]
+
+
+def _direction(new: float | None, old: float | None) -> str | None:
+    if new is None or old is None:
+        return None
+    return "rising" if new > old else "falling" if new < old else "flat"
+
+
+def result_atom(r: Result, role: str, direction: str | None = None) -> Atom:
+    value, unit = reported(r)
+    return Atom(
+        r.ref,
+        role,
+        (("analyte", r.analyte),),
+        value=value,
+        unit=unit,
+        time=r.time,
+        level=level_word(r) if role == "latest" else None,
+        direction=direction,
+    )
+
+
 def _result_fact(chart: Chart, r: Result, priority: int, must: bool) -> dict[str, Any]:
     history = chart.results_for(r.analyte)
     earlier = [h for h in history if h.time and r.time and h.time < r.time and h.value is not None]
     level = level_word(r)
     value = display_value(r)
     when = fmt_time(r.time)
-    text = f"{r.name} {value}" + (f" ({level})" if level else "") + f" at {when}"
-    sentence = f"{r.name} was {value}" + (f", {level}," if level else "") + f" at {when}"
+    name = chart_text(r.name)
+    text = f"{name} {value}" + (f" ({level})" if level else "") + f" at {when}"
+    sentence = f"{name} was {value}" + (f", {level}," if level else "") + f" at {when}"
     related: list[datetime] = []
-    if earlier and r.value is not None:
-        prev = earlier[-1]
-        direction = "rising" if r.value > prev.value else "falling" if r.value < prev.value else "unchanged"  # type: ignore[operator]
-        trend = f"{direction} from {display_value(prev)} at {fmt_time(prev.time)}"
+    refs = [r.ref]
+    prev = earlier[-1] if earlier and r.value is not None else None
+    direction = _direction(r.value, prev.value) if prev is not None else None
+    atoms = [result_atom(r, "latest", direction)]
+    if prev is not None:
+        # one unit per test: the earlier value in the unit the latest was reported in
+        _, unit = reported(r)
+        word = {"rising": "rising", "falling": "falling", "flat": "unchanged"}[direction or "flat"]
+        trend = f"{word} from {display_value(prev, unit)} at {fmt_time(prev.time)}"
         text += f", {trend}"
         sentence += f", {trend}"
+        refs.append(prev.ref)
+        shown = in_unit(prev, unit)
+        atoms.append(
+            Atom(prev.ref, "previous", (("analyte", r.analyte),), value=shown, unit=unit, time=prev.time)
+        )
         if prev.time:
             related.append(prev.time)
     return dict(
@@ -291,7 +365,7 @@ def _result_fact(chart: Chart, r: Result, priority: int, must: bool) -> dict[str
         label=r.name,
         text=text,
         sentence=sentence,
-        provenance=(r.ref,),
+        provenance=tuple(dict.fromkeys(refs)),
         value=value,
         number=r.value,
         unit=r.unit,
@@ -302,31 +376,65 @@ def _result_fact(chart: Chart, r: Result, priority: int, must: bool) -> dict[str
         severity="critical" if level and level.startswith("critical") else "abnormal" if level else None,
         section="situation",
         related_times=tuple(related),
+        atoms=tuple(atoms),
     )
 
 
-def _flag_fact(f: Finding) -> dict[str, Any]:
+def rule_atoms(rule_id: str) -> tuple[list[Atom], str | None]:
+    """Threshold numbers of a catalogue rule as atoms citing `rule:<id>` (empty when the rule is unknown)."""
+    try:
+        from assistant.rules.engine import default_catalogue
+
+        rule = default_catalogue().rule(rule_id)
+    except (KeyError, ImportError, ValueError):
+        return [], None
+    ref = f"rule:{rule.id}"
+    subjects: tuple[Subject, ...] = (("analyte", rule.analyte),) if rule.analyte else ()
+    atoms: list[Atom] = []
+    canonical = (
+        terminology().analytes[rule.analyte].canonical_unit
+        if rule.analyte in terminology().analytes
+        else None
+    )
+    if rule.threshold is not None:
+        atoms.append(Atom(ref, "threshold", subjects, value=rule.threshold.value, unit=canonical))
+        atoms += _quantity_atoms(ref, "threshold", subjects, rule.threshold.display)
+    for c in rule.params.get("change", {}).get("criteria", []):
+        unit = c.get("unit")
+        if "value" in c:
+            atoms.append(Atom(ref, "threshold", subjects, value=float(c["value"]), unit=unit))
+        if "value_canonical" in c:
+            atoms.append(Atom(ref, "threshold", subjects, value=float(c["value_canonical"]), unit=canonical))
+        atoms += _quantity_atoms(ref, "threshold", subjects, str(c.get("label", "")))
+    return atoms, ref
+
+
+def _flag_fact(f: Finding, chart: Chart | None = None) -> dict[str, Any]:
     tm = terminology()
     values = "; ".join(
         f"{v.label} {v.value}" if v.value and v.value not in v.label else v.label for v in f.values
     )
-    text = f"{f.severity}-severity flag: {_strip_period(f.title)}. {_strip_period(f.message)}."
+    title, message = chart_text(_strip_period(f.title)), chart_text(_strip_period(f.message))
+    text = f"{f.severity}-severity flag: {title}. {message}."
     if values:
-        text += f" Values: {values}."
+        text += f" Values: {chart_text(values)}."
     if f.action:
-        text += f" Action: {_strip_period(f.action)}."
+        text += f" Action: {chart_text(_strip_period(f.action))}."
     ings, classes = tm.match_names(" ".join([f.title, f.message, values, f.action]))
-    sentence = (
-        f"{f.severity.capitalize()}-severity flag: {_strip_period(f.title)}. {_strip_period(f.message)}"
-    )
+    sentence = f"{f.severity.capitalize()}-severity flag: {title}. {message}"
     times = tuple(v.time for v in f.values if v.time)
     must = f.severity == "high"
+    atoms, rule_ref = rule_atoms(f.rule_id)
+    atoms += _evidence_atoms(f, chart)
+    provenance = tuple(f.evidence) + (
+        (rule_ref,) if rule_ref and any(a.ref == rule_ref for a in atoms) else ()
+    )
     return dict(
         kind="flag",
         label=f.title,
         text=text,
         sentence=sentence,
-        provenance=tuple(f.evidence),
+        provenance=provenance,
         severity=f.severity,
         priority={"high": 0, "medium": 3, "low": 6}.get(f.severity, 6),
         must_cover=must,
@@ -335,14 +443,94 @@ def _flag_fact(f: Finding) -> dict[str, Any]:
         section="situation",
         related_times=times,
         time=times[0] if times else None,
+        atoms=tuple(atoms),
     )
+
+
+def _evidence_atoms(f: Finding, chart: Chart | None) -> list[Atom]:
+    """Atoms of the records a finding rests on, each in the role it plays (baseline, latest, ordered, given)."""
+    if chart is None:
+        return []
+    results = {r.ref: r for r in chart.results}
+    orders = {o.ref: o for o in chart.orders}
+    admins = {a.ref: a for a in chart.administrations}
+    cited = [results[ref] for ref in f.evidence if ref in results]
+    cited += [results[v.ref] for v in f.values if v.ref in results and results[v.ref] not in cited]
+    atoms: list[Atom] = []
+    by_analyte: dict[str, list[Result]] = {}
+    for r in cited:
+        by_analyte.setdefault(r.analyte, []).append(r)
+    for analyte, rows in by_analyte.items():
+        rows.sort(key=lambda r: (r.time is None, r.time))
+        newest = chart.latest(analyte)
+        for i, r in enumerate(rows):
+            is_latest = newest is not None and r.ref == newest.ref
+            base = rows[0] if len(rows) > 1 and i == len(rows) - 1 else None
+            role = (
+                "latest" if is_latest else ("baseline" if len(rows) > 1 and i < len(rows) - 1 else "previous")
+            )
+            atoms.append(result_atom(r, role, _direction(r.value, base.value) if base is not None else None))
+            if is_latest and role != "latest":
+                atoms.append(result_atom(r, "latest"))
+    for ref in dict.fromkeys([*f.evidence, *(v.ref for v in f.values)]):
+        o = orders.get(ref)
+        if o is not None:
+            atoms += order_atoms(o)
+        a = admins.get(ref)
+        if a is not None:
+            subjects = _drug_subjects(a.ingredients, a.classes, a.text)
+            role = "given" if a.was_given else "held"
+            atoms.append(Atom(a.ref, role, subjects, time=a.time))
+            atoms += _quantity_atoms(a.ref, role, subjects, a.text, time=a.time)
+    return atoms
+
+
+def order_atoms(o: MedicationOrder, role: str = "ordered") -> list[Atom]:
+    """The order's amounts, route words and frequency, each bound to the order's drugs."""
+    subjects = _drug_subjects(o.ingredients, o.classes, o.text)
+    freq = frequency_of(o)
+    started = o.start or o.authored_on
+    atoms = [Atom(o.ref, role, subjects, time=started, frequency=freq)]
+    # "every 4 hours as needed": every frequency the order's own text states is the order's frequency
+    for other in sorted(extract_claims(order_phrase(o)).frequencies - {freq}):
+        atoms.append(Atom(o.ref, role, subjects, time=started, frequency=other))
+    atoms += _quantity_atoms(o.ref, role, subjects, order_phrase(o), time=started, frequency=freq)
+    if o.dose is not None and o.dose.value is not None:
+        atoms.append(
+            Atom(
+                o.ref,
+                role,
+                subjects,
+                value=float(o.dose.value),
+                unit=o.dose.unit,
+                time=started,
+                frequency=freq,
+            )
+        )
+    if o.end is not None:
+        atoms.append(Atom(o.ref, "stopped", subjects, time=o.end, frequency=freq))
+    return atoms
 
 
 def _allergy_fact(a: AllergyFact) -> dict[str, Any]:
     tm = terminology()
+    substance = chart_text(a.substance)
     crit = f", criticality {a.criticality}" if a.criticality else ""
-    reactions = f", reaction: {', '.join(a.reactions)}" if a.reactions else ""
-    text = f"Allergy: {a.substance}{crit}{reactions}"
+    reactions = f", reaction: {', '.join(chart_text(x) for x in a.reactions)}" if a.reactions else ""
+    text = f"Allergy: {substance}{crit}{reactions}"
+    classes = a.classes + tm.classes_of(a.ingredients)
+    words = tuple(
+        dict.fromkeys(
+            stem(w) for w in re.findall(r"[A-Za-z][A-Za-z'’]+", " ".join([*a.reactions, a.criticality or ""]))
+        )
+    )
+    atom = Atom(
+        a.ref,
+        "allergy",
+        _drug_subjects(a.ingredients, classes, a.substance),
+        words=words,
+        level=a.criticality,
+    )
     return dict(
         kind="allergy",
         label=a.substance,
@@ -350,15 +538,16 @@ def _allergy_fact(a: AllergyFact) -> dict[str, Any]:
         sentence=text,
         provenance=(a.ref,),
         ingredients=a.ingredients,
-        classes=a.classes + tm.classes_of(a.ingredients),
+        classes=classes,
         priority=2,
         section="patient",
+        atoms=(atom,),
     )
 
 
 def _order_fact(o: MedicationOrder, priority: int, note: str, now: datetime) -> dict[str, Any]:
     tm = terminology()
-    phrase = order_phrase(o)
+    phrase = chart_text(order_phrase(o))
     text = f"{note}: {phrase}"
     if "high-alert" in o.classes:
         text += " (ISMP high-alert medication)"
@@ -381,6 +570,7 @@ def _order_fact(o: MedicationOrder, priority: int, note: str, now: datetime) -> 
         time=started,
         section="situation" if "high-alert" in o.classes else "patient",
         value=o.dose_text or (str(o.dose) if o.dose else None),
+        atoms=tuple(order_atoms(o)),
     )
 
 
@@ -411,6 +601,10 @@ def administration_facts(chart: Chart, now: datetime) -> list[dict[str, Any]]:
         classes = tuple(dict.fromkeys(o.classes + tm.classes_of(ings)))
         last_text = f"; last given {fmt_time(last.time)}" if last else "; no dose recorded as given"
         prov = (o.ref,) + ((last.ref,) if last else ())
+        subjects = _drug_subjects(o.ingredients, classes, o.text)
+        atoms = [*order_atoms(o), Atom(o.ref, "due", subjects, time=due, frequency=frequency_of(o))]
+        if last is not None:
+            atoms.append(Atom(last.ref, "given", subjects, time=last.time))
         base = dict(
             provenance=prov,
             ingredients=ings,
@@ -420,9 +614,10 @@ def administration_facts(chart: Chart, now: datetime) -> list[dict[str, Any]]:
             label=o.text,
             time=due,
             related_times=(last.time,) if last and last.time else (),
+            atoms=tuple(atoms),
         )
         if due < now - grace:
-            text = f"Overdue dose: {order_phrase(o)} was due {fmt_time(due)}{last_text}"
+            text = f"Overdue dose: {chart_text(order_phrase(o))} was due {fmt_time(due)}{last_text}"
             out.append(
                 {
                     **base,
@@ -434,7 +629,7 @@ def administration_facts(chart: Chart, now: datetime) -> list[dict[str, Any]]:
                 }
             )
         elif due <= now + window:
-            text = f"Dose due: {order_phrase(o)} due {fmt_time(due)}{last_text}"
+            text = f"Dose due: {chart_text(order_phrase(o))} due {fmt_time(due)}{last_text}"
             out.append(
                 {
                     **base,
@@ -449,7 +644,10 @@ def administration_facts(chart: Chart, now: datetime) -> list[dict[str, Any]]:
     for a in chart.administrations:
         if a.status in ("not-done", "stopped") and a.time and a.time >= recent:
             reason = f" (reason: {quote_chart_text(a.status_reason, 80)})" if a.status_reason else ""
-            text = f"Dose not given: {a.text} at {fmt_time(a.time)}{reason}"
+            text = f"Dose not given: {chart_text(a.text)} at {fmt_time(a.time)}{reason}"
+            subjects = _drug_subjects(a.ingredients, a.classes, a.text)
+            held = [Atom(a.ref, "held", subjects, time=a.time)]
+            held += _quantity_atoms(a.ref, "held", subjects, a.text, time=a.time)
             out.append(
                 dict(
                     kind="administration",
@@ -463,6 +661,7 @@ def administration_facts(chart: Chart, now: datetime) -> list[dict[str, Any]]:
                     priority=5,
                     section="action",
                     severity="not-given",
+                    atoms=tuple(held),
                 )
             )
     return out
@@ -492,7 +691,7 @@ def build_fact_sheet(
 
     patient = chart.patient_ref
     for f in sorted((f for f in findings if f.patient == patient), key=lambda f: f.sort_key):
-        add(0, _flag_fact(f))
+        add(0, _flag_fact(f, chart))
 
     sev = illness_severity_fact(chart, findings, news2 if isinstance(news2, News2) else None, patient)
     if sev is not None:
@@ -567,7 +766,7 @@ def build_fact_sheet(
 
     for r in chart.results:
         if r.status == "registered":
-            text = f"Pending result: {r.name} (ordered, no value yet)" + (
+            text = f"Pending result: {chart_text(r.name)} (ordered, no value yet)" + (
                 f", collected {fmt_time(r.time)}" if r.time else ""
             )
             add(
@@ -582,6 +781,7 @@ def build_fact_sheet(
                     time=r.time,
                     section="action",
                     severity="pending",
+                    atoms=(Atom(r.ref, "pending", (("analyte", r.analyte),), time=r.time),),
                 ),
             )
 
@@ -640,11 +840,12 @@ def build_fact_sheet(
                     provenance=(e.ref,),
                     time=e.start,
                     section="patient",
+                    atoms=(Atom(e.ref, "admitted", time=e.start),),
                 ),
             )
         conds = chart.active_conditions()[:4]
         for c in conds:
-            text = f"Active condition: {quote_chart_text(c.text, 80)}"
+            text = f"Active condition: {chart_text(quote_chart_text(c.text, 80))}"
             add(
                 6,
                 dict(
@@ -658,17 +859,17 @@ def build_fact_sheet(
             )
         notes = sorted((n for n in chart.notes if n.time), key=lambda n: n.time, reverse=True)[:2]  # type: ignore[arg-type, return-value]
         for n in notes:
-            text = (
-                f'Note "{quote_chart_text(n.title, 60)}" at {fmt_time(n.time)} (chart text, quoted as data): '
-                f'"{quote_chart_text(n.text, NOTE_QUOTE_CHARS)}"'
-            )
+            title, body = quote_chart_text(n.title, 60), quote_chart_text(n.text, NOTE_QUOTE_CHARS)
+            text = f'Note "{title}" at {fmt_time(n.time)} (chart text, quoted as data): "{body}"'
+            # the nurse sees the note's own words, quoted and cited; never a paraphrase of them
+            sentence = f'{title} at {fmt_time(n.time)}: "{quote_chart_text(n.text, NOTE_SENTENCE_CHARS)}"'
             add(
                 8,
                 dict(
                     kind="note",
                     label=n.title,
                     text=text,
-                    sentence="",
+                    sentence=sentence.strip(),
                     provenance=(n.ref,),
                     time=n.time,
                     quoted=True,
@@ -685,7 +886,7 @@ def build_fact_sheet(
     keep.sort(key=lambda c: (c.priority, c.order))
     facts = [Fact(tag=f"F{i}", **c.kwargs) for i, c in enumerate(keep, 1)]
     allowed = frozenset(chart.fact_refs()) | frozenset(
-        ref for f in facts for ref in f.provenance if ref.startswith("guideline:")
+        ref for f in facts for ref in f.provenance if ref.startswith(("guideline:", "rule:"))
     )
     return FactSheet(
         patient=patient,
@@ -788,6 +989,31 @@ def illness_severity_fact(
         section="illness",
         number=float(news2.score) if news2 else None,
         time=news2.time if news2 else None,
+        atoms=(
+            (
+                Atom(
+                    news2.refs[0] if news2.refs else patient,
+                    "latest",
+                    (("analyte", "news2"),),
+                    float(news2.score),
+                    time=news2.time,
+                ),
+                *(
+                    [
+                        Atom(
+                            news2.refs[0] if news2.refs else patient,
+                            "parameter",
+                            (("analyte", "news2"),),
+                            3.0,
+                        )
+                    ]
+                    if news2.single_param_3
+                    else []
+                ),
+            )
+            if news2
+            else ()
+        ),
     )
 
 

@@ -1,0 +1,615 @@
+"""Claim extraction: what a sentence asserts, with each value bound to its analyte or drug, time and role."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import cache
+from importlib import resources
+
+from assistant.summary.vocab import connectives, vocabulary
+from assistant.terminology import terminology
+
+# --- vocabulary-driven matchers -----------------------------------------------------------------------------
+
+
+def _alternation(phrases: Iterable[str]) -> str:
+    uniq = sorted({p.lower() for p in phrases if p}, key=len, reverse=True)
+    return "|".join(re.escape(p) for p in uniq)
+
+
+def _phrase_re(phrases: Iterable[str]) -> re.Pattern[str]:
+    alt = _alternation(phrases)
+    return re.compile(r"(?<![\w-])(" + (alt or r"(?!x)x") + r")(?![\w-])", re.IGNORECASE)
+
+
+def norm_unit(unit: str | None) -> str:
+    return (unit or "").replace(" ", "").lower()
+
+
+@dataclass(frozen=True)
+class Matchers:
+    freq_re: re.Pattern[str]
+    freq_map: dict[str, str]
+    unit_re: re.Pattern[str]
+    unit_map: dict[str, str]
+    analyte_re: re.Pattern[str]
+    drug_analyte_re: re.Pattern[str]  # "vancomycin level", "lithium level": analytes named after a drug
+    analyte_map: dict[str, str]
+    drug_re: re.Pattern[str]
+    drug_map: dict[str, tuple[str, str]]  # lowercase name -> (ingredient|class, key)
+    class_re: re.Pattern[str]
+    class_map: dict[str, str]
+    qual_re: re.Pattern[str]
+    qual_map: dict[str, str]
+    qual_mask_re: re.Pattern[str]
+    neg_re: re.Pattern[str]
+    injection_re: re.Pattern[str]
+    skip_words: frozenset[str]
+    allergy_re: re.Pattern[str]
+    advice: frozenset[str]
+    generic: frozenset[str]
+    known_words: frozenset[str]  # stems a sentence may use without a cited record holding them
+    converters: dict[
+        str, dict[str, tuple[float, float]]
+    ]  # analyte -> canonical unit spelling -> (factor, offset)
+    durations: frozenset[str]
+
+
+def _medication_names() -> dict[str, tuple[str, str]]:
+    tm = terminology()
+    names: dict[str, tuple[str, str]] = {}
+    for key, ing in tm.ingredients.items():
+        for label in (ing.name, *ing.synonyms):
+            names[label.lower()] = ("ingredient", key)
+    with resources.files("assistant.data").joinpath("medications.toml").open("rb") as fh:
+        meds = tomllib.load(fh)
+    for cls, labels in meds.get("allergy_class_synonyms", {}).items():
+        for label in labels:
+            names.setdefault(label.lower(), ("class", cls))
+    return names
+
+
+@cache
+def matchers() -> Matchers:
+    voc = vocabulary()
+    tm = terminology()
+    freq_map = {p.lower(): canon for canon, phrases in voc["frequency"].items() for p in phrases}
+    unit_map = {k.lower(): v for k, v in voc["units"].items()}
+    for a in tm.analytes.values():
+        for u in (*a.factors, norm_unit(a.canonical_unit)):
+            unit_map.setdefault(u, u)
+    unit_map = {k: v for k, v in unit_map.items() if k}
+    analyte_map: dict[str, str] = {}
+    for key, a in tm.analytes.items():
+        analyte_map[a.name.lower()] = key
+    for key, names in voc["analytes"].items():
+        for n in names:
+            analyte_map[n.lower()] = key
+    drug_map = _medication_names()
+    drug_probe = _phrase_re(drug_map)
+    drug_analytes = [n for n in analyte_map if drug_probe.search(n)]
+    class_map: dict[str, str] = {}
+    for cls, label in tm.class_names.items():
+        for form in (label.lower(), label.lower() + "s", cls.replace("-", " "), cls):
+            class_map[form] = cls
+    for form in ("high-alert medication", "high-alert", "high alert"):
+        class_map[form] = "high-alert"
+    qual_map = {p.lower(): q for q, phrases in voc["qualifiers"].items() for p in phrases}
+    converters: dict[str, dict[str, tuple[float, float]]] = {}
+    for key, a in tm.analytes.items():
+        conv: dict[str, tuple[float, float]] = {}
+        for u, factor in a.factors.items():
+            canon = unit_map.get(u, u)
+            conv.setdefault(canon, (factor, a.offsets.get(u, 0.0)))
+        converters[key] = conv
+    known: set[str] = set()
+    for section in ("generic", "advice", "negation"):
+        for lst in voc[section].values():
+            known.update(stem(w) for phrase in lst for w in re.findall(r"[a-z][a-z'’]+", phrase.lower()))
+    for phrases in (
+        *voc["qualifiers"].values(),
+        *voc["frequency"].values(),
+        voc["qualifier_masks"]["phrases"],
+    ):
+        known.update(stem(w) for phrase in phrases for w in re.findall(r"[a-z][a-z'’]+", phrase.lower()))
+    known.update(stem(w) for w in connectives())
+    return Matchers(
+        freq_re=_phrase_re(freq_map),
+        freq_map=freq_map,
+        unit_re=re.compile(r"(" + _alternation(unit_map) + r")(?![A-Za-z0-9])", re.IGNORECASE),
+        unit_map=unit_map,
+        analyte_re=_phrase_re(analyte_map),
+        drug_analyte_re=_phrase_re(drug_analytes),
+        analyte_map=analyte_map,
+        drug_re=drug_probe,
+        drug_map=drug_map,
+        class_re=_phrase_re(class_map),
+        class_map=class_map,
+        qual_re=_phrase_re(qual_map),
+        qual_map=qual_map,
+        qual_mask_re=_phrase_re(voc["qualifier_masks"]["phrases"]),
+        neg_re=_phrase_re(voc["negation"]["cues"]),
+        injection_re=_phrase_re(voc["injection"]["phrases"]),
+        skip_words=frozenset(stem(w) for w in (*voc["negation"]["cues"], *voc["negation"]["allergy_words"])),
+        allergy_re=_phrase_re(voc["negation"]["allergy_words"]),
+        advice=frozenset(w.lower() for w in voc["advice"]["verbs"]),
+        generic=frozenset(stem(w) for w in voc["generic"]["words"]),
+        known_words=frozenset(known),
+        converters=converters,
+        durations=frozenset({"h", "min", "d", "s", "ms"}),
+    )
+
+
+def canonical_unit(unit: str | None) -> str | None:
+    """A unit code or spelling in the verifier's comparable form ('mm[Hg]' and 'mmHg' -> 'mmhg')."""
+    if not unit:
+        return None
+    m = matchers()
+    u = norm_unit(unit)
+    return m.unit_map.get(u, m.unit_map.get(unit.lower(), u)) or None
+
+
+def stem(word: str) -> str:
+    w = word.lower().strip("'’")
+    for suffix, repl in (
+        ("'s", ""),
+        ("’s", ""),
+        ("ies", "y"),
+        ("ing", ""),
+        ("ed", ""),
+        ("es", ""),
+        ("ly", ""),
+        ("s", ""),
+    ):
+        if w.endswith(suffix) and len(w) - len(suffix) >= 3:
+            return w[: len(w) - len(suffix)] + repl
+    return w
+
+
+# --- bound claims -------------------------------------------------------------------------------------------
+
+Stamp = tuple[int, int, int, int, int]
+
+
+@dataclass(slots=True)
+class When:
+    """A point in time as a sentence states it: any of date, time of day, or both."""
+
+    date: tuple[int | None, int, int] | None = None
+    clock: tuple[int, int] | None = None
+
+    def holds(self, t: datetime | None) -> bool:
+        if t is None:
+            return False
+        if self.date is not None:
+            y, mo, d = self.date
+            if (y is not None and y != t.year) or mo != t.month or d != t.day:
+                return False
+        return not (self.clock is not None and self.clock != (t.hour, t.minute))
+
+    def text(self) -> str:
+        parts = []
+        if self.date:
+            y, mo, d = self.date
+            parts.append(f"{y or '????'}-{mo:02d}-{d:02d}")
+        if self.clock:
+            parts.append(f"{self.clock[0]:02d}:{self.clock[1]:02d}")
+        return " ".join(parts)
+
+
+@dataclass(slots=True)
+class ValueClaim:
+    """A number with its unit, the analyte or drug it is about, when it was charted and in which role."""
+
+    value: float
+    decimals: int
+    unit: str | None  # comparable spelling (canonical_unit)
+    subject: tuple[str, str] | None  # ("analyte", key) | ("ingredient", key) | ("class", key)
+    cue: str | None = None  # latest | previous | baseline | threshold
+    when: When | None = None
+    start: int = 0
+
+    def shown(self) -> str:
+        v = f"{self.value:.{self.decimals}f}"
+        return v + (f" {self.unit}" if self.unit else "")
+
+
+@dataclass(slots=True)
+class RoleClaim:
+    """A dose or event time: 'due 09:00', 'last given 2026-03-15 22:21', 'admitted 2026-03-11 07:00'."""
+
+    role: str  # due | given | held | ordered | stopped | admitted
+    when: When
+    subject: tuple[str, str] | None
+
+
+@dataclass(slots=True)
+class Claims:
+    """What a piece of text asserts, in comparable form."""
+
+    numbers: list[tuple[float, int, str | None]] = field(default_factory=list)  # value, decimals, unit
+    dates: set[tuple[int | None, int, int]] = field(default_factory=set)
+    date_options: list[set[tuple[int | None, int, int]]] = field(default_factory=list)  # ambiguous d/m forms
+    times: set[tuple[int, int]] = field(default_factory=set)
+    stamps: set[Stamp] = field(default_factory=set)
+    ingredients: set[str] = field(default_factory=set)
+    classes: set[str] = field(default_factory=set)
+    analytes: set[str] = field(default_factory=set)
+    frequencies: set[str] = field(default_factory=set)
+    qualifiers: set[str] = field(default_factory=set)
+    severities: set[str] = field(default_factory=set)
+    negation: bool = False
+    allergy: bool = False
+    allergy_negated: bool = (
+        False  # "no known allergies", "not allergic to", "NKDA": a claim about allergy status
+    )
+    advice: set[str] = field(default_factory=set)
+    words: set[str] = field(default_factory=set)
+    raw_words: dict[str, str] = field(default_factory=dict)  # stem -> first spelling, for reasons
+    # bound claims
+    values: list[ValueClaim] = field(default_factory=list)
+    roles: list[RoleClaim] = field(default_factory=list)
+    bound_qualifiers: list[tuple[tuple[str, str], str]] = field(default_factory=list)  # (subject, qualifier)
+    bound_frequencies: list[tuple[tuple[str, str], str]] = field(default_factory=list)
+
+
+MONTHS = {
+    m: i
+    for i, names in enumerate(
+        [
+            ("jan", "january"),
+            ("feb", "february"),
+            ("mar", "march"),
+            ("apr", "april"),
+            ("may",),
+            ("jun", "june"),
+            ("jul", "july"),
+            ("aug", "august"),
+            ("sep", "sept", "september"),
+            ("oct", "october"),
+            ("nov", "november"),
+            ("dec", "december"),
+        ],
+        1,
+    )
+    for m in names
+}
+_MONTH_ALT = "|".join(sorted(MONTHS, key=len, reverse=True))
+_ISO_RE = re.compile(
+    r"\b(\d{4})-(\d{1,2})-(\d{1,2})(?:[T ](\d{1,2}):(\d{2})(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?\b"
+)
+_DMY_RE = re.compile(
+    rf"\b(\d{{1,2}})(?:st|nd|rd|th)?(?:\s+of)?\s+({_MONTH_ALT})\.?(?:,?\s+(\d{{4}}))?\b", re.I
+)
+_MDY_RE = re.compile(rf"\b({_MONTH_ALT})\.?\s+(\d{{1,2}})(?:st|nd|rd|th)?(?:,?\s+(\d{{4}}))?\b", re.I)
+_SLASH_RE = re.compile(r"\b(\d{1,2})[/.](\d{1,2})[/.](\d{4}|\d{2})\b")
+_TIME_RE = re.compile(r"\b(\d{1,2}):(\d{2})(?::\d{2})?\s*(am|pm|a\.m\.|p\.m\.)?(?![\w:])", re.I)
+_AMPM_RE = re.compile(r"\b(\d{1,2})\s*(am|pm|a\.m\.|p\.m\.)(?!\w)", re.I)
+_HOURS_RE = re.compile(r"\b([01]\d|2[0-3])([0-5]\d)\s*(?:h|hrs|hours)\b", re.I)
+_REL_RE = re.compile(
+    r"\b(today|yesterday|tomorrow|tonight|this morning|this evening|overnight|last night)\b", re.I
+)
+_NUMBER_RE = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?")
+_SEVERITY_RE = re.compile(r"\b(high|medium|low)[- ]severity\b", re.I)
+_WORD_RE = re.compile(r"[A-Za-z][A-Za-z'’]+")
+_BREAK_RE = re.compile(r";|\.\s")
+# Words right before a number that say which of a test's values it is.
+_CUE_RE = re.compile(
+    r"\b(from|to|baseline|previous(?:ly)?|prior|earlier|before|last|latest|now|current(?:ly)?|most recent|newest|"
+    r"above|below|over|under|exceed(?:s|ing)?|threshold|limit|at least|at most|more than|less than|greater than|"
+    r"scores?|scored)\b"
+    r"|([<>≥≤])",
+    re.I,
+)
+_CUE_ROLE = {
+    "from": "previous",
+    "previous": "previous",
+    "previously": "previous",
+    "prior": "previous",
+    "earlier": "previous",
+    "before": "previous",
+    "baseline": "baseline",
+    "to": "latest",
+    "last": "latest",
+    "latest": "latest",
+    "now": "latest",
+    "current": "latest",
+    "currently": "latest",
+    "most recent": "latest",
+    "newest": "latest",
+    "score": "parameter",
+    "scores": "parameter",
+    "scored": "parameter",
+}
+# Role words in front of a time: "due 09:00" and "given 09:00" are different claims.
+_ROLE_WORD_RE = re.compile(
+    r"\b(due(?!\s+to\b)|given|administered|not given|held|withheld|refused|omitted|ordered|started|prescribed|stopped|"
+    r"discontinued|admitted)\b",
+    re.I,
+)
+_ROLE_NAMES = {
+    "administered": "given",
+    "not given": "held",
+    "withheld": "held",
+    "refused": "held",
+    "omitted": "held",
+    "started": "ordered",
+    "prescribed": "ordered",
+    "discontinued": "stopped",
+}
+STOPWORDS = frozenset(
+    """a an the of for with on at in to and or by from as is are was were be been being this that
+these those it its his her their they he she we you i our your which who whom whose what when where while than then
+so such into onto about above below over under again further once here there all any both each few more most other
+some same own only very can will just has have had do does did having also per via""".split()
+)
+
+
+def _y(year: str | None) -> int | None:
+    if not year:
+        return None
+    y = int(year)
+    return y + 2000 if y < 100 else y
+
+
+def _hour(h: int, ampm: str | None) -> int:
+    if not ampm:
+        return h
+    pm = ampm.lower().startswith("p")
+    return (h % 12) + (12 if pm else 0)
+
+
+@dataclass(slots=True)
+class _Mention:
+    start: int
+    end: int
+    kind: str  # stamp | date | clock | analyte | drug | number | qual | freq | role | break
+    data: object = None
+
+
+def extract_claims(text: str, now: datetime | None = None) -> Claims:
+    """Every claim in the text; numbers, qualifiers, frequencies and times are bound to what they are about."""
+    m = matchers()
+    c = Claims()
+    work = text.replace("\u00a0", " ").replace("−", "-")
+    original = work
+    mentions: list[_Mention] = []
+
+    def take(regex: re.Pattern[str], fn) -> None:
+        nonlocal work
+        for match in list(regex.finditer(work)):
+            fn(match)
+            s, e = match.span()
+            work = work[:s] + " " * (e - s) + work[e:]
+
+    def add(mt: re.Match[str], kind: str, data: object) -> None:
+        mentions.append(_Mention(mt.start(), mt.end(), kind, data))
+
+    # dates and times first: their digits are not quantities
+    def iso(mt: re.Match[str]) -> None:
+        d = (int(mt.group(1)), int(mt.group(2)), int(mt.group(3)))
+        c.dates.add(d)
+        clock = None
+        if mt.group(4):
+            clock = (int(mt.group(4)), int(mt.group(5)))
+            c.times.add(clock)
+            c.stamps.add((*d, *clock))
+        add(mt, "when", When(d, clock))
+
+    def dmy(mt: re.Match[str]) -> None:
+        d = (_y(mt.group(3)), MONTHS[mt.group(2).lower()], int(mt.group(1)))
+        c.dates.add(d)
+        add(mt, "when", When(d, None))
+
+    def mdy(mt: re.Match[str]) -> None:
+        d = (_y(mt.group(3)), MONTHS[mt.group(1).lower()], int(mt.group(2)))
+        c.dates.add(d)
+        add(mt, "when", When(d, None))
+
+    def slash(mt: re.Match[str]) -> None:
+        a, b, y = int(mt.group(1)), int(mt.group(2)), _y(mt.group(3))
+        options = {(y, b, a), (y, a, b)} if a != b else {(y, a, b)}
+        c.date_options.append({o for o in options if 1 <= o[1] <= 12 and 1 <= o[2] <= 31})
+
+    def clock(mt: re.Match[str]) -> None:
+        t = (_hour(int(mt.group(1)), mt.group(3)), int(mt.group(2)))
+        c.times.add(t)
+        add(mt, "when", When(None, t))
+
+    def ampm(mt: re.Match[str]) -> None:
+        t = (_hour(int(mt.group(1)), mt.group(2)), 0)
+        c.times.add(t)
+        add(mt, "when", When(None, t))
+
+    def hours(mt: re.Match[str]) -> None:
+        t = (int(mt.group(1)), int(mt.group(2)))
+        c.times.add(t)
+        add(mt, "when", When(None, t))
+
+    def relative(mt: re.Match[str]) -> None:
+        if now is None:
+            c.dates.add((-1, 0, 0))  # no reference day: cannot be supported
+            return
+        word = mt.group(1).lower()
+        shift = {"yesterday": -1, "tomorrow": 1, "last night": -1}.get(word, 0)
+        d = (now + timedelta(days=shift)).date()
+        options = {(d.year, d.month, d.day)}
+        if word in ("overnight", "last night", "tonight"):
+            d2 = (now - timedelta(days=1)).date() if word != "tonight" else (now + timedelta(days=1)).date()
+            options.add((d2.year, d2.month, d2.day))
+        c.date_options.append(options)
+
+    take(_ISO_RE, iso)
+    take(_DMY_RE, dmy)
+    take(_MDY_RE, mdy)
+    take(_SLASH_RE, slash)
+    take(_TIME_RE, clock)
+    take(_AMPM_RE, ampm)
+    take(_HOURS_RE, hours)
+    take(_REL_RE, relative)
+
+    def freq(mt: re.Match[str]) -> None:
+        f = m.freq_map[mt.group(1).lower()]
+        c.frequencies.add(f)
+        add(mt, "freq", f)
+
+    take(m.freq_re, freq)
+
+    def analyte(mt: re.Match[str]) -> None:
+        key = m.analyte_map[mt.group(1).lower()]
+        c.analytes.add(key)
+        add(mt, "subject", ("analyte", key))
+
+    # "vancomycin level" names a test, not the drug; other drug names come before analytes, so that
+    # "potassium chloride" is a drug and not a potassium result
+    take(m.drug_analyte_re, analyte)
+
+    def drug(mt: re.Match[str]) -> None:
+        kind, key = m.drug_map[mt.group(1).lower()]
+        if kind == "ingredient":
+            c.ingredients.add(key)
+        else:
+            c.classes.add(key)
+        add(mt, "subject", (kind, key))
+
+    take(m.drug_re, drug)
+    take(_SEVERITY_RE, lambda mt: c.severities.add(mt.group(1).lower()))
+
+    def drug_class(mt: re.Match[str]) -> None:
+        key = m.class_map[mt.group(1).lower()]
+        c.classes.add(key)
+        add(mt, "subject", ("class", key))
+
+    take(m.class_re, drug_class)
+    take(m.analyte_re, analyte)
+    for mt in _ROLE_WORD_RE.finditer(work):
+        word = " ".join(mt.group(1).lower().split())
+        mentions.append(_Mention(mt.start(), mt.end(), "role", _ROLE_NAMES.get(word, word)))
+    for mt in _BREAK_RE.finditer(work):
+        mentions.append(_Mention(mt.start(), mt.end(), "break"))
+
+    # numbers, each with the unit right after it ("1.73" inside "mL/min/1.73m2" is part of the unit)
+    masked_to = -1
+    for mt in list(_NUMBER_RE.finditer(work)):
+        if mt.start() < masked_to:
+            continue
+        raw = mt.group(1).replace(",", "") + (mt.group(2) or "")
+        decimals = len(mt.group(2)) - 1 if mt.group(2) else 0
+        pos = mt.end()
+        rest = work[pos:]
+        stripped = rest.lstrip(" ")
+        um = m.unit_re.match(stripped)
+        unit = None
+        end = pos
+        if um and (um.group(1) != ""):
+            unit = m.unit_map.get(um.group(1).lower().replace(" ", ""), m.unit_map.get(um.group(1).lower()))
+            end = pos + (len(rest) - len(stripped)) + um.end()
+        elif rest[:1].isalpha() or (rest[:1] == "-" and rest[1:2].isalpha() and not rest.startswith("-year")):
+            continue  # an identifier such as 4B, 1st or 2-fold: not a measured quantity ("58-year-old" is one)
+        value = float(raw)
+        c.numbers.append((value, decimals, unit or None))
+        mentions.append(_Mention(mt.start(), end, "number", (value, decimals, unit or None)))
+        work = work[: mt.start()] + " " * (end - mt.start()) + work[end:]
+        masked_to = end
+
+    take(m.qual_mask_re, lambda mt: None)
+
+    def qual(mt: re.Match[str]) -> None:
+        q = m.qual_map[mt.group(1).lower()]
+        c.qualifiers.add(q)
+        add(mt, "qual", q)
+
+    take(m.qual_re, qual)
+    c.allergy = bool(m.allergy_re.search(work))
+    nkda = bool(re.search(r"\bnkda\b|\bnka\b", text, re.I))
+    c.negation = bool(m.neg_re.search(work)) or nkda
+    # A negation negates the allergy only when it stands just before it in the same clause
+    # ("no known allergies"), not in "do not give the drug; confirm the allergy".
+    c.allergy_negated = nkda or any(
+        0 <= a.start() - n.end() <= 25 and not re.search(r"[;:.,]", work[n.end() : a.start()])
+        for n in m.neg_re.finditer(work)
+        for a in m.allergy_re.finditer(work)
+    )
+    for w in _WORD_RE.findall(work):
+        s = stem(w)
+        if w.lower() in m.advice:
+            c.advice.add(w.lower())
+        if w.lower() in STOPWORDS or len(w) < 2 or s in m.skip_words:
+            continue
+        c.words.add(s)
+        c.raw_words.setdefault(s, w)
+    _bind(c, mentions, original)
+    return c
+
+
+def _cue(gap: str) -> str | None:
+    found = None
+    for mt in _CUE_RE.finditer(gap):
+        word = (mt.group(1) or mt.group(2) or "").lower()
+        found = _CUE_ROLE.get(word, "threshold")
+    return found
+
+
+def _bind(c: Claims, mentions: list[_Mention], text: str) -> None:
+    """Walk the sentence left to right: a value belongs to the analyte or drug named last in its clause, a time
+    to the value or role word just before it, a qualifier to the subject it stands beside."""
+    mentions.sort(key=lambda mn: (mn.start, mn.end))
+    subject: tuple[str, str] | None = None
+    pending_quals: list[tuple[int, str]] = []  # (end, qualifier) said before the subject: "high potassium"
+    last_value: ValueClaim | None = None
+    pending_role: str | None = None
+    prev_end = 0
+    for mn in mentions:
+        gap = text[prev_end : mn.start]
+        if mn.kind == "break":
+            subject, last_value, pending_role = None, None, None
+            pending_quals = []
+        elif mn.kind == "subject":
+            subject = mn.data  # type: ignore[assignment]
+            for end, q in pending_quals:
+                if re.fullmatch(r"[\s\w'-]{0,12}", text[end : mn.start]):
+                    c.bound_qualifiers.append((subject, q))  # type: ignore[arg-type]
+            pending_quals = []
+            last_value = None
+            if subject[0] == "analyte":  # type: ignore[index]
+                pending_role = None  # "ordered but no INR ... (last INR 2.1 at T)": T is the INR's time
+        elif mn.kind == "number":
+            value, decimals, unit = mn.data  # type: ignore[misc]
+            cue = _cue(gap)
+            if last_value is not None and re.fullmatch(r"\s*\(\s*=?\s*", gap):
+                cue = last_value.cue  # "70 mg/dL (3.9 mmol/L)": the same value in another unit
+            last_value = ValueClaim(value, decimals, unit, subject, cue, None, mn.start)
+            c.values.append(last_value)
+        elif mn.kind == "role":
+            pending_role = mn.data  # type: ignore[assignment]
+        elif mn.kind == "when":
+            when: When = mn.data  # type: ignore[assignment]
+            if pending_role is not None:
+                c.roles.append(RoleClaim(pending_role, when, subject))
+                pending_role = None
+            elif last_value is not None and _joins(last_value.when, when):
+                if last_value.when is None:
+                    last_value.when = when
+                else:  # "on 4 March at 06:00": the date and the time of one value
+                    last_value.when = When(
+                        last_value.when.date or when.date, last_value.when.clock or when.clock
+                    )
+        elif mn.kind == "qual":
+            if subject is not None:
+                c.bound_qualifiers.append((subject, mn.data))  # type: ignore[arg-type]
+            else:
+                pending_quals.append((mn.end, mn.data))  # type: ignore[arg-type]
+        elif mn.kind == "freq":
+            if subject is not None:
+                c.bound_frequencies.append((subject, mn.data))  # type: ignore[arg-type]
+        prev_end = max(prev_end, mn.end)
+
+
+def _joins(have: When | None, new: When) -> bool:
+    if have is None:
+        return True
+    return (have.date is None) != (new.date is None) and (have.clock is None) != (new.clock is None)
