@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import itertools
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from assistant.model import Finding
 from assistant.normalize import build_chart
 from assistant.rules import default_catalogue, evaluate
-from assistant.rules.engine import CatalogueError, guideline_links, load_catalogue
+from assistant.rules.engine import CatalogueError, load_catalogue
 
 NOW = datetime(2026, 3, 2, 7, 0, tzinfo=UTC)
 PID = "p1"
@@ -248,14 +250,35 @@ def test_catalogue_has_every_planted_rule_with_sources_and_actions():
         assert rule.action and rule.message and rule.severity in ("high", "medium", "low")
 
 
-def test_guideline_ids_come_from_corpus_front_matter():
-    links = guideline_links()
-    if not links:
+def corpus_links() -> tuple[dict[str, set[str]], set[str]]:
+    """rule id -> guideline ids from each corpus document's front matter, and every document id (read here, in
+    the test: the rule engine does not read the guidelines package)."""
+    corpus = Path(__file__).resolve().parents[1] / "guidelines" / "corpus"
+    links: dict[str, set[str]] = {}
+    ids: set[str] = set()
+    for path in sorted(corpus.glob("*.md")):
+        text = path.read_text(encoding="utf-8")
+        if not text.startswith("---"):
+            continue
+        meta = yaml.safe_load(text[3 : text.find("\n---", 3)]) or {}
+        doc_id = str(meta.get("id") or path.stem)
+        ids.add(doc_id)
+        for rule_id in meta.get("rules") or []:
+            links.setdefault(str(rule_id), set()).add(doc_id)
+    return links, ids
+
+
+def test_guideline_ids_agree_with_the_corpus_front_matter():
+    links, ids = corpus_links()
+    if not ids:
         pytest.skip("guideline corpus not present")
     cat = default_catalogue()
     assert "warfarin-inr" in cat.rule("inr-supratherapeutic-warfarin").guideline_ids
     for rule in cat.rules:
-        assert set(rule.guideline_ids) >= set(links.get(rule.id, ()))
+        assert set(rule.guideline_ids) >= links.get(rule.id, set()), (
+            rule.id
+        )  # every document's link is listed
+        assert set(rule.guideline_ids) <= ids, rule.id  # and names a document that exists
 
 
 def test_malformed_catalogue_is_rejected_with_a_named_rule(tmp_path):
@@ -584,7 +607,9 @@ def test_order_not_administered(kwargs, admin_hours, expect):
     findings = fired(run(mr, *doses), "order-not-administered")
     assert bool(findings) is expect
     if expect:
-        assert findings[0].evidence == ("MedicationRequest/mr-d",)
+        # The order, and the last charted dose the message states ("last charted ..."), each cited.
+        last = [f"MedicationAdministration/{d['id']}" for d in doses[-1:]]
+        assert findings[0].evidence == ("MedicationRequest/mr-d", *last)
 
 
 def test_held_doses_do_not_count_as_given_and_outpatients_have_no_mar():
@@ -604,8 +629,10 @@ def test_held_doses_do_not_count_as_given_and_outpatients_have_no_mar():
 def test_monitoring_gaps(rule, drug, analyte, unit, value):
     mr = order(drug, freq=None)
     assert fired(run(mr), rule)  # none ever
-    stale = fired(run(mr, obs(analyte, value, unit, 73)), rule)
-    assert stale and stale[0].evidence == (f"MedicationRequest/{mr['id']}",)
+    old = obs(analyte, value, unit, 73)
+    stale = fired(run(mr, old), rule)
+    # The order, and the stale result the message states ("last INR 2.4 at ..."), each cited.
+    assert stale and stale[0].evidence == (f"MedicationRequest/{mr['id']}", f"Observation/{old['id']}")
     assert not fired(run(mr, obs(analyte, value, unit, 71)), rule)
     assert not fired(run(mr, admitted=False), rule)
 

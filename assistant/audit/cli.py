@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import TextIO
 
 from assistant.audit.report import FORMATS
-from assistant.audit.runner import AuditError, AuditOptions, run_audit
+from assistant.audit.runner import AuditError, AuditOptions, AuditSummary, run_audit
 from assistant.clock import ClockError, clinical_now
+from assistant.textsafe import one_line
 
 
 def add_subparsers(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +34,14 @@ def add_subparsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same --out")
     p.add_argument("--now", help="ISO time the audit is evaluated at (default: the current time, UTC)")
+    p.add_argument(
+        "--period",
+        nargs="?",
+        const="/",
+        metavar="START/END",
+        help="retrospective audit: judge every rule at each moment its inputs change over START/END (ISO dates or "
+        "times, either side may be empty) and report episodes; --period alone: each chart's own span",
+    )
     p.add_argument(
         "--batch-size", type=int, default=50, help="patients per batch for bundle and REST sources"
     )
@@ -66,6 +76,11 @@ def cmd_audit(args: argparse.Namespace, out: TextIO) -> int:
             raise AuditError("--workers must be at least 1")
         if args.scheduler and args.engine != "dask":
             raise AuditError("--scheduler needs --engine dask")
+        if args.period is not None and args.now:
+            raise AuditError(
+                "--period and --now exclude each other: a period audit judges every moment in it"
+            )
+        period_start, period_end = parse_period(args.period) if args.period is not None else (None, None)
         options = AuditOptions(
             now=now,
             engine=args.engine,
@@ -75,6 +90,9 @@ def cmd_audit(args: argparse.Namespace, out: TextIO) -> int:
             partitions=args.partitions,
             catalogue_path=args.catalogue,
             progress=False if args.no_progress else None,
+            retrospective=args.period is not None,
+            period_start=period_start,
+            period_end=period_end,
         )
         out_path = Path(args.out)
         source = open_source(args.source)
@@ -110,14 +128,69 @@ def cmd_audit(args: argparse.Namespace, out: TextIO) -> int:
     except AuditError as exc:
         sys.stderr.write(f"nva: error: {exc}\n")
         return 2
-    sev = ", ".join(f"{summary.by_severity.get(s, 0)} {s}" for s in ("high", "medium", "low"))
-    out.write(
-        f"audited {summary.patients} patients ({summary.resources} resources) in {summary.seconds:.1f} s: "
-        f"{summary.findings} findings ({sev}); {summary.errors} records could not be audited"
-        f"{f'; resumed after {summary.resumed_units} finished batches' if summary.resumed_units else ''}. "
-        f"Written to {out_path}\n"
-    )
+    out.write(summary_line(summary, out_path) + "\n")
+    if summary.stale:
+        out.write(
+            f"note: {summary.stale} charts have no data inside some rules' windows at the judged time "
+            f"(e.g. {one_line(summary.stale_example)}); use --period for a retrospective audit\n"
+        )
+    if not summary.complete:
+        out.write(one_line(summary.status.banner) + "\n")
+        return INCOMPLETE_EXIT
     return 0
+
+
+INCOMPLETE_EXIT = (
+    3  # the run finished, but part of the source was not read: its output is not the whole answer
+)
+
+
+def summary_line(summary: AuditSummary, out_path: Path) -> str:
+    """The one line `nva audit` prints; an incomplete run starts with INCOMPLETE."""
+    sev = ", ".join(f"{summary.by_severity.get(s, 0)} {s}" for s in ("high", "medium", "low"))
+    head = "INCOMPLETE: " if not summary.complete else ""
+    if summary.retrospective:
+        span = f"{summary.period_start or '?'} to {summary.period_end or '?'}"
+        what = (
+            f"{summary.episodes} episodes ({sev}) over {span}, {summary.doses_during} doses of the implicated "
+            "drugs given while they held"
+        )
+    else:
+        what = f"{summary.findings} findings ({sev})"
+    resumed = f"; resumed after {summary.resumed_units} finished batches" if summary.resumed_units else ""
+    return (
+        f"{head}audited {summary.patients} patients ({summary.resources} resources) in {summary.seconds:.1f} s: "
+        f"{what}; {summary.errors} records could not be audited{resumed}. Written to {out_path}"
+    )
+
+
+def parse_period(text: str) -> tuple[datetime | None, datetime | None]:
+    """START/END as ISO dates or times (UTC when no offset); a date END includes that whole day."""
+    if "/" not in text:
+        raise AuditError(
+            f"--period {text!r} should be START/END, e.g. 2024-01-01/2024-12-31 (either side may be empty)"
+        )
+    a, b = (part.strip() for part in text.split("/", 1))
+
+    def when(value: str, *, end: bool) -> datetime | None:
+        if not value:
+            return None
+        try:
+            if len(value) == 10:
+                day = date.fromisoformat(value)
+                t = datetime.combine(day, time.max if end else time.min, tzinfo=UTC)
+                return t
+            t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise AuditError(
+                f"--period: {value!r} is not an ISO date or time (e.g. 2024-01-31 or 2024-01-31T08:00Z)"
+            ) from exc
+        return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+    start, end = when(a, end=False), when(b, end=True)
+    if start and end and end <= start:
+        raise AuditError(f"--period: the end {b} is not after the start {a}")
+    return start, end
 
 
 def cmd_rules(args: argparse.Namespace, out: TextIO) -> int:

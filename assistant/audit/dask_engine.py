@@ -5,18 +5,19 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-from assistant.audit.runner import ResultSink, Unit, run_unit
-
-if TYPE_CHECKING:
-    from assistant.audit.runner import AuditOptions
+from assistant.audit.unit import AuditOptions, Judgement, ResultSink, Unit, run_unit
 
 log = logging.getLogger(__name__)
 
 
 def run_dask(
-    units: Iterator[Unit], now_iso: str, options: AuditOptions, sink: ResultSink, *, processes: bool = True
+    units: Iterator[Unit],
+    judgement: Judgement,
+    options: AuditOptions,
+    sink: ResultSink,
+    *,
+    processes: bool = True,
 ) -> None:
     """Submit batches with a bounded window and hand results to `sink` as they complete (streaming).
 
@@ -56,7 +57,7 @@ def run_dask(
             fut = client.submit(
                 run_unit,
                 unit,
-                now_iso,
+                judgement,
                 options.catalogue_path,
                 key=f"nva-audit-{token}-{unit.index}",
                 pure=False,

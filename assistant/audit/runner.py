@@ -9,18 +9,25 @@ import os
 import shutil
 import sys
 import time
-import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from assistant.audit.partition import PartitionedExport, partition_export, read_partition
-from assistant.normalize import CHART_TYPES, build_chart
-from assistant.rules.engine import Catalogue, default_catalogue, evaluate, load_catalogue
+from assistant.audit.status import RunStatus
+from assistant.audit.unit import AuditOptions, Judgement, ResultSink, Unit, audit_record, run_unit
+from assistant.normalize import CHART_TYPES
 from connectors.base import FhirSource, PatientRecord
+from connectors.partition import PartitionedExport, partition_export
+
+__all__ = [
+    "AuditError",
+    "AuditOptions",
+    "AuditSummary",
+    "audit_record",
+    "run_audit",
+]  # audit_record: dashboard
 
 log = logging.getLogger(__name__)
 
@@ -34,30 +41,6 @@ class AuditError(RuntimeError):
     """The audit cannot start or resume as asked; the message says what to change."""
 
 
-@dataclass(frozen=True, slots=True)
-class Unit:
-    """One batch of work: a partition file of an NDJSON export, or patient records read by the driver."""
-
-    index: int
-    partition: str | None = None
-    shared: tuple[dict, ...] = ()
-    records: tuple[PatientRecord, ...] = ()
-    patients: int = 0
-
-
-@dataclass(slots=True)
-class AuditOptions:
-    now: datetime
-    engine: str = "local"  # local | dask
-    workers: int = 1
-    scheduler: str | None = None
-    batch_size: int = 50
-    partitions: int | None = None
-    catalogue_path: str | None = None
-    progress: bool | None = None  # None: when stderr is a terminal
-    dask_processes: bool = True  # False runs the LocalCluster's workers as threads (tests)
-
-
 @dataclass(slots=True)
 class AuditSummary:
     patients: int = 0
@@ -69,61 +52,18 @@ class AuditSummary:
     seconds: float = 0.0
     by_severity: dict[str, int] = field(default_factory=dict)
     global_issues: list[dict] = field(default_factory=list)
+    retrospective: bool = False
+    episodes: int = 0
+    doses_during: int = 0  # administrations of the implicated drugs while an episode held (harm potential)
+    period_start: str | None = None  # earliest / latest judged period bound over all charts
+    period_end: str | None = None
+    stale: int = 0  # charts whose newest data is older than some rule window at the judged time
+    stale_example: str | None = None
+    status: RunStatus = field(default_factory=lambda: RunStatus())
 
-
-# --- per patient ------------------------------------------------------------------------------------------------
-
-
-def audit_record(record: PatientRecord, now: datetime, catalogue: Catalogue) -> dict[str, Any]:
-    """One patient's audit as a JSON-able row; any failure is caught and reported, never raised."""
-    row: dict[str, Any] = {
-        "patient": f"Patient/{record.patient_id}",
-        "ward": None,
-        "resources": len(record.resources),
-        "findings": [],
-        "issues": [],
-        "error": None,
-    }
-    if record.error is not None:
-        row["patient"] = record.patient_id if ":" in record.patient_id else row["patient"]
-        row["error"] = {"code": "unreadable", "message": str(record.error), "source": record.origin}
-        return row
-    try:
-        chart = build_chart(
-            record.resources, source=record.origin, patient_id=record.patient_id, issues=record.issues
-        )
-        findings = evaluate(chart, now=now, catalogue=catalogue)
-    except Exception as exc:  # one broken patient must never stop the run; report why and move on
-        row["error"] = {"code": exc.__class__.__name__, "message": str(exc)[:500], "source": record.origin}
-        row["issues"] = [asdict(i) for i in record.issues]
-        log.debug("patient skipped: %s", "".join(traceback.format_exception_only(exc)).strip())
-        return row
-    row["ward"] = (chart.encounter.ward_name or chart.encounter.ward_ref) if chart.encounter else None
-    row["findings"] = [f.to_dict() for f in findings]
-    row["issues"] = [asdict(i) for i in chart.issues]
-    return row
-
-
-_CATALOGUES: dict[str | None, Catalogue] = {}
-
-
-def _catalogue(path: str | None) -> Catalogue:
-    if path is None:
-        return default_catalogue()
-    if path not in _CATALOGUES:
-        _CATALOGUES[path] = load_catalogue(path)
-    return _CATALOGUES[path]
-
-
-def run_unit(unit: Unit, now_iso: str, catalogue_path: str | None = None) -> tuple[int, list[dict[str, Any]]]:
-    """Audit one batch; runs in a worker process (local pool or dask) as well as in-process."""
-    now = datetime.fromisoformat(now_iso)
-    catalogue = _catalogue(catalogue_path)
-    if unit.partition is not None:
-        records: Iterable[PatientRecord] = read_partition(Path(unit.partition), list(unit.shared))
-    else:
-        records = unit.records
-    return unit.index, [audit_record(r, now, catalogue) for r in records]
+    @property
+    def complete(self) -> bool:
+        return self.status.complete
 
 
 # --- planning ---------------------------------------------------------------------------------------------------
@@ -144,8 +84,10 @@ def plan_units(
                 source, outdir=root, partitions=options.partitions, keep_types=CHART_TYPES, gz=False
             )
         shared = tuple(export.shared())
+        completeness = getattr(source, "completeness", None)
+        gaps = tuple(sorted(completeness.missing_types.items())) if completeness is not None else ()
         units = (
-            Unit(i, partition=str(p), shared=shared, patients=export.patients[i])
+            Unit(i, partition=str(p), shared=shared, patients=export.patients[i], missing_types=gaps)
             for i, p in enumerate(export.paths)
         )
         issues = [asdict(i) for i in export.issues]
@@ -255,13 +197,11 @@ class Checkpoint:
 
 # --- engines ----------------------------------------------------------------------------------------------------
 
-ResultSink = Callable[[int, list[dict[str, Any]]], None]
 
-
-def run_local(units: Iterator[Unit], now_iso: str, options: AuditOptions, sink: ResultSink) -> None:
+def run_local(units: Iterator[Unit], judgement: Judgement, options: AuditOptions, sink: ResultSink) -> None:
     if options.workers <= 1:
         for unit in units:
-            sink(*run_unit(unit, now_iso, options.catalogue_path))
+            sink(*run_unit(unit, judgement, options.catalogue_path))
         return
     import multiprocessing
 
@@ -270,7 +210,7 @@ def run_local(units: Iterator[Unit], now_iso: str, options: AuditOptions, sink: 
     with ProcessPoolExecutor(max_workers=options.workers, mp_context=ctx) as pool:
         pending: set[Future] = set()
         for unit in units:
-            pending.add(pool.submit(run_unit, unit, now_iso, options.catalogue_path))
+            pending.add(pool.submit(run_unit, unit, judgement, options.catalogue_path))
             if len(pending) >= window:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
@@ -301,6 +241,12 @@ def run_audit(
         "catalogue": catalogue_fingerprint(options.catalogue_path),
         "batch_size": options.batch_size,
         "partitions": options.partitions,
+        "period": [
+            options.period_start.isoformat() if options.period_start else None,
+            options.period_end.isoformat() if options.period_end else None,
+        ]
+        if options.retrospective
+        else None,
     }
     checkpoint = Checkpoint(workdir, config)
     checkpoint.start(resume)
@@ -325,27 +271,57 @@ def run_audit(
         if bar is not None:
             bar.update(len(rows))
 
+    judgement = Judgement.from_options(options, now_iso)
     try:
         if options.engine == "dask":
             from assistant.audit.dask_engine import run_dask
 
-            run_dask(todo(), now_iso, options, sink)
+            run_dask(todo(), judgement, options, sink)
         elif options.engine == "local":
-            run_local(todo(), now_iso, options, sink)
+            run_local(todo(), judgement, options, sink)
         else:
             raise AuditError(f"unknown engine {options.engine!r}; use local or dask")
     finally:
         if bar is not None:
             bar.close()
+    summary.retrospective = options.retrospective
+    completeness = getattr(
+        source, "completeness", None
+    )  # read after the records: per-patient gaps fill in then
+    status = RunStatus(
+        missing_types=dict(completeness.missing_types) if completeness is not None else {},
+        export_errors=list(completeness.errors) if completeness is not None else [],
+    )
+    status.add_global_issues(global_issues)
     for row in checkpoint.rows():
         summary.patients += 0 if row["error"] and ":" in row["patient"] else 1
         summary.resources += row["resources"]
         summary.errors += 1 if row["error"] else 0
-        for f in row["findings"]:
+        status.add_row(row)
+        for f in (*row["findings"], *row.get("episodes", ())):
             summary.findings += 1
             summary.by_severity[f["severity"]] = summary.by_severity.get(f["severity"], 0) + 1
+        for e in row.get("episodes", ()):
+            summary.episodes += 1
+            summary.doses_during += e["doses_count"]
+        period = row.get("period") or {}
+        if period.get("start") and (summary.period_start is None or period["start"] < summary.period_start):
+            summary.period_start = period["start"]
+        if period.get("end") and (summary.period_end is None or period["end"] > summary.period_end):
+            summary.period_end = period["end"]
+        if row.get("stale"):
+            summary.stale += 1
+            summary.stale_example = summary.stale_example or row["stale"]["text"]
+    summary.status = status
     write_output(
-        checkpoint.rows, out, fmt=fmt, now=now_iso, source=config["source"], global_issues=global_issues
+        checkpoint.rows,
+        out,
+        fmt=fmt,
+        now=_judged_label(options, now_iso),
+        source=config["source"],
+        global_issues=global_issues,
+        status=status,
+        retrospective=options.retrospective,
     )
     if not keep_work:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -360,3 +336,14 @@ def _progress(options: AuditOptions, total: int | None) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, unit="patient", desc="audit", file=sys.stderr, dynamic_ncols=True)
+
+
+def _judged_label(options: AuditOptions, now_iso: str) -> str:
+    """What the report says was judged: the instant, the given period, or '' for each chart's own span."""
+    if not options.retrospective:
+        return now_iso
+    if options.period_start is None and options.period_end is None:
+        return ""
+    start = options.period_start.isoformat() if options.period_start else "each chart's first data"
+    end = options.period_end.isoformat() if options.period_end else "each chart's newest data"
+    return f"{start} to {end}"

@@ -21,7 +21,10 @@ KIND_TEXT = {
     "never valid, or had ended before the dose.",
     "order-not-administered": "Fires for each scheduled (non-PRN) active order started long enough ago that has no "
     "given administration in its window.",
-    "monitoring-gap": "Fires when a matching order is active and no result of the lab exists in the window.",
+    "monitoring-gap": "Fires when a matching order is active and, for some monitored test, no result exists in the "
+    "window (a test group counts as done when any of its analytes was resulted).",
+    "drug-condition": "Fires when a matching order is active in a patient with a listed diagnosis (by SNOMED CT or "
+    "ICD-10 code, or by name), unless a protecting drug is also active.",
 }
 
 
@@ -36,6 +39,21 @@ def _drugs(rule: Rule) -> str:
 
 
 def _lab(rule: Rule) -> str:
+    monitor = rule.params.get("_monitor") or ()
+    if len(monitor) > 1 or (monitor and monitor[0][1] != (rule.analyte,)):
+        terms = terminology()
+        return "; ".join(
+            f"{label}: "
+            + " or ".join(
+                f"{terms.analytes[a].name} (LOINC {', '.join(terms.analytes[a].loinc)})" for a in keys
+            )
+            for label, keys in monitor
+        )
+    if rule.kind == "drug-condition":
+        from assistant.rules.engine import condition_sets
+
+        spec = condition_sets()[rule.params["conditions"]]
+        return f"diagnosis: {spec['label']} (codes {', '.join(sorted(spec['codes']))})"
     if not rule.analyte:
         return "-"
     a = terminology().analytes[rule.analyte]
@@ -67,8 +85,28 @@ def _criterion(rule: Rule) -> str:
             f"dosing interval x {p.get('interval_factor', 1.5)}); admitted patients only"
         )
     if rule.kind == "monitoring-gap":
-        return f"no result in the last {rule.window_hours:g} h" + (
-            "; admitted patients only" if p.get("requires_admission") else ""
+        window = p.get("window_text") or f"{rule.window_hours:g} h"
+        return (
+            f"no result in the last {window}"
+            + (f" ({rule.window_hours:g} h)" if p.get("window_text") else "")
+            + ("; admitted patients only" if p.get("requires_admission") else "")
+            + (f"; patients aged {p['min_age']} or older" if p.get("min_age") is not None else "")
+            + ("; reads medication lists as well as orders" if p.get("include_statements") else "")
+        )
+    if rule.kind == "drug-condition":
+        ingredients, classes = p.get("_unless", ((), ()))
+        terms = terminology()
+        unless = [terms.class_label(c) for c in sorted(classes)] + [
+            terms.ingredients[i].name for i in sorted(ingredients)
+        ]
+        return (
+            (
+                "history or active diagnosis"
+                if p.get("condition_status", "any") == "any"
+                else "active diagnosis"
+            )
+            + (f"; not when {', '.join(unless)} is also taken" if unless else "")
+            + ("; reads medication lists as well as orders" if p.get("include_statements") else "")
         )
     return ""
 
@@ -109,8 +147,16 @@ def render_rules_markdown(catalogue: Catalogue | None = None) -> str:
         ):
             lines.append(f"- **Drugs:** {_drugs(r)}")
             lines.append(f"- **Lab:** {_lab(r)}")
+        extra = []
+        if r.params.get("_suppressed_by"):
+            extra.append(
+                "- **Quiet when:** "
+                + ", ".join(f"`{x}`" for x in r.params["_suppressed_by"])
+                + " fires (it says it first)"
+            )
         lines += [
             f"- **Threshold / window:** {_criterion(r)}",
+            *extra,
             f"- **Message:** {r.message}",
             f"- **Nursing action:** {r.action}",
             f"- **Guidelines:** {', '.join(f'`{g}`' for g in r.guideline_ids) or '(none linked)'}",
@@ -173,6 +219,28 @@ AUDIT_SECTION = [
     "patient into partition files (one streaming pass, crc32 of the patient id), so memory stays flat; the local "
     "engine audits partitions in a process pool, `--engine dask` on a LocalCluster (127.0.0.1, no dashboard) or a "
     "`--scheduler` whose workers share the filesystem. A broken record is reported and skipped.",
+    "",
+    "### Retrospective audit (`--period START/END`)",
+    "",
+    "`nva audit SOURCE --out FILE --period [START/END]` judges every rule at each moment its inputs change over the "
+    "period (each result, order start or stop, administration, admission, and each time a rule window expires) "
+    "instead of at one instant, and reports **episodes**: rule, patient, start, end (empty while it still held at "
+    "the period end), end reason, duration, the evidence and message as they stood at the start, and the doses of "
+    "the implicated drugs given while it held (the harm-potential signal). Without START/END each chart's own span "
+    "(first to newest data) is judged. When an order was stopped without a stop time it is taken to run until the "
+    "next order for the same drug (a renewal); with none, only its prescribing moment counts (end reason "
+    "`order-stop-unknown`, duration 0). Population indicators of the PINCER kind (`population-*` categories) are "
+    "judged the same way, over outpatient medication lists (MedicationStatement) as well as orders.",
+    "",
+    "### Incomplete sources and stale data",
+    "",
+    "When the source could not deliver some resource types (refused by the server, a failed or expired export file, "
+    "a failed per-patient search), the rules that read those types are not judged for the patients concerned (rules "
+    "resting on an absence, such as 'no INR' or 'no administration', would otherwise fire falsely), the run exits "
+    'with status 3, and every output says so: a first JSONL line `{"record": "run-status", ...}`, a first CSV '
+    "line `# INCOMPLETE AUDIT: ...`, a banner in the HTML report and an `INCOMPLETE:` CLI summary line. When a chart's "
+    "newest data is older than a rule's window at the judged time, the CLI, the report and the dashboard say "
+    '"judged at ...; newest data ..." (`assistant.rules.engine.stale_data`).',
     "",
 ]
 

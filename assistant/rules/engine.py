@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
+import bisect
 import logging
 import re
+import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from assistant.model import (
     Administration,
     AllergyFact,
     Chart,
+    ConditionFact,
     EvidenceValue,
     Finding,
     MedicationOrder,
@@ -40,7 +43,14 @@ KINDS = (
     "administration-without-order",
     "order-not-administered",
     "monitoring-gap",
+    "drug-condition",
 )
+# Kinds whose verdict rests on something being absent: with a resource type missing they would fire falsely (no
+# INR *fetched* is not no INR *taken*), so they are not judged when a type they read is missing.
+ABSENCE_KINDS = frozenset(
+    {"monitoring-gap", "order-not-administered", "administration-without-order", "drug-condition"}
+)
+ORDER_TYPES = frozenset({"MedicationRequest", "MedicationStatement", "Medication"})
 OPS: dict[str, Callable[[float, float], bool]] = {
     ">": lambda a, b: a > b,
     ">=": lambda a, b: a >= b,
@@ -82,10 +92,18 @@ class Rule:
     params: dict[str, Any] = field(default_factory=dict)
 
     def matches_order(self, order: MedicationOrder) -> bool:
+        if order.intent == "statement" and not self.params.get("include_statements"):
+            return False  # a home medication list is not an order being given, unless the rule says so
         return bool(
             self.drug_ingredients.intersection(order.ingredients)
             or self.drug_classes.intersection(order.classes)
         )
+
+    @property
+    def lookback_hours(self) -> float:
+        """The longest window the rule looks back over at the judged time (for the stale-data notice)."""
+        hours = [self.window_hours or 0.0, float(self.params.get("latest_within_hours") or 0)]
+        return max(hours)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,43 +127,11 @@ class Catalogue:
 # --- loading ------------------------------------------------------------------------------------------------
 
 
-def guideline_corpus_dir() -> Path | None:
-    spec = importlib.util.find_spec("guidelines")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "corpus"
-    return path if path.is_dir() else None
-
-
-def guideline_links(corpus: Path | None = None) -> dict[str, tuple[str, ...]]:
-    """rule id -> guideline document ids, from each corpus document's front matter `rules:` list."""
-    corpus = corpus or guideline_corpus_dir()
-    links: dict[str, list[str]] = {}
-    if corpus is None:
-        return {}
-    for path in sorted(corpus.glob("*.md")):
-        text = path.read_text(encoding="utf-8")
-        if not text.startswith("---"):
-            continue
-        end = text.find("\n---", 3)
-        if end < 0:
-            continue
-        try:
-            meta = yaml.load(text[3:end], Loader=_LOADER) or {}  # noqa: S506 - a safe loader
-        except yaml.YAMLError:
-            log.warning("guideline front matter unreadable: %s", path.name)
-            continue
-        doc_id = str(meta.get("id") or path.stem)
-        for rule_id in meta.get("rules") or []:
-            links.setdefault(str(rule_id), []).append(doc_id)
-    return {k: tuple(sorted(set(v))) for k, v in links.items()}
-
-
 def _fail(rule_id: str, text: str) -> CatalogueError:
     return CatalogueError(f"rule {rule_id!r}: {text} (fix assistant/rules/catalogue.yaml)")
 
 
-def _parse_rule(spec: dict, terms: Terminology, links: dict[str, tuple[str, ...]]) -> Rule:
+def _parse_rule(spec: dict, terms: Terminology) -> Rule:
     rid = spec.get("id")
     if not isinstance(rid, str) or not rid:
         raise CatalogueError("a rule has no id (fix assistant/rules/catalogue.yaml)")
@@ -182,9 +168,32 @@ def _parse_rule(spec: dict, terms: Terminology, links: dict[str, tuple[str, ...]
         if t.get("also"):
             display += f" ({t['also']})"
         threshold = Threshold(t["op"], round(canonical, PRECISION), display)
+    unless = spec.get("unless_drugs") or {}
+    unless_ingredients = frozenset(unless.get("ingredients") or ())
+    unless_classes = frozenset(unless.get("classes") or ())
+    stray = (unless_ingredients - set(terms.ingredients)) | (unless_classes - set(terms.class_names))
+    if stray:
+        raise _fail(rid, f"unknown unless_drugs ingredients or classes {sorted(stray)}")
+    monitor: list[tuple[str, tuple[str, ...]]] = []
+    for group in spec.get("monitor") or ():
+        keys = tuple(group.get("analytes") or ())
+        bad = [k for k in keys if k not in terms.analytes]
+        if not keys or bad or not group.get("label"):
+            raise _fail(rid, f"monitor group {group} needs a label and analytes from lab_analytes.toml")
+        monitor.append((str(group["label"]), keys))
+    if spec["kind"] == "monitoring-gap" and not monitor:
+        if analyte is None:
+            raise _fail(rid, "monitoring-gap needs a lab or a monitor list")
+        monitor.append((terms.analytes[analyte].name, (analyte,)))
+    if spec["kind"] == "drug-condition":
+        key = spec.get("conditions")
+        if key not in condition_sets():
+            raise _fail(rid, f"conditions {key!r} is not a set in assistant/data/conditions.toml")
+    if spec.get("window_days") is not None:
+        spec = {**spec, "window_hours": float(spec["window_days"]) * 24}
     if spec["kind"] in ("threshold-latest",) and threshold is None:
         raise _fail(rid, "threshold-latest needs a threshold")
-    if spec["kind"] in ("threshold-latest", "relative-change", "monitoring-gap") and not (
+    if spec["kind"] in ("threshold-latest", "relative-change", "monitoring-gap", "drug-condition") and not (
         ingredients or classes
     ):
         raise _fail(rid, "needs a drug set")
@@ -205,9 +214,16 @@ def _parse_rule(spec: dict, terms: Terminology, links: dict[str, tuple[str, ...]
             "lab",
             "threshold",
             "window_hours",
+            "window_days",
             "guidelines",
+            "monitor",
+            "unless_drugs",
+            "suppressed_by",
         )
     }
+    params["_suppressed_by"] = tuple(spec.get("suppressed_by") or ())
+    params["_monitor"] = tuple(monitor)
+    params["_unless"] = (unless_ingredients, unless_classes)
     if spec["kind"] == "relative-change":
         for c in params.get("change", {}).get("criteria", []):
             if c.get("measure") not in ("absolute", "ratio", "fall-fraction") or c.get("op") not in OPS:
@@ -220,7 +236,7 @@ def _parse_rule(spec: dict, terms: Terminology, links: dict[str, tuple[str, ...]
         for g in params.get("groups", []):
             if g.get("text_pattern"):
                 g["_regex"] = re.compile(g["text_pattern"], re.IGNORECASE)
-    guideline_ids = tuple(sorted(set(links.get(rid, ())) | set(spec.get("guidelines") or ())))
+    guideline_ids = tuple(sorted(set(spec.get("guidelines") or ())))
     return Rule(
         id=rid,
         category=spec["category"],
@@ -241,7 +257,7 @@ def _parse_rule(spec: dict, terms: Terminology, links: dict[str, tuple[str, ...]
     )
 
 
-def load_catalogue(path: str | Path | None = None, *, corpus: Path | None = None) -> Catalogue:
+def load_catalogue(path: str | Path | None = None) -> Catalogue:
     """Parse and validate a catalogue file (the packaged one by default)."""
     path = Path(path) if path else CATALOGUE_PATH
     with path.open("r", encoding="utf-8") as fh:
@@ -249,16 +265,19 @@ def load_catalogue(path: str | Path | None = None, *, corpus: Path | None = None
     if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
         raise CatalogueError(f"{path} has no `rules:` list")
     terms = terminology()
-    corpus = corpus or guideline_corpus_dir()
-    links = guideline_links(corpus)
-    note = "" if corpus else "guideline corpus not found; guideline_ids are empty"
-    rules = tuple(_parse_rule(spec, terms, links) for spec in data["rules"])
+    rules = tuple(_parse_rule(spec, terms) for spec in data["rules"])
     seen: set[str] = set()
     for r in rules:
         if r.id in seen:
             raise CatalogueError(f"rule id {r.id!r} appears twice in {path}")
         seen.add(r.id)
-    return Catalogue(rules=rules, version=int(data.get("version", 1)), path=str(path), guideline_note=note)
+    for r in rules:
+        unknown = set(r.params["_suppressed_by"]) - seen
+        if unknown:
+            raise CatalogueError(
+                f"rule {r.id!r}: suppressed_by names unknown rules {sorted(unknown)} in {path}"
+            )
+    return Catalogue(rules=rules, version=int(data.get("version", 1)), path=str(path))
 
 
 @cache
@@ -269,28 +288,62 @@ def default_catalogue() -> Catalogue:
 # --- evaluation context ---------------------------------------------------------------------------------------
 
 
-class _Context:
-    """One chart seen at `now`: active orders and results up to now, computed once for all rules."""
+class ChartIndex:
+    """A chart's usable results per analyte, oldest first, built once: judging at many moments reuses it."""
 
-    def __init__(self, chart: Chart, now: datetime) -> None:
+    def __init__(self, chart: Chart) -> None:
         self.chart = chart
-        self.now = now
-        self.orders = [o for o in chart.orders if o.is_active and not (o.end is not None and o.end <= now)]
-        self.orders.sort(key=lambda o: o.ref)
         self.orders_by_ref = {o.ref: o for o in chart.orders}
         self._results: dict[str, list[Result]] = {}
         for r in chart.results:
-            if r.is_usable and r.time <= now:  # type: ignore[operator]
+            if r.is_usable:
                 self._results.setdefault(r.analyte, []).append(r)
         for rows in self._results.values():
             rows.sort(key=lambda r: (r.time, r.ref))
+        self._times = {k: [r.time for r in rows] for k, rows in self._results.items()}
+
+    def upto(self, analyte: str, now: datetime) -> list[Result]:
+        rows = self._results.get(analyte)
+        if not rows:
+            return []
+        return rows[: bisect.bisect_right(self._times[analyte], now)]
+
+    def all(self, analyte: str) -> list[Result]:
+        return self._results.get(analyte, [])
+
+
+class RuleContext:
+    """One chart seen at `now`: active orders and results up to now, computed once for all rules."""
+
+    def __init__(
+        self,
+        chart: Chart,
+        now: datetime,
+        *,
+        index: ChartIndex | None = None,
+        orders: list[MedicationOrder] | None = None,
+        admitted: bool | None = None,
+    ) -> None:
+        self.chart = chart
+        self.now = now
+        self.index = index or ChartIndex(chart)
+        if orders is None:  # the bedside: what the chart says is active now
+            orders = [
+                o
+                for o in chart.orders
+                if (o.is_active or (o.intent == "statement" and o.status == "active"))
+                and not (o.end is not None and o.end <= now)
+            ]
+        self.orders = sorted(orders, key=lambda o: o.ref)
+        self.orders_by_ref = self.index.orders_by_ref
+        self.admitted = chart.encounter is not None if admitted is None else admitted
 
     def drugs(self, rule: Rule) -> list[MedicationOrder]:
         return [o for o in self.orders if rule.matches_order(o)]
 
-    def results(self, rule: Rule, *, numeric: bool = True) -> list[Result]:
-        rows = self._results.get(rule.analyte or "", [])
-        if rule.loinc is not None:
+    def results(self, rule: Rule, *, numeric: bool = True, analyte: str | None = None) -> list[Result]:
+        rows = self.index.upto(analyte or rule.analyte or "", self.now)
+        if rule.loinc is not None and analyte is None:
             rows = [r for r in rows if r.loinc in rule.loinc]
         if numeric:
             rows = [r for r in rows if r.value is not None]
@@ -298,6 +351,9 @@ class _Context:
 
     def since(self, hours: float) -> datetime:
         return self.now - timedelta(hours=hours)
+
+    def age(self) -> int | None:
+        return self.chart.patient.age_on(self.now.date())
 
 
 def _when(t: datetime | None) -> str:
@@ -363,7 +419,7 @@ def _result_value(r: Result) -> EvidenceValue:
 
 
 def _finding(
-    rule: Rule, ctx: _Context, evidence: Iterable[str], values: Iterable[EvidenceValue], **fields: Any
+    rule: Rule, ctx: RuleContext, evidence: Iterable[str], values: Iterable[EvidenceValue], **fields: Any
 ) -> Finding:
     orders = fields.pop("orders", None)
     if orders is not None:
@@ -393,7 +449,7 @@ class _Blank(dict):
 # --- evaluators -------------------------------------------------------------------------------------------------
 
 
-def _threshold_latest(rule: Rule, ctx: _Context) -> list[Finding]:
+def _threshold_latest(rule: Rule, ctx: RuleContext) -> list[Finding]:
     orders = ctx.drugs(rule)
     if not orders:
         return []
@@ -434,7 +490,7 @@ def _drug_start(orders: list[MedicationOrder]) -> datetime | None:
     return min(starts) if starts else None  # type: ignore[type-var]
 
 
-def _relative_change(rule: Rule, ctx: _Context) -> list[Finding]:
+def _relative_change(rule: Rule, ctx: RuleContext) -> list[Finding]:
     orders = ctx.drugs(rule)
     if not orders:
         return []
@@ -495,12 +551,12 @@ def _relative_change(rule: Rule, ctx: _Context) -> list[Finding]:
     return []
 
 
-def _allergy_conflict(rule: Rule, ctx: _Context) -> list[Finding]:
+def _allergy_conflict(rule: Rule, ctx: RuleContext) -> list[Finding]:
     cross = set(rule.params.get("cross_reactive_classes") or ())
     out = []
     allergies: list[AllergyFact] = sorted(ctx.chart.active_allergies(), key=lambda a: a.ref)
     for allergy in allergies:
-        for order in ctx.orders:
+        for order in (o for o in ctx.orders if o.intent != "statement"):
             same = [i for i in order.ingredients if i in allergy.ingredients]
             classes = [c for c in order.classes if c in allergy.classes and c in cross]
             if not same and not classes:
@@ -534,7 +590,7 @@ def _allergy_conflict(rule: Rule, ctx: _Context) -> list[Finding]:
     return out
 
 
-def _duplicate_class(rule: Rule, ctx: _Context) -> list[Finding]:
+def _duplicate_class(rule: Rule, ctx: RuleContext) -> list[Finding]:
     ignore_prn = bool(rule.params.get("ignore_prn", True))
     out = []
     for group in rule.params.get("groups", []):
@@ -542,7 +598,7 @@ def _duplicate_class(rule: Rule, ctx: _Context) -> list[Finding]:
         text_classes = set(group.get("text_classes") or ())
         regex = group.get("_regex")
         members = []
-        for o in ctx.orders:
+        for o in (o for o in ctx.orders if o.intent != "statement"):
             if ignore_prn and o.timing.as_needed:
                 continue
             if classes.intersection(o.classes) or (
@@ -579,7 +635,7 @@ def _duplicate_class(rule: Rule, ctx: _Context) -> list[Finding]:
     return out
 
 
-def _administration_without_order(rule: Rule, ctx: _Context) -> list[Finding]:
+def _administration_without_order(rule: Rule, ctx: RuleContext) -> list[Finding]:
     start = ctx.since(rule.window_hours or 24)
     out = []
     for admin in ctx.chart.administrations:
@@ -607,7 +663,7 @@ def _administration_without_order(rule: Rule, ctx: _Context) -> list[Finding]:
     return out
 
 
-def _why_unordered(admin: Administration, ctx: _Context) -> str | None:
+def _why_unordered(admin: Administration, ctx: RuleContext) -> str | None:
     if admin.order_ref:
         order = ctx.orders_by_ref.get(admin.order_ref)
         if order is None:
@@ -624,7 +680,7 @@ def _why_unordered(admin: Administration, ctx: _Context) -> str | None:
             return f"its order was {order.status} at {_when(order.end)}"
         return None  # stopped or on hold later, with no stop time before this dose: given while it ran
     # No link: any active order for the same drug covers it.
-    for order in ctx.orders:
+    for order in (o for o in ctx.orders if o.intent != "statement"):
         if (admin.ingredients and set(admin.ingredients) & set(order.ingredients)) or (
             not admin.ingredients and admin.text.strip().lower() == order.text.strip().lower()
         ):
@@ -643,13 +699,13 @@ def _schedule_text(order: MedicationOrder, interval: float) -> str:
     return f"every {format_number(interval)} h"
 
 
-def _order_not_administered(rule: Rule, ctx: _Context) -> list[Finding]:
-    if rule.params.get("requires_admission") and ctx.chart.encounter is None:
+def _order_not_administered(rule: Rule, ctx: RuleContext) -> list[Finding]:
+    if rule.params.get("requires_admission") and not ctx.admitted:
         return []
     started_hours = float(rule.params.get("started_hours", 24))
     factor = float(rule.params.get("interval_factor", 1.5))
     out = []
-    for order in ctx.orders:
+    for order in (o for o in ctx.orders if o.intent != "statement"):
         interval = order.timing.interval_hours()
         if interval is None:
             continue  # PRN or no fixed schedule
@@ -673,7 +729,10 @@ def _order_not_administered(rule: Rule, ctx: _Context) -> list[Finding]:
             _finding(
                 rule,
                 ctx,
-                [order.ref],
+                [
+                    order.ref,
+                    *([last.ref] if last is not None else []),
+                ],  # the stated last time cites its record
                 values,
                 order=_order_label(order),
                 schedule=_schedule_text(order, interval),
@@ -690,31 +749,142 @@ def _covers(admin: Administration, order: MedicationOrder) -> bool:
     return bool(set(admin.ingredients) & set(order.ingredients))
 
 
-def _monitoring_gap(rule: Rule, ctx: _Context) -> list[Finding]:
-    if rule.params.get("requires_admission") and ctx.chart.encounter is None:
+def _monitoring_gap(rule: Rule, ctx: RuleContext) -> list[Finding]:
+    if rule.params.get("requires_admission") and not ctx.admitted:
         return []
+    min_age = rule.params.get("min_age")
+    if min_age is not None:
+        age = ctx.age()
+        if age is None or age < int(min_age):
+            return []
     orders = ctx.drugs(rule)
     if not orders:
         return []
     hours = rule.window_hours or 72
-    rows = ctx.results(rule, numeric=False)
     floor = ctx.since(hours)
-    if any(r.time > floor for r in rows):  # type: ignore[operator]
+    gaps: list[tuple[str, Result | None]] = []
+    for label, analytes in rule.params["_monitor"]:
+        single = len(rule.params["_monitor"]) == 1 and analytes == (rule.analyte,)
+        rows = sorted(
+            (
+                r
+                for a in analytes
+                for r in (
+                    ctx.results(rule, numeric=False)
+                    if single
+                    else ctx.results(rule, numeric=False, analyte=a)
+                )
+            ),
+            key=lambda r: (r.time, r.ref),
+        )
+        if any(r.time > floor for r in rows):  # type: ignore[operator]
+            continue
+        gaps.append((label, rows[-1] if rows else None))
+    if not gaps:
         return []
-    last = rows[-1] if rows else None
     values = _order_values(orders)
-    if last is not None:
-        values.append(_result_value(last))
-    analyte = terminology().analytes[rule.analyte].name if rule.analyte else "result"  # type: ignore[index]
-    tail = f" (last {analyte} {_value(last)} at {_when(last.time)})" if last else f" (no {analyte} on file)"
+    tails = []
+    for label, last in gaps:
+        if last is not None:
+            values.append(_result_value(last))
+            tails.append(f"last {label} {_value(last)} at {_when(last.time)}")
+        else:
+            tails.append(f"no {label} on file")
+    lasts = [last.ref for _, last in gaps if last is not None]
     return [
         _finding(
-            rule, ctx, [o.ref for o in orders], values, orders=orders, hours=format_number(hours), last=tail
+            rule,
+            ctx,
+            [*(o.ref for o in orders), *lasts],  # "last INR 2.1" cites it
+            values,
+            orders=orders,
+            hours=format_number(hours),
+            window=str(rule.params.get("window_text") or f"{format_number(hours)} hours"),
+            missing=" or ".join(label for label, _ in gaps),  # "no renal function test or electrolyte test"
+            last=" (" + "; ".join(tails) + ")",
+            age=str(ctx.age() or ""),
         )
     ]
 
 
-EVALUATORS: dict[str, Callable[[Rule, _Context], list[Finding]]] = {
+@cache
+def condition_sets() -> dict[str, dict[str, Any]]:
+    """Named sets of diagnosis codes and names (assistant/data/conditions.toml), for drug-condition rules."""
+    with resources.files("assistant.data").joinpath("conditions.toml").open("rb") as fh:
+        data = tomllib.load(fh)
+    out = {}
+    for key, spec in data.items():
+        names = tuple(str(n).lower() for n in spec.get("names", ()))
+        pattern = re.compile(r"\b(" + "|".join(re.escape(n) for n in names) + r")\b") if names else None
+        out[key] = {
+            "label": spec["label"],
+            "codes": frozenset(str(c) for c in (*spec.get("snomed", ()), *spec.get("icd10", ()))),
+            "pattern": pattern,
+            "source": spec.get("source", ""),
+        }
+    return out
+
+
+def _condition_matches(cond: ConditionFact, spec: dict[str, Any]) -> bool:
+    if spec["codes"].intersection(cond.codes):
+        return True
+    return bool(spec["pattern"] and spec["pattern"].search(cond.text.lower()))
+
+
+def _drug_condition(rule: Rule, ctx: RuleContext) -> list[Finding]:
+    """A drug with a diagnosis it is hazardous in (history or active), unless a protecting drug is also taken."""
+    orders = ctx.drugs(rule)
+    if not orders:
+        return []
+    spec = condition_sets()[rule.params["conditions"]]
+    active_only = rule.params.get("condition_status", "any") == "active"
+    conditions = sorted(
+        (
+            c
+            for c in ctx.chart.conditions
+            if _condition_matches(c, spec)
+            and (c.onset is None or c.onset <= ctx.now)
+            and (
+                not active_only
+                or c.clinical_status in (None, "active", "recurrence", "relapse")
+                or c.clinical_status is None
+            )
+            and c.clinical_status != "entered-in-error"
+        ),
+        key=lambda c: c.ref,
+    )
+    if not conditions:
+        return []
+    ingredients, classes = rule.params["_unless"]
+    if ingredients or classes:
+        protected = [
+            o
+            for o in ctx.orders
+            if (o.intent != "statement" or rule.params.get("include_statements"))
+            and (ingredients.intersection(o.ingredients) or classes.intersection(o.classes))
+        ]
+        if protected:
+            return []
+    return [
+        _finding(
+            rule,
+            ctx,
+            [*(o.ref for o in orders), *(c.ref for c in conditions)],
+            [
+                *_order_values(orders),
+                *(
+                    EvidenceValue(f"Condition: {c.text}", c.ref, c.clinical_status, c.onset)
+                    for c in conditions
+                ),
+            ],
+            orders=orders,
+            condition=_join(c.text for c in conditions),
+            condition_label=spec["label"],
+        )
+    ]
+
+
+EVALUATORS: dict[str, Callable[[Rule, RuleContext], list[Finding]]] = {
     "threshold-latest": _threshold_latest,
     "relative-change": _relative_change,
     "allergy-conflict": _allergy_conflict,
@@ -722,17 +892,142 @@ EVALUATORS: dict[str, Callable[[Rule, _Context], list[Finding]]] = {
     "administration-without-order": _administration_without_order,
     "order-not-administered": _order_not_administered,
     "monitoring-gap": _monitoring_gap,
+    "drug-condition": _drug_condition,
 }
 
 
-def evaluate(chart: Chart, *, now: datetime, catalogue: Catalogue | None = None) -> list[Finding]:
-    """Every finding the catalogue's rules raise on `chart` as of `now`, most severe first; pure and deterministic."""
+def evaluate(
+    chart: Chart,
+    *,
+    now: datetime,
+    catalogue: Catalogue | None = None,
+    skip: frozenset[str] | set[str] = frozenset(),
+) -> list[Finding]:
+    """Every finding the catalogue's rules raise on `chart` as of `now`, most severe first; pure and deterministic.
+
+    `skip` names rules not to judge (see `not_judged_rules`: a resource type they read is missing from the chart).
+    """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware (e.g. datetime.now(UTC))")
     catalogue = catalogue or default_catalogue()
-    ctx = _Context(chart, now)
+    ctx = RuleContext(chart, now)
     findings: list[Finding] = []
     for rule in catalogue.rules:
-        findings.extend(EVALUATORS[rule.kind](rule, ctx))
+        if rule.id not in skip:
+            findings.extend(EVALUATORS[rule.kind](rule, ctx))
+    fired = {f.rule_id for f in findings}
+    # A broad rule stays quiet when the more specific one it names already says it (e.g. eGFR < 45 vs < 30).
+    findings = [
+        f
+        for f in findings
+        if not fired.intersection(catalogue.rule(f.rule_id).params.get("_suppressed_by", ()))
+    ]
     findings.sort(key=lambda f: f.sort_key)
     return findings
+
+
+# --- what a rule needs, and when its data is too old ---------------------------------------------------------
+
+
+def required_types(rule: Rule) -> frozenset[str]:
+    """FHIR resource types a rule reads; with one of them missing its verdict cannot be trusted."""
+    types: set[str] = set()
+    if (
+        rule.drug_ingredients
+        or rule.drug_classes
+        or rule.kind
+        in (
+            "allergy-conflict",
+            "duplicate-class",
+            "administration-without-order",
+            "order-not-administered",
+        )
+    ):
+        # Medication lists (MedicationStatement) add to the orders but are not required: without them a rule still
+        # judges the orders it has, and no verdict rests on a statement being absent.
+        types.add("MedicationRequest")
+    if rule.analyte or rule.params.get("_monitor"):
+        types.add("Observation")
+    if rule.kind == "allergy-conflict":
+        types.add("AllergyIntolerance")
+    if rule.kind in ("administration-without-order", "order-not-administered"):
+        types.add("MedicationAdministration")
+    if rule.kind == "drug-condition":
+        types.add("Condition")
+    if rule.params.get("requires_admission"):
+        types.add("Encounter")
+    return frozenset(types)
+
+
+def not_judged_rules(catalogue: Catalogue, missing_types: Iterable[str]) -> frozenset[str]:
+    """Rules that cannot be judged when these resource types are missing ("*": an unknown part is missing).
+
+    Every rule that reads a missing type is left out: those resting on an absence ("no INR", "no administration",
+    "no order") would fire falsely, and the others would stay silent without saying why.
+    """
+    missing = set(missing_types)
+    if not missing:
+        return frozenset()
+    if "*" in missing:
+        return frozenset(catalogue.ids)
+    return frozenset(r.id for r in catalogue.rules if required_types(r) & missing)
+
+
+@dataclass(frozen=True, slots=True)
+class StaleData:
+    """The chart's newest data is older than some rules' windows at the judged time: they could not fire."""
+
+    judged_at: datetime
+    newest_data: datetime | None
+    rules: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        newest = _when(self.newest_data) if self.newest_data else "none dated"
+        return (
+            f"judged at {_when(self.judged_at)}; newest data {newest} "
+            f"(older than the look-back window of {len(self.rules)} rule{'s' if len(self.rules) != 1 else ''})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "judged_at": self.judged_at.isoformat(),
+            "newest_data": self.newest_data.isoformat() if self.newest_data else None,
+            "rules": list(self.rules),
+            "text": self.text,
+        }
+
+
+def newest_data_time(chart: Chart) -> datetime | None:
+    """The newest dated fact of the chart (result, administration, order, encounter, note, condition)."""
+    times = [r.time for r in chart.results if r.time is not None]
+    times += [a.time for a in chart.administrations if a.time is not None]
+    for o in chart.orders:
+        times += [t for t in (o.start, o.authored_on, o.end) if t is not None]
+    for e in chart.encounters:
+        times += [t for t in (e.start, e.end) if t is not None]
+    times += [n.time for n in chart.notes if n.time is not None]
+    times += [c.onset for c in chart.conditions if c.onset is not None]
+    return max(times) if times else None
+
+
+def stale_data(chart: Chart, now: datetime, catalogue: Catalogue | None = None) -> StaleData | None:
+    """None when the chart has data inside every rule's window at `now`; otherwise what to tell the reader."""
+    catalogue = catalogue or default_catalogue()
+    newest = newest_data_time(chart)
+    if newest is not None and newest > now:
+        newest = max((t for t in _times_upto(chart, now)), default=None)
+    age_hours = (now - newest).total_seconds() / 3600 if newest is not None else float("inf")
+    rules = tuple(r.id for r in catalogue.rules if r.lookback_hours and r.lookback_hours < age_hours)
+    if not rules:
+        return None
+    return StaleData(judged_at=now, newest_data=newest, rules=rules)
+
+
+def _times_upto(chart: Chart, now: datetime) -> Iterable[datetime]:
+    for r in chart.results:
+        if r.time is not None and r.time <= now:
+            yield r.time
+    for a in chart.administrations:
+        if a.time is not None and a.time <= now:
+            yield a.time
