@@ -211,7 +211,7 @@ def poll(
                 "to keep polling the same job",
                 url=status_url,
             )
-        source._sleep(min(wait, MAX_POLL_SLEEP))
+        source.sleep(min(wait, MAX_POLL_SLEEP))
 
 
 def _fetch_file(source: RestFhirSource, url: str, target: Path, *, token: bool) -> None:
@@ -240,7 +240,7 @@ def _fetch_file(source: RestFhirSource, url: str, target: Path, *, token: bool) 
                     f"{where(url)} broke off the download {attempt} times ({exc.__class__.__name__})", url=url
                 ) from exc
             log.info("export file download broke off (%s); fetching it again", exc.__class__.__name__)
-            source._sleep(min(source.options.backoff_cap, source.options.backoff_base * 2 ** (attempt - 1)))
+            source.sleep(min(source.options.backoff_cap, source.options.backoff_base * 2 ** (attempt - 1)))
             continue
         os.replace(tmp, target)
         return

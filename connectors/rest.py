@@ -89,7 +89,7 @@ class RestFhirSource(FhirSource):
         self.description = base_url.rstrip("/")
         self.auth = auth or Auth()
         self.options = options or RestOptions()
-        self._sleep = sleep
+        self.sleep = sleep
         self._local = threading.local()
         self._gate = threading.BoundedSemaphore(self.options.concurrency)
         self._capabilities: dict | None = None
@@ -238,7 +238,7 @@ class RestFhirSource(FhirSource):
             log.info(
                 "retrying FHIR request in %.2f s (attempt %d): %s", delay, attempt, error.__class__.__name__
             )
-            self._sleep(min(delay, self.options.backoff_cap * 3))
+            self.sleep(min(delay, self.options.backoff_cap * 3))
 
     def get_json(
         self, path: str, params: Mapping[str, Any] | None = None, *, expect: str | None = None
