@@ -39,7 +39,11 @@ def ward_facts(demo: Path) -> dict:
         charts = {pid: src.patient_chart(pid) for pid in census}
     findings = {pid: evaluate(c, now=ANCHOR) for pid, c in charts.items()}
     flagged = max(census, key=lambda p: (sum(f.severity == "high" for f in findings[p]), len(findings[p]), p))
-    return {"census": census, "charts": charts, "findings": findings, "flagged": flagged}
+    # What the screens flag: the catalogue's findings plus the NEWS2 escalation flags (assistant.pipeline).
+    from assistant.pipeline import findings_for
+
+    flags = {pid: findings_for(c, ANCHOR) for pid, c in charts.items()}
+    return {"census": census, "charts": charts, "findings": findings, "flags": flags, "flagged": flagged}
 
 
 @pytest.fixture
@@ -81,7 +85,7 @@ def _md(at: AppTest) -> str:
 def test_patient_view_shows_header_flags_labs_and_cited_summary(env: Path, ward_facts: dict) -> None:
     pid = ward_facts["flagged"]
     chart = ward_facts["charts"][pid]
-    findings = ward_facts["findings"][pid]
+    findings = ward_facts["flags"][pid]
     at = _app(patient=pid)
     text = _md(at)
     assert f"## {chart.patient.name}" in text
