@@ -262,6 +262,9 @@ def partition_export(
     finally:
         for fh in handles:
             fh.close()
+    if completeness is not None:  # a file that broke off mid-way is a gap of the whole source
+        for rtype, reason in result.missing_types.items():
+            completeness.missing_types.setdefault(rtype, reason)
     if not owns:
         result.save()
     log.info("partitioned %d resources into %d partitions", result.resources, k)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -310,3 +311,34 @@ def test_key_errors_reach_the_cli_without_a_traceback(tmp_path, monkeypatch, cap
     code = main(["patients", "http://127.0.0.1:9/fhir"], out=io.StringIO())
     err = capsys.readouterr().err
     assert code != 0 and "public key" in err and "Traceback" not in err
+
+
+def test_nva_audit_audits_every_patient_of_a_numbered_export(demo_ward_dir, tmp_path):
+    out = numbered_export(demo_ward_dir, tmp_path)
+    buf = io.StringIO()
+    main(
+        [
+            "audit",
+            str(out),
+            "--out",
+            str(tmp_path / "audit.jsonl"),
+            "--now",
+            "2026-03-02T07:00:00+00:00",
+            "--no-progress",
+        ],
+        out=buf,
+    )
+    m = re.search(r"audited (\d+) patients \((\d+) resources\)", buf.getvalue())
+    assert m is not None, buf.getvalue()
+    assert int(m.group(1)) == len(ward_ids(demo_ward_dir)) and int(m.group(2)) > 0
+
+
+def test_an_export_file_broken_mid_way_makes_its_type_missing_for_everyone(demo_ward_dir, tmp_path):
+    out = numbered_export(demo_ward_dir, tmp_path, gz=True)
+    target = next(p for p in out.iterdir() if ".MedicationRequest." in p.name)
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2])  # a gzip stream that ends early
+    source = NdjsonDirSource(out)
+    records = all_records(source)
+    assert records and all("MedicationRequest" in r.missing_types for r in records.values())
+    assert "could not be read to the end" in source.completeness.missing_types["MedicationRequest"]
