@@ -10,7 +10,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from assistant.model import SEVERITY_ORDER, Chart, DataQualityIssue, Finding, Result
+from assistant.model import SEVERITY_ORDER, Chart, CodeStatus, DataQualityIssue, Finding, Result
+from assistant.normalize import code_status
 from assistant.rules.news2 import News2Score, news2, news2_table
 from assistant.summary.facts import administration_facts, bed_label, vocabulary
 
@@ -149,13 +150,6 @@ class AllergyLine:
 
 
 @dataclass(frozen=True, slots=True)
-class CodeStatus:
-    text: str
-    ref: str
-    time: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Isolation:
     text: str
     ref: str
@@ -203,19 +197,8 @@ def allergy_banner(chart: Chart) -> tuple[str, str, list[AllergyLine]]:
 
 
 def chart_code_status(chart: Chart) -> CodeStatus | None:
-    """The latest code status the chart records (LOINC codes in acuity.toml `code_status_loinc`)."""
-    codes = set(acuity_table()["code_status_loinc"])
-    rows = [
-        r
-        for r in chart.results
-        if r.loinc in codes
-        and r.status not in ("entered-in-error", "cancelled")
-        and (r.value_text or r.value)
-    ]
-    if not rows:
-        return None
-    r = max(rows, key=lambda r: (r.time or datetime.min.replace(tzinfo=UTC), r.ref))
-    return CodeStatus(r.value_text or r.display_value(), r.ref, r.time)
+    """The chart's code status: the newest LOINC 100822-6 observation (assistant.normalize.code_status)."""
+    return code_status(chart)
 
 
 def build_header(chart: Chart, now: datetime, score: News2Score | None, series: list[News2Point]) -> Header:

@@ -57,7 +57,7 @@ def test_header_allergy_wording_and_code_status_from_loinc() -> None:
     ]
     assert views.allergy_banner(none)[:2] == ("nka", views.ALLERGY_NKA_TEXT)
     # Code status: the latest Observation coded LOINC 100822-6, whatever its display text says.
-    code = views.acuity_table()["code_status_loinc"][0]
+    code = "100822-6"  # LOINC Cardiopulmonary resuscitation orders (assistant/data/fhir_codes.toml)
     older = Result(
         "Observation/cs1",
         "text:cpr",
