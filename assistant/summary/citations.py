@@ -10,7 +10,14 @@ from collections.abc import Collection
 # ([Observation/k2], [guideline:x], [rule:y]) is a citation too. Anything else in brackets ("[K-Tab]",
 # "[Pfizerpen]", "[1]") is chart or model text and stays in the sentence, where the claim checks read it.
 _FTAG = r"F\d{1,4}"
-_REF = r"(?:[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}|guideline:[^\s\[\](),;]{1,120}|rule:[a-z0-9\-_.]{1,80})"
+# FHIR R4 resource types a chart fact can rest on (hl7.org/fhir/R4/resourcelist.html); "[Moles/volume]" in a
+# LOINC name is not one of them, so it stays text.
+_TYPES = (
+    "AllergyIntolerance|CarePlan|CareTeam|Condition|Device|DiagnosticReport|DocumentReference|Encounter|Flag|"
+    "Goal|Immunization|Location|Medication|MedicationAdministration|MedicationDispense|MedicationRequest|"
+    "MedicationStatement|Observation|Organization|Patient|Practitioner|Procedure|ServiceRequest|Specimen"
+)
+_REF = rf"(?:(?:{_TYPES})/[A-Za-z0-9\-.]{{1,64}}|guideline:[^\s\[\](),;]{{1,120}}|rule:[a-z0-9\-_.]{{1,80}})"
 _TOKEN = rf"(?:{_FTAG}|{_REF})"
 _TAG_GROUP_RE = re.compile(rf"\[\s*({_TOKEN}(?:\s*[,;]?\s*{_TOKEN})*)\s*\]")
 _PAREN_TAG_RE = re.compile(rf"\(\s*({_FTAG}(?:\s*[,;]?\s*{_FTAG})*)\s*\)")

@@ -547,6 +547,14 @@ def extract_claims(text: str, now: datetime | None = None) -> Claims:
 
 
 def _cue(gap: str) -> str | None:
+    m = matchers()
+    # "below range at 59" says the level, not a threshold: level phrases are not cues ("up from" keeps its "from")
+    gap = m.qual_re.sub(
+        lambda mt: (
+            " " if m.qual_map[mt.group(1).lower()] in ("high", "low", "normal", "critical") else mt.group(0)
+        ),
+        gap,
+    )
     found = None
     for mt in _CUE_RE.finditer(gap):
         word = (mt.group(1) or mt.group(2) or "").lower()
@@ -563,23 +571,29 @@ def _bind(c: Claims, mentions: list[_Mention], text: str) -> None:
     last_value: ValueClaim | None = None
     pending_role: str | None = None
     prev_end = 0
+    anchor_end = (
+        0  # end of the last value, subject, time or clause break: cue words after it belong to the next value
+    )
     for mn in mentions:
         gap = text[prev_end : mn.start]
+        cue_gap = text[anchor_end : mn.start]
         if mn.kind == "break":
             subject, last_value, pending_role = None, None, None
             pending_quals = []
         elif mn.kind == "subject":
+            same = mn.data == subject  # "2.5 INR at 05:00": naming the test again keeps the value open
             subject = mn.data  # type: ignore[assignment]
             for end, q in pending_quals:
                 if re.fullmatch(r"[\s\w'-]{0,12}", text[end : mn.start]):
                     c.bound_qualifiers.append((subject, q))  # type: ignore[arg-type]
             pending_quals = []
-            last_value = None
+            if not same:
+                last_value = None
             if subject[0] == "analyte":  # type: ignore[index]
                 pending_role = None  # "ordered but no INR ... (last INR 2.1 at T)": T is the INR's time
         elif mn.kind == "number":
             value, decimals, unit = mn.data  # type: ignore[misc]
-            cue = _cue(gap)
+            cue = _cue(cue_gap)
             if last_value is not None and re.fullmatch(r"\s*\(\s*=?\s*", gap):
                 cue = last_value.cue  # "70 mg/dL (3.9 mmol/L)": the same value in another unit
             last_value = ValueClaim(value, decimals, unit, subject, cue, None, mn.start)
@@ -607,6 +621,8 @@ def _bind(c: Claims, mentions: list[_Mention], text: str) -> None:
             if subject is not None:
                 c.bound_frequencies.append((subject, mn.data))  # type: ignore[arg-type]
         prev_end = max(prev_end, mn.end)
+        if mn.kind in ("number", "subject", "when", "break"):
+            anchor_end = max(anchor_end, mn.end)
 
 
 def _joins(have: When | None, new: When) -> bool:

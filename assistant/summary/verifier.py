@@ -174,7 +174,7 @@ class Verifier:
                 a for f in cited for a in self.support(f).atoms if f.tag in by_tag or a.ref in direct
             ]
         b = Binding()
-        b.reason = self._sentence_level(claims, sup, quoted=quoted)
+        b.reason = self._sentence_level(claims, sup, quoted=quoted, kinds={f.kind for f in cited})
         for step in (bind_values, bind_roles, bind_qualifiers, bind_frequencies, bind_allergy):
             if b.reason:
                 break
@@ -183,7 +183,9 @@ class Verifier:
             b.reason = self._new_words(claims, sup)
         return b
 
-    def _sentence_level(self, claims: Claims, sup: Support, quoted: bool = False) -> str | None:
+    def _sentence_level(
+        self, claims: Claims, sup: Support, quoted: bool = False, kinds: set[str] | None = None
+    ) -> str | None:
         if claims.allergy and not quoted:
             if not sup.allergy:
                 return "allergy claim cites no allergy fact"
@@ -193,6 +195,10 @@ class Verifier:
                         return "says the patient is not allergic to a drug the allergy facts list"
                 elif self.sheet.has_active_allergy:
                     return "claims no allergies, but the chart records allergies"
+                elif "no-allergy" not in (kinds or set()) and not {"record", "document"} & claims.words:
+                    # only a no-known-allergy statement supports "no known allergies"; otherwise the status is
+                    # undocumented, and a sentence may only say that nothing is recorded
+                    return "says there are no allergies, but the chart has no no-known-allergy statement"
         for value, decimals, unit in claims.numbers:
             if not number_supported(value, decimals, unit, sup):
                 shown = f"{value:g}" + (f" {unit}" if unit else "")
