@@ -738,6 +738,10 @@ class PatientView:
     def bed(self) -> str:
         return self.header.bed if self.header else ""
 
+    @property
+    def patient_ref(self) -> str:
+        return self.chart.patient_ref if self.chart is not None else f"Patient/{self.patient_id}"
+
 
 def build_patient_view(
     chart: Chart,

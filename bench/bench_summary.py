@@ -15,11 +15,10 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from assistant import pipeline  # noqa: E402
 from assistant.demo_ward import generate_demo_ward  # noqa: E402
-from assistant.rules.engine import evaluate  # noqa: E402
-from assistant.summary.composer import compose_stream  # noqa: E402
 from assistant.summary.verifier import Verifier  # noqa: E402
-from bench.common import median, stamp, table  # noqa: E402
+from bench.common import median, patient_views, stamp, table  # noqa: E402
 from connectors import open_source  # noqa: E402
 
 ANCHOR = datetime(2026, 3, 16, 7, 0, tzinfo=UTC)
@@ -75,14 +74,14 @@ def s(xs: list[float]) -> str:
 
 
 def run(
-    backend_name: str, backend: Any, charts: list, max_tokens: int, timeout: float, mode: str = "auto"
+    backend_name: str, backend: Any, views: list, max_tokens: int, timeout: float, mode: str = "auto"
 ) -> Row:
     row = Row(backend_name)
-    for chart in charts:
-        findings = evaluate(chart, now=ANCHOR)
+    for view in views:
+        findings = view.findings  # the pipeline's flags (catalogue + NEWS2), as the CLI and dashboard use
         t0 = time.perf_counter()
-        stream = compose_stream(
-            chart, findings, backend=backend, now=ANCHOR, max_tokens=max_tokens, timeout=timeout, mode=mode
+        stream = pipeline.summary_stream(  # stand-alone, as `nva summarize`: flags included
+            view, backend, (), max_tokens=max_tokens, timeout=timeout, mode=mode, include_flags=True
         )
         for _ in stream:
             pass
@@ -170,11 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="nva-bench-summary-"))
     generate_demo_ward(tmp, anchor=ANCHOR, seed=7)
     with open_source(tmp) as src:
-        charts = [src.patient_chart(pid) for pid in sorted(src.iter_patient_ids())]
+        charts = patient_views(src, ANCHOR)
     # LLM subset: the patients with the most high-severity flags (hardest coverage), then by id
-    ranked = sorted(
-        charts, key=lambda c: (-sum(f.severity == "high" for f in evaluate(c, now=ANCHOR)), c.patient_ref)
-    )
+    ranked = sorted(charts, key=lambda v: (-sum(f.severity == "high" for f in v.findings), v.patient_id))
     subset = ranked[: args.llm_patients]
     rows: list[Row] = []
     notes: list[str] = []

@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: machine description, medians, Markdown tables."""
+"""Shared benchmark helpers: machine description, medians, Markdown tables, patient views via the pipeline."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import statistics
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 SYNTHEA_DIR = Path(os.environ.get("NVA_SYNTHEA_DIR", REPO.parent / "shared" / "data" / "synthea-r4"))
@@ -41,3 +42,11 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+def patient_views(source: Any, now: datetime, patient_ids: list[str] | None = None) -> list[Any]:
+    """Patient views (chart, flags incl. NEWS2, holds) exactly as the CLI and the dashboard build them."""
+    from assistant import pipeline
+
+    ids = patient_ids if patient_ids is not None else sorted(source.iter_patient_ids())
+    return [pipeline.load_patient_view(source, pid, now) for pid in ids]

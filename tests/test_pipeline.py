@@ -86,7 +86,10 @@ def test_cli_summarize_is_the_pipeline_summary(demo_ward_dir: Path, demo_anchor:
         )
     )
     view = ward.patients[pid]
-    expected = pipeline.summary_for(view).to_dict()
+    expected = pipeline.summary_for(view, include_flags=True).to_dict()
+    assert {f.title for f in view.findings if f.severity == "high"} <= {
+        f["label"] for f in expected["facts"]["facts"] if f["kind"] == "flag"
+    }
     assert [s["text"] for s in data["sentences"]] == [s["text"] for s in expected["sentences"]]
     assert data["sentences"] and all(s["verified"] for s in data["sentences"])
 

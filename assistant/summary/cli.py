@@ -55,7 +55,8 @@ def _cmd_summarize(args: argparse.Namespace, out: TextIO) -> int:
     passages = (
         pipeline.guideline_passages(view.findings, pipeline.open_retriever()) if args.guidelines else []
     )
-    res = pipeline.summary_for(view, backend, passages, max_tokens=args.max_tokens)
+    # A stand-alone text summary: the flags are part of it (the dashboard shows them in their own column).
+    res = pipeline.summary_for(view, backend, passages, max_tokens=args.max_tokens, include_flags=True)
     if args.format == "json":
         json.dump(res.to_dict(), out, indent=2)
         out.write("\n")
