@@ -1,4 +1,4 @@
-"""Logging for NVA processes: one handler, and a filter that keeps resource ids and URL queries out of log lines."""
+"""Logging for NVA processes: one handler, and a filter that keeps resource ids and URL queries out of log lines and tracebacks."""
 
 from __future__ import annotations
 
@@ -26,15 +26,53 @@ _NOISY = (
 )
 
 
+def redact(text: str) -> str:
+    """Resource ids and query strings out of one log text."""
+    return _QUERY.sub("?…", _RESOURCE_PATH.sub(r"\1/…", text))
+
+
 class PhiSafeFilter(logging.Filter):
-    """Last line of defence: NVA's own code logs no PHI, but libraries log URLs at DEBUG."""
+    """Last line of defence: NVA's own code logs no PHI, but libraries log URLs at DEBUG and tracebacks quote
+    exception messages; both the message and the formatted exception are redacted."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = _QUERY.sub("?…", _RESOURCE_PATH.sub(r"\1/…", message))
-        if cleaned != message:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record whose args do not fit its format: keep the format only
+            message = str(record.msg)
+        cleaned = redact(message)
+        if cleaned != message or record.args:
             record.msg, record.args = cleaned, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
+
+
+def _filtered(handler: logging.Handler) -> None:
+    if not any(isinstance(f, PhiSafeFilter) for f in handler.filters):
+        handler.addFilter(PhiSafeFilter())
+
+
+def install_phi_filter() -> None:
+    """For processes that set up logging themselves (the dashboard under streamlit): every handler of the root
+    and of already-created loggers gets the PHI filter, and the root gets a filtered handler if it has none
+    (otherwise records would reach logging.lastResort, which has no filter). Idempotent."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        handler._nva = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    for handler in root.handlers:
+        _filtered(handler)
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        for handler in getattr(logger, "handlers", ()):
+            _filtered(handler)
 
 
 def configure_logging(verbosity: int = 0, *, stream: TextIO | None = None) -> logging.Handler:

@@ -161,3 +161,103 @@ def test_deidentified_summary_through_a_real_openai_compatible_server(demo_ward_
     assert result.backend == "openai"
     # the round trip works: the model's shifted dates came back as the chart's own and passed the verifier
     assert any(s.origin == "llm" for s in result.sentences), [d.reason for d in result.dropped]
+
+
+# --- free text in notes (issue 12.8) ----------------------------------------------------------------------
+import base64  # noqa: E402
+import tomllib  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from assistant.security.deid import PLACEHOLDERS, for_chart, people_names, scrub_free_text  # noqa: E402
+
+CORPUS = tomllib.loads((Path(__file__).parent / "data" / "deid_notes.toml").read_text(encoding="utf-8"))[
+    "note"
+]
+
+
+@pytest.mark.parametrize("note", CORPUS, ids=[n["text"][:40] for n in CORPUS])
+def test_note_corpus_loses_identifiers_and_keeps_clinical_content(note):
+    out = scrub_free_text(note["text"])
+    assert not [s for s in note["secrets"] if s in out], out
+    assert not [k for k in note["keep"] if k not in out], out
+
+
+def test_corpus_covers_every_kind_of_identifier():
+    """The corpus is not vacuous: each placeholder kind is produced by at least one note."""
+    produced = "".join(scrub_free_text(n["text"]) for n in CORPUS)
+    assert all(p in produced for p in PLACEHOLDERS), [p for p in PLACEHOLDERS if p not in produced]
+    assert sum(bool(n["secrets"]) for n in CORPUS) >= 18 and sum(not n["secrets"] for n in CORPUS) >= 3
+
+
+def _note(text: str, author: str | None = None) -> dict:
+    doc = {
+        "resourceType": "DocumentReference",
+        "id": "doc-1",
+        "status": "current",
+        "subject": {"reference": "Patient/pat-4711"},
+        "date": "2026-03-16T04:00:00Z",
+        "content": [
+            {"attachment": {"contentType": "text/plain", "data": base64.b64encode(text.encode()).decode()}}
+        ],
+    }
+    if author:
+        doc["author"] = [{"reference": "Practitioner/pr-9", "display": author}]
+    return doc
+
+
+def test_chart_people_are_removed_even_without_a_title():
+    """A practitioner named anywhere in the chart is removed wherever the bare surname appears in a note."""
+    note = "Okonkwo aware. Adaeze to review at 10:00; Marta Okafor asleep."
+    c = build_chart([PATIENT, OBS, _note(note, author="Adaeze Okonkwo")], source="t")
+    assert "Adaeze Okonkwo" in people_names(c) and "Marta Okafor" not in people_names(c)
+    out = Deidentifier(c, key=b"k" * 32).apply(note)
+    assert "Okonkwo" not in out and "Adaeze" not in out and "Marta" not in out
+    assert out == "[NAME] aware. [NAME] to review at 10:00; [PATIENT] asleep."
+
+
+def test_remote_backend_receives_no_identifier_from_notes():
+    """Every corpus note goes through the wrapper a remote backend gets: the secrets never reach the model, and
+    the placeholders it repeats come back as plain words, never as fake data."""
+    c = build_chart([PATIENT, OBS, _note("x")], source="t")
+    seen: list[str] = []
+
+    def answer(messages):
+        seen.append(messages[-1].content)
+        return "Daughter [NAME] phoned from [PHONE] [F1]."
+
+    backend = DeidentifyingBackend(ScriptedBackend(answer), c)
+    sheet = "\n".join(f'[F{i}] Note: "{n["text"]}"' for i, n in enumerate(CORPUS, 1))
+    result = backend.chat([ChatMessage("user", sheet)])
+    leaked = [s for n in CORPUS for s in n["secrets"] if s in seen[0]]
+    assert not leaked
+    assert all(f"[F{i}]" in seen[0] for i in range(1, len(CORPUS) + 1))  # fact tags survive
+    assert result.text == "Daughter another person phoned from a phone number [F1]."
+
+
+def test_demo_ward_fact_sheets_and_prompts_are_not_altered_by_the_scrubber(demo_ward_dir, demo_anchor):
+    """No false positives on structured facts (results, drugs, flags, times) or on the composer's own prompts."""
+    from assistant.rules.engine import evaluate
+    from assistant.summary.composer import build_messages
+    from assistant.summary.facts import build_fact_sheet
+    from connectors.bundle_dir import BundleDirSource
+
+    source = BundleDirSource(demo_ward_dir)
+    lines = 0
+    for pid in sorted(source.iter_patient_ids()):
+        c = source.patient_chart(pid)
+        sheet = build_fact_sheet(c, evaluate(c, now=demo_anchor), now=demo_anchor)
+        for fact in sheet.facts:
+            lines += 1
+            assert scrub_free_text(fact.text) == fact.text, fact.text
+        for message in build_messages(sheet)[:3]:  # system rules and the worked example
+            assert scrub_free_text(message.content) == message.content
+    assert lines > 100
+
+
+def test_for_chart_lives_with_deidentification_not_in_the_llm_layer():
+    local = ScriptedBackend(lambda m: "ok")
+    assert for_chart(local, chart()) is local
+    local.requires_deid = True
+    assert isinstance(for_chart(local, chart()), DeidentifyingBackend)

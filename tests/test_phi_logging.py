@@ -6,6 +6,8 @@ import io
 import json
 import logging
 
+import pytest
+
 from assistant.cli import main
 from assistant.logsetup import PhiSafeFilter, configure_logging
 from connectors.bundle_dir import BundleDirSource
@@ -97,3 +99,49 @@ def test_filter_redacts_resource_paths_and_queries():
     PhiSafeFilter().filter(record)
     assert "abc-123" not in record.getMessage() and "Smith" not in record.getMessage()
     assert "Patient/…" in record.getMessage()
+
+
+def test_filter_redacts_exception_text_and_keeps_the_message_shape():
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.addFilter(PhiSafeFilter())
+    logger = logging.getLogger("nva.test.exc")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        try:
+            raise ValueError("no such resource Observation/obs-5551 for Patient/pat-4711")
+        except ValueError:
+            logger.exception("chart failed for %s", "Patient/pat-4711")
+    finally:
+        logger.removeHandler(handler)
+    text = buffer.getvalue()
+    assert "chart failed for Patient/…" in text and "ValueError: no such resource Observation/…" in text
+    assert "pat-4711" not in text and "obs-5551" not in text
+
+
+def test_dashboard_log_records_pass_the_phi_filter(monkeypatch):
+    """Streamlit configures logging itself; importing the dashboard's services puts the filter on every handler,
+    and a root without handlers gets a filtered one instead of logging.lastResort."""
+    pytest.importorskip("streamlit")
+    from assistant.logsetup import install_phi_filter
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    streamlit_logger = logging.getLogger("streamlit.nva_test")
+    bare = logging.StreamHandler(io.StringIO())
+    streamlit_logger.addHandler(bare)
+    try:
+        import dashboard.services  # noqa: F401 - its import installs the filter
+
+        install_phi_filter()  # idempotent, and what the import did (the module may be imported already)
+        assert root.handlers and all(
+            sum(isinstance(f, PhiSafeFilter) for f in h.filters) == 1 for h in root.handlers
+        )
+        assert any(isinstance(f, PhiSafeFilter) for f in bare.filters)
+        buffer = io.StringIO()
+        root.handlers[0].setStream(buffer)  # type: ignore[attr-defined]
+        logging.getLogger("dashboard.services").warning("could not load Patient/pat-4711?name=Okafor")
+        assert "Patient/…?…" in buffer.getvalue() and "pat-4711" not in buffer.getvalue()
+    finally:
+        streamlit_logger.removeHandler(bare)
