@@ -18,6 +18,7 @@ from assistant import pipeline
 from assistant.audit import report
 from assistant.cli import default_anchor
 from assistant.clock import demo_anchor
+from assistant.logsetup import install_phi_filter
 from assistant.model import Chart, Finding
 from assistant.security.access_log import AccessLog, AccessLogError, ChainStatus
 from assistant.security.gate import Gate, config_error, resolve_gate
@@ -38,6 +39,7 @@ from assistant.views import mar_events as views_mar_events
 from assistant.views import pending_results as views_pending_results
 
 log = logging.getLogger(__name__)
+install_phi_filter()  # streamlit sets up its own logging: the dashboard's records pass the same PHI filter
 
 DEMO_DIRNAME = "demo-ward"
 DEMO_WARD_REF = "Location/ward-4b"
