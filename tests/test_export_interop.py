@@ -12,6 +12,7 @@ import pytest
 from assistant.cli import main
 from connectors import FhirAuthError, FhirNotFoundError, open_source
 from connectors.auth import SmartBackendAuth
+from connectors.base import chart_from_record
 from connectors.bulk_export import JOB_FILE, bulk_export, kick_off
 from connectors.bundle_dir import BundleDirSource
 from connectors.ndjson_dir import NdjsonDirSource, write_ndjson_export
@@ -342,3 +343,24 @@ def test_an_export_file_broken_mid_way_makes_its_type_missing_for_everyone(demo_
     records = all_records(source)
     assert records and all("MedicationRequest" in r.missing_types for r in records.values())
     assert "could not be read to the end" in source.completeness.missing_types["MedicationRequest"]
+
+
+def test_one_patients_resources_across_many_files_are_merged(demo_ward_dir, fhir_server_factory, tmp_path):
+    server = fhir_server_factory(demo_ward_dir, export_polls=0)
+    server.export_max_lines = (
+        max(len(items) for items in server.store.by_type.values()) // 2 + 1
+    )  # ~2 per type
+    out = bulk_export(rest(server.base_url), tmp_path / "export")
+    biggest = max(server.store.by_type, key=lambda t: len(server.store.by_type[t]))
+    assert len(list(out.glob(f"{biggest}.*.ndjson"))) == 2  # one patient's resources of that type span files
+    source, bundles = NdjsonDirSource(out), BundleDirSource(demo_ward_dir)
+    records = all_records(source)
+    for pid in ward_ids(demo_ward_dir):
+        want = bundles.patient_chart(pid)
+        got = chart_from_record(records[pid], source=str(out))
+        assert (len(got.orders), len(got.results), len(got.administrations)) == (
+            len(want.orders),
+            len(want.results),
+            len(want.administrations),
+        ), pid
+        assert records[pid].duplicates == 0
