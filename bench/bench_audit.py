@@ -1,6 +1,8 @@
 """Audit throughput and memory on a Synthea-grown population vs a fhir.resources R4B validation baseline."""
 
 # Usage: .venv/bin/python bench/bench_audit.py [--small 1000] [--large 2000] [--out docs/BENCHMARKS_audit.md]
+#        [--mode snapshot|retrospective] (retrospective: `nva audit --period`, episodes over each chart's own span;
+#        its section replaces the "## Retrospective audit" section of --out and leaves the snapshot tables alone)
 # Grows /work/shared/data/synthea-r4 to N patients as NDJSON with fresh ids (every id of a patient's own resources
 # gets a per-clone suffix; references are rewritten with them), then runs `nva audit` in subprocesses: local engine
 # with 1 and 2 workers and a dask LocalCluster (2 worker processes), sampling the process tree's RSS.
@@ -111,7 +113,9 @@ class PeakRss:
         return self.peak
 
 
-def run_audit(source: Path, out: Path, *extra: str) -> tuple[float, int, str, float, float]:
+def run_audit(
+    source: Path, out: Path, *extra: str, judged: tuple[str, ...] = ("--now", NOW)
+) -> tuple[float, int, str, float, float]:
     cmd = [
         sys.executable,
         "-m",
@@ -120,8 +124,7 @@ def run_audit(source: Path, out: Path, *extra: str) -> tuple[float, int, str, fl
         str(source),
         "--out",
         str(out),
-        "--now",
-        NOW,
+        *judged,
         "--no-progress",
         *extra,
     ]
@@ -175,6 +178,7 @@ def main() -> int:
     parser.add_argument("--baseline-seconds", type=float, default=40.0)
     parser.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS_audit.md"))
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--mode", choices=("snapshot", "retrospective"), default="snapshot")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="nva-bench-audit-"))
     t0 = time.perf_counter()
@@ -188,6 +192,8 @@ def main() -> int:
         file=sys.stderr,
     )
 
+    if args.mode == "retrospective":
+        return retrospective(args, work, templates, (small_dir, small_res), (large_dir, large_res))
     rows = []
     runs = [
         ("local, 1 worker", args.small, small_dir, small_res, ()),
@@ -262,6 +268,128 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     Path(args.out).write_text(text, encoding="utf-8")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+RETRO_HEADING = "## Retrospective audit (`nva audit --period`)"
+
+
+def retrospective(args, work: Path, templates: list, small: tuple[Path, int], large: tuple[Path, int]) -> int:
+    """The same population audited retrospectively: episodes over each chart's own span, per engine and size."""
+    from collections import Counter
+
+    small_dir, small_res = small
+    large_dir, large_res = large
+    period = ("--period",)
+    runs = [
+        ("local, 1 worker", args.small, small_dir, small_res, ()),
+        ("local, 1 worker", args.large, large_dir, large_res, ()),
+        ("local, 2 workers", args.large, large_dir, large_res, ("--workers", "2")),
+        (
+            "dask LocalCluster, 1 worker process",
+            args.large,
+            large_dir,
+            large_res,
+            ("--engine", "dask", "--workers", "1"),
+        ),
+        (
+            "dask LocalCluster, 2 worker processes",
+            args.large,
+            large_dir,
+            large_res,
+            ("--engine", "dask", "--workers", "2"),
+        ),
+    ]
+    rows = []
+    outputs: dict[tuple[str, int], Path] = {}
+    for label, n, src, res, extra in runs:
+        out = work / f"retro-{len(rows)}.jsonl"
+        seconds, peak, summary, cpu, load = run_audit(src, out, *extra, judged=period)
+        rows.append((label, n, res, seconds, peak, cpu, load))
+        outputs[(label, n)] = out
+        print(
+            f"{label} @ {n}: {seconds:.1f} s, peak RSS {peak / 2**20:.0f} MiB -- {summary}", file=sys.stderr
+        )
+    large_outputs = [outputs[(r[0], args.large)] for r in rows if r[1] == args.large]
+    identical = len({p.read_bytes() for p in large_outputs}) == 1
+    episodes = [
+        json.loads(line) for line in large_outputs[0].read_text(encoding="utf-8").splitlines() if line
+    ]
+    episodes = [e for e in episodes if e.get("record") != "run-status"]
+    by_rule = Counter(e["rule_id"] for e in episodes)
+    patients_with = len({e["patient"] for e in episodes})
+    doses = sum(e["doses_count"] for e in episodes)
+    instant = sum(1 for e in episodes if e["end_reason"] == "order-stop-unknown" and not e["duration_hours"])
+    base_n, base_s = baseline(large_dir, args.baseline_seconds)
+    base_rate = base_n / base_s
+
+    def pick(label: str, n: int) -> tuple:
+        return next(r for r in rows if r[0] == label and r[1] == n)
+
+    one, two = pick("local, 1 worker", args.large), pick("local, 2 workers", args.large)
+    d1 = pick("dask LocalCluster, 1 worker process", args.large)
+    d2 = pick("dask LocalCluster, 2 worker processes", args.large)
+    small_one = pick("local, 1 worker", args.small)
+    per_k = 1000 / args.large
+    lines = [
+        RETRO_HEADING,
+        "",
+        f"Generated by `bench/bench_audit.py --mode retrospective` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: "
+        f"{platform.machine()}, {os.cpu_count()} CPUs (shared), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
+        f"Python {platform.python_version()}.",
+        "",
+        f"The same Synthea-grown populations ({len(templates)} base patients cloned to {args.small} and {args.large}), "
+        "audited with `nva audit --period` over each chart's own span: every rule judged at each moment its inputs "
+        "change, episodes written as JSONL. Each run is a fresh process (start-up, partitioning, audit, output).",
+        "",
+        "| Engine | Patients | Resources | Wall time (s) | Patients/s | Resources/s | Peak RSS (MiB) | CPU s | "
+        "CPUs busy | Load avg at start |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, n, res, seconds, peak, cpu, load in rows:
+        lines.append(
+            f"| {label} | {n} | {res} | {seconds:.1f} | {n / seconds:.1f} | {res / seconds:.0f} | "
+            f"{peak / 2**20:.0f} | {cpu:.1f} | {cpu / seconds:.2f} | {load:.1f} |"
+        )
+    lines.append(
+        f"| baseline: json.loads + fhir.resources R4B `model_validate` per resource, 1 process | - | "
+        f"{base_n} (sampled for {base_s:.0f} s) | - | - | {base_rate:.0f} | - | - | - | - |"
+    )
+    lines += [
+        "",
+        f"- Retrospective audit (1 worker) vs validation baseline: **{(one[2] / one[3]) / base_rate:.1f}x** "
+        f"resources/s; 2 workers: **{(two[2] / two[3]) / base_rate:.1f}x**.",
+        f"- Second worker: local **{one[3] / two[3]:.2f}x**, dask **{d1[3] / d2[3]:.2f}x** wall-clock speed-up "
+        "(partitioning is one serial pass in the driver; the machine's 2 cores are shared, see 'CPUs busy').",
+        f"- Peak memory, local 1 worker: {small_one[4] / 2**20:.0f} MiB at {args.small} patients vs "
+        f"{one[4] / 2**20:.0f} MiB at {args.large} patients.",
+        f"- Episodes identical across engines and worker counts at {args.large} patients: "
+        f"**{'yes' if identical else 'NO'}**.",
+        f"- **{len(episodes) * per_k:.0f} episodes per 1,000 patients** ({patients_with * per_k:.0f} patients per "
+        f"1,000 with at least one); {doses * per_k:.0f} doses per 1,000 patients given while an episode held (Synthea "
+        "exports no MedicationAdministration, so this is 0 here). "
+        f"{instant * per_k:.0f} per 1,000 are instants (an order stopped with no stop time and no renewal: only "
+        "its prescribing moment is known, e.g. Synthea writing the same prescription twice at one moment). "
+        "Per rule, per 1,000 patients:",
+        "",
+        "| Rule | Episodes per 1,000 patients |",
+        "|---|---:|",
+        *[f"| `{rule}` | {n * per_k:.0f} |" for rule, n in by_rule.most_common()],
+        "",
+        "The clones repeat the base patients, so these rates are those of the 74-patient sample; they show that a "
+        "historical population, where a snapshot sees only what still holds at one instant, yields the monitoring "
+        "episodes (warfarin without INR, ARB at 75+ without renal tests) an auditor expects.",
+        "",
+    ]
+    section = "\n".join(lines)
+    print(section)
+    out = Path(args.out)
+    text = out.read_text(encoding="utf-8") if out.exists() else "# Audit benchmark\n\n"
+    if RETRO_HEADING in text:
+        text = text[: text.index(RETRO_HEADING)]
+    out.write_text(text.rstrip("\n") + "\n\n" + section, encoding="utf-8")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -293,3 +293,29 @@ def test_rules_doc_is_generated_from_the_catalogue():
     from assistant.rules.docs import render_rules_markdown
 
     assert (REPO / "docs" / "RULES.md").read_text() == render_rules_markdown()
+
+
+def test_html_report_keeps_patient_text_inert():
+    from assistant.audit.report import render_html
+
+    hostile = "<style>.high{display:none}</style><img src=http://x/beacon> lm 0001\u202e\x00"
+    row = {
+        "patient": "Patient/p<1>",
+        "ward": "<b>Ward</b>",
+        "resources": 3,
+        "error": None,
+        "issues": [{"source": "Observation/<x>", "code": "bad", "severity": "warning", "message": hostile}],
+        "findings": [
+            {
+                "patient": "Patient/p<1>",
+                "rule_id": "r",
+                "severity": "high",
+                "message": hostile,
+                "evidence": ["MedicationRequest/<m>"],
+            }
+        ],
+    }
+    page = render_html(lambda: [row], now="2026-03-02T07:00:00+00:00", source="<src>", global_issues=[])
+    assert "<style>.high" not in page and "<img" not in page and "<b>Ward" not in page
+    assert "\u202e" not in page and "\x00" not in page
+    assert "&lt;style&gt;" in page and "U+202E" in page  # shown as text, the bidi control made visible
