@@ -69,7 +69,8 @@ def test_backend_wrapper_sends_deidentified_and_returns_reidentified():
 def test_make_backend_enforces_egress_and_marks_remote_backends_for_deidentification():
     import pytest
 
-    from assistant.llm import LlmConfigError, for_chart, make_backend
+    from assistant.llm import LlmConfigError, make_backend
+    from assistant.security.deid import for_chart
 
     with pytest.raises(LlmConfigError, match="NVA_LLM_ALLOW_REMOTE"):
         make_backend(

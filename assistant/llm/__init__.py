@@ -34,7 +34,6 @@ __all__ = [
     "LlmUnavailable",
     "NoBackend",
     "ScriptedBackend",
-    "for_chart",
     "make_backend",
     "warm",
 ]
@@ -65,15 +64,6 @@ class NoBackend(LlmBackend):
             "no LLM backend configured: set NVA_LLM_BACKEND to onnx, openai, transformers or llama-cpp "
             "(callers should check backend.available first)"
         )
-
-
-def for_chart(backend: LlmBackend, chart: Any) -> LlmBackend:
-    """The backend to use for one patient: wrapped in de-identification when its facts leave the machine."""
-    if getattr(backend, "requires_deid", False):
-        from assistant.security.deid import DeidentifyingBackend
-
-        return DeidentifyingBackend(backend, chart)
-    return backend
 
 
 def make_backend(settings: LlmSettings | Mapping[str, str] | None = None) -> LlmBackend:

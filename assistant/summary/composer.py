@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from assistant.llm import for_chart
 from assistant.llm.base import ResultStream
 from assistant.model import Chart, Finding
+from assistant.security.deid import for_chart
 from assistant.summary.facts import (
     DEFAULT_MAX_FACTS,
     Fact,
