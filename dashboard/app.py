@@ -17,9 +17,9 @@ from dashboard import render, services  # noqa: E402
 
 PAGES = Path(__file__).resolve().parent / "pages"
 
-st.set_page_config(
-    page_title="NVA — Nurse Virtual Assistant", layout="wide", page_icon=":material/medical_services:"
-)
+# The favicon is drawn here: a `:material/...:` or emoji icon is fetched from a font CDN by the browser, and NVA
+# makes no outside request at run time.
+st.set_page_config(page_title="NVA — Nurse Virtual Assistant", layout="wide", page_icon=render.app_icon())
 render.page_setup()
 
 try:

@@ -60,6 +60,17 @@ table.nva-labs code { font-size:0.75rem; color:#475467; background:none; }
 """
 
 
+def app_icon() -> Any:
+    """A 32x32 favicon (white cross on NVA blue) drawn in memory: served by streamlit itself, no CDN."""
+    from PIL import Image, ImageDraw
+
+    icon = Image.new("RGB", (32, 32), (29, 78, 216))
+    draw = ImageDraw.Draw(icon)
+    draw.rectangle((6, 13, 25, 18), fill=(255, 255, 255))
+    draw.rectangle((13, 6, 18, 25), fill=(255, 255, 255))
+    return icon
+
+
 def page_setup() -> None:
     st.markdown(CSS, unsafe_allow_html=True)
 

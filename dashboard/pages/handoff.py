@@ -5,6 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from assistant.textsafe import markdown_text as md
+from assistant.textsafe import one_line
 from dashboard import pdf, render, services
 
 cfg, user = render.boot("handoff-view")
@@ -18,10 +20,10 @@ rows = services.ward_handoff(cfg, ward_ref)
 loaded = min((r.view.loaded_at for r in rows), default=None)
 render.freshness(cfg, loaded, "handoff")
 
-st.markdown(f"## Ward handoff — {ward_name}")
+st.markdown(f"## Ward handoff — {md(ward_name)}")
 st.caption(
-    f"{len(rows)} patients, sickest first (NEWS2, I-PASS illness severity, worst flag). "
-    f"Judged at {cfg.rules_now():%d %b %Y %H:%M} UTC."
+    f"{len(rows)} patients, sickest first (flag severity and NEWS2 band together, as on the census). "
+    f"Judged at {cfg.rules_now():%d %b %Y %H:%M} UTC. Select a row to open the patient here."
 )
 file_errors = services.source_file_errors(source)
 if file_errors:
@@ -31,24 +33,40 @@ if failed:
     st.error(
         "**Part of the ward could not be loaded:** "
         + "; ".join(
-            f"{services.patient_label(r.view)}: "
-            + (r.view.error or ", ".join(f"{i.source} ({i.code})" for i in r.view.error_issues[:3]))
+            md(
+                f"{services.patient_label(r.view)}: "
+                + (r.view.error or ", ".join(f"{i.source} ({i.code})" for i in r.view.error_issues[:3]))
+            )
             for r in failed[:10]
         ),
         icon=":material/report:",
     )
 
+
+def pending_text(item: object) -> str:
+    """A pending item (text, or the core's PendingItem) with its hold mark."""
+    text = str(getattr(item, "text", item))
+    hold = getattr(item, "hold_text", "") if getattr(item, "hold", False) else ""
+    return f"{text} — {hold or 'HOLD — see flag'}" if hold or getattr(item, "hold", False) else text
+
+
+def patient_name(r: services.HandoffRow) -> str:
+    return r.view.chart.patient.name if r.view.chart else f"Patient/{r.patient_id}"
+
+
 table = pd.DataFrame(
     [
         {
-            "Bed": services.bed_label(r.view),
-            "Patient": r.view.chart.patient.name if r.view.chart else f"Patient/{r.patient_id}",
+            "Bed": one_line(services.bed_label(r.view)),
+            "Patient": one_line(patient_name(r)),
             "NEWS2": r.view.news2_total,
-            "Severity": r.level,
+            "Severity": one_line(r.level),
             "Flags": services.flag_counts(r.view),
-            "Top flags": "; ".join(f"{f.severity.upper()}: {f.title}" for f in r.view.findings[:2]),
-            "Pending": "; ".join(r.pending[:3]) + (f" (+{len(r.pending) - 3})" if len(r.pending) > 3 else ""),
-            "Open": f"/?patient={r.patient_id}",
+            "Top flags": one_line("; ".join(f"{f.severity.upper()}: {f.title}" for f in r.view.findings[:2])),
+            "Pending": one_line(
+                "; ".join(pending_text(p) for p in r.pending[:3])
+                + (f" (+{len(r.pending) - 3})" if len(r.pending) > 3 else "")
+            ),
         }
         for r in rows
     ]
@@ -83,25 +101,44 @@ if user.can("handoff-export"):
             key="handoff-pdf",
         )
 
-if not printable:
-    st.dataframe(
+if printable:
+    # Page 1 of the printout is the ward overview (st.table renders cells as Markdown: each through md()).
+    st.markdown("### Ward overview")
+    st.table(
+        pd.DataFrame(
+            [
+                {k: md(v) if isinstance(v, str) else ("—" if pd.isna(v) else v) for k, v in row.items()}
+                for row in table.to_dict("records")
+            ]
+        )
+    )
+    st.html('<div style="break-after: page"></div>')
+else:
+    picked = st.dataframe(
         table,
         hide_index=True,
         width="stretch",
         height=min(38 * (len(table) + 1) + 4, 900),
+        on_select="rerun",
+        selection_mode="single-row",
+        key="handoff-table",
         column_config={
             "NEWS2": st.column_config.NumberColumn(format="%d", width="small"),
-            "Open": st.column_config.LinkColumn("Open", display_text="Patient view", width="small"),
             "Top flags": st.column_config.TextColumn(width="large"),
             "Pending": st.column_config.TextColumn(width="large"),
         },
     )
+    chosen_rows = list(getattr(getattr(picked, "selection", None), "rows", []) or [])
+    if chosen_rows:
+        # Same tab, same session: the patient view opens in place of the handoff.
+        st.switch_page(render.PATIENT_PAGE, query_params={"patient": rows[chosen_rows[0]].patient_id})
     st.markdown("### I-PASS per patient")
 
 for n, r in enumerate(rows):
     title = (
-        f"{services.bed_label(r.view)} · {r.view.chart.patient.name if r.view.chart else r.patient_id} · "
-        f"NEWS2 {r.view.news2_total if r.view.news2_total is not None else '—'} · {r.level or 'severity unknown'}"
+        f"{md(services.bed_label(r.view))} · {md(patient_name(r))} · "
+        f"NEWS2 {r.view.news2_total if r.view.news2_total is not None else '—'} · "
+        f"{md(r.level or 'severity unknown')}"
     )
     if printable:
         st.markdown(f"#### {title}")
