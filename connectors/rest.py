@@ -16,7 +16,8 @@ from requests.adapters import HTTPAdapter
 
 from assistant.model import DataQualityIssue
 from assistant.normalize import local_ref
-from assistant.settings import load_settings
+from assistant.settings import SettingsError, load_settings, tls_verify
+from assistant.settings import get as setting_value
 from connectors.auth import Auth, BearerAuth, SmartBackendAuth
 from connectors.base import (
     CensusEntry,
@@ -103,17 +104,20 @@ class RestFhirSource(FhirSource):
     def from_settings(
         cls, base_url: str, settings: Mapping[str, str] | None = None, **overrides: Any
     ) -> RestFhirSource:
-        s = dict(load_settings() if settings is None else settings)
-        verify: bool | str = s.get("NVA_FHIR_CA_BUNDLE") or True
-        options = RestOptions(
-            connect_timeout=float(s.get("NVA_FHIR_CONNECT_TIMEOUT", 5)),
-            read_timeout=float(s.get("NVA_FHIR_READ_TIMEOUT", 30)),
-            retries=int(s.get("NVA_FHIR_RETRIES", 4)),
-            concurrency=int(s.get("NVA_FHIR_CONCURRENCY", 8)),
-            page_size=int(s.get("NVA_FHIR_PAGE_SIZE", 500)),
-            everything=s.get("NVA_FHIR_EVERYTHING", "auto"),
-            verify=verify,
-        )
+        try:  # typed from the declarations in assistant/settings.py; a bad value is a typed, fatal error
+            s = dict(load_settings() if settings is None else settings)
+            verify = tls_verify(s, "NVA_FHIR_CA_BUNDLE")
+            options = RestOptions(
+                connect_timeout=setting_value(s, "NVA_FHIR_CONNECT_TIMEOUT"),
+                read_timeout=setting_value(s, "NVA_FHIR_READ_TIMEOUT"),
+                retries=setting_value(s, "NVA_FHIR_RETRIES"),
+                concurrency=setting_value(s, "NVA_FHIR_CONCURRENCY"),
+                page_size=setting_value(s, "NVA_FHIR_PAGE_SIZE"),
+                everything=setting_value(s, "NVA_FHIR_EVERYTHING"),
+                verify=verify,
+            )
+        except SettingsError as exc:
+            raise FhirFatalError(str(exc)) from None
         options = replace(options, **overrides)
         mode = s.get("NVA_FHIR_AUTH", "none")
         auth: Auth

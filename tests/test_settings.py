@@ -108,3 +108,30 @@ def test_ca_bundle_must_be_a_pem_file(tmp_path):
 def test_redacted_hides_declared_secrets_only():
     shown = s.redacted({"NVA_LLM_API_KEY": "sk-1", "NVA_LLM_MODEL": "m", "NVA_FHIR_TOKEN": ""})
     assert shown == {"NVA_LLM_API_KEY": "***", "NVA_LLM_MODEL": "m", "NVA_FHIR_TOKEN": ""}
+
+
+@pytest.mark.parametrize("bundle", ["false", "/nonexistent/ca.pem"])
+def test_bad_fhir_ca_bundle_is_a_typed_error_in_the_cli(monkeypatch, capsys, bundle):
+    from assistant.cli import main
+    from connectors.errors import FhirFatalError
+    from connectors.rest import RestFhirSource
+
+    with pytest.raises(FhirFatalError, match="NVA_FHIR_CA_BUNDLE"):
+        RestFhirSource.from_settings("https://127.0.0.1:9/fhir", {"NVA_FHIR_CA_BUNDLE": bundle})
+    monkeypatch.setenv("NVA_FHIR_CA_BUNDLE", bundle)
+    monkeypatch.setenv("NVA_SECRETS_FILE", "/nonexistent/secrets.toml")
+    assert main(["patients", "https://127.0.0.1:9/fhir"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("nva: error: NVA_FHIR_CA_BUNDLE=") and "Traceback" not in err and "OSError" not in err
+    )
+
+
+def test_rest_settings_use_the_declared_defaults():
+    from connectors.rest import RestFhirSource
+
+    src = RestFhirSource.from_settings("https://127.0.0.1:9/fhir", {})
+    assert src.options.concurrency == s.default("NVA_FHIR_CONCURRENCY")
+    assert src.options.read_timeout == s.default("NVA_FHIR_READ_TIMEOUT") and src.options.verify is True
+    with pytest.raises(Exception, match="NVA_FHIR_RETRIES must be an integer"):
+        RestFhirSource.from_settings("https://127.0.0.1:9/fhir", {"NVA_FHIR_RETRIES": "many"})
