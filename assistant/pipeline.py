@@ -18,6 +18,7 @@ from assistant.views import (
     build_patient_view,
     census_row,
     default_since,
+    delta_since,
     failed_view,
     sort_by_acuity,
     ward_delta,
@@ -294,7 +295,7 @@ def ward_view(
     ordered = sort_by_acuity(list(views))
     ward = WardView(ward_ref=ward_ref, ward_name=ward_name, now=now, since=since)
     ward.patients = {v.patient_id: v for v in ordered}
-    ward.rows = [census_row(v, illness_severity(v)) for v in ordered]
+    ward.rows = [census_row(v, illness_severity(v), since=since) for v in ordered]
     ward.delta = ward_delta(ordered, since, now)
     ward.errors = [f"Patient/{v.patient_id}: {v.error}" for v in ordered if v.error]
     if with_handoff:
@@ -302,6 +303,11 @@ def ward_view(
             ordered, ward=ward_name, now=now, backend=backend, retriever=retriever, max_tokens=max_tokens
         )
     return ward
+
+
+def patient_delta(view: PatientView, since: datetime | None = None) -> Any:
+    """One patient's "since last shift" delta from a time the nurse picks (default: acuity.toml's 12 h)."""
+    return delta_since(view, as_utc(since) if since is not None else default_since(view.now))
 
 
 def illness_severity(view: PatientView) -> str:

@@ -550,7 +550,7 @@ def acuity(findings: list[Finding], news: News2Now | None, *, failed: bool = Fal
     for tier in table["tiers"]:
         met = []
         if tier.get("chart_error") and failed:
-            met.append("the chart could not be read")
+            met.append("the chart could not be read in full")
         if band and band in tier.get("news2_bands", ()):
             met.append(f"NEWS2 {total} ({band_label(band).lower()})")
         if tier.get("min_high") and highs >= int(tier["min_high"]):
@@ -817,11 +817,21 @@ class CensusRow:
     news2_response: str = ""
 
 
-def census_row(view: PatientView, illness_severity: str = "") -> CensusRow:
+def delta_since(view: PatientView, since: datetime) -> PatientDelta | None:
+    """The view's delta for a look-back the nurse picked (the view's own when it is the same)."""
+    if view.chart is None:
+        return None
+    if view.delta is not None and view.delta.since == since:
+        return view.delta
+    return patient_delta(view.chart, view.now, since, news_now=view.news2_total)
+
+
+def census_row(view: PatientView, illness_severity: str = "", *, since: datetime | None = None) -> CensusRow:
     chart = view.chart
     head = view.header
     orders = {o.ref: o.text for o in chart.orders} if chart else {}
-    new = view.delta.count("result-new", "result-changed") if view.delta else 0
+    delta = delta_since(view, since) if since is not None else view.delta
+    new = delta.count("result-new", "result-changed") if delta else 0
     return CensusRow(
         patient_id=view.patient_id,
         patient_ref=chart.patient_ref if chart else f"Patient/{view.patient_id}",
@@ -864,4 +874,5 @@ class WardView:
 
 
 def ward_delta(views: list[PatientView], since: datetime, now: datetime) -> WardDelta:
-    return WardDelta(since, now, [v.delta for v in sort_by_acuity(views) if v.delta is not None])
+    deltas = [delta_since(v, since) for v in sort_by_acuity(views)]
+    return WardDelta(since, now, [d for d in deltas if d is not None])

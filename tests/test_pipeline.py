@@ -223,3 +223,26 @@ def test_a_local_clock_gives_the_same_instant_stated_in_utc(ward: Any, demo_anch
     assert all(v.now.utcoffset() == timedelta(0) for v in ward.patients.values())
     with pytest.raises(ValueError, match="timezone-aware"):
         pipeline.as_utc(demo_anchor.replace(tzinfo=None))
+
+
+def test_ward_delta_follows_the_chosen_look_back(ward: Any, demo_ward_dir: Path) -> None:
+    from connectors import open_source
+
+    since = ward.now - timedelta(hours=2)
+    with open_source(demo_ward_dir) as src:
+        short = pipeline.ward_view(src, WARD, ward.now, since=since, views=list(ward.patients.values()))
+    assert short.since == since and short.delta.since == since
+    assert [d.patient_ref for d in short.delta.patients] == [r.patient_ref for r in short.rows]
+    default = {d.patient_ref: d for d in ward.delta.patients}
+    for d, row in zip(short.delta.patients, short.rows, strict=True):
+        assert all(since < i.time <= ward.now for i in d.items if i.kind != "news2")
+        assert {i.refs for i in d.items if i.kind != "news2"} <= {
+            i.refs for i in default[d.patient_ref].items if i.kind != "news2"
+        }
+        assert row.new_results == d.count("result-new", "result-changed")
+    assert sum(len(d.items) for d in short.delta.patients) < sum(len(d.items) for d in ward.delta.patients)
+    view = next(iter(ward.patients.values()))
+    assert pipeline.patient_delta(view).since == ward.since
+    assert pipeline.patient_delta(view, since).items == next(
+        d.items for d in short.delta.patients if d.patient_ref == view.patient_ref
+    )
