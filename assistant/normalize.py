@@ -145,6 +145,17 @@ def _str(obj: Any, key: str, where: str) -> str | None:
     return _get(obj, key, str, where)
 
 
+def _strings(items: list, where: str) -> list[str]:
+    """The string entries of an array; a non-string entry is reported and skipped."""
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(item)
+        else:
+            _bad(f"{where} entries should be strings, got {_json_type(item)}")
+    return out
+
+
 def _dicts(items: list, where: str) -> list[dict]:
     """The object entries of an array; a non-object entry is one ignored field, not a lost resource."""
     out = []
@@ -229,12 +240,18 @@ def _ref(obj: Any, key: str, where: str) -> str | None:
 
 
 def _codings(concept: Any, where: str) -> list[dict]:
-    if not concept:
+    if concept is None or concept == {}:
         return []
     if not isinstance(concept, dict):
         _bad(f"{where} should be a CodeableConcept object, got {_json_type(concept)}")
         return []
-    return _dicts(_list(concept, "coding", where), f"{where}.coding")
+    codings = []
+    for c in _dicts(_list(concept, "coding", where), f"{where}.coding"):
+        bad = [k for k in ("system", "code", "display") if c.get(k) is not None and not isinstance(c[k], str)]
+        for k in bad:
+            _bad(f"{where}.coding.{k} should be a string, got {_json_type(c[k])}")
+        codings.append({k: v for k, v in c.items() if k not in bad} if bad else c)
+    return codings
 
 
 def _codes(concept: Any, system: str, where: str) -> list[str]:
@@ -246,7 +263,7 @@ def _codes(concept: Any, system: str, where: str) -> list[str]:
 
 
 def _concept_text(concept: Any, where: str) -> str:
-    if not concept:
+    if concept is None or concept == {}:
         return ""
     if not isinstance(concept, dict):
         _bad(f"{where} should be a CodeableConcept object, got {_json_type(concept)}")
@@ -272,7 +289,7 @@ def _first_code(concept: Any, where: str) -> str | None:
 
 
 def _quantity(obj: Any, where: str) -> Quantity | None:
-    if not obj:
+    if obj is None or obj == {}:
         return None
     if not isinstance(obj, dict):
         _bad(f"{where} should be a Quantity object, got {_json_type(obj)}")
@@ -467,6 +484,7 @@ class ChartBuilder:
         self.index: dict[str, dict] = {}
         self.count = 0
         self.duplicates = 0
+        self.unreadable_patients = 0  # Patient resources skipped for want of a string id
 
     def add(self, resource: Any, *, origin: str | None = None) -> None:
         self.count += 1
@@ -483,6 +501,7 @@ class ChartBuilder:
         rtype = resource["resourceType"]
         ref = resource_key(resource)
         if ref is None:
+            self.unreadable_patients += rtype == "Patient"
             where = origin or f"{rtype}/<no id>"
             self.issues.append(
                 DataQualityIssue(
@@ -532,6 +551,17 @@ class ChartBuilder:
                     subject = self._subject(resource, rtype, ref)
                     if subject is not None and subject != patient.ref:
                         continue  # another patient's resource in a shared bundle: not ours to show
+                    if subject is None and len(self.by_type["Patient"]) > 1:
+                        # With several patients at hand, a resource naming none may belong to any of them.
+                        self.issues.append(
+                            DataQualityIssue(
+                                ref,
+                                "unattributed-resource",
+                                "names no patient; not shown in any chart",
+                                "error",
+                            )
+                        )
+                        continue
                     produced = self._read(handler, resource, ref)
                 except ResourceShapeError as exc:
                     self.issues.append(DataQualityIssue(ref, "invalid-resource", str(exc), "error"))
@@ -593,7 +623,12 @@ class ChartBuilder:
             patients = [p for p in patients if p.get("id") == self.patient_id]
         if not patients:
             wanted = f"Patient/{self.patient_id}" if self.patient_id else "a Patient resource"
-            raise PatientNotFoundError(f"{self.source} holds no {wanted}; check the patient id")
+            why = (
+                f" ({self.unreadable_patients} Patient resource(s) without a string id were skipped)"
+                if self.unreadable_patients
+                else ""
+            )
+            raise PatientNotFoundError(f"{self.source} holds no {wanted}{why}; check the patient id")
         if len(patients) > 1 and not self.patient_id:
             raise PatientNotFoundError(f"{self.source} holds {len(patients)} patients; pass --patient ID")
         p = patients[0]
@@ -680,7 +715,7 @@ class ChartBuilder:
             for cd in _codings(code, f"{ref}.code")
         )
         ingredients, classes = self.terms.resolve_allergen(_codes(code, RXNORM, f"{ref}.code"), text)
-        categories = [c for c in _list(r, "category", ref) if isinstance(c, str)]
+        categories = _strings(_list(r, "category", ref), f"{ref}.category")
         about_medication = not categories or "medication" in categories
         if about_medication and not nka and not ingredients and not classes:
             self.issues.append(
@@ -931,7 +966,7 @@ class ChartBuilder:
         if value is not None and not _finite(value):
             _bad(f"{ref} value {original} is out of range after unit conversion")
             value = None
-        range0 = ranges[0] if ranges and isinstance(ranges[0], dict) else {}
+        range0 = next(iter(_dicts(ranges[:1], f"{ref}.referenceRange")), {})
         if range0:
             low_q = _quantity(range0.get("low"), f"{ref}.referenceRange.low")
             high_q = _quantity(range0.get("high"), f"{ref}.referenceRange.high")
@@ -1015,7 +1050,7 @@ def _human_name(names: list, where: str) -> str:
     for n in _dicts(names, where):
         use = _str(n, "use", where)
         if use in (None, "official", "usual"):
-            given = " ".join(g for g in _list(n, "given", where) if isinstance(g, str))
+            given = " ".join(_strings(_list(n, "given", where), f"{where}.given"))
             family = _str(n, "family", where) or ""
             text = _str(n, "text", where) or ""
             full = text or f"{given} {family}".strip()
