@@ -13,6 +13,7 @@ from typing import TextIO
 
 from assistant.logsetup import configure_logging
 from assistant.model import Chart
+from assistant.settings import SettingsError
 from connectors.errors import FhirError
 
 log = logging.getLogger("nva")
@@ -180,7 +181,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except FhirError as exc:
         sys.stderr.write(f"nva: error: {exc}\n")
         return 2
-    except LookupError as exc:  # PatientNotFoundError and friends carry a message meant for the user
+    # Not found (PatientNotFoundError and friends), or a setting / secrets.toml: each message says what to fix.
+    except (LookupError, SettingsError) as exc:
         sys.stderr.write(f"nva: error: {exc}\n")
         return 2
 

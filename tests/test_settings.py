@@ -135,3 +135,14 @@ def test_rest_settings_use_the_declared_defaults():
     assert src.options.read_timeout == s.default("NVA_FHIR_READ_TIMEOUT") and src.options.verify is True
     with pytest.raises(Exception, match="NVA_FHIR_RETRIES must be an integer"):
         RestFhirSource.from_settings("https://127.0.0.1:9/fhir", {"NVA_FHIR_RETRIES": "many"})
+
+
+def test_invalid_secrets_file_stops_the_cli_with_a_message(monkeypatch, capsys, tmp_path):
+    from assistant.cli import main
+
+    secrets = tmp_path / "secrets.toml"
+    secrets.write_text("[auth\n")
+    monkeypatch.setenv("NVA_SECRETS_FILE", str(secrets))
+    assert main(["patients", "https://127.0.0.1:9/fhir"]) == 2
+    err = capsys.readouterr().err
+    assert "not valid TOML" in err and str(secrets) in err and "Traceback" not in err
