@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export ANONYMIZED_TELEMETRY := False
 
-.PHONY: run test setup setup-test demo guidelines lint bench clean
+.PHONY: run test setup setup-test demo guidelines model lint bench clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3 ...'"; exit 1; }
@@ -35,8 +35,14 @@ demo: $(DATA_DIR)/demo-ward/answer_key.json
 guidelines: $(VENV)/.installed
 	NVA_DATA_DIR=$(DATA_DIR) $(VENV)/bin/nva guidelines ingest guidelines/corpus
 
-run: demo guidelines
-	NVA_DATA_DIR=$(DATA_DIR) $(VENV)/bin/streamlit run dashboard/app.py --server.address 127.0.0.1 --server.port $${PORT:-8501}
+# The embedded model's int8 ONNX copy, exported once from the packaged GGUF (about a minute on 2 cores).
+model: $(VENV)/.installed
+	NVA_DATA_DIR=$(DATA_DIR) $(PY) -m assistant.llm.onnx_backend
+
+# The embedded model (NVA_LLM_BACKEND=onnx) unless the environment or .streamlit/secrets.toml names a backend.
+run: demo guidelines model
+	env NVA_DATA_DIR=$(DATA_DIR) $$(grep -qs '^ *NVA_LLM_BACKEND' .streamlit/secrets.toml || echo NVA_LLM_BACKEND=$${NVA_LLM_BACKEND:-onnx}) \
+	$(VENV)/bin/streamlit run dashboard/app.py --server.address 127.0.0.1 --server.port $${PORT:-8501}
 
 test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff format --check .

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -499,3 +500,88 @@ def test_transformers_backend_answers_and_streams():
     (copy,) = cache_dir.glob("SmolLM2-135M-Instruct.Q4_1-*-hf")
     assert json.loads((copy / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert "quantization_config" not in json.loads((copy / "config.json").read_text())
+
+
+# --- in-process ONNX Runtime backend (the embedded default) -----------------------------------------
+
+
+def test_onnx_copy_dir_names_the_gguf_size_and_recipe(tmp_path):
+    from assistant.llm.onnx_backend import EXPORT_FORMAT, PRECISION, onnx_copy_dir
+    from assistant.llm.transformers_backend import ModelSource
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"x" * 7)
+    out = onnx_copy_dir(ModelSource(str(tmp_path), "m.gguf"), tmp_path / "models")
+    assert out.parent == tmp_path / "models"
+    assert out.name == f"m-7-onnx-{PRECISION}-v{EXPORT_FORMAT}"
+    with pytest.raises(ValueError):
+        onnx_copy_dir(ModelSource(str(tmp_path), None), tmp_path)
+
+
+def test_onnx_backend_refuses_a_folder_without_gguf_or_genai_config(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(LlmConfigError, match="onnx backend needs"):
+        make_backend({"NVA_LLM_BACKEND": "onnx", "NVA_LLM_MODEL_PATH": str(tmp_path)})
+
+
+def test_warm_is_a_no_op_without_a_local_model():
+    from assistant.llm import NoBackend, warm
+
+    warm(None)
+    warm(NoBackend())
+    scripted = ScriptedBackend([])  # not a small in-process model: nothing is called
+    warm(scripted, [PROMPT])
+    assert scripted.calls == []
+
+
+@pytest.fixture(scope="module")
+def onnx_backend():
+    # Same persistent cache as the transformers tests: the first run exports the GGUF once (~1 min).
+    cache_dir = _llm_server().model_cache_dir().parent
+    return make_backend({"NVA_LLM_BACKEND": "onnx", "NVA_LLM_CACHE_DIR": str(cache_dir)})
+
+
+@pytest.mark.slow
+def test_onnx_backend_answers_streams_and_exports_once(onnx_backend):
+    backend = onnx_backend
+    result = backend.chat(PROMPT, max_tokens=6)
+    assert result.text.strip() and result.backend == "onnx" and backend.small_model
+    assert result.prompt_tokens > 10 and 0 < result.completion_tokens <= 6
+    with backend.stream(PROMPT, max_tokens=6) as stream:
+        deltas = list(stream)
+    assert "".join(deltas) == stream.result.text == result.text
+    early = backend.stream([ChatMessage("user", "Count from 1 to 100.")], max_tokens=200)
+    next(early)
+    early.close()
+    assert not early.done
+    # The export is in the cache dir, and a second backend reuses it instead of exporting again.
+    path = backend.model_dir()
+    assert (path / "genai_config.json").is_file() and path.parent == Path(backend.settings.cache_dir)
+    again = make_backend({"NVA_LLM_BACKEND": "onnx", "NVA_LLM_CACHE_DIR": backend.settings.cache_dir})
+    assert again.model_dir() == path and again.prepare_s == 0.0
+
+
+@pytest.mark.slow
+def test_onnx_prefix_cache_gives_the_same_text_as_a_cold_start(onnx_backend):
+    from assistant.llm.onnx_backend import OnnxEngine
+
+    system = ChatMessage("system", "You rewrite one chart FACT as one short, plain sentence for a nurse.")
+    facts = [
+        "Glucose 182 mg/dL (high) at 2026-03-16 05:10",
+        "Potassium 5.9 mmol/L (high) at 2026-03-16 04:30",
+    ]
+    warm_engine = onnx_backend.engine()
+    answers = []
+    for fact in [*facts, "Say hello.", *facts]:
+        msgs = [system, ChatMessage("user", f"FACT: {fact}")]
+        answers.append((onnx_backend.chat(msgs, max_tokens=24).text, warm_engine.last_reused))
+    # The second fact and the repeats found the shared system prompt in a cache ...
+    assert answers[1][1] > 10 and answers[4][1] > 10
+    # ... and the greedy text equals what a fresh engine (no cache at all) writes for the same prompt.
+    cold = OnnxEngine(onnx_backend.model_dir(), 2)
+    for i, fact in enumerate(facts):
+        ids = cold.encode_chat([system, ChatMessage("user", f"FACT: {fact}")])
+        with cold.lock:
+            text = "".join(d for _, d in cold.generate(ids, 24, 0.0, time.monotonic() + 120))
+        cold.slots.clear()
+        assert text == answers[i][0] == answers[i + 3][0]

@@ -183,6 +183,7 @@ class OnnxEngine:
         self.eos = {int(t) for t in self.tokenizer.eos_token_ids}
         self.slots: list[_Slot] = []
         self.lock = threading.Lock()
+        self.last_reused = 0  # prompt tokens the last call found in a cache (tests and benchmarks read it)
         self.load_s = clock.elapsed()
         log.info("loaded ONNX model %s in %.2fs", path.name, self.load_s)
 
@@ -240,6 +241,7 @@ class OnnxEngine:
             cached = True
         import numpy as np
 
+        self.last_reused = have
         gen = slot.generator
         gen.append_tokens(np.asarray([ids[have:]], dtype=np.int32))
         slot.tokens = list(ids)
@@ -410,3 +412,24 @@ class OnnxBackend(LlmBackend):
         )
         log_result(result)
         return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m assistant.llm.onnx_backend [--cache-dir DIR]`: export the default model now (make run does)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Prepare the embedded model's ONNX copy (once per machine).")
+    parser.add_argument("--cache-dir", help="where to keep it (default: NVA_DATA_DIR/models)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    settings = LlmSettings(backend="onnx", cache_dir=args.cache_dir)
+    backend = OnnxBackend(settings)
+    clock = Clock()
+    path = backend.model_dir()
+    load_engine(path, settings.torch_threads)
+    log.info("ONNX model ready in %s (%.1fs, export %.1fs)", path, clock.elapsed(), backend.prepare_s)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
