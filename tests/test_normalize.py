@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import pytest
 
-from assistant.normalize import PatientNotFoundError, build_chart, parse_datetime
-from assistant.terminology import terminology
+from assistant.normalize import (
+    PatientNotFoundError,
+    build_chart,
+    code_status,
+    current_encounter,
+    is_current_encounter,
+    parse_datetime,
+)
+from assistant.terminology import fhir_codes, terminology
 
 PID = "p1"
 
@@ -343,3 +351,81 @@ def test_notes_decode_and_entered_in_error_is_dropped():
 )
 def test_fhir_datetimes_become_utc(text, iso):
     assert parse_datetime(text).isoformat() == iso
+
+
+def encounter(eid, status, cls="IMP", start="2026-03-14T10:00:00Z"):
+    return {
+        "resourceType": "Encounter",
+        "id": eid,
+        "status": status,
+        "class": {"code": cls},
+        "subject": {"reference": f"Patient/{PID}"},
+        "period": {"start": start},
+    }
+
+
+def test_current_encounter_uses_the_statuses_and_classes_in_fhir_codes():
+    codes = fhir_codes()
+    assert {"in-progress", "arrived", "triaged", "onleave"} <= codes.current_encounter_statuses
+    assert "finished" not in codes.current_encounter_statuses
+    chart = chart_of(
+        encounter("done", "finished", start="2026-03-15T00:00:00Z"),
+        encounter("amb", "in-progress", cls="AMB", start="2026-03-15T09:00:00Z"),
+        encounter("stay", "onleave"),
+    )
+    assert (
+        chart.encounter.ref == "Encounter/stay"
+    )  # current, and an inpatient class wins over a later AMB visit
+    assert current_encounter(chart.encounters) is chart.encounter
+    assert chart_of(encounter("done", "finished")).encounter is None
+    assert is_current_encounter(encounter("x", "triaged")) and not is_current_encounter(
+        {"status": ["arrived"]}
+    )
+
+
+def code_status_obs(oid, code, text, when="2026-03-15T06:00:00Z", loinc="100822-6"):
+    return {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "subject": {"reference": f"Patient/{PID}"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": loinc}], "text": "Code status"},
+        "effectiveDateTime": when,
+        "valueCodeableConcept": {
+            "coding": [{"system": "http://snomed.info/sct", "code": code}],
+            "text": text,
+        },
+    }
+
+
+def test_code_status_is_read_from_loinc_100822_6_not_from_keywords():
+    chart = chart_of(
+        code_status_obs("cs1", "304252001", "Full code", when="2026-03-14T06:00:00Z"),
+        code_status_obs("cs2", "304253006", "Not for resus (ward wording)"),
+        code_status_obs("other", "304253006", "DNR", loinc="8310-5"),  # a DNR word under another code: not it
+    )
+    status = code_status(chart)
+    assert (status.ref, status.kind, status.text) == (
+        "Observation/cs2",
+        "dnr",
+        "Not for resus (ward wording)",
+    )
+    assert code_status(chart_of(obs("k", "2823-3", 4.0, "mmol/L"))) is None
+    unknown = code_status(chart_of(code_status_obs("cs3", "999", "Limited interventions")))
+    assert (unknown.kind, unknown.text) == ("unknown", "Limited interventions")
+
+
+def test_every_fhir_code_table_names_its_public_source():
+    text = (Path(__file__).resolve().parent.parent / "assistant" / "data" / "fhir_codes.toml").read_text()
+    tables = [line for line in text.splitlines() if line.startswith("[")]
+    assert tables
+    for block in text.split("\n[")[1:]:
+        assert "Source" in block or "Sources" in block or "http" in block, block.splitlines()[0]
+
+
+def test_the_demo_ward_code_status_is_found(demo_ward_dir):
+    from connectors.bundle_dir import BundleDirSource
+
+    source = BundleDirSource(demo_ward_dir)
+    kinds = {code_status(source.patient_chart(pid)).kind for pid in source.iter_patient_ids()}
+    assert kinds == {"full", "dnr"}
