@@ -7,6 +7,7 @@ from connectors.errors import (
     FhirFatalError,
     FhirNotFoundError,
     FhirResponseError,
+    FhirSettingsError,
     FhirTemporaryError,
     SourceFileError,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "FhirFatalError",
     "FhirNotFoundError",
     "FhirResponseError",
+    "FhirSettingsError",
     "FhirSource",
     "FhirTemporaryError",
     "PatientRecord",

@@ -35,6 +35,10 @@ class FhirAuthError(FhirFatalError):
     """Credentials are missing, wrong or expired beyond one re-authentication."""
 
 
+class FhirSettingsError(FhirFatalError):
+    """A FHIR setting (NVA_FHIR_*) has a value that cannot be used; the message names it and what to set."""
+
+
 class FhirResponseError(FhirFatalError):
     """The server answered with something that is not the FHIR JSON expected (HTML, truncated JSON, ...)."""
 

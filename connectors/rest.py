@@ -33,6 +33,7 @@ from connectors.errors import (
     FhirFatalError,
     FhirNotFoundError,
     FhirResponseError,
+    FhirSettingsError,
     FhirTemporaryError,
 )
 from connectors.http import (
@@ -117,7 +118,7 @@ class RestFhirSource(FhirSource):
                 verify=verify,
             )
         except SettingsError as exc:
-            raise FhirFatalError(str(exc)) from None
+            raise FhirSettingsError(str(exc)) from None
         options = replace(options, **overrides)
         mode = s.get("NVA_FHIR_AUTH", "none")
         auth: Auth
