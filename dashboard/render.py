@@ -192,10 +192,12 @@ def load_banners(view: services.PatientView, file_errors: list[tuple[str, str]] 
 
 # --- header ------------------------------------------------------------------------------------------
 def patient_header(view: services.PatientView) -> None:
+    """Who, where, NEWS2 with band and response, allergies, code status, isolation, and what to do now."""
     chart = view.chart
     assert chart is not None
+    head = getattr(view, "header", None)
     p = chart.patient
-    age = services.age_of(chart, view.now)
+    age = head.age if head is not None else services.age_of(chart, view.now)
     enc = chart.encounter
     where = "location not recorded"
     if enc and (enc.ward_name or enc.bed_name):
@@ -216,29 +218,74 @@ def patient_header(view: services.PatientView) -> None:
     st.markdown(" · ".join(b for b in bits if b))
     if enc and enc.reason:
         st.caption(f"Admitted {fmt_time(enc.start)} for {md(enc.reason)}")
-    allergy_banner(chart)
-    status = services.code_status(chart)
-    if status:
-        st.markdown(f"**Code status:** {md(status[0])} :gray[({md(status[1])})]")
-
-
-def allergy_banner(chart: Chart) -> None:
-    active = chart.active_allergies()
-    if active:
-        parts = []
-        for a in active:
-            crit = (
-                f" — {a.criticality} criticality"
-                if a.criticality and a.criticality != "unable-to-assess"
-                else ""
-            )
-            react = f" ({', '.join(a.reactions)})" if a.reactions else ""
-            parts.append(f"{a.substance}{react}{crit}")
-        st.html(f'<div class="nva-allergy" role="alert">{html_text(allergy_text(chart))}</div>')
-    elif any(a.no_known_allergy for a in chart.allergies):
-        st.html(f'<div class="nva-allergy nka">{html_text(allergy_text(chart))}</div>')
+    news = getattr(head, "news2", None)
+    if news is not None:
+        news2_banner(news)
+    allergy_banner(chart, head)
+    cs = getattr(head, "code_status", None) if head is not None else None
+    legacy = services.code_status(chart) if head is None else None
+    if cs is not None:
+        st.markdown(f"**Code status:** {md(cs.text)} :gray[({md(cs.ref)})]")
+    elif legacy:
+        st.markdown(f"**Code status:** {md(legacy[0])} :gray[({md(legacy[1])})]")
     else:
-        st.html(f'<div class="nva-allergy unknown" role="alert">{html_text(allergy_text(chart))}</div>')
+        st.markdown("**Code status:** :gray[not recorded]")
+    iso = getattr(head, "isolation", None) if head is not None else None
+    if iso is not None:
+        st.markdown(f":violet-badge[ISOLATION] {md(iso.text)} :gray[({md(iso.ref)})]")
+    do_now_section(view)
+
+
+def news2_banner(news: Any) -> None:
+    """NEWS2 where the nurse looks: score, band in colour AND words, the RCP response, what may be missing."""
+    if news.total is None:
+        st.markdown(":gray-badge[NEWS2 — not scored] :gray[no recent vital signs]")
+        return
+    arrow = ""
+    if news.change is not None:
+        arrow = (
+            f" ▲ +{news.change}"
+            if news.change > 0
+            else (f" ▼ {news.change}" if news.change < 0 else " (no change)")
+        )
+    when = f" · {fmt_time(news.time)}" if news.time else ""
+    missing = f" — **missing, may be understated:** {md(', '.join(news.missing))}" if news.missing else ""
+    st.markdown(
+        f"{news2_badge(news.total, news.band, news.band_label, news.incomplete)}{md(arrow)} "
+        f"**{md(news.response or 'routine monitoring')}**{missing} :gray[{md(when)}]"
+    )
+
+
+def do_now_section(view: services.PatientView) -> None:
+    """Doses due within the hour (and late ones), each marked HOLD — see flag when a flag says not to give it."""
+    do_now = getattr(view, "do_now", None)
+    if do_now is None:
+        return
+    if not do_now:
+        st.markdown("**What to do now:** :gray[no dose due within the hour]")
+        return
+    lines = []
+    for d in do_now:
+        state = ":red-badge[LATE]" if d.state == "late" else ":blue-badge[DUE]"
+        why = md(d.hold_text.removeprefix("HOLD — see flag: ")) if d.hold_text else ""
+        hold = f" :red-badge[HOLD — see flag] {why}" if d.hold else ""
+        lines.append(f"- {state} {fmt_clock(d.time)} {md(d.label)}{hold}")
+    st.markdown("**What to do now** (doses due within the hour):\n" + "\n".join(lines))
+
+
+def allergy_banner(chart: Chart, head: Any = None) -> None:
+    """The allergy banner, in the core's wording (the PDF prints the same text)."""
+    status = head.allergy_status if head is not None else None
+    text = head.allergy_text if head is not None else allergy_text(chart)
+    if status is None:
+        status = (
+            "active"
+            if chart.active_allergies()
+            else ("nka" if any(a.no_known_allergy for a in chart.allergies) else "not-recorded")
+        )
+    cls = {"active": "", "nka": " nka"}.get(status, " unknown")
+    role = "" if status == "nka" else ' role="alert"'
+    st.html(f'<div class="nva-allergy{cls}"{role}>{html_text(text)}</div>')
 
 
 def allergy_text(chart: Chart) -> str:
@@ -1135,19 +1182,18 @@ class CensusLine:
     loaded_at: datetime | None
 
 
-def census_rows(cfg: services.AppConfig, ward_ref: str | None, since: datetime) -> list[CensusLine]:
-    """The census rows in the core's acuity order (assistant.views.WardView when the services offer it)."""
+def census_rows(
+    cfg: services.AppConfig, ward_ref: str | None, since: datetime
+) -> tuple[list[CensusLine], Any]:
+    """The census rows in the core's acuity order and the ward's 'since last shift' delta (or None)."""
     ward_view = getattr(services, "ward_view", None)
     if callable(ward_view):
-        try:
-            wv = ward_view(cfg, ward_ref, since=since)
-        except TypeError:
-            wv = ward_view(cfg, ward_ref)
+        wv = ward_view(cfg, ward_ref, since=since)
         patients = getattr(wv, "patients", {}) or {}
-        return [_census_line(r, patients.get(r.patient_id)) for r in wv.rows]
+        return [_census_line(r, patients.get(r.patient_id)) for r in wv.rows], getattr(wv, "delta", None)
     views = services.ward_views(cfg, ward_ref)
     views.sort(key=services.acuity_key)
-    return [_census_line_from_view(v, since) for v in views]
+    return [_census_line_from_view(v, since) for v in views], None
 
 
 def _census_line(r: Any, view: Any) -> CensusLine:
@@ -1232,7 +1278,7 @@ def severity_badge_n(severity: str, n: int) -> str:
     return f":{SEVERITY_BADGE.get(severity, 'gray')}-badge[{n} {severity.upper()}]"
 
 
-CENSUS_COLUMNS = (0.7, 2.0, 0.5, 1.3, 2.2, 1.4, 2.0, 0.8)
+CENSUS_COLUMNS = (0.6, 1.9, 0.45, 1.5, 2.2, 1.4, 2.0, 0.7)
 
 
 def census_table(rows: list[CensusLine], since: datetime) -> None:
@@ -1279,14 +1325,12 @@ def fmt_clock(t: datetime | None) -> str:
     return "--:--" if t is None else f"{t:%H:%M}"
 
 
-def ward_delta_section(cfg: services.AppConfig, ward_ref: str | None, since: datetime) -> None:
+def ward_delta_section(delta: Any, since: datetime) -> None:
     """'Since last shift' for the ward: what the core's delta lists, per patient (newest first)."""
-    ward_delta = getattr(services, "ward_delta", None)
     st.markdown(f"### Since last shift ({since:%d %b %H:%M} UTC)")
-    if not callable(ward_delta):
+    if delta is None:
         st.caption("The shift delta is not available from this version of the core.")
         return
-    delta = ward_delta(cfg, ward_ref, since)
     shown = [p for p in delta.patients if p.items or p.news2_change]
     if not shown:
         st.caption("Nothing new since then.")

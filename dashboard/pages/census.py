@@ -26,7 +26,7 @@ hours = st.sidebar.select_slider(
     help="New results and the 'since last shift' list count from this many hours before the judged time.",
 )
 since = cfg.rules_now() - timedelta(hours=hours)
-rows = render.census_rows(cfg, ward_ref, since)
+rows, delta = render.census_rows(cfg, ward_ref, since)
 loaded = min((r.loaded_at for r in rows if r.loaded_at), default=None)
 render.freshness(cfg, loaded, "census")
 st.caption(
@@ -35,4 +35,4 @@ st.caption(
     "Tab to a name and press Enter to open the patient."
 )
 render.census_table(rows, since)
-render.ward_delta_section(cfg, ward_ref, since)
+render.ward_delta_section(delta, since)
