@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from importlib import resources
@@ -876,3 +876,18 @@ class WardView:
 def ward_delta(views: list[PatientView], since: datetime, now: datetime) -> WardDelta:
     deltas = [delta_since(v, since) for v in sort_by_acuity(views)]
     return WardDelta(since, now, [d for d in deltas if d is not None])
+
+
+def to_jsonable(obj: Any) -> Any:
+    """A view (dataclasses, datetimes, tuples) as plain JSON values, e.g. for `nva census --format json`."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        if isinstance(obj, PatientView):
+            raise TypeError("a PatientView holds the whole chart; serialise its parts")
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    return obj

@@ -246,3 +246,20 @@ def test_ward_delta_follows_the_chosen_look_back(ward: Any, demo_ward_dir: Path)
     assert pipeline.patient_delta(view, since).items == next(
         d.items for d in short.delta.patients if d.patient_ref == view.patient_ref
     )
+
+
+def test_nva_census_prints_the_ward_view(demo_ward_dir: Path, ward: Any) -> None:
+    when = ward.now.astimezone(LOCAL).isoformat()
+    base = ("census", str(demo_ward_dir), "--ward", "4B Med-Surg", "--now", when)
+    data = json.loads(_cli(*base, "--format", "json"))
+    assert [r["patient_ref"] for r in data["rows"]] == [r.patient_ref for r in ward.rows]
+    assert data["since"] == ward.since.isoformat() and data["now"] == ward.now.isoformat()
+    assert [r["acuity"]["tier"] for r in data["rows"]] == [r.acuity.tier for r in ward.rows]
+    text = _cli(*base)
+    held = next(r for r in ward.rows if any(d.hold for d in r.due_next_hour))
+    line = next(t for t in text.splitlines() if held.due_next_hour[0].label in t and "HOLD" in t)
+    assert held.due_next_hour[0].hold_text in line
+    short = json.loads(
+        _cli(*base, "--format", "json", "--since", (ward.now - timedelta(hours=1)).isoformat())
+    )
+    assert sum(r["new_results"] for r in short["rows"]) < sum(r.new_results for r in ward.rows)

@@ -111,7 +111,66 @@ def _cmd_handoff(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def census_text(ward: Any) -> str:
+    """The ward census as text: sickest first, NEWS2 band, flags, holds, doses due now, changes since `since`."""
+    lines = [
+        f"Ward census{' - ' + ward.ward_name if ward.ward_name else ''} at {ward.now:%Y-%m-%d %H:%M} UTC "
+        f"(changes since {ward.since:%Y-%m-%d %H:%M} UTC)"
+    ]
+    for r in ward.rows:
+        news = f"NEWS2 {r.news2} {r.news2_band_label}" if r.news2 is not None else "NEWS2 not scored"
+        if r.news2_incomplete:
+            news += " (incomplete)"
+        age = f" ({r.age})" if r.age is not None else ""
+        lines.append(f"{r.bed or '-'}  {r.name}{age}  {news}  [{r.acuity.label}]  {r.patient_ref}")
+        for b in r.badges:
+            lines.append(f"    {b.severity.upper()}: {b.title}")
+        for d in r.due_next_hour:
+            mark = f"  {d.hold_text}" if d.hold else ""
+            lines.append(f"    {'LATE' if d.state == 'late' else 'DUE'} {d.time:%H:%M} {d.label}{mark}")
+        if r.new_results:
+            lines.append(f"    {r.new_results} new or changed result(s) since {ward.since:%H:%M}")
+        if r.error:
+            lines.append(f"    could not be read: {r.error}")
+    return "\n".join(lines) + "\n"
+
+
+def _cmd_census(args: argparse.Namespace, out: TextIO) -> int:
+    from assistant import pipeline
+    from assistant.clock import parse_iso
+    from assistant.views import to_jsonable
+    from connectors import open_source
+
+    now = clinical_now(args.source, args.now)
+    since = parse_iso(args.since, what="--since") if args.since else None
+    with open_source(args.source) as source:
+        ward_ref, ward_name = resolve_ward(source, args.ward)
+        ward = pipeline.ward_view(source, ward_ref, now, ward_name=ward_name, since=since)
+    if args.format == "json":
+        data = {
+            "ward": ward.ward_name,
+            "now": ward.now.isoformat(),
+            "since": ward.since.isoformat(),
+            "rows": to_jsonable(ward.rows),
+            "delta": to_jsonable(ward.delta),
+            "errors": ward.errors,
+        }
+        json.dump(data, out, indent=2)
+        out.write("\n")
+    else:
+        out.write(census_text(ward))
+    return 0
+
+
 def add_subparsers(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("census", help="a ward's patients, sickest first, with holds and due doses")
+    p.add_argument("source", help="FHIR base URL, bundle directory or NDJSON directory")
+    p.add_argument("--ward", help="ward name or Location reference (default: all patients)")
+    p.add_argument("--format", choices=("json", "text"), default="text")
+    p.add_argument("--now", help="ISO time the census is for (default: now)")
+    p.add_argument("--since", help="ISO time the shift delta starts (default: 12 h before now)")
+    p.set_defaults(handler=_cmd_census)
+
     p = subparsers.add_parser("summarize", help="one patient's cited, verified summary")
     p.add_argument("source", help="FHIR base URL, bundle directory or NDJSON directory")
     p.add_argument("--patient", required=True, help="patient id")
