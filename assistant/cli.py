@@ -142,27 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gzip", action="store_true")
     p.set_defaults(handler=_cmd_export_ndjson)
 
-    for register in _extra_registrations():
+    # Subcommands that live next to their capability; imported here so `import assistant.cli` stays light.
+    from assistant.audit.cli import add_subparsers as add_audit
+    from assistant.summary.cli import add_subparsers as add_summary
+    from guidelines.cli import add_subparsers as add_guidelines
+
+    for register in (add_guidelines, add_audit, add_summary):
         register(sub)
     return parser
-
-
-def _extra_registrations() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """Subcommands that live next to their capability (guidelines, audit, summaries), when present."""
-    regs = []
-    for module, attr in (
-        ("guidelines.cli", "add_subparsers"),
-        ("assistant.audit.cli", "add_subparsers"),
-        ("assistant.summary.cli", "add_subparsers"),
-    ):
-        try:
-            mod = __import__(module, fromlist=[attr])
-        except ModuleNotFoundError as exc:
-            if exc.name and module.startswith(exc.name):
-                continue
-            raise
-        regs.append(getattr(mod, attr))
-    return regs
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
