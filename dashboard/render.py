@@ -21,7 +21,6 @@ from dashboard import services
 
 SEVERITY_COLORS = {"high": "#b42318", "medium": "#b54708", "low": "#1d4ed8"}
 SEVERITY_BADGE = {"high": "red", "medium": "orange", "low": "blue"}
-MAR_COLORS = {"given": "#15803d", "held": "#6b7280", "due": "#1d4ed8", "late": "#b42318"}
 log = logging.getLogger(__name__)
 # Every piece of chart (or identity-provider, or source) text shown through Markdown goes through md(): patient
 # data is data, never markup (issue 12). HTML the app writes itself goes through st.html with html_text().
@@ -749,7 +748,10 @@ def labs_section(view: services.PatientView, key: str) -> Any:
         cols = holder.columns(2)
         for i, analyte in enumerate(chosen):
             cols[i % 2].altair_chart(
-                trend_chart(chart.results_for(analyte), one_line(analytes[analyte])), width="stretch"
+                trend_chart(chart.results_for(analyte), one_line(analytes[analyte])),
+                width="stretch",
+                height=240,
+                alt=f"{one_line(analytes[analyte])} trend",
             )
 
     return draw
@@ -841,11 +843,14 @@ def vitals_section(view: services.PatientView, key: str) -> None:
     st.markdown("### Vital signs and NEWS2")
     score = view.news2_score
     cols = st.columns(len(VITALS) + 1)
+    head = getattr(view, "header", None)
+    news = getattr(head, "news2", None)
     cols[0].metric(
         "NEWS2",
         "—" if view.news2_total is None else str(view.news2_total),
-        delta=None if score is None or view.news2_total is None else f"{score.band} risk",
+        delta=None if news is None or news.total is None else f"{news.band_label or news.band} risk",
         delta_color="off",
+        delta_arrow="off",
     )
     if score is not None and view.news2_total is not None:
         parts = ", ".join(f"{p.label} {p.value} (+{p.points})" for p in score.parameters if p.points)
@@ -861,88 +866,185 @@ def vitals_section(view: services.PatientView, key: str) -> None:
             one_line(r.display_value()) if r else "—",
             help=f"{fmt_time(r.time, view.now)} · {md(r.ref)}" if r else None,
         )
-    rows = []
-    for analyte, label in VITALS:
-        for r in chart.results_for(analyte):
-            if r.value is not None:
-                rows.append(
-                    {"time": r.time, "value": r.value, "vital": label, "display": one_line(r.display_value())}
-                )
-    if not rows and not view.news2:
+    window = (view.now - timedelta(hours=72), view.now + timedelta(hours=1))
+    series = {a: [r for r in chart.results_for(a) if r.value is not None and r.time] for a, _ in VITALS}
+    if not any(series.values()) and not view.news2:
         st.caption("No vital signs recorded.")
         return
-    charts = []
+    st.caption(
+        "Shared time axis (last 72 h). Green band: the range that scores 0 in NEWS2; points outside it are drawn "
+        "as ▲ triangles (not by colour alone)."
+    )
     if view.news2:
-        nd = pd.DataFrame(
-            [
-                {
-                    "time": p.time,
-                    "NEWS2": p.score,
-                    "band": p.band or "",
-                    "parts": ", ".join(f"{k} {v}" for k, v in p.parts.items() if v),
-                }
-                for p in view.news2
-            ]
+        # An explicit pixel height: without it streamlit squeezes layered charts to a strip (issue 15).
+        st.altair_chart(
+            news2_chart(view.news2, window), width="stretch", height=250, alt="NEWS2 over the last 72 hours"
         )
-        bands = (
-            alt.Chart(
-                pd.DataFrame({"lo": [0, 5, 7], "hi": [4.5, 6.5, 20], "risk": ["low", "medium", "high"]})
+    for analyte, label in VITALS:
+        if series[analyte]:
+            st.altair_chart(
+                vital_chart(series[analyte], label, analyte, window),
+                width="stretch",
+                height=190,
+                alt=f"{label} over the last 72 hours",
             )
-            .mark_rect(opacity=0.10)
-            .encode(
-                y="lo:Q",
-                y2="hi:Q",
-                color=alt.Color(
-                    "risk:N",
-                    scale=alt.Scale(
-                        domain=["low", "medium", "high"], range=["#16a34a", "#f59e0b", "#b42318"]
-                    ),
-                    legend=None,
+
+
+def _time_scale(window: tuple[datetime, datetime]) -> alt.Scale:
+    return alt.Scale(domain=[window[0].isoformat(), window[1].isoformat()])
+
+
+def news2_chart(points: list[Any], window: tuple[datetime, datetime]) -> Any:
+    nd = pd.DataFrame(
+        [
+            {
+                "time": p.time,
+                "NEWS2": p.score,
+                "band": one_line(p.band or ""),
+                "parts": one_line(", ".join(f"{k} {v}" for k, v in p.parts.items() if v)),
+            }
+            for p in points
+        ]
+    )
+    ranges = news2_ranges()
+    top = max(10, int(nd.NEWS2.max()) + 1)
+    bands = (
+        alt.Chart(
+            pd.DataFrame(
+                [
+                    {"lo": lo - 0.5, "hi": (hi + 0.5) if hi is not None else top, "risk": label}
+                    for _band, label, lo, hi in ranges
+                ]
+            )
+        )
+        .mark_rect(opacity=0.12)
+        .encode(
+            y="lo:Q",
+            y2="hi:Q",
+            color=alt.Color(
+                "risk:N",
+                scale=alt.Scale(
+                    domain=[r[1] for r in ranges],
+                    range=[BAND_COLOURS.get(r[0], "#94a3b8") for r in ranges],
                 ),
-            )
+                legend=alt.Legend(orient="top", title="NEWS2 band"),
+            ),
         )
-        news = (
-            alt.Chart(nd)
-            .mark_line(point=True, color="#0f172a", interpolate="step-after")
-            .encode(
-                x=alt.X("time:T", title=None),
-                y=alt.Y("NEWS2:Q", scale=alt.Scale(domain=[0, max(10, int(nd.NEWS2.max()) + 1)])),
-                tooltip=[alt.Tooltip("time:T", format="%d %b %H:%M"), "NEWS2:Q", "band:N", "parts:N"],
-            )
+    )
+    line = (
+        alt.Chart(nd)
+        .mark_line(point=True, color="#0f172a", interpolate="step-after")
+        .encode(
+            x=alt.X("time:T", title=None, scale=_time_scale(window), axis=alt.Axis(format="%d %b %H:%M")),
+            y=alt.Y("NEWS2:Q", scale=alt.Scale(domain=[0, top]), title="NEWS2"),
+            tooltip=[alt.Tooltip("time:T", format="%d %b %H:%M"), "NEWS2:Q", "band:N", "parts:N"],
         )
-        charts.append((bands + news).properties(title="NEWS2 over time", height=170))
-    if rows:
-        vd = pd.DataFrame(rows)
-        vit = (
-            alt.Chart(vd)
-            .mark_line(point=True)
-            .encode(
-                x=alt.X("time:T", title=None),
-                y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
-                color=alt.Color("vital:N", legend=None),
-                tooltip=[alt.Tooltip("time:T", format="%d %b %H:%M"), "vital:N", "display:N"],
-            )
-            .properties(height=110, width="container")
-            .facet(row=alt.Row("vital:N", title=None))
-            .resolve_scale(y="independent")
+    )
+    return (bands + line).properties(title="NEWS2 over time", height=180)
+
+
+BAND_COLOURS = {"low": "#16a34a", "low-medium": "#eab308", "medium": "#f59e0b", "high": "#b42318"}
+
+
+def news2_ranges() -> list[tuple[str, str, int, int | None]]:
+    """The aggregate NEWS2 bands as the core reads them from news2.yaml (fallback: RCP 2017 0-4, 5-6, 7+)."""
+    try:
+        from assistant.views import news2_band_ranges
+
+        return list(news2_band_ranges())
+    except ImportError:
+        return [("low", "Low", 0, 4), ("medium", "Medium", 5, 6), ("high", "High", 7, None)]
+
+
+def zero_band(analyte: str) -> tuple[float | None, float | None]:
+    """The range of a vital sign that scores 0 in NEWS2 (news2.yaml), as a reference band for its chart."""
+    from assistant.rules.news2 import news2_table
+
+    for spec in news2_table()["parameters"].values():
+        if spec.get("analyte") != analyte or not spec.get("bands"):
+            continue
+        prev = None
+        for band in spec["bands"]:
+            if band.get("points") == 0:
+                return prev, band.get("max")
+            prev = band.get("max")
+    return None, None
+
+
+def vital_chart(results: list[Result], label: str, analyte: str, window: tuple[datetime, datetime]) -> Any:
+    lo, hi = zero_band(analyte)
+    rows = []
+    for r in results:
+        outside = (lo is not None and r.value <= lo) or (hi is not None and r.value > hi)  # type: ignore[operator]
+        rows.append(
+            {
+                "time": r.time,
+                "value": r.value,
+                "display": one_line(r.display_value()),
+                "status": "outside the 0-point range" if outside else "in range",
+            }
         )
-        charts.append(vit)
-    for c in charts:
-        st.altair_chart(c, width="stretch")
+    df = pd.DataFrame(rows)
+    unit = one_line(next((r.unit for r in results if r.unit), ""))
+    vmin, vmax = float(df.value.min()), float(df.value.max())
+    base = alt.Chart(df).encode(
+        x=alt.X("time:T", title=None, scale=_time_scale(window), axis=alt.Axis(format="%d %b %H:%M"))
+    )
+    line = base.mark_line(color="#334155").encode(
+        y=alt.Y("value:Q", title=unit or None, scale=alt.Scale(zero=False))
+    )
+    points = base.mark_point(filled=True, size=70).encode(
+        y="value:Q",
+        color=alt.Color(
+            "status:N",
+            scale=alt.Scale(domain=["in range", "outside the 0-point range"], range=["#334155", "#b42318"]),
+            legend=None,
+        ),
+        shape=alt.Shape(
+            "status:N",
+            scale=alt.Scale(
+                domain=["in range", "outside the 0-point range"], range=["circle", "triangle-up"]
+            ),
+            legend=None,
+        ),
+        tooltip=[alt.Tooltip("time:T", format="%d %b %H:%M"), "display:N", "status:N"],
+    )
+    layers: list[Any] = []
+    if lo is not None or hi is not None:
+        band_lo = lo if lo is not None else min(vmin, hi)  # type: ignore[type-var]
+        band_hi = hi if hi is not None else max(vmax, lo)  # type: ignore[type-var]
+        layers.append(
+            alt.Chart(pd.DataFrame({"lo": [band_lo], "hi": [band_hi]}))
+            .mark_rect(color="#16a34a", opacity=0.12)
+            .encode(y="lo:Q", y2="hi:Q")
+        )
+    return alt.layer(*layers, line, points).properties(title=label, height=130)
 
 
 # --- medications -------------------------------------------------------------------------------------
+MAR_STATES = {  # state: (colour, shape, legend text) — every status has a shape and a word, not colour alone
+    "given": ("#15803d", "circle", "given ●"),
+    "held": ("#6b7280", "square", "held ■"),
+    "refused": ("#7c3aed", "cross", "refused ✚"),
+    "missed": ("#b54708", "triangle-down", "missed ▼"),
+    "late": ("#b42318", "diamond", "late ◆"),
+    "due": ("#1d4ed8", "triangle-up", "due ▲"),
+}
+
+
 def meds_section(view: services.PatientView, key: str) -> None:
     chart = view.chart
     assert chart is not None
     st.markdown("### Active medications")
     orders = chart.active_orders()
+    holds = getattr(view, "holds", None) or {}
     if not orders:
         st.caption("No active medication orders.")
     else:
         rows = [
             {
                 "Medication": one_line(o.text),
+                "Hold": "HOLD — see flag" if o.ref in holds else "",
                 "Dose": one_line(o.dose_text or (str(o.dose) if o.dose else "")),
                 "Route": one_line(o.route or ""),
                 "Schedule": one_line(o.timing.text or _schedule(o)),
@@ -957,52 +1059,96 @@ def meds_section(view: services.PatientView, key: str) -> None:
             width="stretch",
             column_config={"Started": st.column_config.DatetimeColumn(format="DD MMM HH:mm")},
         )
-    events = services.mar_events(chart, view.now)
-    if not events:
-        return
-    counts = {s: sum(1 for e in events if e.state == s) for s in MAR_COLORS}
-    st.markdown(
-        "**MAR timeline** (24 h back, 12 h ahead) — " + ", ".join(f"{n} {s}" for s, n in counts.items())
+    events = getattr(view, "mar", None)
+    if events is None:
+        events = services.mar_events(chart, view.now)
+    chart_, rows = mar_chart(events, orders, view.now, holds)
+    st.altair_chart(
+        chart_,
+        width="stretch",
+        height=110 + 38 * rows,
+        alt="MAR timeline, one row per order, 24 h back and 12 h ahead",
     )
+    if events:
+        counts = {s: sum(1 for e in events if e.state == s) for s in MAR_STATES}
+        st.caption(
+            "MAR timeline (24 h back, 12 h ahead; dashed line = now): "
+            + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        )
+    else:
+        st.caption("No doses given, held or due in the 24 h back and 12 h ahead.")
+
+
+def mar_chart(events: list[Any], orders: list[Any], now: datetime, holds: dict[str, Any]) -> tuple[Any, int]:
+    """One labelled row per order (every active order, and any order with a dose in the window)."""
+    window = (now - timedelta(hours=24), now + timedelta(hours=12))
+    names: dict[str, str] = {}
+    for o in orders:
+        names[o.ref] = one_line(o.text)
+    for e in events:
+        names.setdefault(e.order_ref, one_line(e.order))
+    # Two orders with the same text keep two rows: the label carries a number then.
+    labels: dict[str, str] = {}
+    for ref, name in names.items():
+        label = name[:60] + (" (HOLD)" if ref in holds else "")
+        while label in labels.values():
+            label += " ·"
+        labels[ref] = label
     df = pd.DataFrame(
         [
             {
                 "time": e.time,
-                "order": one_line(e.order)[:48],
-                "state": e.state,
+                "order": labels.get(e.order_ref, one_line(e.order)),
+                "state": MAR_STATES.get(e.state, ("#000", "circle", e.state))[2],
                 "detail": one_line(e.detail),
+                "hold": "HOLD — see flag" if getattr(e, "hold", False) else "",
                 "ref": one_line(e.ref or e.order_ref),
             }
             for e in events
-        ]
+            if window[0] <= e.time <= window[1]
+        ],
+        columns=["time", "order", "state", "detail", "hold", "ref"],
     )
+    rows = list(labels.values())
+    y = alt.Y("order:N", title=None, scale=alt.Scale(domain=rows), axis=alt.Axis(labelLimit=320))
+    legend = [v[2] for v in MAR_STATES.values()]
     marks = (
         alt.Chart(df)
-        .mark_point(filled=True, size=110)
+        .mark_point(filled=True, size=120, opacity=1)
         .encode(
-            x=alt.X("time:T", title=None, axis=alt.Axis(format="%d %b %H:%M")),
-            y=alt.Y("order:N", title=None, axis=alt.Axis(labelLimit=260)),
+            x=alt.X("time:T", title=None, scale=_time_scale(window), axis=alt.Axis(format="%d %b %H:%M")),
+            y=y,
             color=alt.Color(
                 "state:N",
-                scale=alt.Scale(domain=list(MAR_COLORS), range=list(MAR_COLORS.values())),
+                scale=alt.Scale(domain=legend, range=[v[0] for v in MAR_STATES.values()]),
                 legend=alt.Legend(orient="top", title=None),
             ),
             shape=alt.Shape(
                 "state:N",
-                scale=alt.Scale(
-                    domain=list(MAR_COLORS), range=["circle", "square", "triangle-up", "diamond"]
-                ),
+                scale=alt.Scale(domain=legend, range=[v[1] for v in MAR_STATES.values()]),
                 legend=None,
             ),
-            tooltip=[alt.Tooltip("time:T", format="%d %b %H:%M"), "order:N", "state:N", "detail:N", "ref:N"],
+            tooltip=[
+                alt.Tooltip("time:T", format="%d %b %H:%M"),
+                "order:N",
+                "state:N",
+                "hold:N",
+                "detail:N",
+                "ref:N",
+            ],
         )
     )
-    now_rule = (
-        alt.Chart(pd.DataFrame({"time": [view.now]}))
-        .mark_rule(color="#0f172a", strokeDash=[4, 3])
-        .encode(x="time:T")
+    hold_text = (
+        alt.Chart(df[df.hold != ""])
+        .mark_text(align="left", dx=9, dy=-9, fontSize=10, fontWeight="bold", color="#b42318")
+        .encode(x=alt.X("time:T", scale=_time_scale(window)), y=y, text="hold:N")
     )
-    st.altair_chart((marks + now_rule).properties(height=max(120, 34 * df.order.nunique())), width="stretch")
+    now_rule = (
+        alt.Chart(pd.DataFrame({"time": [now]}))
+        .mark_rule(color="#0f172a", strokeDash=[4, 3])
+        .encode(x=alt.X("time:T", scale=_time_scale(window)))
+    )
+    return alt.layer(marks, hold_text, now_rule).properties(title="MAR timeline"), max(len(rows), 1)
 
 
 def _schedule(order: Any) -> str:
