@@ -37,6 +37,7 @@ CHARGE = {
     "iss": IDP,
     "sub": "u-carl",
     "email": "carl@example.org",
+    "email_verified": True,
     "nva_role": "charge-nurse",
 }
 NO_ROLE = {
@@ -258,3 +259,134 @@ def test_a_user_without_a_role_sees_only_the_no_role_page(signed_in: Path, ward:
     assert _rows(signed_in) == [
         ("stranger@example.org", "none", "access-denied", "nva", "signed in without an NVA role")
     ]
+
+
+# --- sign-in fails closed, claims checked, the access log's chain shown (issue 12.6, 12.7) ----------------------
+from dashboard import services as _services  # noqa: E402
+
+REAL_AUTH_CONFIGURED = _services.auth_configured  # the fixtures replace it; some tests need the real reading
+AUTH_OK = """[auth]
+redirect_uri = "http://127.0.0.1:8501/oauth2callback"
+cookie_secret = "a-long-random-cookie-secret"
+client_id = "nva"
+client_secret = "x"
+server_metadata_url = "https://login.example.org/.well-known/openid-configuration"
+"""
+
+
+@pytest.fixture
+def secrets_files(monkeypatch: pytest.MonkeyPatch):
+    """streamlit's secrets.files, pointed at a test file, and the real [auth] reading."""
+    old = config.get_option("secrets.files")
+    monkeypatch.setattr(_services, "auth_configured", REAL_AUTH_CONFIGURED)
+
+    def use(path: Path) -> None:
+        config.set_option("secrets.files", [str(path)])
+
+    yield use
+    config.set_option("secrets.files", old)
+
+
+def _assert_closed(at: AppTest, ward: dict, needle: str) -> None:
+    text = _text(at)
+    assert "NVA cannot start" in text and needle in text, text
+    assert not any(name in text for name in ward["names"].values())
+    assert "Local demo mode" not in "\n".join(m.value for m in at.sidebar.markdown)
+    with pytest.raises(ValueError, match="Could not find a navigation page"):
+        at.switch_page("pages/patient.py")
+
+
+def test_invalid_nva_secrets_file_stops_the_app_even_on_loopback(
+    env: Path, ward: dict, tmp_path: Path, monkeypatch
+):
+    broken = tmp_path / "broken-secrets.toml"
+    broken.write_text('NVA_SOURCE = "x"\n[auth\nclient_id = "nva"\n')
+    monkeypatch.setenv("NVA_SECRETS_FILE", str(broken))
+    _assert_closed(_app(patient=ward["census"][W4B][0]), ward, "not valid TOML")
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (
+            AUTH_OK.replace('client_id = "nva"', "client_id = nva"),
+            "not valid TOML",
+        ),  # syntax error inside [auth]
+        ("[auth]\nclient_id = 'nva'\n", "lacks redirect_uri, cookie_secret"),
+        ('auth = "yes"\n', "is not a [auth] table"),
+    ],
+)
+def test_invalid_auth_section_is_not_demo_mode(
+    env: Path, ward: dict, tmp_path: Path, secrets_files, content, needle
+):
+    path = tmp_path / "secrets.toml"
+    path.write_text(content)
+    secrets_files(path)
+    _assert_closed(_app(patient=ward["census"][W4B][0]), ward, needle)
+
+
+def test_valid_auth_section_asks_for_sign_in_and_no_auth_key_is_demo(
+    env: Path, ward: dict, tmp_path, secrets_files
+):
+    path = tmp_path / "secrets.toml"
+    path.write_text(AUTH_OK)
+    secrets_files(path)
+    assert "Sign in with your hospital account" in _text(_app({"is_logged_in": False}))
+    path.write_text('NVA_LLM_BACKEND = "none"\n')  # a secrets file without any auth key at all
+    assert "Local demo mode" in "\n".join(m.value for m in _app().sidebar.markdown)
+
+
+@pytest.mark.parametrize(
+    ("claims", "needle"),
+    [
+        ({**NURSE, "nva_role": "nurse", "nva_wards": True}, "list of ward references"),
+        ({**NURSE, "nva_role": "nurse", "nva_wards": 5}, "list of ward references"),
+        ({**NURSE, "nva_role": "nurse", "nva_wards": [W4B, 5]}, "list of ward references"),
+        ({**NURSE, "nva_role": "nurse", "nva_wards": {"a": 1}}, "list of ward references"),
+        ({**NURSE, "nva_role": ["auditor"]}, "must be one of"),
+        ({**NURSE, "email_verified": False}, "no NVA role"),  # the role file needs a verified e-mail
+        ({**NO_ROLE, "email_verified": False, "preferred_username": "audrey@example.org"}, "no NVA role"),
+        ({key: v for key, v in NURSE.items() if key != "sub"}, "iss, sub"),
+    ],
+)
+def test_bad_claims_get_the_no_role_page_and_are_logged(signed_in: Path, ward: dict, claims, needle) -> None:
+    at = _app(claims, patient=ward["census"][W4B][0])
+    text = _text(at)
+    assert "You have no NVA role" in text and not at.exception
+    assert not any(name in text for name in ward["names"].values())
+    rows = _rows(signed_in)
+    assert len(rows) == 1 and rows[0][1:4] == ("none", "access-denied", "nva")
+    assert rows[0][0] != "audrey@example.org"  # an unverified name is never logged as another user
+
+
+def test_access_log_page_shows_a_red_banner_when_the_chain_breaks(signed_in: Path, ward: dict) -> None:
+    def page() -> AppTest:
+        at = _app(AUDITOR)
+        at.switch_page("pages/access_log.py").run()
+        assert not at.exception
+        return at
+
+    def banner(at: AppTest) -> str:
+        return "\n".join(e.value for e in at.error if "integrity broken" in e.value)
+
+    _app(NURSE, patient=ward["census"][W4B][0])
+    assert banner(page()) == ""  # intact: no banner
+    db = sqlite3.connect(signed_in)
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute(
+            "INSERT OR REPLACE INTO access_log (seq, at, user, role, action, target) "
+            "VALUES (1, 'x', 'mallory', 'nurse', 'view-chart', 'Patient/x')"
+        )
+    db.execute("DROP TRIGGER access_log_no_update")
+    db.execute("UPDATE access_log SET user = 'mallory' WHERE seq = 1")
+    db.commit()
+    text = banner(page())
+    assert "row 1 was changed" in text and "append-only triggers are missing" in text
+    db.execute("DROP TRIGGER IF EXISTS access_log_no_delete")
+    db.execute("DELETE FROM access_log WHERE seq = 2")
+    db.commit()
+    db.close()
+    assert "does not follow the row before it" in banner(page())
+    signed_in.unlink()
+    at = page()
+    assert "is missing" in banner(at)
