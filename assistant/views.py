@@ -13,7 +13,7 @@ from typing import Any
 from assistant.model import SEVERITY_ORDER, Chart, CodeStatus, DataQualityIssue, Finding, Result
 from assistant.normalize import code_status
 from assistant.rules.news2 import News2Score, news2, news2_table
-from assistant.summary.facts import administration_facts, bed_label, vocabulary
+from assistant.summary.facts import administration_facts, bed_label, critical_side, vocabulary
 
 SEVERITIES = ("high", "medium", "low")
 
@@ -458,8 +458,6 @@ class LabRow:
 
 def lab_rows(chart: Chart, now: datetime, *, window: timedelta = timedelta(hours=72)) -> list[LabRow]:
     """Latest laboratory value per analyte with the change from the one before and the points for a trend chart."""
-    from assistant.summary.facts import critical_side
-
     by: dict[str, list[Result]] = {}
     for r in chart.results:
         if r.category == "laboratory" and r.is_usable and (r.value is not None or r.value_text):
@@ -501,10 +499,11 @@ class DataQuality:
     errors: list[DataQualityIssue] = field(default_factory=list)
     warnings: list[DataQualityIssue] = field(default_factory=list)
     news2_missing: tuple[str, ...] = ()
+    missing_types: dict[str, str] = field(default_factory=dict)  # resource type -> why it was not loaded
 
     @property
     def incomplete(self) -> bool:
-        return bool(self.errors)
+        return bool(self.errors or self.missing_types)
 
     @property
     def banner(self) -> str:
@@ -516,6 +515,12 @@ class DataQuality:
                 f"Part of this chart could not be loaded ({n} problem{'s' if n != 1 else ''}); "
                 "what is shown may be incomplete"
             )
+        if self.missing_types:
+            parts.append(
+                "Not loaded: "
+                + "; ".join(f"{t} ({why})" for t, why in sorted(self.missing_types.items()))
+                + ". Flags that need them cannot fire"
+            )
         if self.news2_missing:
             parts.append(f"NEWS2 may be understated: no recent {', '.join(self.news2_missing)}")
         return ". ".join(parts)
@@ -526,6 +531,7 @@ def data_quality(chart: Chart, news: News2Now | None = None) -> DataQuality:
         errors=[i for i in chart.issues if i.severity == "error"],
         warnings=[i for i in chart.issues if i.severity != "error"],
         news2_missing=news.missing if news is not None and news.total is not None else (),
+        missing_types=dict(getattr(chart, "missing_types", {}) or {}),
     )
 
 
@@ -775,7 +781,7 @@ def build_patient_view(
         do_now=due_doses(admin, holds, now, within),
         quality=data_quality(chart, head.news2),
     )
-    view.acuity = acuity(findings, head.news2, failed=bool(view.error_issues), bed=head.bed)
+    view.acuity = acuity(findings, head.news2, failed=view.quality.incomplete, bed=head.bed)
     view.delta = patient_delta(
         chart, now, since or default_since(now), news_now=head.news2.total, admin=admin
     )

@@ -287,3 +287,12 @@ def test_dashboard_services_hold_no_clinical_decision() -> None:
         "csv.DictWriter",
     ):
         assert banned not in source, banned
+
+
+def test_quality_banner_names_what_was_not_loaded() -> None:
+    chart = make_chart()
+    assert not views.data_quality(chart).incomplete and views.data_quality(chart).banner == ""
+    chart.missing_types = {"MedicationAdministration": "the server returned 503"}
+    quality = views.data_quality(chart)
+    assert quality.incomplete and "MedicationAdministration (the server returned 503)" in quality.banner
+    assert views.build_patient_view(chart, NOW, []).acuity.tier == 0  # an incomplete chart is checked first
