@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from assistant.model import DataQualityIssue
-from assistant.normalize import is_current_encounter
+from assistant.normalize import is_current_encounter, location_kind, location_name
 from connectors.base import (
     ANY_TYPE,
     SHARED_TYPES,
@@ -201,10 +201,8 @@ class NdjsonDirSource(FhirSource):
     def wards(self) -> list[Ward]:
         out = []
         for ref, loc in self.locations().items():
-            coding = (loc.get("physicalType") or {}).get("coding") if isinstance(loc, dict) else None
-            kinds = [c.get("code") for c in coding or [] if isinstance(c, dict)]
-            if "wa" in kinds:
-                out.append(Ward(ref, loc.get("name") or ref))
+            if location_kind(loc) == "ward":  # physical types from assistant/data/fhir_codes.toml
+                out.append(Ward(ref, location_name(loc) or ref))
         return sorted(out, key=lambda w: w.name)
 
     def ward_census(self, ward_ref: str | None = None) -> list[CensusEntry]:
