@@ -28,7 +28,9 @@ from assistant.settings import SettingsError, load_settings, redacted, secrets_f
 from assistant.views import (  # noqa: F401 - re-exported: pages and tests name them from here
     MarEvent,
     News2Point,
+    PatientDelta,
     PatientView,
+    WardDelta,
     WardView,
     bed_sort_key,
     chart_code_status,
@@ -366,6 +368,18 @@ def ward_view(cfg: AppConfig, ward_ref: str | None, since: datetime | None = Non
         since=since,
         views=ward_views(cfg, ward_ref),
     )
+
+
+def ward_delta(cfg: AppConfig, ward_ref: str | None, since: datetime | None = None) -> WardDelta:
+    """What changed on the ward since `since` (default: acuity.toml's 12 h before the rules' now), sickest first."""
+    view = ward_view(cfg, ward_ref, since)
+    assert view.delta is not None
+    return view.delta
+
+
+def patient_delta(view: PatientView, since: datetime | None = None) -> PatientDelta | None:
+    """One patient's changes since a time the nurse picks (default 12 h)."""
+    return pipeline.patient_delta(view, since)
 
 
 def acuity_key(view: PatientView) -> tuple:

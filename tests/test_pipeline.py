@@ -67,6 +67,12 @@ def test_cli_and_dashboard_produce_identical_handoffs(
     rows = services.ward_handoff(cfg, WARD)
     assert [f"Patient/{r.patient_id}" for r in rows] == [p["patient"] for p in cli_json["patients"]]
     assert len(cli_json["patients"]) >= 20 and cli_md.count("## ") == len(cli_json["patients"])
+    # The census and its shift delta come from the same views, in the same order.
+    census = services.ward_view(cfg, WARD)
+    assert [r.patient_ref for r in census.rows] == [p["patient"] for p in cli_json["patients"]]
+    delta = services.ward_delta(cfg, WARD, cfg.rules_now() - timedelta(hours=3))
+    assert [d.patient_ref for d in delta.patients] == [r.patient_ref for r in census.rows]
+    assert delta.since == cfg.rules_now() - timedelta(hours=3)
 
 
 def test_cli_summarize_is_the_pipeline_summary(demo_ward_dir: Path, demo_anchor: datetime, ward: Any) -> None:
