@@ -11,6 +11,7 @@ from typing import Protocol
 import numpy as np
 
 from guidelines.errors import EmbeddingModelError
+from guidelines.settings import GuidelineSettings
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ _CACHE_LOCK = threading.Lock()
 
 def get_embedder(model_path: str | Path | None = None) -> SentenceTransformerEmbedder:
     """Process-wide cached embedder; `model_path` defaults to NVA_EMBEDDING_MODEL, then the bundled model."""
-    chosen = model_path or os.environ.get("NVA_EMBEDDING_MODEL") or None
+    chosen = model_path or GuidelineSettings.from_env().model_path  # env over secrets.toml, declared once
     key = str(Path(chosen).resolve()) if chosen else "<bundled>"
     with _CACHE_LOCK:
         emb = _CACHE.get(key)

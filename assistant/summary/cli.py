@@ -9,9 +9,18 @@ import logging
 from typing import Any, TextIO
 
 from assistant.clock import clinical_now
+from assistant.llm.config import BACKENDS as LLM_BACKENDS
+from assistant.textsafe import inert_text
 
 log = logging.getLogger(__name__)
-BACKENDS = ("openai", "transformers", "llama-cpp", "none")
+BACKENDS = LLM_BACKENDS  # the choices declared for NVA_LLM_BACKEND in assistant/settings.py
+
+
+def max_tokens_of(args: argparse.Namespace) -> int:
+    """--max-tokens, else NVA_LLM_MAX_TOKENS (one budget for summaries and handoffs, declared once)."""
+    from assistant.llm import LlmSettings
+
+    return args.max_tokens or LlmSettings.from_env().max_tokens
 
 
 def make_llm(name: str | None) -> Any | None:
@@ -56,12 +65,12 @@ def _cmd_summarize(args: argparse.Namespace, out: TextIO) -> int:
         pipeline.guideline_passages(view.findings, pipeline.open_retriever()) if args.guidelines else []
     )
     # A stand-alone text summary: the flags are part of it (the dashboard shows them in their own column).
-    res = pipeline.summary_for(view, backend, passages, max_tokens=args.max_tokens, include_flags=True)
+    res = pipeline.summary_for(view, backend, passages, max_tokens=max_tokens_of(args), include_flags=True)
     if args.format == "json":
         json.dump(res.to_dict(), out, indent=2)
         out.write("\n")
     else:
-        out.write(format_summary_text(res))
+        out.write(inert_text(format_summary_text(res)))  # chart text is data: no terminal controls
     return 0
 
 
@@ -100,14 +109,14 @@ def _cmd_handoff(args: argparse.Namespace, out: TextIO) -> int:
             with_handoff=True,
             backend=backend,
             retriever=retriever,
-            max_tokens=args.max_tokens,
+            max_tokens=max_tokens_of(args),
         )
     handoff = ward.handoff
     if args.format == "json":
         json.dump(handoff.to_dict(), out, indent=2)
         out.write("\n")
     else:
-        out.write(handoff_markdown(handoff))
+        out.write(inert_text(handoff_markdown(handoff)))
     return 0
 
 
@@ -158,7 +167,7 @@ def _cmd_census(args: argparse.Namespace, out: TextIO) -> int:
         json.dump(data, out, indent=2)
         out.write("\n")
     else:
-        out.write(census_text(ward))
+        out.write(inert_text(census_text(ward)))
     return 0
 
 
@@ -180,7 +189,7 @@ def add_subparsers(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--now", help="ISO time the summary is written for (default: now)")
     p.add_argument("--guidelines", action="store_true", help="add guideline passages linked to the flags")
-    p.add_argument("--max-tokens", type=int, default=320, help="LLM completion budget")
+    p.add_argument("--max-tokens", type=int, help="LLM completion budget (default: NVA_LLM_MAX_TOKENS)")
     p.set_defaults(handler=_cmd_summarize)
 
     p = subparsers.add_parser("handoff", help="I-PASS handoff for a ward (or every patient)")
@@ -192,5 +201,7 @@ def add_subparsers(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--now", help="ISO time the handoff is written for (default: now)")
     p.add_argument("--guidelines", action="store_true", help="add guideline passages linked to the flags")
-    p.add_argument("--max-tokens", type=int, default=256, help="LLM completion budget per patient")
+    p.add_argument(
+        "--max-tokens", type=int, help="LLM completion budget per patient (default: NVA_LLM_MAX_TOKENS)"
+    )
     p.set_defaults(handler=_cmd_handoff)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from assistant import settings as nva_settings
 from assistant.llm.base import ResultStream
 from assistant.model import Chart, Finding
 from assistant.security.deid import for_chart
@@ -26,7 +27,7 @@ from assistant.summary.vocab import vocabulary
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 320
+DEFAULT_MAX_TOKENS: int = nva_settings.default("NVA_LLM_MAX_TOKENS")  # declared once in assistant/settings.py
 ALWAYS_SHOWN_KINDS = ("severity", "allergy", "no-allergy", "no-allergy-record")
 NEVER_DROPPED_KINDS = ("allergy", "no-allergy", "no-allergy-record")  # shown even when unverified, marked so
 FLAG_KINDS = (
