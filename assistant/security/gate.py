@@ -27,7 +27,7 @@ GATE_STATES = ("ok", "sign-in", "no-role", "demo-exposed", "config-error")
 DEMO_EXPOSED = (
     "NVA is running without sign-in (local demo mode) on a non-loopback address ({address}), so anyone "
     "on the network could read charts. Start it with `streamlit run dashboard/app.py --server.address "
-    "127.0.0.1` (or `make dashboard`), or configure sign-in: an [auth] section in .streamlit/secrets.toml "
+    "127.0.0.1` (or `make run`), or configure sign-in: an [auth] section in .streamlit/secrets.toml "
     "(see .streamlit/secrets.toml.example)."
 )
 
