@@ -14,6 +14,7 @@ from typing import TextIO
 from assistant.logsetup import configure_logging
 from assistant.model import Chart
 from assistant.settings import SettingsError
+from assistant.textsafe import inert_text, one_line
 from connectors.errors import FhirError
 
 log = logging.getLogger("nva")
@@ -85,7 +86,7 @@ def _cmd_chart(args: argparse.Namespace, out: TextIO) -> int:
         json.dump(chart.to_dict(include_resources=False), out, indent=2)
         out.write("\n")
     else:
-        out.write(format_chart_text(chart))
+        out.write(inert_text(format_chart_text(chart)))  # chart text is data: no terminal controls
     return 0
 
 
@@ -95,10 +96,15 @@ def _cmd_patients(args: argparse.Namespace, out: TextIO) -> int:
     with open_source(args.source) as source:
         if args.ward:
             for entry in source.ward_census(args.ward):
-                out.write(f"{entry.patient_id}\t{entry.ward_ref or ''}\t{entry.bed_ref or ''}\n")
+                out.write(
+                    one_line(f"{entry.patient_id} {entry.ward_ref or ''} {entry.bed_ref or ''}").replace(
+                        " ", "\t"
+                    )
+                    + "\n"
+                )
         else:
             for pid in source.iter_patient_ids():
-                out.write(pid + "\n")
+                out.write(one_line(pid) + "\n")
     return 0
 
 
