@@ -13,6 +13,7 @@ from typing import Any
 from assistant.model import SEVERITY_ORDER, Chart, CodeStatus, DataQualityIssue, Finding, Result
 from assistant.normalize import code_status
 from assistant.rules.news2 import News2Score, news2, news2_table
+from assistant.summary.display import show_result
 from assistant.summary.facts import administration_facts, bed_label, critical_side, vocabulary
 
 SEVERITIES = ("high", "medium", "low")
@@ -474,12 +475,12 @@ def lab_rows(chart: Chart, now: datetime, *, window: timedelta = timedelta(hours
             LabRow(
                 analyte=analyte,
                 name=last.name,
-                value=last.display_value(),
+                value=show_result(last),
                 time=last.time,
                 ref=last.ref,
                 abnormal=last.abnormal,
                 critical=critical_side(last) is not None,
-                previous=prev.display_value() if prev else None,
+                previous=show_result(prev) if prev else None,
                 change=change,
                 trend="" if change is None else "up" if change > 0 else "down" if change < 0 else "same",
                 points=[
@@ -645,17 +646,17 @@ def patient_delta(
             if not _in(r.time, since, now) or r.category == "vital-signs":
                 continue
             prev = rows[i - 1] if i > 0 else None
-            if prev is not None and prev.display_value() != r.display_value():
+            if prev is not None and show_result(prev) != show_result(r):
                 items.append(
                     DeltaItem(
                         "result-changed",
                         r.time,
-                        f"{r.name} {r.display_value()} (was {prev.display_value()})",
+                        f"{r.name} {show_result(r)} (was {show_result(prev)})",
                         (r.ref, prev.ref),
                     )
                 )
             else:
-                items.append(DeltaItem("result-new", r.time, f"{r.name} {r.display_value()}", (r.ref,)))
+                items.append(DeltaItem("result-new", r.time, f"{r.name} {show_result(r)}", (r.ref,)))
     for o in chart.orders:
         started = o.start or o.authored_on
         if _in(started, since, now):
