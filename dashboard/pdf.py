@@ -1,22 +1,26 @@
-"""PDF export of the ward handoff (fpdf2): one section per patient, sickest first, citations kept."""
+"""PDF export of the ward handoff (fpdf2): the ward overview on page 1, then one page per patient, sickest first."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from fpdf import FPDF
 
+from assistant.textsafe import one_line
 from dashboard import services
 
 _FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"),)
 SEVERITY_RGB = {"high": (180, 35, 24), "medium": (181, 71, 8), "low": (29, 78, 216)}
+ALLERGY_RGB = (180, 35, 24)
 
 
 class _HandoffPdf(FPDF):
     def __init__(self, title: str) -> None:
         super().__init__(orientation="P", unit="mm", format="A4")
         self.doc_title = title
+        self.footer_note = ""  # record ids of the patient on this page: for tracing, not for reading
         self.font_name = "Helvetica"
         for d in _FONT_DIRS:  # a Unicode font when the system has one; core fonts are Latin-1 only
             regular, bold = d / "DejaVuSans.ttf", d / "DejaVuSans-Bold.ttf"
@@ -25,89 +29,120 @@ class _HandoffPdf(FPDF):
                 self.add_font("DejaVu", "B", str(bold))
                 self.font_name = "DejaVu"
                 break
-        self.set_auto_page_break(auto=True, margin=14)
+        self.set_auto_page_break(auto=True, margin=16)
         self.set_margins(12, 12, 12)
 
-    def text_ok(self, text: str) -> str:
+    def text_ok(self, text: Any) -> str:
+        """Chart text as plain, inert text (bidi and control characters shown as ⟨U+XXXX⟩): fpdf draws it as
+        glyphs, never as markup (markdown=False everywhere)."""
+        clean = one_line(text)
         if self.font_name == "DejaVu":
-            return text
-        return text.encode("latin-1", "replace").decode("latin-1")
+            return clean
+        return clean.encode("latin-1", "replace").decode("latin-1")
 
     def header(self) -> None:
-        self.set_font(self.font_name, "B", 9)
+        self.set_font(self.font_name, "B", 8)
         self.set_text_color(71, 84, 103)
-        self.cell(0, 5, self.text_ok(self.doc_title), new_x="LMARGIN", new_y="NEXT")
+        self.cell(0, 4.5, self.text_ok(self.doc_title), new_x="LMARGIN", new_y="NEXT")
         self.set_text_color(0, 0, 0)
 
     def footer(self) -> None:
-        self.set_y(-10)
-        self.set_font(self.font_name, "", 7)
+        self.set_y(-13)
+        self.set_font(self.font_name, "", 6)
         self.set_text_color(71, 84, 103)
-        self.cell(0, 5, self.text_ok(f"Page {self.page_no()} - confidential patient information"), align="C")
+        if self.footer_note:
+            self.cell(0, 3, self.text_ok(self.footer_note), new_x="LMARGIN", new_y="NEXT")
+        self.cell(0, 4, self.text_ok(f"Page {self.page_no()} - confidential patient information"), align="C")
+        self.set_text_color(0, 0, 0)
 
 
-def ward_handoff_pdf(ward_name: str, rows: list[services.HandoffRow], now: datetime) -> bytes:
-    """The whole ward's handoff as PDF bytes: overview table, then I-PASS per patient with numbered sources."""
-    created = datetime.now(UTC)
+def _name(r: services.HandoffRow) -> str:
+    return r.view.chart.patient.name if r.view.chart else "chart not loaded"
+
+
+def _news2(view: Any) -> str:
+    news = getattr(getattr(view, "header", None), "news2", None)
+    if view.news2_total is None:
+        return "not scored"
+    label = getattr(news, "band_label", "") or getattr(view.news2_score, "band", "")
+    return f"{view.news2_total} ({label})" if label else str(view.news2_total)
+
+
+def _pending(item: Any) -> str:
+    text = str(getattr(item, "text", item))
+    return f"{text} - HOLD, see flag" if getattr(item, "hold", False) else text
+
+
+def ward_handoff_pdf(
+    ward_name: str, rows: list[services.HandoffRow], now: datetime, printed: datetime | None = None
+) -> bytes:
+    """The whole ward's handoff as PDF bytes: overview table on page 1, then I-PASS per patient."""
+    printed = printed or datetime.now(UTC)
     pdf = _HandoffPdf(
-        f"NVA ward handoff - {ward_name} - judged at {now:%d %b %Y %H:%M} UTC - "
-        f"printed {created:%d %b %Y %H:%M} UTC"
+        f"NVA ward handoff - {ward_name} - printed {printed:%d %b %Y %H:%M} UTC - "
+        f"rules judged at {now:%d %b %Y %H:%M} UTC"
     )
     f = pdf.font_name
     t = pdf.text_ok
     pdf.add_page()
-    pdf.set_font(f, "B", 15)
-    pdf.cell(0, 9, t(f"Ward handoff: {ward_name}"), new_x="LMARGIN", new_y="NEXT")
-    pdf.set_font(f, "", 9)
-    pdf.cell(
+    pdf.set_font(f, "B", 14)
+    pdf.cell(0, 8, t(f"Ward handoff: {ward_name}"), new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font(f, "", 8.5)
+    pdf.multi_cell(
         0,
-        5,
-        t(f"{len(rows)} patients, sickest first (NEWS2, illness severity, worst flag)"),
+        4.3,
+        t(
+            f"Printed {printed:%d %b %Y %H:%M} UTC. Flags and NEWS2 judged at {now:%d %b %Y %H:%M} UTC "
+            f"(data as of that time). {len(rows)} patients, sickest first (flag severity and NEWS2 band)."
+        ),
         new_x="LMARGIN",
         new_y="NEXT",
     )
-    pdf.ln(2)
+    pdf.ln(1.5)
     with pdf.table(
-        col_widths=(22, 40, 12, 18, 94), text_align="LEFT", line_height=4.2, first_row_as_headings=True
+        col_widths=(16, 36, 18, 16, 100), text_align="LEFT", line_height=3.8, first_row_as_headings=True
     ) as table:
-        pdf.set_font(f, "", 7.5)
-        table.row([t(x) for x in ("Bed", "Patient", "NEWS2", "Severity", "Top flags / pending")])
+        pdf.set_font(f, "", 7)
+        table.row([t(x) for x in ("Bed", "Patient", "NEWS2", "Severity", "Top flags / holds / pending")])
         for r in rows:
-            name = r.view.chart.patient.name if r.view.chart else f"Patient/{r.patient_id}"
             flags = "; ".join(f"{x.severity.upper()}: {x.title}" for x in r.view.findings[:3])
-            pending = "; ".join(r.pending[:2])
+            holds = list(getattr(r.view, "holds", {}) or {})
+            orders = {o.ref: o.text for o in r.view.chart.orders} if r.view.chart else {}
+            hold = "; ".join(f"HOLD {orders.get(h, 'order')}" for h in holds[:2])
+            pending = "; ".join(_pending(p) for p in r.pending[:2])
             table.row(
                 [
-                    t(services.bed_label(r.view)),
-                    t(name),
-                    "-" if r.view.news2_total is None else str(r.view.news2_total),
+                    t(services.bed_label(r.view) or "-"),
+                    t(_name(r)),
+                    t(_news2(r.view)),
                     t(r.level or "-"),
-                    t(" | ".join(x for x in (flags, pending) if x) or "-"),
+                    t(" | ".join(x for x in (flags, hold, pending) if x) or "-"),
                 ]
             )
     for r in rows:
-        _patient_section(pdf, r)
+        _patient_page(pdf, r)
+    pdf.footer_note = ""
     return bytes(pdf.output())
 
 
-def _patient_section(pdf: _HandoffPdf, r: services.HandoffRow) -> None:
+def _allergy_text(view: Any) -> str:
+    """The app's banner wording (the core's Header.allergy_text), never a second phrasing."""
+    head = getattr(view, "header", None)
+    if head is not None and getattr(head, "allergy_text", ""):
+        return str(head.allergy_text)
+    from dashboard.render import allergy_text
+
+    return allergy_text(view.chart)
+
+
+def _patient_page(pdf: _HandoffPdf, r: services.HandoffRow) -> None:
     f, t = pdf.font_name, pdf.text_ok
     view = r.view
-    pdf.ln(3)
-    if pdf.get_y() > 250:
-        pdf.add_page()
-    pdf.set_draw_color(200, 205, 212)
-    pdf.line(pdf.l_margin, pdf.get_y(), pdf.w - pdf.r_margin, pdf.get_y())
-    pdf.ln(1.5)
+    pdf.footer_note = f"Record ids: Patient/{r.patient_id}"
+    pdf.add_page()
     pdf.set_font(f, "B", 11)
     if view.chart is None:
-        pdf.multi_cell(
-            0,
-            5.5,
-            t(f"Patient/{r.patient_id}: chart not loaded ({view.error})"),
-            new_x="LMARGIN",
-            new_y="NEXT",
-        )
+        pdf.multi_cell(0, 5.5, t(f"Chart not loaded ({view.error})"), new_x="LMARGIN", new_y="NEXT")
         return
     p = view.chart.patient
     age = services.age_of(view.chart, view.now)
@@ -115,27 +150,35 @@ def _patient_section(pdf: _HandoffPdf, r: services.HandoffRow) -> None:
         0,
         5.5,
         t(
-            f"{services.bed_label(view)} - {p.name}, {age if age is not None else '?'} y, "
-            f"{p.sex or '?'} - NEWS2 {view.news2_total if view.news2_total is not None else '-'}"
-            f" - {r.level or 'severity unknown'}"
+            f"{services.bed_label(view) or 'bed not recorded'} - {p.name}, {age if age is not None else '?'} y, "
+            f"{p.sex or '?'} - NEWS2 {_news2(view)} - {r.level or 'severity unknown'}"
         ),
         new_x="LMARGIN",
         new_y="NEXT",
     )
-    allergies = view.chart.active_allergies()
+    news = getattr(getattr(view, "header", None), "news2", None)
+    pdf.set_font(f, "", 8)
+    if news is not None and news.total is not None and news.response:
+        pdf.multi_cell(0, 4, t(f"NEWS2 response: {news.response}"), new_x="LMARGIN", new_y="NEXT")
     pdf.set_font(f, "B", 8.5)
-    pdf.set_text_color(180, 35, 24)
-    pdf.multi_cell(
-        0,
-        4.5,
-        t(
-            "Allergies: "
-            + ("; ".join(a.substance for a in allergies) if allergies else "none recorded as active")
-        ),
-        new_x="LMARGIN",
-        new_y="NEXT",
-    )
+    pdf.set_text_color(*ALLERGY_RGB)
+    pdf.multi_cell(0, 4.5, t(_allergy_text(view)), new_x="LMARGIN", new_y="NEXT")
     pdf.set_text_color(0, 0, 0)
+    cs = getattr(getattr(view, "header", None), "code_status", None)
+    if cs is not None:
+        pdf.set_font(f, "", 8)
+        pdf.multi_cell(0, 4, t(f"Code status: {cs.text}"), new_x="LMARGIN", new_y="NEXT")
+    do_now = list(getattr(view, "do_now", []) or [])
+    if do_now:
+        pdf.set_font(f, "B", 8.5)
+        pdf.cell(0, 4.5, t("What to do now (doses due within the hour)"), new_x="LMARGIN", new_y="NEXT")
+        pdf.set_font(f, "", 8)
+        for d in do_now:
+            hold = f" - {d.hold_text}" if d.hold else ""
+            state = "LATE" if d.state == "late" else "DUE"
+            pdf.multi_cell(
+                0, 4, t(f"- {state} {d.time:%H:%M} {d.label}{hold}"), new_x="LMARGIN", new_y="NEXT"
+            )
     result = r.handoff()
     if result is None:
         pdf.set_font(f, "", 8.5)
@@ -150,28 +193,31 @@ def _patient_section(pdf: _HandoffPdf, r: services.HandoffRow) -> None:
     numbers: dict[str, int] = {}
     for heading, sentences in services.ipass_sections(result):
         pdf.set_font(f, "B", 8.5)
-        pdf.cell(0, 5, t(heading), new_x="LMARGIN", new_y="NEXT")
-        pdf.set_font(f, "", 8.5)
+        pdf.cell(0, 4.6, t(heading), new_x="LMARGIN", new_y="NEXT")
+        pdf.set_font(f, "", 8)
         items = []
         for s in sentences:
             for c in s.citations:
                 numbers.setdefault(c, len(numbers) + 1)
-            cites = "".join(f"[{numbers[c]}]" for c in s.citations)
-            items.append(f"{s.text} {cites}{'' if s.verified else ' (unverified)'}")
+            cites = "".join(f"[{numbers[c]}]" for c in s.citations[:3])
+            more = f" [+{len(s.citations) - 3}]" if len(s.citations) > 3 else ""
+            items.append(f"{s.text} {cites}{more}{'' if s.verified else ' (unverified)'}")
         if heading.startswith("A"):
             items += [f"Pending: {x}" for x in services.pending_results(view)]
         for line in items or ["nothing recorded"]:
-            pdf.multi_cell(0, 4.3, t(f"- {line}"), new_x="LMARGIN", new_y="NEXT")
+            pdf.multi_cell(0, 4, t(f"- {line}"), new_x="LMARGIN", new_y="NEXT")
     pdf.set_font(f, "B", 8.5)
     pdf.multi_cell(
-        0, 5, t(services.synthesis_line(result).replace("[ ]", "[  ]")), new_x="LMARGIN", new_y="NEXT"
+        0, 4.6, t(services.synthesis_line(result).replace("[ ]", "[  ]")), new_x="LMARGIN", new_y="NEXT"
     )
     if numbers:
-        pdf.set_font(f, "", 6.5)
+        # Record ids are for tracing a statement back: small, at the end of the patient's page.
+        pdf.ln(1)
+        pdf.set_font(f, "", 5.5)
         pdf.set_text_color(71, 84, 103)
         pdf.multi_cell(
             0,
-            3.4,
+            2.8,
             t("Sources: " + "  ".join(f"[{n}] {ref}" for ref, n in numbers.items())),
             new_x="LMARGIN",
             new_y="NEXT",

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import csv
+import io
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
 import altair as alt
 import pandas as pd
 import streamlit as st
 
+from assistant.textsafe import markdown_text as md
+from assistant.textsafe import one_line
 from dashboard import render, services
+
+MAX_NAMED = 300  # patients looked up for name, bed and ward; beyond this the table shows ids only
 
 cfg, user = render.boot("audit")
 ward_ref = render.ward_picker(cfg, user)
@@ -36,7 +46,7 @@ with col_run:
         "Audit run",
         options,
         key="audit_run",
-        format_func=lambda p: p.split("/")[-1],
+        format_func=lambda p: one_line(p.split("/")[-1]),
         placeholder="No audit runs yet",
     )
 with col_up:
@@ -45,7 +55,7 @@ with col_up:
 if upload is not None:
     render.record_or_stop(cfg, user, "audit-view", f"uploaded-file:{upload.file_id}", f"{upload.size} bytes")
     rows, bad = services.read_audit_jsonl(upload.getvalue().splitlines())
-    label = upload.name
+    label = one_line(upload.name)
 elif chosen:
     render.record_or_stop(cfg, user, "audit-view", f"audit-run:{chosen.split('/')[-1]}")
     with open(chosen, encoding="utf-8") as fh:
@@ -58,12 +68,73 @@ else:
     )
     st.stop()
 if bad:
-    st.warning(f"{bad} line(s) of {label} are not audit findings and were skipped.")
+    st.warning(f"{bad} line(s) of {md(label)} are not audit findings and were skipped.")
 if not rows:
-    st.success(f"{label}: no findings.")
+    st.success(f"{md(label)}: no findings.")
     st.stop()
 
+
+def human_time(value: Any) -> str:
+    """ISO strings as '06 Jan 2025 05:00 UTC' (blank when absent, as written when unreadable)."""
+    if value in (None, ""):
+        return ""
+    try:
+        when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return one_line(value)
+    return f"{when:%d %b %Y %H:%M} {when.tzname() or ''}".strip()
+
+
+# Names, beds and wards from the current source, for roles that may open charts (the auditor may; a role
+# without the patient permission sees record ids only).
+show_names = user.can("patient")
+
+
+def csv_bytes(records: list[dict[str, Any]]) -> bytes:
+    """The filtered findings in the CLI's CSV layout, with name, bed and ward first for roles that see names."""
+    base = services.audit_csv(records).decode("utf-8")
+    if not show_names:
+        return base.encode("utf-8")
+    comments = [line for line in base.splitlines(keepends=True) if line.startswith("# ")]
+    body = list(
+        csv.reader(io.StringIO("".join(x for x in base.splitlines(keepends=True) if not x.startswith("# "))))
+    )
+    out = io.StringIO()
+    out.writelines(comments)
+    writer = csv.writer(out)
+    if body:
+        writer.writerow(["name", "bed", "ward_name", *body[0]])
+        for rec, row in zip(records, body[1:], strict=False):
+            writer.writerow([rec.get("name", ""), rec.get("bed", ""), rec.get("ward_name", ""), *row])
+    return out.getvalue().encode("utf-8")
+
+
+def who(patient_refs: list[str]) -> dict[str, tuple[str, str, str]]:
+    out: dict[str, tuple[str, str, str]] = {}
+    if not show_names:
+        return out
+    for ref in patient_refs[:MAX_NAMED]:
+        pid = ref.split("/", 1)[-1]
+        try:
+            v = services.patient_view(cfg, pid)
+        except Exception:  # noqa: BLE001, S112 - a patient not in this source keeps its id only
+            continue
+        if v.chart is None:
+            continue
+        head = getattr(v, "header", None)
+        enc = v.chart.encounter
+        ward = (getattr(head, "ward", "") or (enc.ward_name if enc else "") or "") if v.chart else ""
+        out[ref] = (one_line(v.chart.patient.name), one_line(services.bed_label(v)), one_line(ward))
+    return out
+
+
 df = pd.DataFrame(rows)
+names = who(sorted(df.patient.astype(str).unique()))
+df["name"] = df.patient.map(lambda p: names.get(p, ("", "", ""))[0])
+df["bed"] = df.patient.map(lambda p: names.get(p, ("", "", ""))[1])
+df["ward_name"] = df.patient.map(lambda p: names.get(p, ("", "", ""))[2] or "")
+if show_names and len(set(df.patient)) > MAX_NAMED:
+    st.caption(f"Names, beds and wards are shown for the first {MAX_NAMED} patients only.")
 f1, f2, f3 = st.columns(3)
 rules = f1.multiselect("Rule", sorted(df.rule_id.unique()), key="audit-rule", placeholder="All rules")
 sevs = f2.multiselect(
@@ -92,6 +163,7 @@ m4.metric("Rules firing", view.rule_id.nunique())
 
 counts = view.groupby(["rule_id", "severity"]).size().reset_index(name="findings")
 if not counts.empty:
+    n_rules = counts.rule_id.nunique()
     chart = (
         alt.Chart(counts)
         .mark_bar()
@@ -107,27 +179,66 @@ if not counts.empty:
             ),
             tooltip=["rule_id:N", "severity:N", "findings:Q"],
         )
-        .properties(height=max(120, 26 * counts.rule_id.nunique()))
     )
-    st.altair_chart(chart, width="stretch")
+    # An explicit height: with one rule selected streamlit otherwise draws an empty strip (issue 15).
+    st.altair_chart(chart, width="stretch", height=90 + 30 * n_rules, alt="Findings per rule and severity")
+else:
+    st.caption("No findings match these filters.")
 
-table = view[["patient", "ward", "severity", "rule_id", "title"]].copy()
+cols = ["name", "bed", "ward_name", "patient", "ward", "severity", "rule_id", "title"]
+time_cols = [c for c in ("start", "end", "time", "judged_at") if c in view.columns]
+table = view[cols + time_cols].copy()
+for c in time_cols:
+    table[c] = table[c].map(human_time)
+for c in ("title", "ward", "rule_id"):
+    table[c] = table[c].map(one_line)
 table["order"] = table.severity.map({"high": 0, "medium": 1, "low": 2}).fillna(9)
-table = table.sort_values(["order", "rule_id", "patient"]).drop(columns="order")
+table = table.sort_values(["order", "rule_id", "bed", "patient"]).drop(columns="order")
+table = table.rename(
+    columns={
+        "name": "Patient",
+        "bed": "Bed",
+        "ward_name": "Ward",
+        "patient": "Patient id",
+        "ward": "Ward id",
+        "severity": "Severity",
+        "rule_id": "Rule",
+        "title": "Finding",
+        "start": "Start",
+        "end": "End",
+        "time": "Time",
+        "judged_at": "Judged at",
+    }
+)
+if not show_names:
+    table = table.drop(columns=["Patient", "Bed", "Ward"])
 st.dataframe(table, hide_index=True, width="stretch", height=min(36 * (len(table) + 1) + 4, 420))
+records = view.drop(columns=[] if show_names else ["name", "bed", "ward_name"]).to_dict("records")
 st.download_button(
     "Download CSV",
-    services.audit_csv(view.to_dict("records")),
-    file_name=f"{label}.csv",
+    csv_bytes(records),
+    file_name=f"{Path(label).stem}{'-filtered' if len(view) != len(df) else ''}.csv",
     mime="text/csv",
     icon=":material/download:",
     key="audit-csv",
 )
 
 st.markdown("### Patient evidence")
-patients = sorted(view.patient.unique())
+patients = sorted(view.patient.unique(), key=lambda p: (names.get(p, ("", "~"))[1], p))
+
+
+def patient_choice(ref: str) -> str:
+    name, bed, ward = names.get(ref, ("", "", ""))
+    return " · ".join(x for x in (bed, name, ward, one_line(ref)) if x)
+
+
 pick = st.selectbox(
-    "Patient", patients, index=None, key="audit-patient", placeholder="Choose a patient to drill in"
+    "Patient",
+    patients,
+    index=None,
+    key="audit-patient",
+    placeholder="Choose a patient to drill in",
+    format_func=patient_choice,
 )
 if pick:
     pid = pick.split("/", 1)[-1]
@@ -139,14 +250,25 @@ if pick:
     )
     for n, f in enumerate(view[view.patient == pick].to_dict("records")):
         with st.container(border=True, key=f"flag-{f['severity']}-audit-{n}"):
-            st.markdown(f"{render.severity_badge(f['severity'])} **{f.get('title', '')}** · `{f['rule_id']}`")
-            st.markdown(str(f.get("message", "")))
+            period = " · ".join(
+                x
+                for x in (
+                    f"from {human_time(f.get('start'))}" if f.get("start") else "",
+                    f"until {human_time(f.get('end'))}" if f.get("end") else "",
+                )
+                if x
+            )
+            st.markdown(
+                f"{render.severity_badge(f['severity'])} **{md(f.get('title', ''))}** · {md(f['rule_id'])}"
+                + (f" :gray[{md(period)}]" if period else "")
+            )
+            st.markdown(md(f.get("message", ""), multiline=True))
             values = [
                 {
-                    "Evidence": v.get("label"),
-                    "Value": v.get("value") or "",
-                    "Time": v.get("time") or "",
-                    "Source": v.get("ref"),
+                    "Evidence": one_line(v.get("label")),
+                    "Value": one_line(v.get("value") or ""),
+                    "Time": human_time(v.get("time")),
+                    "Source": one_line(v.get("ref")),
                 }
                 for v in f.get("values") or []
                 if isinstance(v, dict)
@@ -154,6 +276,6 @@ if pick:
             if values:
                 st.dataframe(pd.DataFrame(values), hide_index=True, width="stretch")
             else:
-                st.caption("Evidence: " + ", ".join(f.get("evidence") or []))
+                st.caption("Evidence: " + md(", ".join(f.get("evidence") or [])))
             if f.get("action"):
-                st.markdown(f"**Suggested nursing action:** {f['action']}")
+                st.markdown(f"**Suggested nursing action:** {md(f['action'])}")
