@@ -322,3 +322,13 @@ def test_a_log_from_before_the_chain_is_sealed_once(tmp_path):
     assert log.status.ok, log.status.text
     log.record(user="rn2", role="nurse", action="view-chart", target="Patient/q")
     assert log.verify().ok and [e.user for e in log.events()] == ["rn2", "rn1"]
+
+
+def test_error_details_are_off_outside_development():
+    """No exception text (which could quote chart data) reaches the browser from the shipped configuration."""
+    import tomllib
+    from pathlib import Path
+
+    cfg = tomllib.loads((Path(__file__).resolve().parent.parent / ".streamlit" / "config.toml").read_text())
+    assert cfg["client"]["showErrorDetails"] in ("none", "type", False)
+    assert cfg["server"]["address"] == "127.0.0.1"
