@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("str", "int", "float", "bool", "path")
 _TRUE = ("1", "true", "yes", "on")
@@ -247,6 +249,9 @@ def load_settings(
     for key, value in read_secrets(path).items():
         if key in BY_NAME and not isinstance(value, dict):
             values[key] = str(value).lower() if isinstance(value, bool) else str(value)
+        elif key.startswith("NVA_") and key not in BY_NAME:
+            # a typo would otherwise be silently ignored; the value itself may be a secret and is not logged
+            log.warning("%s: %s is not an NVA setting (see docs/SETTINGS.md); it is ignored", path, key)
     for name in values:
         if name in env:
             values[name] = env[name]

@@ -146,3 +146,13 @@ def test_invalid_secrets_file_stops_the_cli_with_a_message(monkeypatch, capsys, 
     assert main(["patients", "https://127.0.0.1:9/fhir"]) == 2
     err = capsys.readouterr().err
     assert "not valid TOML" in err and str(secrets) in err and "Traceback" not in err
+
+
+def test_unknown_nva_key_in_secrets_is_warned_about_without_its_value(tmp_path, caplog):
+    secrets = tmp_path / "secrets.toml"
+    secrets.write_text('NVA_LLM_BACKEN = "sk-typo-secret"\nOTHER = 1\n')
+    with caplog.at_level("WARNING", logger="assistant.settings"):
+        values = s.load_settings({}, secrets)
+    assert values["NVA_LLM_BACKEND"] == "none"
+    assert "NVA_LLM_BACKEN is not an NVA setting" in caplog.text and "sk-typo-secret" not in caplog.text
+    assert "OTHER" not in caplog.text
