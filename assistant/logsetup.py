@@ -71,8 +71,13 @@ def install_phi_filter() -> None:
     for handler in root.handlers:
         _filtered(handler)
     for logger in list(logging.Logger.manager.loggerDict.values()):
-        for handler in getattr(logger, "handlers", ()):
+        if not isinstance(logger, logging.Logger):
+            continue
+        for handler in logger.handlers:
             _filtered(handler)
+        # On the logger too: streamlit's loggers do not propagate and it may replace their handlers later.
+        if not any(isinstance(f, PhiSafeFilter) for f in logger.filters):
+            logger.addFilter(PhiSafeFilter())
 
 
 def configure_logging(verbosity: int = 0, *, stream: TextIO | None = None) -> logging.Handler:

@@ -139,6 +139,13 @@ def test_dashboard_log_records_pass_the_phi_filter(monkeypatch):
             sum(isinstance(f, PhiSafeFilter) for f in h.filters) == 1 for h in root.handlers
         )
         assert any(isinstance(f, PhiSafeFilter) for f in bare.filters)
+        # streamlit may swap a logger's handler later (config change): the logger's own filter still applies
+        swapped = io.StringIO()
+        streamlit_logger.removeHandler(bare)
+        streamlit_logger.addHandler(logging.StreamHandler(swapped))
+        streamlit_logger.propagate = False
+        streamlit_logger.error("script failed on Observation/obs-5551")
+        assert "Observation/…" in swapped.getvalue() and "obs-5551" not in swapped.getvalue()
         buffer = io.StringIO()
         root.handlers[0].setStream(buffer)  # type: ignore[attr-defined]
         logging.getLogger("dashboard.services").warning("could not load Patient/pat-4711?name=Okafor")
