@@ -514,9 +514,24 @@ def summary_news2(view: PatientView) -> Any | None:
 def compose_summary_stream(
     cfg: AppConfig | None, view: PatientView, passages: list[Passage] | None = None, *, use_llm: bool = True
 ) -> Any:
-    """A SummaryStream of displayed sentences (assistant.summary.composer); `.result` once exhausted."""
+    """A SummaryStream of displayed sentences (assistant.summary.composer); `.result` once exhausted.
+
+    The guideline passages are chosen by the pipeline's one policy (as `nva summarize --guidelines`), whatever
+    `passages` the page collected for its flag boxes: the argument is kept for callers and not used.
+    """
     backend = get_llm(cfg) if (use_llm and cfg is not None) else None
-    return pipeline.summary_stream(view, backend, passages or ())
+    return pipeline.summary_stream(
+        view, backend, pipeline.guideline_passages(view.findings, summary_retriever())
+    )
+
+
+def summary_retriever() -> Any | None:
+    """The guideline retriever when the store holds passages, else None (the summary then has none)."""
+    try:
+        return guideline_retriever() if guideline_store().count() > 0 else None
+    except Exception as exc:  # noqa: BLE001 - guidance is optional; the summary must still be produced
+        log.warning("guideline store unavailable: %s", type(exc).__name__)
+        return None
 
 
 IPASS_SECTIONS = (

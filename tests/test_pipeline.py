@@ -269,3 +269,18 @@ def test_nva_census_prints_the_ward_view(demo_ward_dir: Path, ward: Any) -> None
         _cli(*base, "--format", "json", "--since", (ward.now - timedelta(hours=1)).isoformat())
     )
     assert sum(r["new_results"] for r in short["rows"]) < sum(r.new_results for r in ward.rows)
+
+
+def test_dashboard_summary_uses_the_one_guideline_policy(ward: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("streamlit")
+    from dashboard import services
+
+    view = max(ward.patients.values(), key=lambda v: len(v.findings))
+    fake = _Retriever()
+    monkeypatch.setattr(services, "summary_retriever", lambda: fake)
+    ignored = [services.Passage("guideline:elsewhere", "Other", "", "text")]
+    result = services.compose_summary_stream(None, view, ignored, use_llm=False).collect()
+    cited = {ref for f in result.facts.facts if f.kind == "guideline" for ref in f.provenance}
+    expected = {h.citation for h in pipeline.guideline_passages(view.findings, _Retriever())}
+    # The fact sheet may keep fewer (max_facts), never others; the page's own list is not used.
+    assert cited and cited <= expected and "guideline:elsewhere" not in cited
