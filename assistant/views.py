@@ -684,12 +684,13 @@ def patient_delta(
             items.append(DeltaItem("note", n.time, f"Note: {n.title}", (n.ref,)))
     before = news2(chart, now=since)
     before_total = before.total if before.parameters else None
+    current = news2(chart, now=now)
     if news_now is None:
-        current = news2(chart, now=now)
         news_now = current.total if current.parameters else None
     if before_total != news_now and news_now is not None:
         was = "not scored" if before_total is None else str(before_total)
-        items.append(DeltaItem("news2", now, f"NEWS2 {news_now} (was {was})", ()))
+        refs = tuple(dict.fromkeys((*current.evidence, *before.evidence)))  # the vitals of both scores
+        items.append(DeltaItem("news2", now, f"NEWS2 {news_now} (was {was})", refs))
     items.sort(key=lambda i: i.time or since, reverse=True)
     e = chart.encounter
     return PatientDelta(

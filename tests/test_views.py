@@ -216,6 +216,8 @@ def test_news2_change_in_header_and_delta() -> None:
     assert head.total == 3 and head.band == "low-medium" and head.change == 3 and head.trend == "up"
     assert head.incomplete and "Temperature" in head.missing and "Temperature" in view.quality.banner
     assert view.delta.news2_before == 0 and view.delta.news2_now == 3 and view.delta.news2_change == 3
+    (item,) = [i for i in view.delta.items if i.kind == "news2"]
+    assert item.text == "NEWS2 3 (was 0)" and "Observation/respiratory_rate-0600" in item.refs
 
 
 def test_acuity_puts_flags_and_news2_bands_together() -> None:
