@@ -194,7 +194,8 @@ class RestFhirSource(FhirSource):
                         stream=stream,
                         timeout=(self.options.connect_timeout, self.options.read_timeout),
                     )
-                    body = b"" if stream else resp.content
+                    # a streamed answer is read here only when it is an error, for its OperationOutcome
+                    body = resp.content if not stream or resp.status_code not in accept else b""
                 status = resp.status_code
                 if status == 401 and auth and self.auth.can_refresh and not reauthed:
                     reauthed = True

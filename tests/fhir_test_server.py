@@ -74,6 +74,7 @@ ADVERTISED_TYPES = (
     "MedicationRequest",
     "MedicationAdministration",
     "MedicationStatement",
+    "Medication",
     "AllergyIntolerance",
     "Procedure",
     "DiagnosticReport",
