@@ -592,6 +592,7 @@ class ChartBuilder:
         chart.results.sort(key=lambda r: (r.time or _EPOCH, r.ref))
         chart.administrations.sort(key=lambda a: (a.time or _EPOCH, a.ref))
         chart.notes.sort(key=lambda n: (n.time or _EPOCH, n.ref))
+        self._check_stale_latest(chart)
         if self.duplicates:
             self.issues.append(duplicate_issue(self.duplicates, patient.ref))
         chart.issues = self.issues
@@ -1032,6 +1033,37 @@ class ChartBuilder:
             text=text[:NOTE_TEXT_LIMIT],
             author=None,
         )
+
+    def _check_stale_latest(self, chart: Chart) -> None:
+        """Say so when an analyte's newest result could not be read and an older value is what shows as latest."""
+        damaged = {i.source for i in self.issues if i.code in ("invalid-resource", "unknown-unit")}
+        newest: dict[str, Result] = {}
+        latest_value: dict[str, Result] = {}
+        for r in chart.results:  # oldest first
+            if r.time is None or r.status in ("entered-in-error", "cancelled"):
+                continue
+            newest[r.analyte] = r
+            if r.is_usable and r.value is not None:
+                latest_value[r.analyte] = r
+        for analyte, last in newest.items():
+            shown = latest_value.get(analyte)
+            if (
+                shown is None
+                or shown is last
+                or last.ref not in damaged
+                or (last.is_usable and last.value is not None)
+            ):
+                continue
+            when = last.time.strftime("%Y-%m-%d %H:%M UTC")  # type: ignore[union-attr]
+            self.issues.append(
+                DataQualityIssue(
+                    last.ref,
+                    "stale-latest",
+                    f"the newest {last.name} ({when}) could not be read; the latest value shown, {shown.ref}, "
+                    "is older",
+                    "error",
+                )
+            )
 
     def _check_references(self, chart: Chart) -> None:
         order_refs = {o.ref for o in chart.orders}

@@ -187,13 +187,34 @@ def test_a_wrong_type_costs_only_its_field_and_says_so():
     order = chart.orders[0]
     assert order.ref == "MedicationRequest/m1" and order.ingredients == ("potassium-chloride",)
     assert order.is_active and order.dose_text is None
-    issues = {i.source: i for i in chart.issues}
+    issues = {i.source: i for i in chart.issues if i.code == "invalid-resource"}
     assert set(issues) == {"Observation/bad", "Observation/bad-date", "MedicationRequest/m1"}
-    assert all(i.code == "invalid-resource" and i.severity == "error" for i in chart.issues)
+    assert all(i.severity == "error" for i in chart.issues)
+    assert {i.code for i in chart.issues if i.source != "Observation/bad"} == {"invalid-resource"}
+    # The unreadable value is the newest potassium: the chart says that the latest value shown is older.
+    assert {i.code for i in chart.issues if i.source == "Observation/bad"} == {
+        "invalid-resource",
+        "stale-latest",
+    }
     assert "dosageInstruction" in issues["MedicationRequest/m1"].message
     # A result without its value or time says that an older one may show as the latest.
     assert "older one may show" in issues["Observation/bad"].message
     assert "older one may show" in issues["Observation/bad-date"].message
+
+
+def test_an_unreadable_newest_value_says_the_latest_shown_is_older():
+    chart = chart_of(
+        obs("old", "2823-3", 4.6, "mmol/L", when="2026-03-15T05:00:00Z"),
+        obs("new", "2823-3", "5,9", "mmol/L", when="2026-03-16T05:00:00Z"),
+    )
+    assert chart.latest("potassium").ref == "Observation/new" and chart.latest("potassium").value is None
+    stale = [i for i in chart.issues if i.code == "stale-latest"]
+    assert len(stale) == 1 and stale[0].source == "Observation/new" and "Observation/old" in stale[0].message
+    fine = chart_of(
+        obs("old", "2823-3", 4.6, "mmol/L", when="2026-03-15T05:00:00Z"),
+        obs("new", "2823-3", 5.9, "mmol/L", when="2026-03-16T05:00:00Z"),
+    )
+    assert fine.issues == []
 
 
 def test_a_numeric_string_is_read_as_a_number_with_a_warning():
