@@ -342,10 +342,13 @@ class RestFhirSource(FhirSource):
         return out
 
     def iter_patient_ids(self) -> Iterator[str]:
+        seen: set[str] = set()  # a patient served on two pages (the data moved while paging) is listed once
         for page in self.search_pages("Patient", {"_elements": "id"}):
             for r in page:
-                if r.get("resourceType") == "Patient" and isinstance(r.get("id"), str):
-                    yield r["id"]
+                rid = r.get("id")
+                if r.get("resourceType") == "Patient" and isinstance(rid, str) and rid and rid not in seen:
+                    seen.add(rid)
+                    yield rid
 
     def patient_resources(self, patient_id: str) -> PatientRecord:
         """One patient: $everything when offered, else one search per type; a failed search marks its type missing."""
