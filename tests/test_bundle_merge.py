@@ -1,5 +1,4 @@
-"""Bundle folders: one patient across files is merged, repeats de-duplicated and counted, charts read only their own
-entries (streamed, with byte spans), and a malformed patient costs only itself."""
+"""Bundle folders: one patient across files merged, repeats counted, a chart reads only its own entries."""
 
 from __future__ import annotations
 

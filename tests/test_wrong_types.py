@@ -1,5 +1,4 @@
-"""Wrong JSON types anywhere in a resource: never an exception, only the field is lost (and said to be), the other
-resources and the other patient unchanged — through normalization, the rules and the bundle-folder connector."""
+"""Wrong JSON types in any field: no exception, only that field lost (and said), everything else intact."""
 
 from __future__ import annotations
 
