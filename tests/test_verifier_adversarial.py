@@ -1,5 +1,7 @@
-"""Adversarial sentences built from real fact sheets (demo ward, Synthea): every wrong one is dropped, one group
-per error class; paired correct paraphrases pass, so the verifier is not a filter that only lets template text by."""
+"""Adversarial sentences from real fact sheets (demo ward, Synthea): every wrong one dropped, paraphrases pass."""
+
+# One group per error class of issue 11; the paired correct paraphrases keep the verifier from becoming a filter
+# that only lets template text through.
 
 from __future__ import annotations
 
