@@ -373,3 +373,32 @@ def test_stale_data_names_the_judged_time_and_the_newest_data():
     assert (
         stale_data(fresh, NOW) is None or "inr-supratherapeutic-warfarin" not in stale_data(fresh, NOW).rules
     )
+
+
+@pytest.mark.parametrize(
+    ("server_kw", "missing"),
+    [
+        ({"unserved_types": ["MedicationAdministration"]}, "MedicationAdministration"),
+        ({"export_expired": ["Observation"]}, "Observation"),
+    ],
+)
+def test_a_server_that_serves_fewer_types_gives_an_incomplete_audit_that_says_what_was_not_judged(
+    ward, tmp_path, server_kw, missing
+):
+    from tests import fhir_test_server as server_mod
+
+    with server_mod.FhirTestServer(ward, export_polls=1, export_retry_after=0, **server_kw) as server:
+        jsonl, html = tmp_path / "a.jsonl", tmp_path / "a.html"
+        rc, text = run_cli(server.base_url, "--out", str(jsonl), "--now", ANCHOR.isoformat())
+        rc_html, text_html = run_cli(server.base_url, "--out", str(html), "--now", ANCHOR.isoformat())
+    assert rc == rc_html == 3, text
+    assert text.startswith("INCOMPLETE: audited 25 patients") and missing in text
+    status = read_status(jsonl)
+    assert status is not None and missing in status["missing_types"]
+    cat = default_catalogue()
+    assert set(status["not_judged_rules"]) == set(not_judged_rules(cat, {missing}))
+    found = {f["rule_id"] for f in read_findings(jsonl)}
+    assert not found & set(status["not_judged_rules"])  # nothing judged on the absence of a type never read
+    page = html.read_text()
+    assert "INCOMPLETE AUDIT" in page and missing in page
+    assert "25 patients" in page  # the header agrees with stdout

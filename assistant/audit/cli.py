@@ -134,6 +134,8 @@ def cmd_audit(args: argparse.Namespace, out: TextIO) -> int:
             f"note: {summary.stale} charts have no data inside some rules' windows at the judged time "
             f"(e.g. {one_line(summary.stale_example)}); use --period for a retrospective audit\n"
         )
+    for note in summary.status.notes:
+        out.write(f"note: {one_line(note)}\n")
     if not summary.complete:
         out.write(one_line(summary.status.banner) + "\n")
         return INCOMPLETE_EXIT

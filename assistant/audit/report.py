@@ -374,6 +374,8 @@ def render_html(
     out.append("<h2>Data quality</h2>")
     if not status.complete:
         out.append(f"<p class='incomplete'>{e(status.banner)}</p>")
+    for note in status.notes:
+        out.append(f"<p><em>Note:</em> {e(note)}</p>")
     if unreadable:
         out.append("<h3>Records that could not be audited</h3><table><tr><th>Record</th><th>Why</th></tr>")
         for row in unreadable:

@@ -84,8 +84,8 @@ def plan_units(
                 source, outdir=root, partitions=options.partitions, keep_types=CHART_TYPES, gz=False
             )
         shared = tuple(export.shared())
-        completeness = getattr(source, "completeness", None)
-        gaps = tuple(sorted(completeness.missing_types.items())) if completeness is not None else ()
+        # The partition manifest keeps the gaps (source-wide, plus files that broke off mid-way) across --resume.
+        gaps = tuple(sorted(export.missing_types.items()))
         units = (
             Unit(i, partition=str(p), shared=shared, patients=export.patients[i], missing_types=gaps)
             for i, p in enumerate(export.paths)
@@ -285,13 +285,17 @@ def run_audit(
         if bar is not None:
             bar.close()
     summary.retrospective = options.retrospective
-    completeness = getattr(
-        source, "completeness", None
-    )  # read after the records: per-patient gaps fill in then
+    # Read after the records: per-patient gaps fill in while they are read.
+    completeness = getattr(source, "completeness", None)
     status = RunStatus(
         missing_types=dict(completeness.missing_types) if completeness is not None else {},
         export_errors=list(completeness.errors) if completeness is not None else [],
+        notes=list(getattr(completeness, "notes", None) or []),
     )
+    export = PartitionedExport.load(workdir / "partitions")
+    if export is not None:
+        for rtype, why in export.missing_types.items():
+            status.missing_types.setdefault(rtype, why)
     status.add_global_issues(global_issues)
     for row in checkpoint.rows():
         summary.patients += 0 if row["error"] and ":" in row["patient"] else 1

@@ -21,6 +21,9 @@ class RunStatus:
     incomplete_patients: int = 0
     incomplete_examples: list[str] = field(default_factory=list)
     not_judged_rules: list[str] = field(default_factory=list)
+    notes: list[str] = field(
+        default_factory=list
+    )  # said, but not making the run incomplete (e.g. no Location)
 
     @property
     def complete(self) -> bool:
@@ -83,4 +86,5 @@ class RunStatus:
             "incomplete_examples": list(self.incomplete_examples),
             "not_judged_rules": sorted(self.not_judged_rules),
             "banner": self.banner,
+            "notes": list(self.notes),
         }
