@@ -402,3 +402,23 @@ def test_a_server_that_serves_fewer_types_gives_an_incomplete_audit_that_says_wh
     page = html.read_text()
     assert "INCOMPLETE AUDIT" in page and missing in page
     assert "25 patients" in page  # the header agrees with stdout
+
+
+def test_period_parsing_and_its_typed_errors(ward, tmp_path, capsys):
+    from assistant.audit.cli import parse_period
+
+    assert parse_period("2026-02-01/2026-02-28") == (
+        datetime(2026, 2, 1, tzinfo=UTC),
+        datetime(2026, 2, 28, 23, 59, 59, 999999, tzinfo=UTC),  # a date END includes its whole day
+    )
+    assert parse_period("/2026-02-28T08:00:00+01:00")[1] == datetime(2026, 2, 28, 7, tzinfo=UTC)
+    assert parse_period("/") == (None, None)
+    out = tmp_path / "x.jsonl"
+    for bad, says in (
+        (["--period", "2026-03-02/2026-03-01"], "not after the start"),
+        (["--period", "yesterday"], "START/END"),
+        (["--period", "2026-13-01/"], "not an ISO date"),
+        (["--period", "/", "--now", ANCHOR.isoformat()], "exclude each other"),
+    ):
+        rc, _ = run_cli(str(ward), "--out", str(out), *bad)
+        assert rc == 2 and says in capsys.readouterr().err
