@@ -22,6 +22,9 @@ from assistant.summary.facts import (
     News2,
     build_fact_sheet,
 )
+from assistant.summary.suggest import enabled as suggestions_enabled
+from assistant.summary.suggest import suggest_contradictions
+from assistant.summary.synopsis import compose_synopsis
 from assistant.summary.verifier import Sentence, SentenceSplitter, Verifier
 from assistant.summary.vocab import vocabulary
 
@@ -155,6 +158,8 @@ class SummaryResult:
         default_factory=list
     )  # verified, beyond max_sentences: a "more" expander
     synopsis: list[Sentence] = field(default_factory=list)  # verified synopsis sentences shown above (H6)
+    synopsis_source: str = "template"  # llm | template (assistant.summary.synopsis)
+    suggestions: list[Any] = field(default_factory=list)  # suggest.Suggestion: AI-suggested, not rules (H6)
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -200,6 +205,8 @@ class SummaryResult:
             "dropped": [s.to_dict() for s in self.dropped],
             "overflow": [s.to_dict() for s in self.overflow],
             "synopsis": [s.to_dict() for s in self.synopsis],
+            "synopsis_source": self.synopsis_source,
+            "suggestions": [x.to_dict() for x in self.suggestions],
             "backend": self.backend,
             "model": self.model,
             "latency_s": round(self.latency_s, 4),
@@ -419,6 +426,14 @@ def _compose(
             s = c.template(fact)
             if s is not None:
                 yield c.show(s)
+    # Synopsis and suggestions come after the body (not streamed): read them from the result (H6, issue 16).
+    model = for_chart(backend, chart) if usable else None
+    syn = compose_synopsis(sheet, model, c.verifier, timeout=timeout)
+    res.synopsis, res.synopsis_source = syn.sentences, syn.source
+    if usable and syn.note:
+        res.notes.append(syn.note)
+    if model is not None and suggestions_enabled(model):
+        res.suggestions = suggest_contradictions(sheet, findings, model, c.verifier, timeout=timeout)
     res.latency_s = time.perf_counter() - t0
     return res
 
