@@ -1,0 +1,340 @@
+"""Embedded-model speed options side by side on the demo ward: tokens/s, first verified sentence, whole summary, RSS."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from assistant.demo_ward import generate_demo_ward  # noqa: E402
+from bench.common import median, patient_views, stamp, table  # noqa: E402
+from connectors import open_source  # noqa: E402
+
+ANCHOR_ISO = "2026-03-16T07:00:00+00:00"
+OPTIONS = ("onnx-int8", "onnx-int4", "transformers", "transformers-batched", "llama-cpp")
+SPEED_FACT = "Potassium 5.9 mmol/L (high) at 2026-03-16 04:30"
+
+
+def _anchor() -> Any:
+    from datetime import datetime
+
+    return datetime.fromisoformat(ANCHOR_ISO)
+
+
+def _views(ward: Path, limit: int | None) -> list[Any]:
+    with open_source(ward) as src:
+        views = patient_views(src, _anchor())
+    views = [v for v in views if v.chart is not None]
+    return views[:limit] if limit else views
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _decode_speed(backend: Any, runs: int = 3) -> tuple[float, float]:
+    """Median (tokens/s, first token s) on the per-fact prompt, warm (its prefix already cached where supported)."""
+    from assistant.summary.composer import build_fact_messages
+    from assistant.summary.facts import Fact
+
+    fact = Fact(tag="F1", kind="result", label="Potassium", text=SPEED_FACT, provenance=())
+    speeds, firsts = [], []
+    for _ in range(runs):
+        res = backend.chat(build_fact_messages(fact), max_tokens=40, temperature=0.0)
+        if res.tokens_per_s:
+            speeds.append(res.tokens_per_s)
+        if res.first_token_s is not None:
+            firsts.append(res.first_token_s)
+    return (median(speeds) if speeds else 0.0, median(firsts) if firsts else 0.0)
+
+
+def _summaries(backend: Any, views: list[Any], timeout: float) -> dict[str, Any]:
+    """The dashboard's summary path on each patient: first verified model sentence, whole summary, synopsis."""
+    from assistant import pipeline
+
+    firsts, totals, synopsis_llm, verified, written = [], [], 0, 0, 0
+    for view in views:
+        t0 = time.perf_counter()
+        stream = pipeline.summary_stream(view, backend, (), timeout=timeout)
+        for _ in stream:
+            pass
+        res = stream.result
+        totals.append(time.perf_counter() - t0)
+        if res.first_llm_sentence_s is not None:
+            firsts.append(res.first_llm_sentence_s)
+        llm = res.llm_sentences()
+        written += len(llm)
+        verified += sum(1 for s in llm if s.verified)
+        synopsis_llm += res.synopsis_source == "llm"
+    return {
+        "patients": len(views),
+        "first_llm": firsts,
+        "totals": totals,
+        "llm_written": written,
+        "llm_verified": verified,
+        "synopsis_llm_patients": synopsis_llm,
+    }
+
+
+def _concurrent(backend: Any, views: list[Any], timeout: float) -> list[float]:
+    """Two patients opened at once (two threads, as two dashboard sessions): each one's whole-summary time."""
+    from assistant import pipeline
+
+    out: list[float] = [0.0, 0.0]
+
+    def one(i: int) -> None:
+        t0 = time.perf_counter()
+        pipeline.summary_stream(views[i], backend, (), timeout=timeout).collect()
+        out[i] = time.perf_counter() - t0
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def _batched_generate(views: list[Any], runs: int) -> dict[str, Any]:
+    """transformers: one left-padded batched `generate` of a patient's per-fact prompts (measured, not shipped)."""
+    import torch
+
+    from assistant.llm import make_backend
+    from assistant.summary.composer import PER_FACT_KINDS, PER_FACT_LIMIT, build_fact_messages
+    from tests.llm_server import model_cache_dir
+
+    backend = make_backend(
+        {"NVA_LLM_BACKEND": "transformers", "NVA_LLM_CACHE_DIR": str(model_cache_dir().parent)}
+    )
+    tokenizer, model = backend._load()  # noqa: SLF001 -- the benchmark drives generate() itself
+    tokenizer.padding_side = "left"
+    totals, tokens = [], 0
+    for view in views[:runs]:
+        from assistant.summary.facts import build_fact_sheet
+
+        sheet = build_fact_sheet(view.chart, view.findings, now=view.now)
+        facts = [f for f in sheet.facts if f.kind in PER_FACT_KINDS and not f.quoted][:PER_FACT_LIMIT]
+        texts = [
+            tokenizer.apply_chat_template(
+                [m.as_dict() for m in build_fact_messages(f)], add_generation_prompt=True, tokenize=False
+            )
+            for f in facts
+        ]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                **batch, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        totals.append(time.perf_counter() - t0)
+        new = out[:, batch["input_ids"].shape[1] :]
+        tokens += int((new != tokenizer.pad_token_id).sum())
+    return {"batch_totals": totals, "batch_tokens": tokens}
+
+
+def worker(option: str, ward: Path, limit: int | None, timeout: float, work: Path) -> dict[str, Any]:
+    """One option in its own process, so peak RSS and first-run preparation are its own."""
+    from assistant.llm import make_backend
+
+    views = _views(ward, limit)
+    out: dict[str, Any] = {"option": option}
+    t0 = time.perf_counter()
+    if option == "transformers-batched":
+        out.update(_batched_generate(views, runs=min(len(views), 4)))
+        out["prepare_s"] = None
+        out["peak_rss_mb"] = _peak_rss_mb()
+        return out
+    if option.startswith("onnx"):
+        from assistant.llm.onnx_backend import prepare_onnx
+        from assistant.llm.transformers_backend import default_gguf
+
+        cache = work / "models"
+        if option == "onnx-int8":
+            # first-run preparation on a fresh machine: GGUF -> plain copy -> int8 ONNX, timed
+            path, spent = prepare_onnx(default_gguf(), cache)
+        else:
+            path = work / "onnx-int4"
+            hf = next(cache.glob("*-hf"))
+            c0 = time.perf_counter()
+            subprocess.run(  # noqa: S603 -- fixed argv
+                [
+                    sys.executable,
+                    "-m",
+                    "onnxruntime_genai.models.builder",
+                    "-i",
+                    str(hf),
+                    "-o",
+                    str(path),
+                    "-p",
+                    "int4",
+                    "-e",
+                    "cpu",
+                    "-c",
+                    str(work / "c4"),
+                ],
+                check=True,
+                capture_output=True,
+            )
+            spent = time.perf_counter() - c0
+        out["prepare_s"] = spent
+        backend = make_backend({"NVA_LLM_BACKEND": "onnx", "NVA_LLM_MODEL_PATH": str(path)})
+    elif option == "transformers":
+        from tests.llm_server import model_cache_dir
+
+        backend = make_backend(
+            {"NVA_LLM_BACKEND": "transformers", "NVA_LLM_CACHE_DIR": str(model_cache_dir().parent)}
+        )
+        out["prepare_s"] = None
+    else:
+        from assistant.llm import LlmConfigError
+
+        try:
+            backend = make_backend({"NVA_LLM_BACKEND": "llama-cpp"})
+        except LlmConfigError as exc:
+            return {"option": option, "skipped": str(exc)[:200]}
+        out["prepare_s"] = None
+    from assistant.summary.synopsis import warm_summary_model
+
+    w0 = time.perf_counter()
+    warm_summary_model(backend)
+    out["warm_s"] = time.perf_counter() - w0
+    out["load_total_s"] = time.perf_counter() - t0
+    out["tokens_per_s"], out["first_token_s"] = _decode_speed(backend)
+    out.update(_summaries(backend, views, timeout))
+    out["concurrent"] = _concurrent(backend, views[:2], timeout)
+    out["single"] = out["totals"][:2]
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
+def _s(xs: list[float]) -> str:
+    return f"{median(xs):.2f} s / {max(xs):.2f} s" if xs else "n/a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--options", default=",".join(OPTIONS))
+    ap.add_argument("--patients", type=int, default=0, help="demo-ward patients per option (0 = all)")
+    ap.add_argument("--slow-patients", type=int, default=4, help="patients for the transformers option")
+    ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--out", default="docs/BENCHMARKS_summary.md")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--ward", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        res = worker(args.worker, Path(args.ward), args.patients or None, args.timeout, Path(args.work))
+        sys.stdout.write("RESULT " + json.dumps(res) + "\n")
+        return 0
+
+    tmp = Path(tempfile.mkdtemp(prefix="nva-bench-llm-"))
+    ward = tmp / "ward"
+    generate_demo_ward(ward, anchor=_anchor(), seed=7)
+    results: list[dict[str, Any]] = []
+    for option in args.options.split(","):
+        n = args.slow_patients if option.startswith("transformers") else args.patients
+        cmd = [sys.executable, "-m", "bench.bench_llm_speed", "--worker", option, "--ward", str(ward)]
+        cmd += ["--work", str(tmp), "--patients", str(n), "--timeout", str(args.timeout)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            results.append({"option": option, "skipped": f"worker failed: {proc.stderr[-300:]}"})
+        else:
+            results.append(json.loads(line[7:]))
+        sys.stderr.write(f"{option}: {results[-1]}\n")
+    shutil.rmtree(tmp, ignore_errors=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    text = render(results)
+    with Path(args.out).open("a", encoding="utf-8") as fh:
+        fh.write(text)
+    sys.stdout.write(text)
+    return 0
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    rows = []
+    notes = []
+    for r in results:
+        name = r["option"]
+        if "skipped" in r:
+            notes.append(f"{name}: not run ({r['skipped']})")
+            continue
+        if name == "transformers-batched":
+            tot = r["batch_totals"]
+            tps = r["batch_tokens"] / sum(tot) if tot else 0
+            rows.append(
+                [
+                    name,
+                    f"{tps:.1f} (all rows)",
+                    "n/a (whole batch at once)",
+                    _s(tot),
+                    "n/a",
+                    "n/a",
+                    f"{r['peak_rss_mb']:.0f} MB",
+                    "n/a",
+                ]
+            )
+            continue
+        single = r["single"]
+        conc = r["concurrent"]
+        ratio = max(conc) / median(single) if single else float("nan")
+        rows.append(
+            [
+                name,
+                f"{r['tokens_per_s']:.1f}",
+                _s(r["first_llm"]),
+                _s(r["totals"]),
+                f"{max(conc):.2f} s ({ratio:.2f}x one)",
+                f"{r['synopsis_llm_patients']}/{r['patients']}",
+                f"{r['peak_rss_mb']:.0f} MB",
+                f"{r['prepare_s']:.0f} s" if r.get("prepare_s") else "none",
+            ]
+        )
+        notes.append(
+            f"{name}: {r['patients']} patients; model sentences verified {r['llm_verified']}/{r['llm_written']}; "
+            f"load + warm-up {r['load_total_s']:.1f} s (warm-up {r['warm_s']:.1f} s); first token {r['first_token_s']:.2f} s"
+        )
+    headers = [
+        "option",
+        "tokens/s (decode, per-fact prompt)",
+        "first verified model sentence (median / max)",
+        "whole summary (median / max)",
+        "two patients at once (slower one)",
+        "synopsis model-written (verified)",
+        "peak RSS",
+        "first-run preparation",
+    ]
+    return "\n".join(
+        [
+            "",
+            "## Embedded model speed options (issue 16)",
+            "",
+            f"Run {stamp()}. Load average at the end: {os.getloadavg()[0]:.1f} (shared machine: figures move with "
+            "the load). Dashboard path (`pipeline.summary_stream`, flags in their own column), demo ward seed 7, "
+            "greedy, model warmed at start (`warm_summary_model`). Targets: first verified model sentence <= 1 s, "
+            "whole summary <= 5 s, two patients at once <= 1.5x one.",
+            "",
+            table(headers, rows),
+            "",
+            *[f"- {n}" for n in notes],
+            "",
+            "Reproduce: `.venv/bin/python -m bench.bench_llm_speed` (options: `--options`, `--patients`).",
+            "",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
