@@ -264,15 +264,22 @@ def iter_entries(path: Path, doc: _Document | None = None) -> Iterator[tuple[Any
         raise SourceFileError(origin, f"is not valid JSON ({exc})") from exc
 
 
-def read_spans(path: Path, spans: list[tuple[int, int]]) -> list[Any]:
-    """The entries in these byte spans (each span one or more adjacent entries), reading nothing else."""
+def read_spans(path: Path, spans: list[tuple[int, int]], fh: IO[bytes] | None = None) -> list[Any]:
+    """The entries in these byte spans (each span one or more adjacent entries), reading nothing else.
+
+    Pass an open handle to read several patients of one file in a forward pass (a gzip stream then never rewinds).
+    """
     out: list[Any] = []
     try:
-        with _open(path) as fh:
+        handle = fh if fh is not None else _open(path)
+        try:
             for start, end in sorted(spans):
-                fh.seek(start)  # gzip seeks forward by decompressing: memory stays flat
-                raw = fh.read(end - start)
+                handle.seek(start)  # gzip seeks forward by decompressing: memory stays flat
+                raw = handle.read(end - start)
                 out.extend(json.loads(b"[" + raw + b"]"))
+        finally:
+            if fh is None:
+                handle.close()
     except _OPEN_ERRORS as exc:
         raise SourceFileError(str(path), f"cannot be read ({exc.__class__.__name__}: {exc})") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -289,6 +296,7 @@ class _FileIndex:
     single: dict | None = None  # the file is one resource (not a Bundle): that resource
     patients: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # patient id -> entry spans
     medications: list[tuple[int, int]] = field(default_factory=list)  # shared Medication entries
+    medication_cache: list[dict] | None = None  # those entries, parsed on first use (shared by its patients)
     aliases: dict[str, str] = field(
         default_factory=dict
     )  # fullUrl -> Type/id, for patients and shared resources
@@ -459,10 +467,7 @@ class BundleDirSource(FhirSource):
         yield from self._index
 
     # --- read ----------------------------------------------------------------------------------------------
-    def _read_file_part(self, info: _FileIndex, patient_id: str) -> list[dict]:
-        if info.single is not None:
-            return [info.single]
-        entries = read_spans(info.path, info.patients.get(patient_id, []) + info.medications)
+    def _resources(self, info: _FileIndex, entries: list[Any]) -> list[dict]:
         resources: list[dict] = []
         aliases = dict(info.aliases)
         for n, entry in enumerate(entries):
@@ -474,7 +479,17 @@ class BundleDirSource(FhirSource):
             _rewrite_references(resource, aliases)
         return resources
 
-    def patient_resources(self, patient_id: str) -> PatientRecord:
+    def _read_file_part(self, info: _FileIndex, patient_id: str, fh: IO[bytes] | None = None) -> list[dict]:
+        if info.single is not None:
+            return [info.single]
+        if info.medication_cache is None:
+            info.medication_cache = self._resources(info, read_spans(info.path, info.medications))
+        own = self._resources(info, read_spans(info.path, info.patients.get(patient_id, []), fh))
+        return own + info.medication_cache
+
+    def patient_resources(
+        self, patient_id: str, *, handles: dict[Path, IO[bytes]] | None = None
+    ) -> PatientRecord:
         self._ensure()
         infos = self._index.get(patient_id)
         if not infos:
@@ -484,7 +499,7 @@ class BundleDirSource(FhirSource):
         resources: list[dict] = []
         issues: list[DataQualityIssue] = []
         for info in infos:
-            resources.extend(self._read_file_part(info, patient_id))
+            resources.extend(self._read_file_part(info, patient_id, (handles or {}).get(info.path)))
             issues.extend(info.issues)
         record = PatientRecord(
             patient_id,
@@ -495,7 +510,7 @@ class BundleDirSource(FhirSource):
         return merge_duplicates(record)  # one patient across files: merged, repeats counted as data quality
 
     def iter_patient_records(self) -> Iterator[PatientRecord]:
-        """Every patient once, each file read once for its patients; unreadable files are error records."""
+        """Every patient once, file by file in one forward pass per file; unreadable files are error records."""
         self._ensure()
         for exc in self.file_errors:
             yield PatientRecord(patient_id=f"file:{Path(exc.path).name}", error=exc, origin=exc.path)
@@ -509,11 +524,28 @@ class BundleDirSource(FhirSource):
                     ),
                     origin=str(info.path),
                 )
-        for pid in self._index:
+                continue
+            # The patients whose first file this is, in the order their entries appear in it.
+            mine = [pid for pid in info.patients if self._index[pid][0] is info]
+            mine.sort(key=lambda pid: min(info.patients[pid], default=(0, 0)))
+            if not mine:
+                continue
             try:
-                yield self.patient_resources(pid)
-            except SourceFileError as exc:
-                yield PatientRecord(patient_id=pid, error=exc, origin=exc.path)
+                fh = _open(info.path) if info.single is None else None
+            except _OPEN_ERRORS as exc:
+                error = SourceFileError(str(info.path), f"cannot be read ({exc.__class__.__name__}: {exc})")
+                for pid in mine:
+                    yield PatientRecord(patient_id=pid, error=error, origin=str(info.path))
+                continue
+            try:
+                for pid in mine:
+                    try:
+                        yield self.patient_resources(pid, handles={info.path: fh} if fh else None)
+                    except SourceFileError as exc:
+                        yield PatientRecord(patient_id=pid, error=exc, origin=exc.path)
+            finally:
+                if fh is not None:
+                    fh.close()
 
     # --- wards ---------------------------------------------------------------------------------------------
     def wards(self) -> list[Ward]:

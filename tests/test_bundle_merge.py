@@ -186,3 +186,16 @@ def test_census_comes_from_the_index_and_agrees_with_the_chart(tmp_path):
         == ("Encounter/e1", "Location/w1", "Location/b1")
     )
     assert source.ward_census("Location/other") == []
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_records_in_one_pass_equal_charts_read_one_at_a_time(tmp_path, gz):
+    med = {"resourceType": "Medication", "id": "m1", "code": {"text": "heparin"}}
+    resources = [med] + [r for i in range(4) for r in (patient(f"p{i}"), obs(f"k{i}", f"p{i}", 4.0 + i))]
+    write(tmp_path / ("all.json.gz" if gz else "all.json"), bundle(*resources), gz=gz)
+    write(tmp_path / "extra.json", bundle(obs("k9", "p2", 6.0)))  # p2 continues in a second file
+    source = BundleDirSource(tmp_path)
+    streamed = {r.patient_id: sorted(x["id"] for x in r.resources) for r in source.iter_patient_records()}
+    one_by_one = {pid: sorted(x["id"] for x in source.patient_resources(pid).resources) for pid in streamed}
+    assert streamed == one_by_one
+    assert streamed["p2"] == ["k2", "k9", "m1", "p2"]
