@@ -353,3 +353,69 @@ def test_per_fact_mode_cites_by_construction_and_still_verifies():
     # the failed model sentence is one click away, on the template sentence shown in its place
     inr = next(s for s in result.sentences if "INR was 3.8" in s.text)
     assert inr.dropped_text and "9.99" in inr.dropped_text and inr.dropped_reason
+
+
+def test_every_stated_value_cites_its_record(demo_dir):
+    """Issue 11: a trend cites the earlier reading; a monitoring gap cites the last value it states."""
+    from datetime import UTC, datetime
+
+    from assistant.rules.engine import evaluate
+    from connectors import open_source
+
+    now = datetime(2026, 3, 16, 7, 0, tzinfo=UTC)
+    trends = gaps = 0
+    with open_source(demo_dir) as src:
+        for pid in src.iter_patient_ids():
+            chart = src.patient_chart(pid)
+            findings = evaluate(chart, now=now)
+            res = template_summary(chart, findings, now=now, include_flags=True)
+            facts = res.facts.by_tag()
+            for s in (*res.sentences, *res.overflow):
+                for tag in s.tags:
+                    for atom in facts[tag].atoms:
+                        if atom.value is not None and not atom.ref.startswith("rule:"):
+                            assert atom.ref in s.citations, (s.text, atom.ref)
+                if " from " in s.text and any(facts[t].kind == "result" for t in s.tags):
+                    trends += 1
+                    assert len([c for c in s.citations if c.startswith("Observation/")]) >= 2
+            for f in findings:
+                if f.rule_id.endswith("monitoring") or "no INR" in f.message or "no platelet" in f.message:
+                    if "(last " in f.message:
+                        gaps += 1
+                        assert any(r.startswith("Observation/") for r in f.evidence), f.message
+    assert trends and gaps
+
+
+def test_values_show_in_the_reported_unit_at_the_analytes_precision():
+    from assistant.model import Quantity, Result
+    from assistant.summary.display import display_unit, show_result
+
+    creat = Result(
+        "Observation/c",
+        "creatinine",
+        "Creatinine",
+        "laboratory",
+        NOW,
+        "final",
+        value=1.40271,
+        unit="mg/dL",
+        original=Quantity(124, "umol/L"),
+    )
+    assert show_result(creat) == "124 µmol/L"
+    assert show_result(creat, "mg/dL") == "1.40 mg/dL"
+    glucose = Result(
+        "Observation/g",
+        "glucose",
+        "Glucose",
+        "laboratory",
+        NOW,
+        "final",
+        value=57.6512,
+        unit="mg/dL",
+        original=Quantity(3.2, "mmol/L"),
+    )
+    assert show_result(glucose) == "3.2 mmol/L" and "57.651" not in show_result(glucose, "mg/dL")
+    sbp = Result(
+        "Observation/b", "systolic_bp", "Systolic", "vital-signs", NOW, "final", value=132.0, unit="mm[Hg]"
+    )
+    assert show_result(sbp) == "132 mmHg" and display_unit("Cel") == "°C"

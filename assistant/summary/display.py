@@ -54,14 +54,14 @@ def round_value(value: float, analyte: str | None, unit: str | None = None) -> f
 
 
 def format_value(value: float, analyte: str | None, unit: str | None = None) -> str:
-    """The number rounded to the analyte's precision, without trailing zeros beyond it ('1.40' stays '1.4')."""
+    """The number at the analyte's precision, as a lab prints it ('1.40 mg/dL', '5.0 mmol/L', '101 mg/dL')."""
     d = decimals_for(analyte, unit)
     if d is None:
         text = f"{value:.3f}".rstrip("0").rstrip(".")
     elif d == 0:
         text = str(int(round(value)))
     else:
-        text = f"{round(value, d):.{d}f}".rstrip("0").rstrip(".")
+        text = f"{round(value, d):.{d}f}"
     return "0" if text in ("-0", "") else text
 
 
