@@ -144,7 +144,7 @@ def kick_off(
                 what="the bulk export request",
             )
         except FhirFatalError as exc:
-            if exc.status != 400 or isinstance(exc, (FhirAuthError, FhirNotFoundError)):
+            if exc.status not in (400, 422) or isinstance(exc, (FhirAuthError, FhirNotFoundError)):
                 raise
             refused = refused_types(exc.outcome, asked)
             if not refused:
