@@ -51,9 +51,10 @@ if pid is None:
     drawn = True
 else:
     drawn = False
-if st.query_params.get("patient") != pid:
-    st.query_params["patient"] = pid
-    st.session_state["_nva_req"] = pid
+# Always written back: page navigation may have dropped it from the address bar, and a reload or a copied link
+# must reopen this patient.
+st.query_params["patient"] = pid
+st.session_state["_nva_req"] = pid
 
 # Ward access is decided from the census before the chart is read; the view is logged before it is shown.
 if not user.all_wards and not user.may_see_ward(services.patient_ward(cfg, user, pid)):
