@@ -23,13 +23,13 @@ from connectors.errors import (
     FhirTemporaryError,
 )
 from connectors.http import issue_text, maybe_json, outcome_issues, outcome_text, retry_after_seconds, where
-from connectors.ndjson_dir import EXPORT_STATUS, ndjson_files
+from connectors.ndjson_dir import EXPORT_JOB, EXPORT_STATUS, ndjson_files
 from connectors.rest import RestFhirSource
 
 log = logging.getLogger(__name__)
 
 COMPLETE = EXPORT_STATUS
-JOB_FILE = ".export-job.json"
+JOB_FILE = EXPORT_JOB
 # What a chart needs: the patient compartment plus the shared resources it points to.
 EXPORT_TYPES = (
     "Patient",

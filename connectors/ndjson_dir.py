@@ -32,8 +32,12 @@ log = logging.getLogger(__name__)
 
 # Written by the bulk export client next to the files: what the server could not export (types, failed files).
 EXPORT_STATUS = ".export-complete.json"
+EXPORT_JOB = (
+    ".export-job.json"  # written at kick-off; alone (no status file) it means the export stopped mid-way
+)
 
 __all__ = [
+    "EXPORT_JOB",
     "EXPORT_STATUS",
     "NdjsonDirSource",
     "is_ndjson_file",
@@ -66,6 +70,13 @@ def iter_ndjson(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
 def read_export_status(directory: Path) -> SourceCompleteness:
     """The completeness a bulk export left in `directory` (complete when there is no status file)."""
     completeness = SourceCompleteness()
+    if (directory / EXPORT_JOB).exists() and not (directory / EXPORT_STATUS).exists():
+        # the bulk export client stopped before the last file: whatever is here may be any part of the export
+        completeness.errors.append(
+            "the bulk export into this directory did not finish; rerun it with --resume"
+        )
+        completeness.missing_types[ANY_TYPE] = "the export did not finish"
+        return completeness
     try:
         data = json.loads((directory / EXPORT_STATUS).read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -364,3 +364,11 @@ def test_one_patients_resources_across_many_files_are_merged(demo_ward_dir, fhir
             len(want.administrations),
         ), pid
         assert records[pid].duplicates == 0
+
+
+def test_an_export_directory_left_mid_way_is_incomplete(demo_ward_dir, tmp_path):
+    out = numbered_export(demo_ward_dir, tmp_path)
+    (out / JOB_FILE).write_text(json.dumps({"status_url": "http://127.0.0.1:9/fhir/$export-poll-status/x"}))
+    gaps = NdjsonDirSource(out).completeness
+    assert gaps.incomplete and "did not finish" in gaps.errors[0]
+    assert all(r.missing_types for r in all_records(NdjsonDirSource(out)).values())
