@@ -15,9 +15,10 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from assistant.model import DataQualityIssue
-from assistant.normalize import local_ref
+from assistant.normalize import local_ref, location_kind, location_name, resource_key, resource_owner
 from assistant.settings import SettingsError, load_settings, tls_verify
 from assistant.settings import get as setting_value
+from assistant.terminology import fhir_codes
 from connectors.auth import Auth, BearerAuth, SmartBackendAuth
 from connectors.base import (
     CensusEntry,
@@ -485,24 +486,23 @@ class RestFhirSource(FhirSource):
     def wards(self) -> list[Ward]:
         wards = []
         for r in self.search("Location", {}):
-            kinds = [
-                c.get("code") for c in (r.get("physicalType") or {}).get("coding", []) if isinstance(c, dict)
-            ]
-            if "wa" in kinds:
-                wards.append(Ward(f"Location/{r['id']}", r.get("name") or r["id"]))
+            ref = resource_key(r)
+            if ref and location_kind(r) == "ward":  # physical types from assistant/data/fhir_codes.toml
+                wards.append(Ward(ref, location_name(r) or ref))
         return sorted(wards, key=lambda w: w.name)
 
     def ward_census(self, ward_ref: str | None = None) -> list[CensusEntry]:
-        params: dict[str, str] = {"status": "in-progress"}
+        # Every status that counts as current (a FHIR search ORs comma-separated values), as the chart reads it.
+        params: dict[str, str] = {"status": ",".join(sorted(fhir_codes().current_encounter_statuses))}
         if ward_ref:
             params["location"] = ward_ref
         encounters = self.search("Encounter", params)
-        locations = {f"Location/{r['id']}": r for r in self.search("Location", {})}
+        locations = {ref: r for r in self.search("Location", {}) if (ref := resource_key(r))}
         by_patient: dict[str, list[dict]] = {}
         for enc in encounters:
-            subject = local_ref((enc.get("subject") or {}).get("reference"))
-            if subject and subject.startswith("Patient/"):
-                by_patient.setdefault(subject.split("/", 1)[1], []).append(enc)
+            owner = resource_owner(enc)  # never raises on a malformed subject
+            if owner:
+                by_patient.setdefault(owner, []).append(enc)
         entries = []
         for pid, encs in by_patient.items():
             entries.extend(census_from_encounters(pid, encs, locations, ward_ref))
