@@ -160,7 +160,7 @@ def speed_side_by_side(transformers_backend: Any, llama_backend: Any, runs: int 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--llm-patients", type=int, default=4, help="patients summarized with each LLM backend")
-    ap.add_argument("--backends", default="template,transformers,llama-cpp,openai")
+    ap.add_argument("--backends", default="template,onnx,transformers,llama-cpp,openai")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--out", default="docs/BENCHMARKS_summary.md")
@@ -181,6 +181,26 @@ def main(argv: list[str] | None = None) -> int:
             "template", None, charts[:2], args.max_tokens, args.timeout
         )  # warm-up: imports, vocab, terminology
         rows.append(run("template", None, charts, args.max_tokens, args.timeout))
+    if "onnx" in wanted:
+        from assistant.llm import make_backend
+        from assistant.summary.synopsis import warm_summary_model
+        from tests.llm_server import model_cache_dir
+
+        onnx = make_backend({"NVA_LLM_BACKEND": "onnx", "NVA_LLM_CACHE_DIR": str(model_cache_dir().parent)})
+        t0 = time.perf_counter()
+        warm_summary_model(onnx)
+        notes.append(
+            f"onnx: model load and warm-up {time.perf_counter() - t0:.1f} s (not counted in the latencies)"
+        )
+        rows.append(
+            run(
+                "onnx (SmolLM2-135M int8, ONNX Runtime, per-fact)",
+                onnx,
+                subset,
+                args.max_tokens,
+                args.timeout,
+            )
+        )
     if "transformers" in wanted:
         from assistant.llm import make_backend
         from tests.llm_server import model_cache_dir
