@@ -298,3 +298,22 @@ def test_quality_banner_names_what_was_not_loaded() -> None:
     quality = views.data_quality(chart)
     assert quality.incomplete and "MedicationAdministration (the server returned 503)" in quality.banner
     assert views.build_patient_view(chart, NOW, []).acuity.tier == 0  # an incomplete chart is checked first
+
+
+def test_which_catalogue_actions_put_a_drug_on_hold() -> None:
+    from assistant.rules.engine import default_catalogue
+
+    actions = {r.id: r for r in default_catalogue().rules}
+
+    def holds(rule_id: str) -> bool:
+        rule = actions[rule_id]
+        return views.says_hold(replace(high_k_finding(), rule_id=rule.id, action=rule.action))
+
+    # "Do not give" / "Hold the ..." stop the dose; "tell the prescriber before the next dose" or "give only one"
+    # do not by themselves.
+    assert holds("hyperkalemia-k-raising-drug") and holds("allergy-order-conflict")
+    assert holds("inr-supratherapeutic-warfarin")
+    assert not holds("hypokalemia-digoxin") and not holds("duplicate-therapy")
+    assert not views.says_hold(
+        replace(high_k_finding(), action="Check the threshold and the household supply")
+    )
