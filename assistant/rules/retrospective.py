@@ -304,13 +304,14 @@ def episodes(
         moments = set(_moments(rule, chart, index, spans, admitted, start, end))
         for other in suppressors:
             moments.update(_moments(other, chart, index, spans, admitted, start, end))
+        relevant = _relevant_spans(rule, suppressors, spans)
         open_: dict[tuple, _Open] = {}
         for t in sorted(moments):
             ctx = RuleContext(
                 chart,
                 t,
                 index=index,
-                orders=[s.order for s in spans if s.active_at(t)],
+                orders=[s.order for s in relevant if s.active_at(t)],
                 admitted=any(a <= t and (b is None or t < b) for a, b in admitted),
             )
             now = {}
@@ -337,6 +338,20 @@ def episodes(
             out.append(_close(rule, chart, o, None, "period-end", orders, period_end=end))
     out.sort(key=lambda e: (e.start, e.severity != "high", e.severity, e.rule_id, e.evidence))
     return out
+
+
+def _relevant_spans(rule: Rule, suppressors: list[Rule], spans: list[_Span]) -> list[_Span]:
+    """The orders a rule (and the rules that can quiet it) can see: its drugs and protecting drugs, or all."""
+    rules = [rule, *suppressors]
+    if any(not (r.drug_ingredients or r.drug_classes) for r in rules):
+        return spans  # allergy, duplicate and administration rules look at every order
+    unless = [r.params.get("_unless", (frozenset(), frozenset())) for r in rules]
+    return [
+        s
+        for s in spans
+        if any(r.matches_order(s.order) for r in rules)
+        or any(i.intersection(s.order.ingredients) or c.intersection(s.order.classes) for i, c in unless)
+    ]
 
 
 def _close(
