@@ -205,7 +205,7 @@ def worker(option: str, ward: Path, limit: int | None, timeout: float, work: Pat
         except LlmConfigError as exc:
             return {"option": option, "skipped": str(exc)[:200]}
         out["prepare_s"] = None
-    from assistant.summary.synopsis import warm_summary_model
+    from assistant.summary.warmup import warm_summary_model
 
     w0 = time.perf_counter()
     warm_summary_model(backend)

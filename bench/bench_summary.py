@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run("template", None, charts, args.max_tokens, args.timeout))
     if "onnx" in wanted:
         from assistant.llm import make_backend
-        from assistant.summary.synopsis import warm_summary_model
+        from assistant.summary.warmup import warm_summary_model
         from tests.llm_server import model_cache_dir
 
         onnx = make_backend({"NVA_LLM_BACKEND": "onnx", "NVA_LLM_CACHE_DIR": str(model_cache_dir().parent)})

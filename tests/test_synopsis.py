@@ -122,7 +122,7 @@ def test_small_model_sentences_are_cited_by_construction_and_still_verified(shee
 @pytest.mark.slow
 def test_embedded_model_synopsis_is_verified_or_template(sheet):
     from assistant.llm import make_backend
-    from assistant.summary.synopsis import warm_summary_model
+    from assistant.summary.warmup import warm_summary_model
     from tests.llm_server import model_cache_dir
 
     backend = make_backend({"NVA_LLM_BACKEND": "onnx", "NVA_LLM_CACHE_DIR": str(model_cache_dir().parent)})

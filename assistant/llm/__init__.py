@@ -110,7 +110,7 @@ def warm(backend: LlmBackend | None, prompts: Sequence[Sequence[ChatMessage]] = 
     """Load an in-process model once and pre-fill `prompts` (prefixes every patient uses); call at app start.
 
     Never raises for LLM trouble (the summary falls back to templates and says why); logs the cause instead.
-    A no-op for NoBackend and servers. `assistant.summary.synopsis.warm_summary_model` passes the summary prompts.
+    A no-op for NoBackend and servers. `assistant.summary.warmup.warm_summary_model` passes the summary prompts.
     """
     import logging
 

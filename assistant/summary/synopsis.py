@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from assistant.llm import ChatMessage, warm
+from assistant.llm import ChatMessage
 from assistant.summary.facts import Fact, FactSheet
 from assistant.summary.verifier import Sentence, SentenceSplitter, Verifier
 
@@ -178,13 +178,3 @@ def compose_synopsis(
         latency,
         note or "no model synopsis sentence could be verified; template synopsis",
     )
-
-
-def warm_summary_model(backend: Any | None) -> None:
-    """Load the in-process model and pre-fill the per-fact and synopsis prompt prefixes (dashboard start-up)."""
-    from assistant.summary.composer import build_fact_messages
-
-    probe = Fact(
-        tag="F1", kind="result", label="warm-up", text="Glucose 5.0 mmol/L at 2020-01-01 06:00", provenance=()
-    )
-    warm(backend, [build_fact_messages(probe), build_messages([probe])])
