@@ -265,6 +265,11 @@ def test_nva_census_prints_the_ward_view(demo_ward_dir: Path, ward: Any) -> None
     held = next(r for r in ward.rows if any(d.hold for d in r.due_next_hour))
     line = next(t for t in text.splitlines() if held.due_next_hour[0].label in t and "HOLD" in t)
     assert held.due_next_hour[0].hold_text in line
+    first = ward.delta.patients[0]
+    block = text.split(first.patient_ref, 1)[1].split("\nbed ", 1)[0]
+    if first.news2_change:
+        assert f"NEWS2 {first.news2_before} -> {first.news2_now}" in block
+    assert first.count("dose-given") == 0 or f"{first.count('dose-given')} dose(s) given" in block
     short = json.loads(
         _cli(*base, "--format", "json", "--since", (ward.now - timedelta(hours=1)).isoformat())
     )

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+from collections import Counter
 from typing import Any, TextIO
 
 from assistant.clock import clinical_now
@@ -120,12 +121,27 @@ def _cmd_handoff(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+DELTA_WORDS = {
+    "result-new": "new result(s)",
+    "result-changed": "changed result(s)",
+    "order-started": "order(s) started",
+    "order-stopped": "order(s) stopped",
+    "dose-given": "dose(s) given",
+    "dose-held": "dose(s) not given",
+    "dose-refused": "dose(s) refused",
+    "dose-missed": "dose(s) missed",
+    "note": "note(s)",
+    "news2": "NEWS2 change",  # shown as "NEWS2 a -> b"
+}
+
+
 def census_text(ward: Any) -> str:
     """The ward census as text: sickest first, NEWS2 band, flags, holds, doses due now, changes since `since`."""
     lines = [
         f"Ward census{' - ' + ward.ward_name if ward.ward_name else ''} at {ward.now:%Y-%m-%d %H:%M} UTC "
         f"(changes since {ward.since:%Y-%m-%d %H:%M} UTC)"
     ]
+    deltas = {d.patient_ref: d for d in (ward.delta.patients if ward.delta else [])}
     for r in ward.rows:
         news = f"NEWS2 {r.news2} {r.news2_band_label}" if r.news2 is not None else "NEWS2 not scored"
         if r.news2_incomplete:
@@ -137,8 +153,14 @@ def census_text(ward: Any) -> str:
         for d in r.due_next_hour:
             mark = f"  {d.hold_text}" if d.hold else ""
             lines.append(f"    {'LATE' if d.state == 'late' else 'DUE'} {d.time:%H:%M} {d.label}{mark}")
-        if r.new_results:
-            lines.append(f"    {r.new_results} new or changed result(s) since {ward.since:%H:%M}")
+        delta = deltas.get(r.patient_ref)
+        if delta is not None and delta.items:
+            kinds = Counter(i.kind for i in delta.items)
+            counts = ", ".join(f"{kinds[k]} {w}" for k, w in DELTA_WORDS.items() if kinds[k] and k != "news2")
+            change = ""
+            if delta.news2_change:
+                change = f"; NEWS2 {delta.news2_before} -> {delta.news2_now}"
+            lines.append(f"    since {ward.since:%H:%M}: {counts}{change}")
         if r.error:
             lines.append(f"    could not be read: {r.error}")
     return "\n".join(lines) + "\n"
