@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from typing import Any
 
+from assistant.terminology import fhir_codes  # FHIR status codes are data (assistant/data/fhir_codes.toml)
+
 
 @dataclass(frozen=True, slots=True)
 class Quantity:
@@ -80,7 +82,7 @@ class AllergyFact:
         return (
             not self.no_known_allergy
             and self.clinical_status in (None, "active")
-            and self.verification_status not in ("refuted", "entered-in-error")
+            and self.verification_status not in fhir_codes().refuted_allergy
         )
 
 
@@ -131,9 +133,7 @@ class MedicationOrder:
 
     @property
     def is_active(self) -> bool:
-        return self.status == "active" and (
-            self.intent in (None, "order", "original-order", "instance-order")
-        )
+        return self.status == "active" and (self.intent is None or self.intent in fhir_codes().order_intents)
 
 
 @dataclass(slots=True)
@@ -150,7 +150,7 @@ class Administration:
 
     @property
     def was_given(self) -> bool:
-        return self.status in ("completed", "in-progress")
+        return self.status in fhir_codes().given_administration
 
 
 @dataclass(slots=True)
@@ -176,7 +176,7 @@ class Result:
 
     @property
     def is_usable(self) -> bool:
-        return self.status in ("final", "amended", "corrected", "preliminary") and self.time is not None
+        return self.status in fhir_codes().usable_observation and self.time is not None
 
     @property
     def abnormal(self) -> bool:
@@ -255,7 +255,8 @@ class Chart:
         return [a for a in self.allergies if a.is_active]
 
     def active_conditions(self) -> list[ConditionFact]:
-        return [c for c in self.conditions if c.clinical_status in (None, "active", "recurrence", "relapse")]
+        active = fhir_codes().active_condition
+        return [c for c in self.conditions if c.clinical_status is None or c.clinical_status in active]
 
     def fact_refs(self) -> set[str]:
         refs = {self.patient.ref}

@@ -210,6 +210,11 @@ class FhirCodes:
     no_known_allergy_codes: frozenset[str]
     code_status_loinc: frozenset[str]
     code_status_answers: dict[str, str]  # SNOMED answer code -> "full" | "dnr" | ...
+    usable_observation: frozenset[str]
+    given_administration: frozenset[str]
+    order_intents: frozenset[str]
+    active_condition: frozenset[str]
+    refuted_allergy: frozenset[str]
 
 
 @cache
@@ -225,4 +230,5 @@ def fhir_codes() -> FhirCodes:
         no_known_allergy_codes=frozenset(data["allergy"]["no_known_allergy_codes"]),
         code_status_loinc=frozenset(data["code_status"]["loinc"]),
         code_status_answers={str(k): str(v) for k, v in data["code_status"]["answers"].items()},
+        **{key: frozenset(values) for key, values in data["status"].items()},
     )
