@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patients", type=int, default=0, help="patients given to the model (0: the whole ward)")
     ap.add_argument("--no-llm", action="store_true", help="template only (checks the checker)")
     ap.add_argument("--out", default="", help="append the result section to this Markdown file")
+    ap.add_argument("--backend", default="transformers", help="embedded backend: transformers or onnx")
     args = ap.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="nva-bench-faith-"))
     generate_demo_ward(folder, anchor=ANCHOR, seed=7)
@@ -355,14 +356,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_llm:
         from assistant.llm import make_backend
 
-        backend = make_backend({"NVA_LLM_BACKEND": "transformers"})
+        backend = make_backend({"NVA_LLM_BACKEND": args.backend})
         load = getattr(backend, "load", None)
         if callable(load):
             load()
         subset = charts[: args.patients] if args.patients else charts
         rows.append(
             run(
-                f"embedded model ({getattr(backend, 'model', 'transformers')}, per-fact)",
+                f"embedded model ({getattr(backend, 'model', args.backend)}, {args.backend}, per-fact)",
                 backend,
                 subset,
                 raw,
