@@ -114,7 +114,10 @@ class SourceCompleteness:
         if self.missing_types:
             parts.append(
                 "not loaded for any patient: "
-                + "; ".join(f"{t} ({r})" for t, r in sorted(self.missing_types.items()))
+                + "; ".join(
+                    f"{'resources of any type' if t == ANY_TYPE else t} ({r})"
+                    for t, r in sorted(self.missing_types.items())
+                )
             )
         if self.errors:
             parts.append(f"{len(self.errors)} export error(s): " + "; ".join(self.errors[:3]))

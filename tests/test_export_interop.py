@@ -372,3 +372,18 @@ def test_an_export_directory_left_mid_way_is_incomplete(demo_ward_dir, tmp_path)
     gaps = NdjsonDirSource(out).completeness
     assert gaps.incomplete and "did not finish" in gaps.errors[0]
     assert all(r.missing_types for r in all_records(NdjsonDirSource(out)).values())
+
+
+def test_source_completeness_keeps_source_wide_and_per_patient_gaps_apart():
+    from connectors.base import PatientRecord, SourceCompleteness
+
+    gaps = SourceCompleteness(missing_types={"MedicationAdministration": "not served"})
+    assert gaps.incomplete and not SourceCompleteness().incomplete and SourceCompleteness().summary() == ""
+    record = gaps.apply(PatientRecord("p1", missing_types={"Observation": "search failed"}))
+    assert record.missing_types == {"Observation": "search failed", "MedicationAdministration": "not served"}
+    gaps.note_record(record)
+    gaps.note_record(gaps.apply(PatientRecord("p2")))
+    assert gaps.patients == {"p1": {"Observation": "search failed"}}  # p2 has only the source-wide gap
+    summary = gaps.summary()
+    assert "MedicationAdministration (not served)" in summary and "1 patient(s) partly loaded" in summary
+    assert json.loads(json.dumps(gaps.to_dict()))["patients"] == {"p1": {"Observation": "search failed"}}
