@@ -418,7 +418,9 @@ class BundleDirSource(FhirSource):
             next(iter(info.patients.values())).extend(orphans)
         elif orphans or bad_patients:
             info.unattributed = len(orphans) + bad_patients
-            log.warning("%s: %d resources name no readable patient", path.name, info.unattributed)
+            log.warning(
+                "%d resources in a bundle file name no readable patient", info.unattributed
+            )  # no file name: PHI
             info.issues.append(
                 DataQualityIssue(
                     str(path),
