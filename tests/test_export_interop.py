@@ -255,8 +255,9 @@ def test_duplicates_across_export_files_are_merged_and_counted(demo_ward_dir, fh
 # --- resume ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("how", ["restarted (404)", "expired (410)"])
 def test_resume_starts_a_new_job_when_the_server_forgot_the_old_one(
-    demo_ward_dir, fhir_server_factory, tmp_path
+    demo_ward_dir, fhir_server_factory, tmp_path, how
 ):
     server = fhir_server_factory(demo_ward_dir, export_polls=3, export_retry_after=0)
     source = rest(server.base_url)
@@ -265,7 +266,10 @@ def test_resume_starts_a_new_job_when_the_server_forgot_the_old_one(
     old = kick_off(source)
     (outdir / JOB_FILE).write_text(json.dumps({"status_url": old}))
     (outdir / "Patient.0001.ndjson").write_text('{"resourceType":"Patient","id":"stale"}\n')
-    server.forget_export_jobs()  # the server restarted
+    if how.startswith("restarted"):
+        server.forget_export_jobs()  # the server restarted
+    else:
+        server.faults.add("status", path=r"\$export-poll-status", count=1, status=410)
     bulk_export(source, outdir, max_wait=30)
     kicks = [r for r in server.requests if r.path.endswith("$export")]
     assert len(kicks) == 2  # the old job, and the new one started after its 404
