@@ -132,7 +132,7 @@ def merge_duplicates(record: PatientRecord) -> PatientRecord:
     record.resources, dropped = dedupe_resources(record.resources)
     if dropped:
         record.duplicates += dropped
-        record.issues.append(duplicate_issue(dropped, record.origin or f"Patient/{record.patient_id}"))
+        record.issues.append(duplicate_issue(dropped, f"Patient/{record.patient_id}"))
     return record
 
 
