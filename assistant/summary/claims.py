@@ -57,6 +57,8 @@ class Matchers:
         str, dict[str, tuple[float, float]]
     ]  # analyte -> canonical unit spelling -> (factor, offset)
     durations: frozenset[str]
+    route_re: re.Pattern[str]
+    route_map: dict[str, str]
 
 
 def _medication_names() -> dict[str, tuple[str, str]]:
@@ -113,10 +115,12 @@ def matchers() -> Matchers:
     for phrases in (
         *voc["qualifiers"].values(),
         *voc["frequency"].values(),
+        *voc["routes"].values(),
         voc["qualifier_masks"]["phrases"],
     ):
         known.update(stem(w) for phrase in phrases for w in re.findall(r"[a-z][a-z'’]+", phrase.lower()))
     known.update(stem(w) for w in connectives())
+    route_map = {p.lower(): r for r, phrases in voc["routes"].items() for p in phrases}
     return Matchers(
         freq_re=_phrase_re(freq_map),
         freq_map=freq_map,
@@ -141,6 +145,8 @@ def matchers() -> Matchers:
         known_words=frozenset(known),
         converters=converters,
         durations=frozenset({"h", "min", "d", "s", "ms"}),
+        route_re=_phrase_re(route_map),
+        route_map=route_map,
     )
 
 
@@ -255,6 +261,8 @@ class Claims:
     roles: list[RoleClaim] = field(default_factory=list)
     bound_qualifiers: list[tuple[tuple[str, str], str]] = field(default_factory=list)  # (subject, qualifier)
     bound_frequencies: list[tuple[tuple[str, str], str]] = field(default_factory=list)
+    bound_routes: list[tuple[tuple[str, str], str]] = field(default_factory=list)
+    routes: set[str] = field(default_factory=set)
 
 
 MONTHS = {
@@ -486,6 +494,10 @@ def extract_claims(text: str, now: datetime | None = None) -> Claims:
 
     take(m.class_re, drug_class)
     take(m.analyte_re, analyte)
+    for mt in m.route_re.finditer(work):
+        route = m.route_map[mt.group(1).lower()]
+        c.routes.add(route)
+        mentions.append(_Mention(mt.start(), mt.end(), "route", route))
     for mt in _ROLE_WORD_RE.finditer(work):
         word = " ".join(mt.group(1).lower().split())
         mentions.append(_Mention(mt.start(), mt.end(), "role", _ROLE_NAMES.get(word, word)))
@@ -620,6 +632,9 @@ def _bind(c: Claims, mentions: list[_Mention], text: str) -> None:
         elif mn.kind == "freq":
             if subject is not None:
                 c.bound_frequencies.append((subject, mn.data))  # type: ignore[arg-type]
+        elif mn.kind == "route":
+            if subject is not None and subject[0] != "analyte":
+                c.bound_routes.append((subject, mn.data))  # type: ignore[arg-type]
         prev_end = max(prev_end, mn.end)
         if mn.kind in ("number", "subject", "when", "break"):
             anchor_end = max(anchor_end, mn.end)

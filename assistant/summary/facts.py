@@ -485,12 +485,24 @@ def _evidence_atoms(f: Finding, chart: Chart | None) -> list[Atom]:
     return atoms
 
 
+def order_routes(o: MedicationOrder) -> tuple[str, ...]:
+    """'route:oral' etc.: the order's route field and any route its own text states (vocabulary.toml [routes])."""
+    from assistant.summary.claims import matchers
+
+    m = matchers()
+    found = {
+        m.route_map[x.group(1).lower()] for x in m.route_re.finditer(f"{o.route or ''} {order_phrase(o)}")
+    }
+    return tuple(f"route:{r}" for r in sorted(found))
+
+
 def order_atoms(o: MedicationOrder, role: str = "ordered") -> list[Atom]:
     """The order's amounts, route words and frequency, each bound to the order's drugs."""
     subjects = _drug_subjects(o.ingredients, o.classes, o.text)
     freq = frequency_of(o)
     started = o.start or o.authored_on
-    atoms = [Atom(o.ref, role, subjects, time=started, frequency=freq)]
+    routes = order_routes(o)
+    atoms = [Atom(o.ref, role, subjects, time=started, frequency=freq, words=routes)]
     # "every 4 hours as needed": every frequency the order's own text states is the order's frequency
     for other in sorted(extract_claims(order_phrase(o)).frequencies - {freq}):
         atoms.append(Atom(o.ref, role, subjects, time=started, frequency=other))

@@ -334,6 +334,19 @@ def bind_frequencies(claims: Claims, sup: Support, b: Binding) -> None:
             b.reason = f"frequency {freq} is not the order's frequency for {_subject_name(subject).lower()}"
 
 
+def bind_routes(claims: Claims, sup: Support, b: Binding) -> None:
+    """A route stated for a drug is its order's route ('apixaban IV' for an oral order fails)."""
+    for subject, route in claims.bound_routes:
+        if b.reason:
+            return
+        known = {w for a in _holders(subject, sup.atoms) for w in a.words if w.startswith("route:")}
+        if known and f"route:{route}" not in known:
+            shown = ", ".join(sorted(w.removeprefix("route:") for w in known))
+            b.reason = (
+                f"route {route} is not the order's route for {_subject_name(subject).lower()} ({shown})"
+            )
+
+
 def bind_allergy(claims: Claims, sup: Support, b: Binding) -> None:
     """An allergy sentence's drugs, reactions and criticality must all come from one allergy record."""
     allergies = [a for a in sup.atoms if a.role == "allergy"]

@@ -25,6 +25,7 @@ from assistant.summary.support import (
     bind_frequencies,
     bind_qualifiers,
     bind_roles,
+    bind_routes,
     bind_values,
     fact_support,
     merge,
@@ -175,7 +176,7 @@ class Verifier:
             ]
         b = Binding()
         b.reason = self._sentence_level(claims, sup, quoted=quoted, kinds={f.kind for f in cited})
-        for step in (bind_values, bind_roles, bind_qualifiers, bind_frequencies, bind_allergy):
+        for step in (bind_values, bind_roles, bind_qualifiers, bind_frequencies, bind_routes, bind_allergy):
             if b.reason:
                 break
             step(claims, sup, b)
