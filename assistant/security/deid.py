@@ -77,10 +77,14 @@ def _patterns() -> dict[str, Any]:
         "street": re.compile(
             rf"\b\d{{1,5}}[A-Za-z]?,?\s+(?:{_CAP}\.?\s+){{1,4}}(?:{street})\b\.?"
             r"(?:,?\s*(?:Apt|Apartment|Unit|Suite|Flat|#)\.?\s*[\w-]+)?"
-            rf"(?:,\s*{_CAP}(?:\s+{_CAP}){{0,2}})?(?:,?\s*[A-Z]{{2}}\s+\d{{5}}(?:-\d{{4}})?)?"
+            rf"(?:,\s*{_CAP}(?:\s+{_CAP}){{0,2}})?(?:,?\s*(?:{_alternation(addr['us_states'])})\s+\d{{5}}(?:-\d{{4}})?)?"
+        ),
+        # "lives in Boston": a place name (capitalised words) after these verbs; "lives in a care home" stays
+        "city_lead": re.compile(
+            rf"\b((?i:lives|living|resides|residing|moved|staying)\s+(?i:in|to|at)\s+)({_CAP}(?:\s+{_CAP}){{0,3}})"
         ),
         "po_box": re.compile(r"\bP\.?\s?O\.?\s+Box\s+\d+\b", re.IGNORECASE),
-        "zip": re.compile(r"\b[A-Z]{2}\s+\d{5}(?:-\d{4})?\b"),
+        "zip": re.compile(rf"\b(?:{_alternation(addr['us_states'])})\s+\d{{5}}(?:-\d{{4}})?\b"),
         "postcode": re.compile(r"\b[A-Z]{1,2}\d[A-Z\d]?\s?\d[ABD-HJLNP-UW-Z]{2}\b"),
         "address_lead": re.compile(
             rf"\b({_alternation(addr['lead_ins'])})(\s*:?\s+)([^.;\n\[]+)", re.IGNORECASE
@@ -145,6 +149,9 @@ def scrub_free_text(text: str, *, other_names: Iterable[str] = ()) -> str:
     text = p["phone"].sub(_phone, text)
     text = p["po_box"].sub("[ADDRESS]", text)
     text = p["street"].sub("[ADDRESS]", text)
+    text = p["city_lead"].sub(
+        lambda m: m.group(0) if not _name_part(m.group(2), not_names) else f"{m.group(1)}[ADDRESS]", text
+    )
     text = p["address_lead"].sub(lambda m: f"{m.group(1)}{m.group(2)}[ADDRESS]", text)
     text = p["zip"].sub("[ADDRESS]", text)
     text = p["postcode"].sub("[ADDRESS]", text)
