@@ -53,6 +53,7 @@ bench: $(VENV)/.installed-test
 	$(PY) -m bench.bench_connectors --out docs/BENCHMARKS_connectors.md
 	$(PY) bench/bench_audit.py
 	$(PY) -m bench.bench_summary
+	$(PY) -m bench.bench_llm_speed
 	$(PY) bench/bench_dashboard.py --out docs/BENCHMARKS_dashboard.md
 	$(PY) bench/eval_guidelines.py
 	$(PY) bench/bench_guidelines.py --write-doc

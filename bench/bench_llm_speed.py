@@ -24,6 +24,7 @@ from connectors import open_source  # noqa: E402
 
 ANCHOR_ISO = "2026-03-16T07:00:00+00:00"
 OPTIONS = ("onnx-int8", "onnx-int4", "transformers", "transformers-batched", "llama-cpp")
+SECTION = "## Embedded model speed options (issue 16)"
 SPEED_FACT = "Potassium 5.9 mmol/L (high) at 2026-03-16 04:30"
 
 
@@ -257,8 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     text = render(results)
-    with Path(args.out).open("a", encoding="utf-8") as fh:
-        fh.write(text)
+    out = Path(args.out)
+    doc = out.read_text(encoding="utf-8") if out.is_file() else ""
+    # this script's section replaces its previous run; the rest of the page (bench_summary's) stays
+    start = doc.find(SECTION)
+    if start >= 0:
+        end = doc.find("\n## ", start + len(SECTION))
+        doc = doc[:start].rstrip("\n") + (doc[end:] if end >= 0 else "")
+    out.write_text(doc.rstrip("\n") + "\n" + text, encoding="utf-8")
     sys.stdout.write(text)
     return 0
 
@@ -319,7 +326,7 @@ def render(results: list[dict[str, Any]]) -> str:
     return "\n".join(
         [
             "",
-            "## Embedded model speed options (issue 16)",
+            SECTION,
             "",
             f"Run {stamp()}. Load average at the end: {os.getloadavg()[0]:.1f} (shared machine: figures move with "
             "the load). Dashboard path (`pipeline.summary_stream`, flags in their own column), demo ward seed 7, "
