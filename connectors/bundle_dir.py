@@ -354,7 +354,9 @@ class BundleDirSource(FhirSource):
             try:
                 info = self._index_file(path)
             except SourceFileError as exc:
-                log.warning("skipping unreadable file: %s", exc.reason)
+                # The reason may quote the path, and Synthea file names carry patient names: it goes to
+                # file_errors (shown to the user), not to the log.
+                log.warning("skipping an unreadable bundle file (%d so far)", len(errors) + 1)
                 errors.append(exc)
                 continue
             files.append(info)
