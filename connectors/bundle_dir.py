@@ -453,6 +453,10 @@ class BundleDirSource(FhirSource):
             info.patients[owner] = []
             if _rtype(resource) == "Encounter" and is_current_encounter(resource):
                 self._encounters.setdefault(owner, []).append(resource)
+        elif _rtype(resource) not in SHARED_TYPES:
+            info.unattributed = (
+                1  # e.g. a lone Patient whose id is not a string: reported, not dropped silently
+            )
         return info
 
     @property

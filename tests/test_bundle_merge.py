@@ -199,3 +199,12 @@ def test_records_in_one_pass_equal_charts_read_one_at_a_time(tmp_path, gz):
     one_by_one = {pid: sorted(x["id"] for x in source.patient_resources(pid).resources) for pid in streamed}
     assert streamed == one_by_one
     assert streamed["p2"] == ["k2", "k9", "m1", "p2"]
+
+
+def test_a_lone_resource_file_without_a_readable_patient_is_reported(tmp_path):
+    write(tmp_path / "good.json", bundle(patient("g1")))
+    (tmp_path / "lone.json").write_text(json.dumps({**patient("x"), "id": 7}))
+    source = BundleDirSource(tmp_path)
+    errors = [r for r in source.iter_patient_records() if r.error is not None]
+    assert [r.patient_id for r in errors] == ["file:lone.json"]
+    assert list(source.iter_patient_ids()) == ["g1"]
