@@ -152,3 +152,23 @@ def test_dashboard_log_records_pass_the_phi_filter(monkeypatch):
         assert "Patient/…?…" in buffer.getvalue() and "pat-4711" not in buffer.getvalue()
     finally:
         streamlit_logger.removeHandler(bare)
+
+
+def test_dropped_model_sentences_log_no_chart_or_model_text(demo_ward_dir, demo_anchor, caplog):
+    """A model sentence with a surname in brackets and unsupported claims is dropped; the log says that it was
+    dropped (kind, counts), never what it said."""
+    from assistant.llm.fake import ScriptedBackend
+    from assistant.rules.engine import evaluate
+    from assistant.summary.composer import compose
+
+    source = BundleDirSource(demo_ward_dir)
+    chart = source.patient_chart(sorted(source.iter_patient_ids())[0])
+    marker = "Okonkwo"
+    answer = f"Dr {marker} says potassium is 9.9 mmol/L [{marker}]. {marker} gave 80 mg furosemide [F1]."
+    backend = ScriptedBackend(lambda messages: answer)
+    backend.name = "openai"  # the whole-sheet prompt, as for a served model
+    with caplog.at_level(logging.DEBUG):
+        res = compose(chart, evaluate(chart, now=demo_anchor), (), backend, now=demo_anchor)
+    assert res.dropped and marker not in " ".join(s.text for s in res.sentences)  # the verifier dropped them
+    assert marker not in caplog.text and "9.9" not in caplog.text
+    assert chart.patient.name not in caplog.text
