@@ -108,8 +108,10 @@ def test_small_model_sentences_are_cited_by_construction_and_still_verified(shee
     class Small(ScriptedBackend):
         small_model = True
 
+    from assistant.summary.verifier import split_sentences
+
     facts = synopsis_facts(sheet, SMALL_MODEL_FACTS)
-    first = next(f for f in facts if f.sentence)
+    first = next(f for f in facts if f.sentence and len(split_sentences(f.sentence.strip())) == 1)
     untagged = first.sentence.strip().rstrip(".") + "."
     syn = compose_synopsis(sheet, Small([untagged + " It is 12345 mg."]))
     assert syn.source == "llm"

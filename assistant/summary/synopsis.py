@@ -152,6 +152,8 @@ def compose_synopsis(
             else:
                 dropped.append(s)
 
+        # a small model's third sentence rarely verifies and costs a second on 2 cores
+        written_cap = 2 if small else MAX_SENTENCES + 2
         splitter = SentenceSplitter()
         with backend.stream(
             build_messages(facts), max_tokens=SYNOPSIS_MAX_TOKENS, temperature=0.0, timeout=timeout
@@ -160,7 +162,7 @@ def compose_synopsis(
                 for raw in splitter.feed(delta):
                     judge(raw)
                 # Stop generating once enough was written: the rest would only be dropped.
-                if len(shown) >= MAX_SENTENCES or len(shown) + len(dropped) >= MAX_SENTENCES + 2:
+                if len(shown) >= MAX_SENTENCES or len(shown) + len(dropped) >= written_cap:
                     break
             else:
                 for raw in splitter.flush():
