@@ -7,7 +7,7 @@ import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 
 from assistant.summary.vocab import connectives, vocabulary
@@ -380,7 +380,18 @@ class _Mention:
 
 
 def extract_claims(text: str, now: datetime | None = None) -> Claims:
-    """Every claim in the text; numbers, qualifiers, frequencies and times are bound to what they are about."""
+    """Every claim in the text; numbers, qualifiers, frequencies and times are bound to what they are about.
+
+    Cached: fact texts are read by every verifier built on a sheet. Treat the result as read-only."""
+    return _extract_cached(text, now)
+
+
+@lru_cache(maxsize=8192)
+def _extract_cached(text: str, now: datetime | None) -> Claims:
+    return _extract(text, now)
+
+
+def _extract(text: str, now: datetime | None = None) -> Claims:
     m = matchers()
     c = Claims()
     work = text.replace("\u00a0", " ").replace("−", "-")

@@ -112,13 +112,19 @@ def prompt_line(fact: Fact) -> str:
 
 
 def build_messages(
-    sheet: FactSheet, sentences: str = "4 to 8", prompt_facts: int = DEFAULT_PROMPT_FACTS
+    sheet: FactSheet,
+    sentences: str = "4 to 8",
+    prompt_facts: int = DEFAULT_PROMPT_FACTS,
+    only: set[str] | None = None,
 ) -> list[Any]:
-    """System rules fixed; the fact sheet only ever goes into the user message, as data (one worked example first)."""
+    """System rules fixed; the fact sheet only ever goes into the user message, as data (one worked example first).
+
+    `only`: the fact tags the model may phrase (flags stay in their column, so the model is not asked about them)."""
     from assistant.llm import ChatMessage
 
-    facts = [f for f in sheet.facts if f.must_cover or f.kind in ALWAYS_SHOWN_KINDS]
-    facts += [f for f in sheet.facts if f not in facts][: max(0, prompt_facts - len(facts))]
+    pool = [f for f in sheet.facts if only is None or f.tag in only]
+    facts = [f for f in pool if f.must_cover or f.kind in ALWAYS_SHOWN_KINDS]
+    facts += [f for f in pool if f not in facts][: max(0, prompt_facts - len(facts))]
     facts.sort(key=lambda f: int(f.tag[1:]))
     ask = (
         f"Write {sentences} short sentences that summarize this patient for the nurse taking over, most "
@@ -507,7 +513,11 @@ def _sheet_mode(
     t_llm = time.perf_counter()
     try:
         stream = backend.stream(
-            build_messages(sheet, prompt_facts=prompt_facts),
+            build_messages(
+                sheet,
+                prompt_facts=prompt_facts,
+                only={f.tag for f in sheet.facts if f.kind not in FLAG_KINDS},
+            ),
             max_tokens=max_tokens,
             temperature=0.0,
             timeout=timeout,
