@@ -74,6 +74,7 @@ if user.can("access-log"):
 pages.append(
     st.Page(PAGES / "status.py", title="Settings and status", icon=":material/settings:", url_path="status")
 )
+render.start_llm_warmup(services.app_config())  # once per server process, in the background
 nav = st.navigation(pages)
 with st.sidebar:
     render.user_box(user)

@@ -50,6 +50,14 @@ table.nva-labs th, table.nva-labs td { border-bottom:1px solid #d0d5dd; padding:
 table.nva-labs th { background:#f2f4f7; }
 table.nva-labs tr.abn td { background:#fde2e1; color:#7a271a; }
 table.nva-labs code { font-size:0.75rem; color:#475467; background:none; }
+/* Keyboard focus is a thick outline, never the look of the current page's highlight (issue 15). */
+a:focus-visible, button:focus-visible, [role="tab"]:focus-visible, summary:focus-visible,
+input:focus-visible, [tabindex]:focus-visible { outline: 3px solid #1d4ed8 !important; outline-offset: 2px; }
+[data-testid="stSidebarNav"] a:focus-visible { outline: 3px solid #f59e0b !important; }
+/* Chart toolbars are not Tab stops: the charts' data is in the tables and tooltips beside them. */
+[data-testid="stVegaLiteChart"] [data-testid="stElementToolbar"],
+.stVegaLiteChart [data-testid="stElementToolbar"], [data-testid="stElementContainer"]:has(
+  [data-testid="stVegaLiteChart"]) [data-testid="stElementToolbar"] { display: none !important; }
 @media print {
   [data-testid="stSidebar"], [data-testid="stHeader"], [data-testid="stToolbar"], .stButton,
   .stDownloadButton, [data-testid="stSidebarCollapsedControl"] { display:none !important; }
@@ -118,7 +126,13 @@ def gate_page(g: services.Gate) -> None:
     elif g.state == "demo-exposed":
         st.error(f"**NVA refuses to start in local demo mode.** {md(g.message)}", icon=":material/gpp_bad:")
     else:
-        st.error(g.message or "NVA cannot start.", icon=":material/error:")
+        if g.state == "config-error":
+            st.error(
+                "**NVA cannot start: its sign-in or settings configuration is invalid.** " + md(g.message),
+                icon=":material/error:",
+            )
+        else:
+            st.error(md(g.message or "NVA cannot start."), icon=":material/error:")
 
 
 def refuse(cfg: services.AppConfig, user: User, target: str, message: str, detail: str) -> None:
@@ -144,6 +158,16 @@ def record_or_stop(
             icon=":material/error:",
         )
         st.stop()
+
+
+def show(result: Result) -> str:
+    """A result as the core words it ('132 mmHg', '1.38 mg/dL'), falling back to the raw display."""
+    try:
+        from assistant.summary.display import show_result
+
+        return show_result(result)
+    except Exception:  # noqa: BLE001 - an older core, or a value the display cannot place: show it as read
+        return result.display_value()
 
 
 def fmt_time(when: datetime | None, now: datetime | None = None) -> str:
@@ -476,7 +500,7 @@ def readable_rows(fact: Any, raw: dict | None) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     if fact is not None and is_dataclass(fact):
         if isinstance(fact, Result):
-            rows.append(("Value", fact.display_value() or "—"))
+            rows.append(("Value", show(fact) or "—"))
         for k, v in asdict(fact).items():
             if k in _SKIP or v in (None, "", (), [], {}) or (k == "text" and type(fact).__name__ == "Note"):
                 continue
@@ -567,6 +591,7 @@ def summary_section(
     view: services.PatientView,
     slot: Any,
     passages: list[services.Passage] | None = None,
+    suggest_slot: Any = None,
 ) -> None:
     """Stream the cited summary into `slot`; only sentences the verifier let through are shown."""
     cache = st.session_state.setdefault("_nva_summaries", {})
@@ -597,6 +622,51 @@ def summary_section(
         cache[view.patient_id] = result
     with slot.container():
         render_summary(view, result, key=f"sum-{view.patient_id}")
+    suggestions = list(getattr(result, "suggestions", None) or [])
+    if suggest_slot is not None and suggestions:
+        with suggest_slot.container():
+            suggestions_section(view, suggestions)
+
+
+def suggestions_section(view: services.PatientView, suggestions: list[Any]) -> None:
+    """Contradictions the LLM suggests (verified, cited): below the rule flags, never counted as flags."""
+    st.markdown(f"#### AI suggestions ({len(suggestions)})")
+    for i, sug in enumerate(suggestions):
+        with st.container(border=True, key=f"suggestion-{view.patient_id}-{i}"):
+            st.markdown(
+                f":violet-badge[{md(getattr(sug, 'label', 'AI-suggested — not a rule'))}] {md(sug.text)}"
+            )
+            if getattr(sug, "reason", ""):
+                st.caption("Why: " + md(sug.reason))
+            citation_buttons(view, list(dict.fromkeys(sug.citations)), key=f"sug-{view.patient_id}-{i}")
+
+
+def start_llm_warmup(cfg: services.AppConfig) -> None:
+    """Load the summary model once per server process, in the background (no-op without a local model)."""
+    if (cfg.llm_backend or "none") == "none":
+        return
+    try:
+        backend = services.get_llm(cfg)
+    except Exception:  # noqa: BLE001 - the status page reports a broken backend; the app runs on templates
+        log.warning("LLM backend unavailable for warm-up")
+        return
+    _warm_once(id(backend), backend)
+
+
+@st.cache_resource(show_spinner=False)
+def _warm_once(_key: int, _backend: Any) -> bool:
+    import threading
+
+    def run() -> None:
+        try:
+            from assistant.summary.warmup import warm_summary_model
+
+            warm_summary_model(_backend)
+        except Exception:  # noqa: BLE001 - warm-up is an optimisation; it never stops the app
+            log.warning("LLM warm-up failed")
+
+    threading.Thread(target=run, name="nva-llm-warmup", daemon=True).start()
+    return True
 
 
 def _summary_groups(result: Any) -> list[tuple[str, list[Any]]]:
@@ -611,6 +681,15 @@ def _summary_groups(result: Any) -> list[tuple[str, list[Any]]]:
 
 def render_summary(view: services.PatientView, result: Any, key: str) -> None:
     numbers: dict[str, int] = {}
+    synopsis = [s for s in (getattr(result, "synopsis", None) or []) if getattr(s, "verified", True)]
+    if synopsis:
+        source = getattr(result, "synopsis_source", "") or ""
+        st.markdown(
+            "**In short**"
+            + (" :gray[(LLM, verified)]" if source == "llm" else "")
+            + "\n"
+            + sentence_markdown(synopsis, numbers)
+        )
     groups = _summary_groups(result)
     if not any(sents for _t, sents in groups):
         st.markdown("_No facts to summarize._")
@@ -695,7 +774,7 @@ def labs_table(chart: Chart, now: datetime) -> pd.DataFrame:
             {
                 "Time": r.time,
                 "Test": one_line(r.name),
-                "Value": one_line(r.display_value()),
+                "Value": one_line(show(r)),
                 "Reference": rng,
                 "Flag": one_line(r.interpretation or "abnormal") if r.abnormal else "",
                 "Status": one_line(r.status),
@@ -781,9 +860,9 @@ def latest_labs_html(chart: Chart, now: datetime) -> str:
         # Abnormal is said in words (the Flag column and a mark), not by the row colour alone.
         mark = "⚠ " if cur.abnormal else ""
         rows.append(
-            f"<tr{cls}><td>{h(cur.name)}</td><td><b>{h(mark)}{h(cur.display_value())}</b></td>"
+            f"<tr{cls}><td>{h(cur.name)}</td><td><b>{h(mark)}{h(show(cur))}</b></td>"
             f"<td>{h(flag)}</td><td>{h(fmt_time(cur.time, now))}</td>"
-            f"<td>{h(prev.display_value()) if prev else ''}</td><td>{h(rng)}</td>"
+            f"<td>{h(show(prev)) if prev else ''}</td><td>{h(rng)}</td>"
             f"<td><code>{h(cur.ref)}</code></td></tr>"
         )
     head = (
@@ -799,7 +878,7 @@ def trend_chart(results: list[Result], title: str) -> alt.LayerChart | alt.Chart
             "time": r.time,
             "value": r.value,
             "abnormal": "abnormal" if r.abnormal else "in range",
-            "display": one_line(r.display_value()),
+            "display": one_line(show(r)),
             "ref": one_line(r.ref),
         }
         for r in results
@@ -863,7 +942,7 @@ def vitals_section(view: services.PatientView, key: str) -> None:
         r = chart.latest(analyte)
         col.metric(
             label,
-            one_line(r.display_value()) if r else "—",
+            one_line(show(r)) if r else "—",
             help=f"{fmt_time(r.time, view.now)} · {md(r.ref)}" if r else None,
         )
     window = (view.now - timedelta(hours=72), view.now + timedelta(hours=1))
@@ -980,7 +1059,7 @@ def vital_chart(results: list[Result], label: str, analyte: str, window: tuple[d
             {
                 "time": r.time,
                 "value": r.value,
-                "display": one_line(r.display_value()),
+                "display": one_line(show(r)),
                 "status": "outside the 0-point range" if outside else "in range",
             }
         )
@@ -1071,8 +1150,8 @@ def meds_section(view: services.PatientView, key: str) -> None:
     )
     if events:
         counts = {s: sum(1 for e in events if e.state == s) for s in MAR_STATES}
-        st.caption(
-            "MAR timeline (24 h back, 12 h ahead; dashed line = now): "
+        st.markdown(
+            "**MAR timeline** (24 h back, 12 h ahead; dashed line = now): "
             + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         )
     else:

@@ -46,8 +46,11 @@ if failed:
 def pending_text(item: object) -> str:
     """A pending item (text, or the core's PendingItem) with its hold mark."""
     text = str(getattr(item, "text", item))
-    hold = getattr(item, "hold_text", "") if getattr(item, "hold", False) else ""
-    return f"{text} — {hold or 'HOLD — see flag'}" if hold or getattr(item, "hold", False) else text
+    if (
+        getattr(item, "hold", False) and "HOLD" not in text
+    ):  # the core's text usually carries the mark already
+        return f"HOLD — see flag: {text}"
+    return text
 
 
 def patient_name(r: services.HandoffRow) -> str:

@@ -72,6 +72,7 @@ render.freshness(cfg, view.loaded_at, "patient")
 render.load_banners(view, services.source_file_errors(source))
 slots: list = []
 summary_slot = None
+suggest_slot = None
 draw_trends = None
 if view.chart is not None:
     render.source_dialog(view)
@@ -79,6 +80,7 @@ if view.chart is not None:
     col_flags, col_summary = st.columns([3, 2], gap="medium")
     with col_flags:
         slots = render.flags_section(view, key=pid)
+        suggest_slot = st.empty()  # LLM-suggested contradictions, once the summary has run (never flags)
     with col_summary:
         st.markdown("### Summary")
         summary_slot = st.empty()
@@ -107,4 +109,4 @@ if draw_trends is not None:
     draw_trends()
 if view.chart is not None and summary_slot is not None:
     passages = [p for finding, slot in slots for p in render.fill_guideline(slot, finding)]
-    render.summary_section(cfg, view, summary_slot, passages)
+    render.summary_section(cfg, view, summary_slot, passages, suggest_slot=suggest_slot)
