@@ -25,6 +25,7 @@ from assistant.security.gate import Gate, config_error, resolve_gate
 from assistant.security.roles import AccessDenied, User, load_role_file, visible_wards
 from assistant.security.signin import AuthConfig, SignInConfigError, read_auth_config
 from assistant.settings import SettingsError, load_settings, redacted, secrets_file
+from assistant.settings import data_dir as settings_data_dir
 from assistant.views import (  # noqa: F401 - re-exported: pages and tests name them from here
     MarEvent,
     News2Point,
@@ -241,7 +242,8 @@ def ensure_demo_ward(outdir: Path) -> None:
 
 def app_config() -> AppConfig:
     values = load_settings()
-    data_dir = Path(values.get("NVA_DATA_DIR") or "var")
+    # The default `var` is under the repository whatever the working directory, as for the guideline store.
+    data_dir = settings_data_dir(values)
     spec = (values.get("NVA_SOURCE") or "").strip()
     error = None
     if not spec:
