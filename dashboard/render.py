@@ -1550,6 +1550,45 @@ def fmt_clock(t: datetime | None) -> str:
     return "--:--" if t is None else f"{t:%H:%M}"
 
 
+def since_picker(cfg: services.AppConfig) -> datetime:
+    """The sidebar 'since last shift' picker (hours back from the judged time; default from acuity.toml),
+    shared by the census and the patient view through the session."""
+    hours = st.sidebar.select_slider(
+        "Since last shift",
+        options=[4, 6, 8, 10, 12, 16, 24, 36, 48],
+        value=st.session_state.get("nva_since_hours", int(delta_hours())),
+        format_func=lambda h: f"{h} h",
+        key="nva_since_hours",
+        help="New results and the 'since last shift' lists count from this many hours before the judged time.",
+    )
+    return cfg.rules_now() - timedelta(hours=hours)
+
+
+def delta_lines(items: list[Any], limit: int = 40) -> str:
+    return "\n".join(f"- {fmt_clock(i.time)} · **{md(i.kind)}** · {md(i.text)}" for i in items[:limit]) + (
+        f"\n- … and {len(items) - limit} more" if len(items) > limit else ""
+    )
+
+
+def patient_delta_section(view: services.PatientView, since: datetime) -> None:
+    """One patient's changes since the picked time: results, orders, doses, notes, NEWS2."""
+    st.markdown(f"### Since last shift ({since:%d %b %H:%M} UTC)")
+    fn = getattr(services, "patient_delta", None)
+    delta = fn(view, since) if callable(fn) else None
+    if delta is None:
+        st.caption("The shift delta is not available for this chart.")
+        return
+    if delta.news2_change is not None:
+        st.markdown(
+            f"**NEWS2** {delta.news2_before} → {delta.news2_now} "
+            f"({'+' if delta.news2_change > 0 else ''}{delta.news2_change})"
+        )
+    st.markdown(delta_lines(delta.items) if delta.items else ":gray[nothing new since then]")
+    refs = list(dict.fromkeys(r for i in delta.items for r in getattr(i, "refs", ())))[:8]
+    if refs:
+        citation_buttons(view, refs, key=f"delta-{view.patient_id}")
+
+
 def ward_delta_section(delta: Any, since: datetime) -> None:
     """'Since last shift' for the ward: what the core's delta lists, per patient (newest first)."""
     st.markdown(f"### Since last shift ({since:%d %b %H:%M} UTC)")
@@ -1568,7 +1607,4 @@ def ward_delta_section(delta: Any, since: datetime) -> None:
             else ""
         )
         with st.expander(f"{md(p.bed)} · {md(p.name)} — {len(p.items)} change(s){change}"):
-            st.markdown(
-                "\n".join(f"- {fmt_clock(i.time)} · {md(i.kind)} · {md(i.text)}" for i in p.items[:30])
-                or "- NEWS2 changed"
-            )
+            st.markdown(delta_lines(p.items, 30) if p.items else "- NEWS2 changed")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import streamlit as st
 
 from assistant.textsafe import markdown_text as md
@@ -17,15 +15,7 @@ ward_name = next((w.name for w in services.ward_choices(cfg, user) if w.ref == w
 render.record_or_stop(cfg, user, "handoff-view", ward_ref or "all-patients", "census")
 st.markdown(f"## Ward census — {md(ward_name)}")
 
-hours = st.sidebar.select_slider(
-    "Since last shift",
-    options=[4, 6, 8, 10, 12, 16, 24, 36, 48],
-    value=int(render.delta_hours()),
-    format_func=lambda h: f"{h} h",
-    key="nva_since_hours",
-    help="New results and the 'since last shift' list count from this many hours before the judged time.",
-)
-since = cfg.rules_now() - timedelta(hours=hours)
+since = render.since_picker(cfg)
 rows, delta = render.census_rows(cfg, ward_ref, since)
 loaded = min((r.loaded_at for r in rows if r.loaded_at), default=None)
 render.freshness(cfg, loaded, "census")

@@ -67,6 +67,7 @@ if not user.all_wards and not user.may_see_ward(services.patient_ward(cfg, user,
         "patient not on an assigned ward",
     )
 render.record_or_stop(cfg, user, "view-chart", f"Patient/{pid}")
+since = render.since_picker(cfg)
 view = services.patient_view(cfg, pid)
 render.freshness(cfg, view.loaded_at, "patient")
 render.load_banners(view, services.source_file_errors(source))
@@ -86,8 +87,10 @@ if view.chart is not None:
         summary_slot = st.empty()
         summary_slot.caption("Composing the cited summary…")
     # Lazy tabs: only the open tab is drawn, so the first paint carries no hidden charts.
-    labs_tab, vitals_tab, meds_tab, notes_tab = st.tabs(
-        ["Labs", "Vitals and NEWS2", "Medications and MAR", "Nursing notes"], key="nva_tab", on_change="rerun"
+    labs_tab, vitals_tab, meds_tab, notes_tab, delta_tab = st.tabs(
+        ["Labs", "Vitals and NEWS2", "Medications and MAR", "Nursing notes", "Since last shift"],
+        key="nva_tab",
+        on_change="rerun",
     )
     if labs_tab.open is not False:
         with labs_tab:
@@ -101,6 +104,9 @@ if view.chart is not None:
     if meds_tab.open:
         with meds_tab:
             render.meds_section(view, pid)
+    if delta_tab.open:
+        with delta_tab:
+            render.patient_delta_section(view, since)
 # Header, flags and the labs table are on screen. Then the slower parts: the ward picker (server work while the
 # browser paints), trend charts (vega renders in the browser), guideline passages, the LLM summary.
 if not drawn:
