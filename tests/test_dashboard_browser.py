@@ -205,3 +205,38 @@ def test_status_page_renders(app: tuple[str, Any]) -> None:
     assert "Traceback" not in _text(page)
     _shot(page, "status")
     page.close()
+
+
+FOCUSED = """() => { const e = document.activeElement; if (!e || e === document.body) return null;
+  return {tag: e.tagName, text: (e.innerText || e.getAttribute('aria-label') || '').slice(0, 80),
+          toolbar: !!e.closest('[data-testid="stElementToolbar"]'),
+          chart: !!e.closest('[data-testid="stVegaLiteChart"]'),
+          flag: !!e.closest('[class*="st-key-flag-"]'),
+          outline: getComputedStyle(e).outlineStyle + ' ' + getComputedStyle(e).outlineWidth}; }"""
+
+
+def test_keyboard_reaches_citations_without_chart_toolbars(
+    app: tuple[str, Any], ward: dict[str, Any]
+) -> None:
+    base, context = app
+    view = next(v for v in ward["views"] if v.findings)
+    page = context.new_page()
+    page.goto(f"{base}/?patient={view.patient_id}")
+    wait_rendered(page, (f"Flags ({len(view.findings)})", "Summary"), timeout=180)
+    page.get_by_role(
+        "tab", name="Vitals and NEWS2"
+    ).click()  # charts on screen: their toolbars must not be stops
+    wait_rendered(page, ("Vital signs and NEWS2",), timeout=60)
+    page.evaluate("() => document.activeElement && document.activeElement.blur()")
+    stops = []
+    for _ in range(120):
+        page.keyboard.press("Tab")
+        stops.append(page.evaluate(FOCUSED))
+    stops = [s for s in stops if s]
+    assert stops, "nothing takes keyboard focus"
+    assert not [s for s in stops if s["toolbar"]], "chart toolbars are Tab stops"
+    cited = [s for s in stops if s["flag"] and s["tag"] == "BUTTON"]
+    assert cited and any(view.findings[0].evidence[0].split("/")[0][:8] in s["text"] for s in cited)
+    # A visible focus ring on every stop (not the current-page highlight alone).
+    assert all(s["outline"].startswith("solid") for s in cited), cited[:3]
+    page.close()
