@@ -1,5 +1,6 @@
-"""The dashboard in a real browser (Playwright driving Debian's chromium): census -> patient -> citation -> hold,
-handoff print and PDF, audit filter and CSV; each step asserts what is on screen against what the core says."""
+"""The dashboard in chromium (Playwright): census -> patient -> citation -> hold, handoff print/PDF, audit CSV."""
+
+# Each step asserts what is on screen against what the core itself says about the demo ward.
 
 from __future__ import annotations
 
