@@ -69,7 +69,17 @@ def child(mode: str, folder: Path, ids: list[str]) -> dict:
     from connectors.bundle_dir import BundleDirSource, bundle_resources, read_json_file, split_by_patient
 
     out: dict = {"start_mib": rss_mib()}  # resident after the imports, before any file is opened
-    if mode == "whole-file":
+    if mode == "audit":
+        import io
+
+        from assistant.cli import main as nva
+
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            batch = ["--batch-size", str(ids[0])] if ids else []
+            nva(["audit", str(folder), "--out", str(Path(tmp) / "audit.jsonl"), *batch], out=io.StringIO())
+        out["audit_s"] = time.perf_counter() - t0
+    elif mode == "whole-file":
         # The baseline: what the connector did before the index (every chart parsed its whole file).
         times = []
         for pid in ids[:2]:
@@ -143,6 +153,8 @@ def main() -> None:
             sample = ids[::step][:CHARTS]
             new = run_child("charts", folder, sample)
             old = run_child("whole-file", folder, sample) if not gz else None
+            audit = run_child("audit", folder, [])
+            small = run_child("audit", folder, ["5"])  # 5 patients per batch instead of the default 50
             on_disk = f" (gzip, {big.stat().st_size / 1e6:.1f} MB on disk)" if gz else ""
             label = f"{size / 1e6:.0f} MB JSON{on_disk}"
             rows.append(
@@ -156,6 +168,8 @@ def main() -> None:
                     f"{new['census_s'] * 1000:.0f} ms ({new['census']} in census)",
                     f"{new['peak_mib']:.0f} MiB (start {new['start_mib']:.0f})",
                     f"{old['chart_s']:.1f} s / {old['peak_mib']:.0f} MiB" if old else "—",
+                    f"{audit['audit_s']:.1f} s / {audit['peak_mib']:.0f} MiB",
+                    f"{small['audit_s']:.1f} s / {small['peak_mib']:.0f} MiB",
                 ]
             )
             print(rows[-1], file=sys.stderr)
@@ -170,6 +184,8 @@ def main() -> None:
         "ward census (from the index)",
         "peak RSS, index + 10 charts + census",
         "baseline: chart by parsing the whole file (time / peak RSS)",
+        "`nva audit` of the folder, default batches of 50 patients (time / peak RSS)",
+        "same, `--batch-size 5`",
     ]
     page = f"""# Benchmark: large bundle folder (issue 12.9)
 
@@ -192,7 +208,10 @@ forward in a gzip stream decompresses (but does not keep) what lies before, so a
 time in proportion to its offset while memory stays flat.
 
 The baseline column is the previous connector's per-chart path (parse the whole file, split by patient), measured
-on the plain file only.
+on the plain file only. The audit column runs `nva audit FOLDER --out audit.jsonl` in-process (default local engine):
+records come file by file in one forward pass, and the audit holds one batch of patient records at a time (50 by
+default, so its peak follows batch size x patient size, not the file); issue 12 measured 11 s at 715 MB RSS for a
+100 MB bundle before (a different bundle and load, so compare the memory, not the time).
 """
     args.out.write_text(page)
     print(f"wrote {args.out}", file=sys.stderr)
