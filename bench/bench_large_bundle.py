@@ -182,7 +182,7 @@ def main() -> None:
         "chart, median of 8",
         "largest chart",
         "ward census (from the index)",
-        "peak RSS, index + 10 charts + census",
+        "peak RSS, index + 9 charts + census",
         "baseline: chart by parsing the whole file (time / peak RSS)",
         "`nva audit` of the folder, default batches of 50 patients (time / peak RSS)",
         "same, `--batch-size 5`",
