@@ -51,6 +51,10 @@ def test_demo_ward_episodes_open_at_the_period_end_are_the_answer_key(ward, tmp_
     for m in key["must_not_fire"]:
         assert (m["patient"], m["rule"]) not in open_at_end, m["reason"]
     assert f"{len(eps)} episodes" in text
+    unordered = [e for e in eps if e["rule_id"] == "administration-without-order"]
+    assert unordered and all(
+        e["doses_count"] == 1 and e["doses"][0]["ref"] in e["evidence"] for e in unordered
+    )  # a dose given without an order is itself the dose the episode counts
     for e in eps:
         start = datetime.fromisoformat(e["start"])
         assert datetime(2026, 2, 1, tzinfo=UTC) <= start <= ANCHOR

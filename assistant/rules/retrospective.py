@@ -263,7 +263,7 @@ def _implicated(
     rule: Rule, admin: Administration, refs: set[str], orders: dict[str, MedicationOrder]
 ) -> bool:
     if rule.kind == "administration-without-order":
-        return False  # the episode is the administration itself
+        return admin.ref in refs  # the episode is that administration: its one dose
     if admin.order_ref and admin.order_ref in refs:
         return True
     ingredients = {i for ref in refs if ref in orders for i in orders[ref].ingredients}
@@ -375,7 +375,7 @@ def _close(
         if a.was_given
         and a.time is not None
         and o.start <= a.time <= stop
-        and _implicated(rule, a, o.drugs, orders)
+        and _implicated(rule, a, o.drugs | set(f.evidence), orders)
     )
     return Episode(
         patient=f.patient,
