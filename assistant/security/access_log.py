@@ -121,7 +121,7 @@ class AccessLog:
             if self._migrate(db):  # a log from before the chain had no replace trigger to remove
                 triggers_before |= {"access_log_no_replace"}
         # Checked before the triggers are (re)created: afterwards a dropped trigger would leave no trace.
-        self.status = self.verify(_triggers=triggers_before)
+        self.status = self.verify(triggers_seen=triggers_before)
         lost = []
         if existed and triggers_before != set(TRIGGERS):
             lost.append(
@@ -256,8 +256,11 @@ class AccessLog:
         except (sqlite3.Error, OSError) as exc:
             raise AccessLogError(f"cannot write the access log at {self.path}: {exc}") from exc
 
-    def verify(self, *, _triggers: set[str] | None = None) -> ChainStatus:
-        """Check every link, the head file and the triggers; never raises (an unreadable log is a problem too)."""
+    def verify(self, *, triggers_seen: set[str] | None = None) -> ChainStatus:
+        """Check every link, the head file and the triggers; never raises (an unreadable log is a problem too).
+
+        `triggers_seen`: the triggers as found before opening recreated them (used on open); default: read now.
+        """
         if not self.path.exists():
             return ChainStatus(False, 0, (f"the log file {self.path} is missing",))
         problems: list[str] = []
@@ -300,7 +303,7 @@ class AccessLog:
                 problems.append(
                     f"the head file {self.head_path.name} is behind the log (seq {head[0]} of {last[0]})"
                 )
-        triggers = self._triggers() if _triggers is None else _triggers
+        triggers = self._triggers() if triggers_seen is None else triggers_seen
         if triggers != set(TRIGGERS):
             problems.append(
                 f"append-only triggers are missing ({', '.join(sorted(set(TRIGGERS) - triggers))})"
