@@ -262,3 +262,27 @@ def test_for_chart_lives_with_deidentification_not_in_the_llm_layer():
     assert for_chart(local, chart()) is local
     local.requires_deid = True
     assert isinstance(for_chart(local, chart()), DeidentifyingBackend)
+
+
+def test_the_patients_own_address_phone_and_identifiers_are_removed_verbatim():
+    patient = {
+        **PATIENT,
+        "address": [{"line": ["Flat 2, Kestrel Court"], "city": "Holmfirth", "postalCode": "HD9 7QT"}],
+        "telecom": [
+            {"system": "phone", "value": "01484 0142"},
+            {"system": "email", "value": "m.ok@mail.example"},
+        ],
+        "identifier": [
+            *PATIENT["identifier"],
+            {"system": "urn:ssn", "value": "999-41-7731"},
+            {"value": "NX4431"},
+        ],
+    }
+    c = build_chart([patient, OBS], source="t")
+    note = (
+        "Going home to Holmfirth (Flat 2, Kestrel Court); call 01484 0142 or m.ok@mail.example; ref NX4431."
+    )
+    out = Deidentifier(c, key=b"k" * 32).apply(note)
+    for secret in ("Holmfirth", "Kestrel", "01484 0142", "m.ok@mail.example", "NX4431"):
+        assert secret not in out, out
+    assert out.startswith("Going home to [ADDRESS]") and "[PHONE]" in out and "[EMAIL]" in out

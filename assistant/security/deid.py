@@ -180,6 +180,34 @@ def scrub_free_text(text: str, *, other_names: Iterable[str] = ()) -> str:
     return re.sub(r"\[NAME\](?:\s+\[NAME\])+", "[NAME]", text)
 
 
+def chart_contacts(chart: Chart) -> dict[str, str]:
+    """Addresses (lines, city, district, postal code), phone numbers, e-mails and other identifiers written in the
+    chart's Patient, RelatedPerson and Person resources, each with the placeholder that replaces it."""
+    found: dict[str, str] = {}
+    kinds = ("Patient", "RelatedPerson", "Person")
+    for ref, resource in chart.resources.items():
+        if ref.split("/", 1)[0] not in kinds or not isinstance(resource, dict):
+            continue
+        for addr in resource.get("address") or [] if isinstance(resource.get("address"), list) else []:
+            if not isinstance(addr, dict):
+                continue
+            lines = addr.get("line") if isinstance(addr.get("line"), list) else []
+            for part in [*lines, addr.get("city"), addr.get("district"), addr.get("postalCode")]:
+                if isinstance(part, str) and len(part.strip()) > 2:
+                    found[part.strip()] = "[ADDRESS]"
+        for tel in resource.get("telecom") or [] if isinstance(resource.get("telecom"), list) else []:
+            if isinstance(tel, dict) and isinstance(tel.get("value"), str) and len(tel["value"].strip()) > 4:
+                found[tel["value"].strip()] = "[EMAIL]" if tel.get("system") == "email" else "[PHONE]"
+        for ident in resource.get("identifier") or [] if isinstance(resource.get("identifier"), list) else []:
+            if (
+                isinstance(ident, dict)
+                and isinstance(ident.get("value"), str)
+                and len(ident["value"].strip()) > 3
+            ):
+                found.setdefault(ident["value"].strip(), "[ID]")
+    return found
+
+
 def people_names(chart: Chart) -> tuple[str, ...]:
     """Names of people in the chart other than the patient: practitioners, related persons, note authors and the
     display text of every reference to one (requester, performer, author, participant)."""
@@ -252,6 +280,13 @@ class Deidentifier:
             else None
         )
         self._others = people_names(chart)
+        contacts = chart_contacts(chart)
+        self._contacts_re = (
+            re.compile(r"(?<!\w)(?:" + _alternation(contacts) + r")(?!\w)", re.IGNORECASE)
+            if contacts
+            else None
+        )
+        self._contacts = {k.lower(): v for k, v in contacts.items()}
 
     def _shift_dates(self, text: str, sign: int) -> str:
         def move(m: re.Match[str]) -> str:
@@ -274,6 +309,10 @@ class Deidentifier:
             text = re.sub(
                 r"\[PATIENT\](?:\s+\[PATIENT\])+", "[PATIENT]", self._name_re.sub("[PATIENT]", text)
             )
+        if (
+            self._contacts_re
+        ):  # the patient's and related persons' own addresses, phones and e-mails, verbatim
+            text = self._contacts_re.sub(lambda m: self._contacts.get(m.group(0).lower(), "[ID]"), text)
         text = scrub_free_text(text, other_names=self._others)  # after the ids: chart refs stay reversible
         return self._shift_dates(text, -1)
 
