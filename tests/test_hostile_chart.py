@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import re
 import time
@@ -11,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from pypdf import PdfReader
 
 from assistant.textsafe import html_text, inert_text, markdown_text, one_line
 from tests.browser import Beacon, chromium, missing_requirements, streamlit_server, wait_rendered
@@ -176,9 +178,16 @@ def test_hostile_chart_renders_inert_in_chromium(tmp_path: Path) -> None:
             page.goto(f"{base}/?patient={pid}")
             wait_rendered(page, ("Flags (", "Summary", "Hostile"), timeout=180)
             checks.append(("patient", page.evaluate(PAGE_CHECK, beacon.url)))
-            for tab in ("Medications and MAR", "Nursing notes", "Vitals and NEWS2"):
+            tabs = {
+                "Medications and MAR": "Active medications",
+                "Nursing notes": "Recent nursing notes",
+                "Vitals and NEWS2": "Vital signs and NEWS2",
+                "Since last shift": "Since last shift (",
+            }
+            for tab, heading in tabs.items():
                 page.get_by_role("tab", name=tab).click()
-                wait_rendered(page, timeout=60)
+                # The tab's own heading first: a rerun that has not started yet must not pass for a finished one.
+                wait_rendered(page, (heading,), timeout=60)
                 checks.append((tab, page.evaluate(PAGE_CHECK, beacon.url)))
             page.goto(base)
             wait_rendered(page, ("Ward census", "Hostile"), timeout=180)
@@ -186,6 +195,21 @@ def test_hostile_chart_renders_inert_in_chromium(tmp_path: Path) -> None:
             page.goto(f"{base}/handoff")
             wait_rendered(page, ("Ward handoff", "Hostile"), timeout=180)
             checks.append(("handoff", page.evaluate(PAGE_CHECK, beacon.url)))
+            with page.expect_download() as dl:
+                page.get_by_role("button", name="Export PDF").click()
+            pdf_text = " ".join(
+                p.extract_text() for p in PdfReader(io.BytesIO(Path(dl.value.path()).read_bytes())).pages
+            )
+            page.goto(f"{base}/audit")
+            wait_rendered(page, ("Audit",), timeout=180)
+            page.get_by_role("button", name="Audit 4B Med-Surg now").click()
+            wait_rendered(page, ("Download CSV", "Patient evidence"), timeout=300)
+            picker = page.locator('[data-testid="stSelectbox"] input').last  # the drill-down "Patient"
+            picker.click()
+            picker.fill("Hostile")
+            page.keyboard.press("Enter")
+            wait_rendered(page, ("Suggested nursing action",), timeout=120)
+            checks.append(("audit", page.evaluate(PAGE_CHECK, beacon.url)))
             time.sleep(1.5)  # a meta refresh or a late image would have fired by now
             final_url = page.url
         patient = checks[0][1]
@@ -201,5 +225,7 @@ def test_hostile_chart_renders_inert_in_chromium(tmp_path: Path) -> None:
             assert ":green-badge[VERIFIED: potassium normal]" in c["text"], where
             assert RLO not in c["text"] and "⟨U+202E⟩" in c["text"], where
         assert final_url.startswith(base)
+        # The PDF prints the same text as text, the bidi control visible.
+        assert RLO not in pdf_text and "⟨U+202E⟩" in pdf_text and "green-badge[VERIFIED" in pdf_text
         assert beacon.hits == [], beacon.hits
         assert outside == [], outside
