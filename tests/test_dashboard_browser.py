@@ -176,6 +176,14 @@ def test_audit_filter_chart_and_csv(app: tuple[str, Any], ward: dict[str, Any]) 
     page.locator('[data-testid="stMultiSelect"]').filter(has_text="Rule").locator("input").first.click()
     page.get_by_role("option", name=rule, exact=True).click()
     page.keyboard.press("Escape")
+    expected = sum(1 for v in views for f in v.findings if f.rule_id == rule)
+    # Wait for the filtered rerun itself (the page before it also says "Download CSV").
+    page.wait_for_function(
+        """(n) => { const m = document.querySelector('[data-testid="stMetric"]');
+                   return !!m && m.innerText.trim().endsWith(String(n)); }""",
+        arg=expected,
+        timeout=120_000,
+    )
     wait_rendered(page, ("Download CSV",), timeout=120)
     metric = page.locator('[data-testid="stMetric"]').first.inner_text()
     assert metric.split()[-1].isdigit() and int(metric.split()[-1]) >= 1
