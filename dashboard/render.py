@@ -897,7 +897,13 @@ def trend_chart(results: list[Result], title: str) -> alt.LayerChart | alt.Chart
             scale=alt.Scale(domain=["in range", "abnormal"], range=["#334155", "#b42318"]),
             legend=None,
         ),
-        tooltip=[alt.Tooltip("time:T", format="%d %b %H:%M"), "display:N", "ref:N"],
+        # Abnormal results are triangles as well as red: never colour alone.
+        shape=alt.Shape(
+            "abnormal:N",
+            scale=alt.Scale(domain=["in range", "abnormal"], range=["circle", "triangle-up"]),
+            legend=None,
+        ),
+        tooltip=[alt.Tooltip("time:T", format="%d %b %H:%M"), "display:N", "abnormal:N", "ref:N"],
     )
     layers: list[Any] = []
     low = next((r.ref_low for r in reversed(results) if r.ref_low is not None), None)
