@@ -393,3 +393,22 @@ def test_access_log_page_shows_a_red_banner_when_the_chain_breaks(signed_in: Pat
     signed_in.unlink()
     at = page()
     assert "is missing" in banner(at)
+
+
+@pytest.mark.parametrize(
+    "roles",
+    [
+        '[users."nina@example.org"\nrole = "nurse"\n',
+        '[users."nina@example.org"]\nrole = "nurse"\nwards = 5\n',
+    ],
+)
+def test_an_unreadable_role_file_lets_nobody_in(
+    signed_in: Path, ward: dict, tmp_path: Path, monkeypatch, roles
+) -> None:
+    bad = tmp_path / "bad-roles.toml"
+    bad.write_text(roles)
+    monkeypatch.setenv("NVA_AUTH_ROLE_FILE", str(bad))
+    at = _app(NURSE, patient=ward["census"][W4B][0])
+    text = html.unescape(_text(at))
+    assert "NVA cannot start" in text and "NVA_AUTH_ROLE_FILE" in text
+    assert not any(name in text for name in ward["names"].values())
