@@ -1489,11 +1489,14 @@ def _census_line_from_view(v: services.PatientView, since: datetime) -> CensusLi
     )
 
 
-def news2_badge(total: int | None, band: str, label: str, incomplete: bool = False) -> str:
-    """NEWS2 as colour AND words: ':red-badge[NEWS2 7 · High]'."""
+def news2_badge(
+    total: int | None, band: str, label: str, incomplete: bool = False, *, short: bool = False
+) -> str:
+    """NEWS2 as colour AND words: ':red-badge[NEWS2 7 · High]' (short: the band's one-word name, for tables)."""
     if total is None:
         return ":gray-badge[NEWS2 — not scored]"
-    text = f"NEWS2 {total} · {md(label or BAND_LABEL.get(band, band) or 'band unknown')}"
+    words = (BAND_LABEL.get(band) if short else None) or label or BAND_LABEL.get(band, band) or "band unknown"
+    text = f"{'' if short else 'NEWS2 '}{total} · {md(words)}"  # short: the column heading says NEWS2
     return f":{BAND_BADGE.get(band, 'gray')}-badge[{text}]" + (" :gray[(incomplete)]" if incomplete else "")
 
 
@@ -1509,7 +1512,7 @@ def severity_badge_n(severity: str, n: int) -> str:
     return f":{SEVERITY_BADGE.get(severity, 'gray')}-badge[{n} {severity.upper()}]"
 
 
-CENSUS_COLUMNS = (0.6, 1.9, 0.45, 1.5, 2.2, 1.4, 2.0, 0.7)
+CENSUS_COLUMNS = (0.75, 1.8, 0.45, 1.7, 2.1, 1.4, 1.9, 0.7)
 
 
 def census_table(rows: list[CensusLine], since: datetime) -> None:
@@ -1535,7 +1538,7 @@ def census_table(rows: list[CensusLine], since: datetime) -> None:
             if r.error:
                 cols[1].caption(f":red[chart not loaded: {md(r.error)}]")
             cols[2].markdown("—" if r.age is None else str(r.age))
-            cols[3].markdown(news2_badge(r.news2, r.band, r.band_label, r.news2_incomplete))
+            cols[3].markdown(news2_badge(r.news2, r.band, r.band_label, r.news2_incomplete, short=True))
             cols[4].markdown(flag_badges(r.badges))
             cols[5].markdown(
                 "  \n".join(f":red-badge[HOLD] {md(h)}" for h in r.holds[:3]) if r.holds else ":gray[none]"

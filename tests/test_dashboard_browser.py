@@ -88,7 +88,7 @@ def test_census_to_patient_to_citation_and_hold(app: tuple[str, Any], ward: dict
     assert links == names
     first = views[0]
     row0 = page.locator(".st-key-census-row-0").inner_text()
-    assert f"NEWS2 {first.news2_total}" in row0 and first.header.news2.band_label.split(" ")[0] in row0
+    assert f"{first.news2_total} · " in row0 and first.header.news2.band_label.split(" ")[0] in row0
     if first.findings:
         assert f"{first.findings[0].severity.upper()}" in row0
     _shot(page, "census")
