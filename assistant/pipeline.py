@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from assistant.model import EvidenceValue, Finding
+from assistant.rules.engine import stale_data
 from assistant.rules.news2 import News2Score, news2
 from assistant.summary.facts import News2, news2_from_rules
 from assistant.views import (
@@ -118,6 +119,10 @@ def patient_view(
         found = news2_flags(chart, now, score)
         notices.append(f"flags could not be computed ({type(exc).__name__}); the chart below is complete")
     view = build_patient_view(chart, now, found, patient_id=patient_id, since=since, score=score)
+    # Stale data is said, not hidden: a chart whose newest data is older than rule windows was not judged on it.
+    stale = stale_data(chart, now)
+    if stale is not None:
+        notices.append(stale.text)
     view.notices += notices
     view.load_s = time.perf_counter() - t0
     return view
@@ -321,6 +326,20 @@ def illness_severity(view: PatientView) -> str:
 
 
 # --- audit ----------------------------------------------------------------------------------------------------
+def audit_status(rows: Sequence[dict[str, Any]], source: Any = None) -> Any:
+    """The run status (complete or what is missing) of per-patient audit rows, as `nva audit` reports it."""
+    from assistant.audit.status import RunStatus
+
+    status = RunStatus()
+    completeness = getattr(source, "completeness", None)
+    if completeness is not None:
+        status.missing_types.update(getattr(completeness, "missing_types", {}) or {})
+        status.export_errors.extend(getattr(completeness, "errors", []) or [])
+    for row in rows:
+        status.add_row(row)
+    return status
+
+
 def audit_patients(
     source: Any,
     patient_ids: Sequence[str],

@@ -607,6 +607,11 @@ def read_audit_jsonl(lines: Any) -> tuple[list[dict[str, Any]], int]:
     return report.parse_findings_jsonl(lines)
 
 
+def audit_run_status(lines: Any) -> dict[str, Any] | None:
+    """The run-status record of an incomplete audit run (None when complete): the page's red banner."""
+    return report.parse_run_status(lines)
+
+
 def audit_csv(rows: list[dict[str, Any]]) -> bytes:
     """The filtered findings as CSV, in the column layout of `nva audit --format csv`."""
     return report.findings_csv(rows).encode("utf-8")
@@ -619,7 +624,8 @@ def run_ward_audit(cfg: AppConfig, ward_ref: str | None, progress: Any = None) -
     rows = pipeline.audit_patients(session_source(cfg), ids, now, origin=cfg.source, progress=progress)
     slug = (ward_ref or "all").split("/")[-1]
     out = audit_dir(cfg) / f"audit-{slug}-{datetime.now(UTC):%Y%m%dT%H%M%S}.jsonl"
-    report.write_output(lambda: rows, out, fmt="jsonl", now=now.isoformat(), source=cfg.source)
+    status = pipeline.audit_status(rows, session_source(cfg))
+    report.write_output(lambda: rows, out, fmt="jsonl", now=now.isoformat(), source=cfg.source, status=status)
     return out
 
 

@@ -347,3 +347,33 @@ def test_mar_marks_given_due_and_late(ward_facts: dict) -> None:
             if e.state == "late":
                 assert e.time < ANCHOR
     assert {"given", "due"} <= states
+
+
+def test_audit_page_shows_an_incomplete_retrospective_run_with_its_episodes(env: Path) -> None:
+    """A real `nva audit --period` against a server that serves no MedicationAdministration: the page says the run
+    is incomplete (and what was not judged) and lists episodes with their duration."""
+    import io
+    import os
+
+    from assistant.audit.report import read_findings, read_status
+    from assistant.cli import main
+    from tests import fhir_test_server as server_mod
+
+    out = Path(os.environ["NVA_DATA_DIR"]) / "audit" / "audit-period.jsonl"
+    out.parent.mkdir(parents=True)
+    with server_mod.FhirTestServer(
+        env, export_polls=1, export_retry_after=0, unserved_types=["MedicationAdministration"]
+    ) as server:
+        rc = main(
+            ["audit", server.base_url, "--period", "/", "--out", str(out), "--no-progress"], out=io.StringIO()
+        )
+    assert rc == 3
+    status = read_status(out)
+    episodes = read_findings(out)
+    assert status is not None and "MedicationAdministration" in status["missing_types"] and episodes
+    at = _app(page="pages/audit.py")
+    banners = " ".join(e.value for e in at.error)
+    assert "INCOMPLETE AUDIT" in banners and "MedicationAdministration" in banners
+    assert {m.label: m.value for m in at.metric}["Findings"] == str(len(episodes))
+    table = at.dataframe[0].value
+    assert "Hours" in table.columns and "Doses given while it held" in table.columns

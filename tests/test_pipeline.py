@@ -289,3 +289,24 @@ def test_dashboard_summary_uses_the_one_guideline_policy(ward: Any, monkeypatch:
     expected = {h.citation for h in pipeline.guideline_passages(view.findings, _Retriever())}
     # The fact sheet may keep fewer (max_facts), never others; the page's own list is not used.
     assert cited and cited <= expected and "guideline:elsewhere" not in cited
+
+
+def test_a_historical_chart_says_when_it_was_judged_and_how_old_its_newest_data_is() -> None:
+    """Issue 14.4 on the patient view: a chart whose newest data is months older than the judged time says so."""
+    import tempfile
+    from datetime import timedelta
+
+    from assistant.demo_ward import generate_demo_ward
+    from assistant.pipeline import patient_view
+    from connectors import open_source
+
+    anchor = datetime(2025, 1, 6, 7, 0, tzinfo=UTC)
+    out = Path(tempfile.mkdtemp()) / "ward"
+    generate_demo_ward(out, anchor=anchor, seed=7)
+    with open_source(out) as src:
+        pid = next(iter(src.iter_patient_ids()))
+        chart = src.patient_chart(pid)
+    assert not any("newest data" in n for n in patient_view(chart, anchor).notices)
+    later = anchor + timedelta(days=90)
+    notes = [n for n in patient_view(chart, later).notices if "newest data" in n]
+    assert len(notes) == 1 and notes[0].startswith(f"judged at {later:%Y-%m-%d %H:%M}")

@@ -164,6 +164,20 @@ def findings_csv(rows: Iterable[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def parse_run_status(lines: Iterable[str | bytes]) -> dict[str, Any] | None:
+    """The run-status record of an incomplete run's JSONL lines (the dashboard's banner), or None for a complete run."""
+    for line in lines:
+        line = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            return None
+        return obj if isinstance(obj, dict) and obj.get("record") == "run-status" else None
+    return None
+
+
 def parse_findings_jsonl(lines: Iterable[str | bytes]) -> tuple[list[dict[str, Any]], int]:
     """Finding rows from an audit JSONL (one finding a line, or one patient a line with `findings`); bad lines counted."""
     rows: list[dict[str, Any]] = []

@@ -55,11 +55,14 @@ with col_up:
 if upload is not None:
     render.record_or_stop(cfg, user, "audit-view", f"uploaded-file:{upload.file_id}", f"{upload.size} bytes")
     rows, bad = services.read_audit_jsonl(upload.getvalue().splitlines())
+    status = services.audit_run_status(upload.getvalue().splitlines())
     label = one_line(upload.name)
 elif chosen:
     render.record_or_stop(cfg, user, "audit-view", f"audit-run:{chosen.split('/')[-1]}")
     with open(chosen, encoding="utf-8") as fh:
         rows, bad = services.read_audit_jsonl(fh)
+    with open(chosen, encoding="utf-8") as fh:
+        status = services.audit_run_status(fh)
     label = chosen.split("/")[-1]
 else:
     st.info(
@@ -67,6 +70,12 @@ else:
         icon=":material/info:",
     )
     st.stop()
+if status:
+    # An incomplete run is never read as a clean one: what is missing and which rules were not judged.
+    st.error(
+        "**INCOMPLETE AUDIT** — " + md(status.get("banner") or "part of the data could not be read"),
+        icon=":material/error:",
+    )
 if bad:
     st.warning(f"{bad} line(s) of {md(label)} are not audit findings and were skipped.")
 if not rows:
@@ -187,7 +196,9 @@ else:
 
 cols = ["name", "bed", "ward_name", "patient", "ward", "severity", "rule_id", "title"]
 time_cols = [c for c in ("start", "end", "time", "judged_at") if c in view.columns]
-table = view[cols + time_cols].copy()
+# Retrospective runs write episodes: how long the contradiction held and how many doses were given meanwhile.
+episode_cols = [c for c in ("duration_hours", "doses_count") if c in view.columns]
+table = view[cols + time_cols + episode_cols].copy()
 for c in time_cols:
     table[c] = table[c].map(human_time)
 for c in ("title", "ward", "rule_id"):
@@ -208,6 +219,8 @@ table = table.rename(
         "end": "End",
         "time": "Time",
         "judged_at": "Judged at",
+        "duration_hours": "Hours",
+        "doses_count": "Doses given while it held",
     }
 )
 if not show_names:
@@ -277,5 +290,22 @@ if pick:
                 st.dataframe(pd.DataFrame(values), hide_index=True, width="stretch")
             else:
                 st.caption("Evidence: " + md(", ".join(f.get("evidence") or [])))
+            doses = [d for d in f.get("doses") or [] if isinstance(d, dict)]
+            if doses:
+                st.markdown(f"**Doses given while it held:** {len(doses)}")
+                st.dataframe(
+                    pd.DataFrame(
+                        [
+                            {
+                                "Time": human_time(d.get("time")),
+                                "Dose": one_line(d.get("text") or d.get("dose") or ""),
+                                "Source": one_line(d.get("ref")),
+                            }
+                            for d in doses
+                        ]
+                    ),
+                    hide_index=True,
+                    width="stretch",
+                )
             if f.get("action"):
                 st.markdown(f"**Suggested nursing action:** {md(f['action'])}")
