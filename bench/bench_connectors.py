@@ -1,5 +1,4 @@
-"""Chart loading over REST (concurrent vs a plain sequential client), normalization vs full R4B validation, and
-NDJSON exports read by content (type-named, numbered, gzip, duplicated files)."""
+"""Connector benchmarks: concurrent REST vs sequential, normalization vs R4B validation, NDJSON read by content."""
 
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ def check_private_key(pem: bytes, alg: str) -> None:
             "NVA_FHIR_PRIVATE_KEY is a public key or certificate, not the private key; give the private key "
             "whose public half is registered with the server"
             if looks_public
-            else "NVA_FHIR_PRIVATE_KEY is not a PEM private key ('-----BEGIN PRIVATE KEY-----'); check the path"
+            else "NVA_FHIR_PRIVATE_KEY is not a PEM private key (a file whose first line names a PRIVATE KEY); check the path"
         ) from exc
     if alg == "RS384" and not isinstance(key, rsa.RSAPrivateKey):
         raise FhirAuthError(
