@@ -13,6 +13,7 @@ from pathlib import Path
 
 import requests
 
+from assistant.normalize import CHART_TYPES
 from connectors.base import ANY_TYPE, SHARED_TYPES
 from connectors.errors import (
     FhirAuthError,
@@ -30,20 +31,8 @@ log = logging.getLogger(__name__)
 
 COMPLETE = EXPORT_STATUS
 JOB_FILE = EXPORT_JOB
-# What a chart needs: the patient compartment plus the shared resources it points to.
-EXPORT_TYPES = (
-    "Patient",
-    "Encounter",
-    "Condition",
-    "AllergyIntolerance",
-    "MedicationRequest",
-    "MedicationAdministration",
-    "MedicationStatement",
-    "Observation",
-    "DocumentReference",
-    "Location",
-    "Medication",
-)
+# What a chart needs: the patient compartment plus the shared resources it points to (the chart's own list).
+EXPORT_TYPES = CHART_TYPES
 MAX_POLL_SLEEP = 120.0
 
 
