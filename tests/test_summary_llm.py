@@ -32,7 +32,8 @@ def test_transformers_summary_on_demo_patient(demo_ward_dir):
     # the patient with the most high-severity flags: the hardest coverage case
     chart = max(charts, key=lambda c: sum(f.severity == "high" for f in evaluate(c, now=NOW)))
     findings = evaluate(chart, now=NOW)
-    res = compose(chart, findings, backend=backend, now=NOW, max_tokens=64, timeout=300)
+    # include_flags: the stand-alone summary carries the flags (the dashboard's keeps them in the flags column)
+    res = compose(chart, findings, backend=backend, now=NOW, max_tokens=64, timeout=300, include_flags=True)
 
     assert res.backend == "transformers"
     assert res.sentences and all(s.verified for s in res.sentences), [s.reason for s in res.sentences]
