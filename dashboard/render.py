@@ -424,6 +424,9 @@ def render_source(view: services.PatientView, ref: str) -> None:
     if ref.startswith("guideline:"):
         _render_guideline_source(ref)
         return
+    if ref.startswith("rule:"):
+        _render_rule_source(ref)
+        return
     chart = view.chart
     raw = chart.resources.get(ref) if chart else None
     fact = find_fact(chart, ref) if chart else None
@@ -442,6 +445,20 @@ def render_source(view: services.PatientView, ref: str) -> None:
     if raw is not None and st.toggle("Show raw JSON", key=f"raw-{ref}"):
         # ensure_ascii: bidi and control characters show as \\u escapes, never reorder the JSON.
         st.code(json.dumps(raw, indent=2, ensure_ascii=True), language="json")
+
+
+def _render_rule_source(ref: str) -> None:
+    """A threshold cited as `rule:<id>`: the catalogue entry it comes from and the public sources behind it."""
+    rule = services.catalogue_rule(ref.split(":", 1)[1])
+    if rule is None:
+        st.warning(f"{md(ref)} is not in the rule catalogue")
+        return
+    st.markdown(f"**{md(rule.title)}** · {severity_badge(rule.severity)} · {md(rule.category)}")
+    if rule.threshold is not None:
+        st.markdown(f"Threshold: {md(rule.threshold.display)}")
+    if rule.action:
+        st.markdown(f"**Suggested nursing action:** {md(rule.action)}")
+    st.markdown("**Sources**\n" + "\n".join(f"- {md(src)}" for src in rule.sources))
 
 
 def _render_guideline_source(ref: str) -> None:

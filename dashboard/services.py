@@ -607,6 +607,16 @@ def read_audit_jsonl(lines: Any) -> tuple[list[dict[str, Any]], int]:
     return report.parse_findings_jsonl(lines)
 
 
+def catalogue_rule(rule_id: str) -> Any | None:
+    """A catalogue entry by id (the source of a `rule:<id>` citation), or None when the catalogue has no such rule."""
+    from assistant.rules.engine import default_catalogue
+
+    try:
+        return default_catalogue().rule(rule_id)
+    except KeyError:
+        return None
+
+
 def audit_run_status(lines: Any) -> dict[str, Any] | None:
     """The run-status record of an incomplete audit run (None when complete): the page's red banner."""
     return report.parse_run_status(lines)

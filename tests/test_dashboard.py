@@ -377,3 +377,25 @@ def test_audit_page_shows_an_incomplete_retrospective_run_with_its_episodes(env:
     assert {m.label: m.value for m in at.metric}["Findings"] == str(len(episodes))
     table = at.dataframe[0].value
     assert "Hours" in table.columns and "Doses given while it held" in table.columns
+
+
+def test_a_rule_citation_opens_its_catalogue_entry_and_sources(env: Path) -> None:
+    """Issue 11: a threshold cites `rule:<id>`; its source view shows the catalogue entry and its public sources."""
+    from assistant.rules.engine import default_catalogue
+
+    rule = next(r for r in default_catalogue().rules if r.threshold is not None)
+
+    def script(rule_id: str) -> None:
+        from dashboard import render
+
+        render.render_source(None, f"rule:{rule_id}")  # type: ignore[arg-type]
+
+    at = AppTest.from_function(script, args=(rule.id,), default_timeout=30).run()
+    assert not at.exception, [e.value for e in at.exception]
+    import html
+
+    text = html.unescape(_md(at)).replace("\u2060", "")  # md() breaks autolinks with a word joiner
+    assert rule.title in text and rule.threshold.display in text
+    assert all(src in text for src in rule.sources)
+    missing = AppTest.from_function(script, args=("no-such-rule",), default_timeout=30).run()
+    assert any("not in the rule catalogue" in w.value for w in missing.warning)

@@ -39,7 +39,7 @@ def test_template_summary_fully_verified_and_covers_flags():
         "MedicationRequest/m1",
     )  # the high flag comes first
     assert any("Penicillin" in s.text for s in res.sentences)
-    assert res.latency_s < 1.0
+    # Latency lives in bench/ (bench_summary), not in a timed assertion on a shared machine.
 
 
 def test_summary_adds_to_the_flags_grouped_and_capped():
