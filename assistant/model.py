@@ -179,6 +179,11 @@ class Result:
         return self.status in fhir_codes().usable_observation and self.time is not None
 
     @property
+    def is_lab(self) -> bool:
+        """A usable laboratory result (the category code is data: fhir_codes.toml)."""
+        return self.category in fhir_codes().laboratory_category and self.is_usable
+
+    @property
     def abnormal(self) -> bool:
         if self.interpretation and self.interpretation not in ("N",):
             return True

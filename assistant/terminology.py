@@ -215,6 +215,7 @@ class FhirCodes:
     order_intents: frozenset[str]
     active_condition: frozenset[str]
     refuted_allergy: frozenset[str]
+    laboratory_category: frozenset[str]
 
 
 @cache

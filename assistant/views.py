@@ -461,7 +461,7 @@ def lab_rows(chart: Chart, now: datetime, *, window: timedelta = timedelta(hours
     """Latest laboratory value per analyte with the change from the one before and the points for a trend chart."""
     by: dict[str, list[Result]] = {}
     for r in chart.results:
-        if r.category == "laboratory" and r.is_usable and (r.value is not None or r.value_text):
+        if r.is_lab and (r.value is not None or r.value_text):
             by.setdefault(r.analyte, []).append(r)
     rows = []
     for analyte, results in by.items():

@@ -776,7 +776,7 @@ def citation_list(view: services.PatientView, refs: list[str], numbers: dict[str
 
 # --- labs --------------------------------------------------------------------------------------------
 def _is_lab(r: Result) -> bool:
-    return r.category == "laboratory" and r.is_usable
+    return r.is_lab
 
 
 def labs_table(chart: Chart, now: datetime) -> pd.DataFrame:
