@@ -330,11 +330,7 @@ def audit_status(rows: Sequence[dict[str, Any]], source: Any = None) -> Any:
     """The run status (complete or what is missing) of per-patient audit rows, as `nva audit` reports it."""
     from assistant.audit.status import RunStatus
 
-    status = RunStatus()
-    completeness = getattr(source, "completeness", None)
-    if completeness is not None:
-        status.missing_types.update(getattr(completeness, "missing_types", {}) or {})
-        status.export_errors.extend(getattr(completeness, "errors", []) or [])
+    status = RunStatus.of_source(source)
     for row in rows:
         status.add_row(row)
     return status

@@ -286,12 +286,7 @@ def run_audit(
             bar.close()
     summary.retrospective = options.retrospective
     # Read after the records: per-patient gaps fill in while they are read.
-    completeness = getattr(source, "completeness", None)
-    status = RunStatus(
-        missing_types=dict(completeness.missing_types) if completeness is not None else {},
-        export_errors=list(completeness.errors) if completeness is not None else [],
-        notes=list(getattr(completeness, "notes", None) or []),
-    )
+    status = RunStatus.of_source(source)
     export = PartitionedExport.load(workdir / "partitions")
     if export is not None:
         for rtype, why in export.missing_types.items():

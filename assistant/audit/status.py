@@ -25,6 +25,19 @@ class RunStatus:
         default_factory=list
     )  # said, but not making the run incomplete (e.g. no Location)
 
+    @classmethod
+    def of_source(cls, source: Any) -> RunStatus:
+        """The source-wide part of the status (types missing for every patient, export errors, notes); read it
+        after the records, since per-patient gaps fill in while they are read."""
+        completeness = getattr(source, "completeness", None)
+        if completeness is None:
+            return cls()
+        return cls(
+            missing_types=dict(completeness.missing_types),
+            export_errors=list(completeness.errors),
+            notes=list(getattr(completeness, "notes", None) or []),
+        )
+
     @property
     def complete(self) -> bool:
         return not (self.missing_types or self.export_errors or self.incomplete_patients)
