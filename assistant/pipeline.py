@@ -10,7 +10,7 @@ from typing import Any
 
 from assistant.model import EvidenceValue, Finding
 from assistant.rules.engine import stale_data
-from assistant.rules.news2 import News2Score, news2
+from assistant.rules.news2 import News2Score, news2, news2_table
 from assistant.summary.facts import News2, news2_from_rules
 from assistant.views import (
     PatientView,
@@ -56,7 +56,16 @@ def news2_flags(chart: Any, now: datetime, score: News2Score | None = None) -> l
         for p in score.parameters
         if p.points
     )
-    threes = [p for p in score.parameters if p.points >= 3]
+    # The single-parameter threshold of the low-medium band is news2.yaml's (RCP 2017: a parameter scoring 3).
+    single = min(
+        (
+            int(r["single_parameter_points"])
+            for r in news2_table()["responses"]
+            if "single_parameter_points" in r
+        ),
+        default=None,
+    )
+    threes = [p for p in score.parameters if single is not None and p.points >= single]
     if score.band == "low-medium":
         evidence = tuple(dict.fromkeys(p.ref for p in threes))
         title = spec["title"].format(total=score.total, parameter=" and ".join(p.label for p in threes))
