@@ -922,6 +922,8 @@ class News2:
     single_param_3: bool = False
     time: datetime | None = None
     missing: int = 0  # parameters without a recent value: the score may be understated
+    band: str = ""  # low | low-medium | medium | high (news2.yaml responses); "" when not known
+    response: str = ""  # the RCP 2017 clinical response of the band
 
 
 def bed_label(e: Any) -> str:
@@ -950,6 +952,8 @@ def news2_from_rules(chart: Chart, now: datetime) -> News2 | None:
         single_param_3=any(p.points >= 3 for p in score.parameters),
         time=max(times) if times else None,
         missing=len(score.missing),
+        band=score.band,
+        response=score.response,
     )
 
 
@@ -957,20 +961,33 @@ def illness_severity_fact(
     chart: Chart, findings: Sequence[Finding], news2: News2 | None, patient: str
 ) -> dict[str, Any] | None:
     cfg = vocabulary()["ipass"]
-    high = [f for f in findings if f.patient == patient and f.severity == "high"]
+    # The NEWS2 escalation flag (category early-warning) restates NEWS2, which this line states itself: only the
+    # other high-severity flags are counted, so NEWS2 is said once.
+    high = [
+        f
+        for f in findings
+        if f.patient == patient
+        and f.severity == "high"
+        and not (news2 is not None and f.category == "early-warning")
+    ]
     reasons: list[str] = []
     level = "stable"
     refs: list[str] = []
     if news2 is not None:
         refs += list(news2.refs)
         risk = (
-            "high clinical risk"
-            if news2.score >= cfg["unstable_news2"]
-            else "medium clinical risk"
-            if news2.score >= cfg["watcher_news2"]
-            else "low clinical risk"
+            f"{news2.band} clinical risk"
+            if news2.band
+            else (
+                "high clinical risk"
+                if news2.score >= cfg["unstable_news2"]
+                else "medium clinical risk"
+                if news2.score >= cfg["watcher_news2"]
+                else "low clinical risk"
+            )
         )
-        reasons.append(f"NEWS2 {news2.score} ({risk})")
+        response = news2.response.strip().rstrip(".")
+        reasons.append(f"NEWS2 {news2.score}, {risk}" + (f" ({response})" if response else ""))
         if news2.score >= cfg["unstable_news2"]:
             level = "unstable"
         elif news2.score >= cfg["watcher_news2"] or news2.single_param_3:
@@ -983,7 +1000,8 @@ def illness_severity_fact(
             )
     if high:
         n = len(high)
-        reasons.append(f"{n} high-severity flag" + ("s" if n > 1 else ""))
+        other = "other " if news2 is not None else ""
+        reasons.append(f"{n} {other}high-severity flag" + ("s" if n > 1 else ""))
         refs += [r for f in high for r in f.evidence]
         if cfg["watcher_if_high_severity_flag"] and level == "stable":
             level = "watcher"
