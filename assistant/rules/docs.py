@@ -15,8 +15,12 @@ KIND_TEXT = {
     "(lowest or highest earlier value in a baseline window) by the stated criterion.",
     "allergy-conflict": "Fires for each active, non-refuted allergy and active order that share an ingredient or a "
     "cross-reactive class.",
-    "duplicate-class": "Fires when two or more scheduled active orders fall in the same therapeutic group, unless the "
-    "pair is an intended combination.",
+    "duplicate-class": "Fires when two or more scheduled active orders of different drugs (RxNorm ingredients) fall in "
+    "the same therapeutic group, unless the pair is an intended combination; two orders of one drug are a duplicate "
+    "order, not two drugs of the group.",
+    "duplicate-order": "Fires when two or more active orders carry the same drug (same RxNorm ingredients, else the "
+    "same RxNorm code, else the same order text): written at different moments, or written at the same moment with "
+    "the same dose, route and timing (one prescription recorded more than once).",
     "administration-without-order": "Fires for each administration given in the window whose order is missing, "
     "never valid, or had ended before the dose.",
     "order-not-administered": "Fires for each scheduled (non-PRN) active order started long enough ago that has no "
@@ -76,6 +80,21 @@ def _criterion(rule: Rule) -> str:
     if rule.kind == "duplicate-class":
         return "; ".join(g.get("label", g["name"]) for g in p.get("groups", [])) + (
             " (PRN orders not counted)" if p.get("ignore_prn", True) else ""
+        )
+    if rule.kind == "duplicate-order":
+        how = (
+            "same drug written at the same moment with the same dose, route and timing"
+            if p.get("written") == "same"
+            else "same drug in active orders written at different moments"
+        )
+        return (
+            how
+            + (" (PRN orders not counted)" if p.get("ignore_prn", True) else "")
+            + (
+                "; retrospective: a stopped order's prescribing instant alone (stop unknown, 0 h) is no episode"
+                if p.get("instant_episodes", True) is False
+                else ""
+            )
         )
     if rule.kind == "administration-without-order":
         return f"administrations given in the last {rule.window_hours:g} h"
@@ -142,6 +161,7 @@ def render_rules_markdown(catalogue: Catalogue | None = None) -> str:
         if r.kind not in (
             "allergy-conflict",
             "duplicate-class",
+            "duplicate-order",
             "administration-without-order",
             "order-not-administered",
         ):
@@ -229,7 +249,10 @@ AUDIT_SECTION = [
     "the implicated drugs given while it held (the harm-potential signal). Without START/END each chart's own span "
     "(first to newest data) is judged. When an order was stopped without a stop time it is taken to run until the "
     "next order for the same drug (a renewal); with none, only its prescribing moment counts (end reason "
-    "`order-stop-unknown`, duration 0). Population indicators of the PINCER kind (`population-*` categories) are "
+    "`order-stop-unknown`, duration 0). Such an instant is kept as an episode (a drug prescribed while another was "
+    "active is a prescribing event even when its duration is unknown), except for rules that say it is no exposure "
+    "(`instant_episodes: false`, e.g. `duplicate-order-record`: copies of one stopped prescription). Population "
+    "indicators of the PINCER kind (`population-*` categories) are "
     "judged the same way, over outpatient medication lists (MedicationStatement) as well as orders.",
     "",
     "### Incomplete sources and stale data",

@@ -40,6 +40,7 @@ KINDS = (
     "relative-change",
     "allergy-conflict",
     "duplicate-class",
+    "duplicate-order",
     "administration-without-order",
     "order-not-administered",
     "monitoring-gap",
@@ -393,6 +394,22 @@ def _value(r: Result) -> str:
     return canonical
 
 
+def drug_identity(o: MedicationOrder) -> tuple[str, tuple[str, ...]]:
+    """One drug however many orders carry it: its RxNorm ingredients, else its RxNorm codes, else its order text."""
+    if o.ingredients:
+        return ("ingredients", tuple(sorted(set(o.ingredients))))
+    if o.rxnorm_codes:
+        return ("rxnorm", tuple(sorted(set(o.rxnorm_codes))))
+    return ("text", (" ".join(o.text.lower().split()),))
+
+
+def _by_drug(orders: Iterable[MedicationOrder]) -> dict[tuple, list[MedicationOrder]]:
+    out: dict[tuple, list[MedicationOrder]] = {}
+    for o in orders:
+        out.setdefault(drug_identity(o), []).append(o)
+    return out
+
+
 def _order_label(o: MedicationOrder) -> str:
     detail = o.dose_text or (str(o.dose) if o.dose else "")
     return f"{o.text} {detail}".strip() if detail and detail not in o.text else o.text
@@ -605,19 +622,23 @@ def _duplicate_class(rule: Rule, ctx: RuleContext) -> list[Finding]:
                 regex is not None and text_classes.intersection(o.classes) and regex.search(o.text)
             ):
                 members.append(o)
-        if len(members) < 2:
+        # Two orders of one drug (same RxNorm ingredients) are one member of the class, not two drugs of it: that
+        # is a duplicate order (kind duplicate-order), never "two anticoagulants" for a single drug.
+        drugs = list(_by_drug(members).values())
+        if len(drugs) < 2:
             continue
         allowed = [set(p) for p in group.get("allow_class_pairs") or ()]
         involved: dict[str, MedicationOrder] = {}
-        for i, a in enumerate(members):
-            for b in members[i + 1 :]:
+        for i, a_orders in enumerate(drugs):
+            for b_orders in drugs[i + 1 :]:
+                a, b = a_orders[0], b_orders[0]
                 ok = any(
                     (x in a.classes and y in b.classes) or (y in a.classes and x in b.classes)
                     for x, y in (tuple(p) for p in allowed if len(p) == 2)
                 )
                 if not ok:
-                    involved[a.ref], involved[b.ref] = a, b
-        if len(involved) < 2:
+                    involved.update((o.ref, o) for o in (*a_orders, *b_orders))
+        if len({drug_identity(o) for o in involved.values()}) < 2:
             continue
         orders = sorted(involved.values(), key=lambda o: o.ref)
         out.append(
@@ -632,6 +653,57 @@ def _duplicate_class(rule: Rule, ctx: RuleContext) -> list[Finding]:
                 drugs=_join(_order_label(o) for o in orders),
             )
         )
+    return out
+
+
+def _written(o: MedicationOrder) -> datetime | None:
+    return o.authored_on or o.start
+
+
+def _duplicate_order(rule: Rule, ctx: RuleContext) -> list[Finding]:
+    """Two or more active orders of one drug: written at different moments (two live orders, which one is meant?),
+    or written at the same moment with the same dose and timing (one prescription recorded more than once)."""
+    ignore_prn = bool(rule.params.get("ignore_prn", True))
+    written = str(rule.params.get("written", "different"))
+    members = [o for o in ctx.orders if o.intent != "statement" and not (ignore_prn and o.timing.as_needed)]
+    out = []
+    for orders in _by_drug(members).values():
+        if len(orders) < 2:
+            continue
+        if written == "same":
+            copies: dict[tuple, list[MedicationOrder]] = {}
+            for o in orders:
+                # a copy says the same thing: product (RxNorm code and text, which carry the strength), dose,
+                # route, timing, and the moment it was written
+                text = " ".join(o.text.lower().split())
+                key = (
+                    _written(o),
+                    tuple(sorted(o.rxnorm_codes)),
+                    text,
+                    o.dose,
+                    o.dose_text,
+                    o.route,
+                    repr(o.timing),
+                )
+                copies.setdefault(key, []).append(o)
+            groups = [g for k, g in copies.items() if len(g) > 1 and k[0] is not None]
+        else:
+            moments = {_written(o) for o in orders}
+            groups = [orders] if len(moments) > 1 and None not in moments else []
+        for group in groups:
+            group = sorted(group, key=lambda o: (_written(o) or ctx.now, o.ref))
+            out.append(
+                _finding(
+                    rule,
+                    ctx,
+                    [o.ref for o in group],
+                    _order_values(group),
+                    orders=group,
+                    count=str(len(group)),
+                    drug=_join(_order_label(o) for o in group),
+                    written=_join(_when(_written(o)) for o in group),
+                )
+            )
     return out
 
 
@@ -889,6 +961,7 @@ EVALUATORS: dict[str, Callable[[Rule, RuleContext], list[Finding]]] = {
     "relative-change": _relative_change,
     "allergy-conflict": _allergy_conflict,
     "duplicate-class": _duplicate_class,
+    "duplicate-order": _duplicate_order,
     "administration-without-order": _administration_without_order,
     "order-not-administered": _order_not_administered,
     "monitoring-gap": _monitoring_gap,
@@ -939,6 +1012,7 @@ def required_types(rule: Rule) -> frozenset[str]:
         in (
             "allergy-conflict",
             "duplicate-class",
+            "duplicate-order",
             "administration-without-order",
             "order-not-administered",
         )

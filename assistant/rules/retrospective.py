@@ -15,6 +15,7 @@ from assistant.rules.engine import (
     Rule,
     RuleContext,
     default_catalogue,
+    drug_identity,
     newest_data_time,
 )
 from assistant.terminology import fhir_codes
@@ -102,9 +103,7 @@ class _Open:
 
 
 def _same_drug(a: MedicationOrder, b: MedicationOrder) -> bool:
-    if a.ingredients or b.ingredients:
-        return set(a.ingredients) == set(b.ingredients)
-    return a.text.strip().lower() == b.text.strip().lower()
+    return drug_identity(a) == drug_identity(b)
 
 
 def order_spans(chart: Chart) -> list[_Span]:
@@ -336,6 +335,13 @@ def episodes(
                     open_[key] = _Open(f, t, {r for r in f.evidence if r in orders})
         for o in open_.values():
             out.append(_close(rule, chart, o, None, "period-end", orders, period_end=end))
+        if rule.params.get("instant_episodes", True) is False:
+            # the rule says a prescribing instant alone (a stopped order, stop unknown: 0 h) is no exposure
+            out = [
+                e
+                for e in out
+                if not (e.rule_id == rule.id and e.end_reason == "order-stop-unknown" and e.start == e.end)
+            ]
     out.sort(key=lambda e: (e.start, e.severity != "high", e.severity, e.rule_id, e.evidence))
     return out
 
