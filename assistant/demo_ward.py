@@ -42,6 +42,13 @@ CODE_STATUS_ANSWERS = {
     "dnr": ("304253006", "Not for cardiopulmonary resuscitation", "DNR"),
 }
 NKA_CODE = ("716186003", "No known allergy")
+FLAG_CATEGORY = "http://terminology.hl7.org/CodeSystem/flag-category"
+# SNOMED CT displays of the precaution codes the demo ward charts (HL7 SANER IsolationPrecautions value set).
+ISOLATION_DISPLAY = {
+    "409529001": "Contact precautions",
+    "409525007": "Respiratory secretion precautions",
+    "409524006": "Airborne precautions",
+}
 INTERPRETATION_DISPLAY = {"H": "High", "L": "Low", "HH": "Critical high", "LL": "Critical low", "N": "Normal"}
 MAR_WINDOW_H = 48.0  # administrations are charted for the last 48 h of each order
 
@@ -164,6 +171,7 @@ class _PatientBuilder:
         self._encounter(conditions)
         self._allergies()
         self._code_status()
+        self._isolation()
         self._orders()
         self._labs()
         self._vitals()
@@ -355,6 +363,26 @@ class _PatientBuilder:
             },
             tag="obs:code_status",
         )
+
+    def _isolation(self) -> None:
+        """Isolation precautions as Flags (fhir_codes.toml [isolation]); no randomness, so other data is unchanged."""
+        for iso in self.spec.get("isolation", []):
+            period = {"start": _iso(self.at(float(iso["start_h"])))}
+            if iso.get("end_h") is not None:
+                period["end"] = _iso(self.at(float(iso["end_h"])))
+            self.add(
+                {
+                    "resourceType": "Flag",
+                    "id": self.id("Flag", iso["key"]),
+                    "status": iso.get("status", "active"),
+                    "category": [_cc(FLAG_CATEGORY, "clinical", "Clinical")],
+                    "code": _cc(SNOMED, iso["code"], ISOLATION_DISPLAY.get(iso["code"]), iso["text"]),
+                    "subject": self.subject(),
+                    "encounter": self.encounter(),
+                    "period": period,
+                },
+                tag=f"flag:{iso['key']}",
+            )
 
     # -- medications -------------------------------------------------------------------------------------------
     def _medication_concept(self, order: dict[str, Any]) -> dict[str, Any]:

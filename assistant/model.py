@@ -6,7 +6,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from typing import Any
 
-from assistant.terminology import fhir_codes  # FHIR status codes are data (assistant/data/fhir_codes.toml)
+from assistant.terminology import (  # FHIR status codes are data (assistant/data/fhir_codes.toml)
+    fhir_codes,
+    isolation_codes,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +214,30 @@ class CodeStatus:
     kind: str = "unknown"  # "full" | "dnr" | "unknown" (answer code not in assistant/data/fhir_codes.toml)
 
 
+@dataclass(frozen=True, slots=True)
+class IsolationFact:
+    """An isolation precaution charted as a FHIR Flag: the chart's words, its kind, status and period."""
+
+    ref: str  # Flag/id
+    text: str  # as the chart words it, e.g. "Contact precautions — C. difficile"
+    kind: str  # contact | droplet | airborne | protective | transmission-based | isolation (fhir_codes.toml)
+    kind_label: str  # the kind in words, shown beside the colour
+    status: str  # Flag.status: active | inactive | "unknown" (missing or not a FlagStatus code)
+    start: datetime | None = None
+    end: datetime | None = None
+    codes: tuple[str, ...] = ()
+    matched_by: str = "code"  # "code" (a SNOMED CT precaution code) or "text" (a phrase in the flag's words)
+
+    def is_current(self, now: datetime) -> bool:
+        """Active (or of unreadable status: shown rather than hidden) and inside its period at `now`."""
+        codes = isolation_codes()
+        if self.status in codes.known_statuses and self.status not in codes.active_statuses:
+            return False
+        if self.start is not None and self.start > now:
+            return False
+        return self.end is None or self.end > now
+
+
 @dataclass(slots=True)
 class Note:
     ref: str
@@ -232,6 +259,7 @@ class Chart:
     administrations: list[Administration] = field(default_factory=list)
     results: list[Result] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
+    isolation: list[IsolationFact] = field(default_factory=list)  # every isolation Flag read, current or not
     issues: list[DataQualityIssue] = field(default_factory=list)
     resources: dict[str, dict[str, Any]] = field(default_factory=dict)  # raw resources by ref, for display
     resource_count: int = 0
@@ -263,6 +291,12 @@ class Chart:
         active = fhir_codes().active_condition
         return [c for c in self.conditions if c.clinical_status is None or c.clinical_status in active]
 
+    def current_isolation(self, now: datetime) -> list[IsolationFact]:
+        """Isolation precautions in force at `now` (active status, inside the flag's period), newest first."""
+        rows = [i for i in self.isolation if i.is_current(now)]
+        rows.sort(key=lambda i: (i.start or datetime.min.replace(tzinfo=now.tzinfo), i.ref), reverse=True)
+        return rows
+
     def fact_refs(self) -> set[str]:
         refs = {self.patient.ref}
         for group in (
@@ -273,6 +307,7 @@ class Chart:
             self.administrations,
             self.results,
             self.notes,
+            self.isolation,
         ):
             refs.update(item.ref for item in group)
         return refs

@@ -21,13 +21,23 @@ from assistant.model import (
     DataQualityIssue,
     Demographics,
     EncounterFact,
+    IsolationFact,
     MedicationOrder,
     Note,
     Quantity,
     Result,
     Timing,
 )
-from assistant.terminology import LOINC, RXNORM, Terminology, UnknownUnitError, fhir_codes, terminology
+from assistant.terminology import (
+    LOINC,
+    RXNORM,
+    SNOMED,
+    Terminology,
+    UnknownUnitError,
+    fhir_codes,
+    isolation_codes,
+    terminology,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +53,7 @@ CHART_TYPES = (
     "DocumentReference",
     "Location",
     "Medication",
+    "Flag",  # isolation precautions (fhir_codes.toml [isolation])
 )
 # Types every file of a bundle folder may carry its own copy of: de-duplicated, not counted as duplicates.
 SHARED_TYPES = frozenset({"Location", "Medication", "Organization", "Practitioner"})
@@ -544,6 +555,7 @@ class ChartBuilder:
             ("MedicationAdministration", self._administration, chart.administrations),
             ("Observation", self._observation, chart.results),
             ("DocumentReference", self._note, chart.notes),
+            ("Flag", self._flag, chart.isolation),
         )
         for rtype, handler, sink in handlers:
             for ref, resource in self.by_type[rtype].items():
@@ -1032,6 +1044,58 @@ class ChartBuilder:
             title=_concept_text(_get(r, "type", dict, ref), f"{ref}.type") or "Note",
             text=text[:NOTE_TEXT_LIMIT],
             author=None,
+        )
+
+    def _flag(self, r: dict, ref: str) -> IsolationFact | None:
+        """An isolation Flag (a listed SNOMED CT precaution code, or a listed phrase in its words), else None."""
+        codes = isolation_codes()
+        if r.get("status") in codes.withdrawn_statuses:
+            return None  # entered in error: it never was true
+        # The code decides first: a flag about something else costs nothing when its other fields are malformed.
+        code = _get(r, "code", dict, ref)
+        codings = _codings(code, f"{ref}.code")
+        text = _concept_text(code, f"{ref}.code")
+        snomed = [c["code"] for c in codings if c.get("system") == SNOMED and isinstance(c.get("code"), str)]
+        found = next((codes.codes[c] for c in snomed if c in codes.codes), None)
+        matched_by = "code"
+        if found is None:
+            words = [text, *(c["display"] for c in codings if isinstance(c.get("display"), str))]
+            found = next((hit for w in words if w and (hit := codes.by_text(w))), None)
+            matched_by = "text"
+        if found is None:
+            if not text and not codings and "code" not in r:
+                self.issues.append(
+                    DataQualityIssue(
+                        ref,
+                        "invalid-resource",
+                        "Flag has no code; whether it is an isolation precaution is unknown",
+                        "error",
+                    )
+                )
+            return None  # a flag about something else (falls, behaviour, ...): not isolation
+        status = _str(r, "status", ref)
+        if status not in codes.known_statuses:
+            self.issues.append(
+                DataQualityIssue(
+                    ref,
+                    "flag-status-unknown",
+                    f"isolation flag status {status!r} is not a FHIR FlagStatus; shown as current — check the chart"
+                    if status
+                    else "isolation flag has no status; shown as current — check the chart",
+                )
+            )
+        period = _dict(r, "period", ref)
+        kind, label = found
+        return IsolationFact(
+            ref=ref,
+            text=text or (label if kind == "isolation" else f"{label} precautions"),
+            kind=kind,
+            kind_label=label,
+            status=status if status in codes.known_statuses else "unknown",
+            start=parse_datetime(period.get("start"), f"{ref}.period.start"),
+            end=parse_datetime(period.get("end"), f"{ref}.period.end"),
+            codes=tuple(c["code"] for c in codings if isinstance(c.get("code"), str)),
+            matched_by=matched_by,
         )
 
     def _check_stale_latest(self, chart: Chart) -> None:

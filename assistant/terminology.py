@@ -10,6 +10,7 @@ from importlib import resources
 
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 LOINC = "http://loinc.org"
+SNOMED = "http://snomed.info/sct"
 
 
 class UnknownUnitError(ValueError):
@@ -232,4 +233,43 @@ def fhir_codes() -> FhirCodes:
         code_status_loinc=frozenset(data["code_status"]["loinc"]),
         code_status_answers={str(k): str(v) for k, v in data["code_status"]["answers"].items()},
         **{key: frozenset(values) for key, values in data["status"].items()},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class IsolationCodes:
+    """How an isolation precaution is charted (fhir_codes.toml [isolation], each code with its public source)."""
+
+    active_statuses: frozenset[str]
+    known_statuses: frozenset[str]
+    withdrawn_statuses: frozenset[str]
+    codes: dict[str, tuple[str, str]]  # SNOMED CT code -> (kind, label)
+    phrases: tuple[tuple[str, str, str], ...]  # (lower-case phrase, kind, label), longest first
+
+    def label(self, kind: str) -> str:
+        for k, lab in (*self.codes.values(), *((k, lab) for _, k, lab in self.phrases)):
+            if k == kind:
+                return lab
+        return kind.capitalize() if kind else "Isolation"
+
+    def by_text(self, text: str) -> tuple[str, str] | None:
+        low = text.lower()
+        for phrase, kind, label in self.phrases:
+            if re.search(rf"(?<![\w-]){re.escape(phrase)}", low):
+                return kind, label
+        return None
+
+
+@cache
+def isolation_codes() -> IsolationCodes:
+    data = _load_toml("fhir_codes.toml")["isolation"]
+    phrases = sorted(
+        ((p.lower(), str(v[0]), str(v[1])) for p, v in data["phrases"].items()), key=lambda t: -len(t[0])
+    )
+    return IsolationCodes(
+        active_statuses=frozenset(data["active_statuses"]),
+        known_statuses=frozenset(data["known_statuses"]),
+        withdrawn_statuses=frozenset(data["withdrawn_statuses"]),
+        codes={str(c): (str(v[0]), str(v[1])) for c, v in data["codes"].items()},
+        phrases=tuple(phrases),
     )

@@ -150,10 +150,99 @@ class AllergyLine:
         return f"{self.substance}{react}{crit}"
 
 
+ISOLATION_TYPE = "Flag"  # the FHIR type isolation precautions are charted in (fhir_codes.toml [isolation])
+
+
+@dataclass(frozen=True, slots=True)
+class IsolationLine:
+    """One isolation precaution in force: the chart's words, its kind in words, since when, and its Flag."""
+
+    text: str  # as the chart words it
+    kind: str  # contact | droplet | airborne | protective | transmission-based | isolation
+    kind_label: str  # "Contact", ... (text beside the colour)
+    ref: str  # Flag/id
+    start: datetime | None = None
+    end: datetime | None = None
+    status: str = "active"  # "unknown" when the flag's status could not be read (shown, not hidden)
+
+    @property
+    def line(self) -> str:
+        since = f" (since {self.start:%d %b %H:%M} UTC)" if self.start else ""
+        until = f", until {self.end:%d %b %H:%M} UTC" if self.end else ""
+        status = " — status not recorded, check the chart" if self.status == "unknown" else ""
+        return f"{self.text}{since}{until}{status}"
+
+
 @dataclass(frozen=True, slots=True)
 class Isolation:
-    text: str
-    ref: str
+    """Isolation as the header says it: charted (which), none charted, or not retrieved (never 'none' then)."""
+
+    status: str  # "charted" | "none" | "not-retrieved"
+    text: str  # THE wording for the app header, census, handoff and PDF
+    lines: tuple[IsolationLine, ...] = ()
+    reason: str = ""  # why it is not known (not retrieved / a Flag could not be read)
+
+    @property
+    def refs(self) -> tuple[str, ...]:
+        return tuple(line.ref for line in self.lines)
+
+    @property
+    def ref(self) -> str:
+        return self.lines[0].ref if self.lines else ""
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(line.kind_label for line in self.lines))
+
+    @property
+    def badge(self) -> str:
+        """Short text for a badge: 'ISOLATION · Contact', 'ISOLATION NOT RETRIEVED' or ''."""
+        if self.status == "charted":
+            return "ISOLATION · " + " + ".join(self.kinds)
+        if self.status == "not-retrieved":
+            return "ISOLATION NOT RETRIEVED"
+        return ""
+
+
+ISOLATION_NONE_TEXT = "No isolation charted"
+
+
+def isolation_status(chart: Chart, now: datetime) -> Isolation:
+    """The patient's isolation: precautions in force at `now`; "not retrieved" when the Flag type was not loaded or
+    a Flag could not be read (an incomplete chart never reads as "no isolation")."""
+    lines = tuple(
+        IsolationLine(i.text, i.kind, i.kind_label, i.ref, i.start, i.end, i.status)
+        for i in chart.current_isolation(now)
+    )
+    missing = dict(getattr(chart, "missing_types", {}) or {})
+    reason = missing.get(ISOLATION_TYPE) or missing.get("*")
+    why = f"Flag records were not loaded ({reason})" if reason else ""
+    read = {i.ref for i in chart.isolation}
+    unreadable = sorted(
+        {
+            i.source
+            for i in chart.issues
+            if i.severity == "error" and i.source.startswith(f"{ISOLATION_TYPE}/") and i.source not in read
+        }
+    )
+    if unreadable:
+        shown = ", ".join(unreadable[:3]) + (
+            f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
+        )
+        why = why or f"a Flag record could not be read ({shown})"
+    if lines:
+        text = "ISOLATION: " + "; ".join(line.line for line in lines)
+        if why:
+            text += f". Other isolation records may be missing: {why}"
+        return Isolation("charted", text, lines, why)
+    if why:
+        return Isolation(
+            "not-retrieved",
+            f"Isolation not retrieved — {why}; check the chart before entering the room",
+            (),
+            why,
+        )
+    return Isolation("none", ISOLATION_NONE_TEXT)
 
 
 @dataclass(slots=True)
@@ -173,7 +262,7 @@ class Header:
     allergy_text: str  # the one wording of the allergy banner, in the app and the PDF
     allergies: list[AllergyLine] = field(default_factory=list)
     code_status: CodeStatus | None = None
-    isolation: Isolation | None = None
+    isolation: Isolation | None = None  # always set by build_header
 
 
 ALLERGY_NKA_TEXT = "No known allergies (recorded)"
@@ -222,7 +311,7 @@ def build_header(chart: Chart, now: datetime, score: News2Score | None, series: 
         allergy_text=text,
         allergies=lines,
         code_status=chart_code_status(chart),
-        isolation=None,  # no isolation code is read from the chart yet
+        isolation=isolation_status(chart, now),
     )
 
 
@@ -823,6 +912,7 @@ class CensusRow:
     illness_severity: str = ""
     error: str | None = None
     news2_response: str = ""
+    isolation: Isolation | None = None  # the header's isolation (badge text: isolation.badge)
 
 
 def delta_since(view: PatientView, since: datetime) -> PatientDelta | None:
@@ -861,6 +951,7 @@ def census_row(view: PatientView, illness_severity: str = "", *, since: datetime
         illness_severity=illness_severity,
         error=view.error,
         news2_response=head.news2.response if head else "",
+        isolation=head.isolation if head else None,
     )
 
 

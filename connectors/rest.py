@@ -63,6 +63,8 @@ PATIENT_SEARCHES: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("medication statements", "MedicationStatement", {}),
     *((f"{label} observations", "Observation", {"category": codes}) for label, codes in OBSERVATION_SEARCHES),
     ("nursing notes", "DocumentReference", {}),
+    # Isolation precautions (and other patient flags): a server without Flag leaves isolation "not retrieved".
+    ("flags (isolation)", "Flag", {}),
 )
 
 

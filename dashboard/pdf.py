@@ -14,6 +14,7 @@ from dashboard import services
 _FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"),)
 SEVERITY_RGB = {"high": (180, 35, 24), "medium": (181, 71, 8), "low": (29, 78, 216)}
 ALLERGY_RGB = (180, 35, 24)
+ISOLATION_RGB = (91, 33, 182)  # violet, as the app's isolation badge; the words say ISOLATION too
 
 
 class _HandoffPdf(FPDF):
@@ -77,7 +78,8 @@ def ward_handoff_pdf(
     ward_name: str, rows: list[services.HandoffRow], now: datetime, printed: datetime | None = None
 ) -> bytes:
     """The whole ward's handoff as PDF bytes: overview table on page 1, then I-PASS per patient."""
-    printed = printed or datetime.now(UTC)
+    printed = (printed or datetime.now(UTC)).astimezone(UTC)
+    now = now.astimezone(UTC)  # both times are printed as UTC
     pdf = _HandoffPdf(
         f"NVA ward handoff - {ward_name} - printed {printed:%d %b %Y %H:%M} UTC - "
         f"rules judged at {now:%d %b %Y %H:%M} UTC"
@@ -110,6 +112,8 @@ def ward_handoff_pdf(
             orders = {o.ref: o.text for o in r.view.chart.orders} if r.view.chart else {}
             hold = "; ".join(f"HOLD {orders.get(h, 'order')}" for h in holds[:2])
             pending = "; ".join(_pending(p) for p in r.pending[:2])
+            iso = _isolation(r.view)
+            flags = "; ".join(x for x in (iso.badge if iso is not None else "", flags) if x)
             table.row(
                 [
                     t(services.bed_label(r.view) or "-"),
@@ -133,6 +137,11 @@ def _allergy_text(view: Any) -> str:
     from dashboard.render import allergy_text
 
     return allergy_text(view.chart)
+
+
+def _isolation(view: Any) -> Any:
+    """The core's Header.isolation (assistant.views.Isolation), or None when the chart was not loaded."""
+    return getattr(getattr(view, "header", None), "isolation", None)
 
 
 def _patient_page(pdf: _HandoffPdf, r: services.HandoffRow) -> None:
@@ -168,6 +177,17 @@ def _patient_page(pdf: _HandoffPdf, r: services.HandoffRow) -> None:
     if cs is not None:
         pdf.set_font(f, "", 8)
         pdf.multi_cell(0, 4, t(f"Code status: {cs.text}"), new_x="LMARGIN", new_y="NEXT")
+    numbers: dict[str, int] = {}
+    iso = _isolation(view)
+    if iso is not None and iso.status != "none":
+        # The header's own words; its Flag ids are source [1].. of this page (the I-PASS line cites the same).
+        for ref in iso.refs:
+            numbers.setdefault(ref, len(numbers) + 1)
+        cites = "".join(f"[{numbers[ref]}]" for ref in iso.refs)
+        pdf.set_font(f, "B", 8.5)
+        pdf.set_text_color(*ISOLATION_RGB)
+        pdf.multi_cell(0, 4.5, t(f"{iso.text} {cites}".strip()), new_x="LMARGIN", new_y="NEXT")
+        pdf.set_text_color(0, 0, 0)
     do_now = list(getattr(view, "do_now", []) or [])
     if do_now:
         pdf.set_font(f, "B", 8.5)
@@ -189,8 +209,8 @@ def _patient_page(pdf: _HandoffPdf, r: services.HandoffRow) -> None:
             new_x="LMARGIN",
             new_y="NEXT",
         )
+        _sources(pdf, numbers)
         return
-    numbers: dict[str, int] = {}
     for heading, sentences in services.ipass_sections(result):
         pdf.set_font(f, "B", 8.5)
         pdf.cell(0, 4.6, t(heading), new_x="LMARGIN", new_y="NEXT")
@@ -210,10 +230,15 @@ def _patient_page(pdf: _HandoffPdf, r: services.HandoffRow) -> None:
     pdf.multi_cell(
         0, 4.6, t(services.synthesis_line(result).replace("[ ]", "[  ]")), new_x="LMARGIN", new_y="NEXT"
     )
+    _sources(pdf, numbers)
+
+
+def _sources(pdf: _HandoffPdf, numbers: dict[str, int]) -> None:
+    t = pdf.text_ok
     if numbers:
         # Record ids are for tracing a statement back: small, at the end of the patient's page.
         pdf.ln(1)
-        pdf.set_font(f, "", 5.5)
+        pdf.set_font(pdf.font_name, "", 5.5)
         pdf.set_text_color(71, 84, 103)
         pdf.multi_cell(
             0,

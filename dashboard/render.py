@@ -253,10 +253,27 @@ def patient_header(view: services.PatientView) -> None:
         st.markdown(f"**Code status:** {md(legacy[0])} :gray[({md(legacy[1])})]")
     else:
         st.markdown("**Code status:** :gray[not recorded]")
-    iso = getattr(head, "isolation", None) if head is not None else None
-    if iso is not None:
-        st.markdown(f":violet-badge[ISOLATION] {md(iso.text)} :gray[({md(iso.ref)})]")
+    isolation_line(getattr(head, "isolation", None) if head is not None else None)
     do_now_section(view)
+
+
+def isolation_badge(status: str, words: str) -> str:
+    """Isolation as colour AND words: violet 'ISOLATION · Contact', orange 'ISOLATION NOT RETRIEVED'."""
+    colour = {"charted": "violet", "not-retrieved": "orange"}.get(status, "gray")
+    return f":{colour}-badge[{md(words)}]" if words else ""
+
+
+def isolation_line(iso: Any) -> None:
+    """The header's isolation line in the core's words (assistant.views.isolation_status), cited Flag/<id>;
+    'none charted' and 'not retrieved' are said differently, never both as 'no isolation'."""
+    if iso is None:
+        return
+    if iso.status == "none":
+        st.markdown(f"**Isolation:** :gray[{md(iso.text)}]")
+        return
+    cites = " ".join(f":gray[({md(ref)})]" for ref in iso.refs)
+    text = iso.text.removeprefix("ISOLATION: ")
+    st.markdown(f"{isolation_badge(iso.status, iso.badge)} **{md(text)}** {cites}".rstrip())
 
 
 def news2_banner(news: Any) -> None:
@@ -1428,6 +1445,8 @@ class CensusLine:
     acuity: str
     error: str | None
     loaded_at: datetime | None
+    isolation: str = ""  # badge words from the core: "ISOLATION · Contact", "ISOLATION NOT RETRIEVED" or ""
+    isolation_status: str = ""  # charted | none | not-retrieved (assistant.views.Isolation.status)
 
 
 def census_rows(
@@ -1462,6 +1481,8 @@ def _census_line(r: Any, view: Any) -> CensusLine:
         acuity=getattr(acuity, "label", "") or "",
         error=r.error,
         loaded_at=getattr(view, "loaded_at", None),
+        isolation=getattr(getattr(r, "isolation", None), "badge", "") or "",
+        isolation_status=getattr(getattr(r, "isolation", None), "status", "") or "",
     )
 
 
@@ -1552,6 +1573,8 @@ def census_table(rows: list[CensusLine], since: datetime) -> None:
                 icon=":material/person:",
                 help=f"Open {md(r.name)}" + (f" — {md(r.acuity)}" if r.acuity else ""),
             )
+            if r.isolation:
+                cols[1].markdown(isolation_badge(r.isolation_status, r.isolation))
             if r.error:
                 cols[1].caption(f":red[chart not loaded: {md(r.error)}]")
             cols[2].markdown("—" if r.age is None else str(r.age))

@@ -86,6 +86,7 @@ ADVERTISED_TYPES = (
     "Practitioner",
     "Organization",
     "Device",
+    "Flag",
 )
 
 # Reference fields that put a resource in a patient's compartment (checked in order).
@@ -182,6 +183,14 @@ SEARCH_PARAMS: dict[str, dict[str, tuple[str, list[str]]]] = {
     },
     "CareTeam": {"status": ("token", ["status"]), "category": ("token", ["category"])},
     "Device": {"status": ("token", ["status"]), "type": ("token", ["type"])},
+    # FHIR R4 Flag search parameters (http://hl7.org/fhir/R4/flag.html#search): date is the flag's period.
+    "Flag": {
+        "status": ("token", ["status"]),
+        "category": ("token", ["category"]),
+        "code": ("token", ["code"]),
+        "date": ("date", ["period.start"]),
+        "encounter": ("reference", ["encounter"]),
+    },
     "ImagingStudy": {"status": ("token", ["status"]), "started": ("date", ["started"])},
     "Claim": {"status": ("token", ["status"])},
     "ExplanationOfBenefit": {"status": ("token", ["status"])},

@@ -19,7 +19,7 @@ from assistant.summary.facts import (
     severity_rank,
 )
 from assistant.summary.verifier import Sentence, Verifier
-from assistant.views import hold_map, hold_text
+from assistant.views import Isolation, hold_map, hold_text, isolation_status
 
 SECTIONS = (
     ("illness", "Illness severity"),
@@ -97,6 +97,24 @@ def _action_sentence(fact: Fact) -> str | None:
     return f"{action} ({fact.label}). [{fact.tag}]"
 
 
+def isolation_sentence(iso: Isolation) -> Sentence | None:
+    """The header's isolation wording as the patient summary's first line, cited Flag/<id>; None when none charted.
+
+    It is the Flag rendered by assistant.views.isolation_status (the same words as the header and the PDF), not
+    prose about the chart, so it is not checked against the fact sheet (which holds no Flag facts)."""
+    if iso.status == "none":
+        return None
+    return Sentence(
+        text=iso.text,
+        citations=iso.refs,
+        origin="template",
+        verified=True,
+        raw=iso.text,
+        section="patient",
+        group="status",
+    )
+
+
 def compose_handoff(
     chart: Chart,
     findings: Sequence[Finding] = (),
@@ -163,6 +181,9 @@ def compose_handoff(
         kept = [s for s in sections[key] if s.verified or s.origin == "template" and _must(sheet, s)]
         summary.dropped.extend(s for s in sections[key] if s not in kept and s.origin == "template")
         sections[key] = kept
+    iso = isolation_sentence(isolation_status(chart, now))
+    if iso is not None:  # isolation (or "not retrieved") leads the patient summary: it decides how to enter
+        sections["patient"].insert(0, iso)
     e = chart.encounter
     return HandoffPatient(
         patient=chart.patient_ref,
@@ -212,7 +233,8 @@ def handoff_markdown(handoff: WardHandoff) -> str:
             for s in rows:
                 mark = "" if s.verified else " _(unverified)_"
                 origin = " _(LLM)_" if s.origin == "llm" else ""
-                lines.append(f"- {s.text} `{', '.join(s.citations)}`{origin}{mark}")
+                cites = f" `{', '.join(s.citations)}`" if s.citations else ""
+                lines.append(f"- {s.text}{cites}{origin}{mark}")
         lines.append(f"**{p.synthesis}**")
         if p.summary.notes:
             lines += [f"> {n}" for n in p.summary.notes]
