@@ -205,6 +205,9 @@ class Isolation:
 
 
 ISOLATION_NONE_TEXT = "No isolation charted"
+# Types no flag, NEWS2 or dose check rests on: missing, they say so where shown but do not make a chart "not read
+# in full" for the acuity order (else a server without Flag would put every patient first).
+ACUITY_IGNORES = frozenset({ISOLATION_TYPE})
 
 
 def isolation_status(chart: Chart, now: datetime) -> Isolation:
@@ -595,6 +598,17 @@ class DataQuality:
     def incomplete(self) -> bool:
         return bool(self.errors or self.missing_types)
 
+    def incomplete_beyond(self, types: frozenset[str]) -> bool:
+        """Incomplete in a part other than `types` (e.g. only the isolation Flags missing: the header says
+        "isolation not retrieved", but no flag or NEWS2 rests on them, so acuity is still judged)."""
+
+        def inside(source: str) -> bool:
+            return any(source == t or source.startswith(f"{t}/") for t in types)
+
+        return any(not inside(i.source) for i in self.errors) or any(
+            t not in types for t in self.missing_types
+        )
+
     @property
     def banner(self) -> str:
         """One line saying what may be missing ("" when the chart loaded whole)."""
@@ -872,7 +886,9 @@ def build_patient_view(
         do_now=due_doses(admin, holds, now, within),
         quality=data_quality(chart, head.news2),
     )
-    view.acuity = acuity(findings, head.news2, failed=view.quality.incomplete, bed=head.bed)
+    view.acuity = acuity(
+        findings, head.news2, failed=view.quality.incomplete_beyond(ACUITY_IGNORES), bed=head.bed
+    )
     view.delta = patient_delta(
         chart, now, since or default_since(now), news_now=head.news2.total, admin=admin
     )

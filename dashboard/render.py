@@ -42,6 +42,10 @@ CSS = """
   border-radius:0.4rem; font-weight:600; margin:0.25rem 0 0.5rem 0; }
 .nva-allergy.nka { background:#ecfdf3; border-color:#15803d; color:#14532d; }
 .nva-allergy.unknown { background:#fffaeb; border-color:#b54708; color:#7a2e0e; }
+.nva-isolation { background:#f4f3ff; border:2px solid #5b21b6; color:#3b0764; padding:0.4rem 0.8rem;
+  border-radius:0.4rem; margin:0.25rem 0 0.5rem 0; }
+.nva-isolation.unknown { background:#fffaeb; border-color:#b54708; color:#7a2e0e; }
+.nva-isolation .nva-ref { color:#475467; font-size:0.85rem; }
 .nva-demo { background:#eef4ff; border:1px solid #1d4ed8; color:#1e3a8a; padding:0.3rem 0.7rem;
   border-radius:0.4rem; font-size:0.85rem; }
 .nva-muted { color:#475467; font-size:0.85rem; }
@@ -271,9 +275,14 @@ def isolation_line(iso: Any) -> None:
     if iso.status == "none":
         st.markdown(f"**Isolation:** :gray[{md(iso.text)}]")
         return
-    cites = " ".join(f":gray[({md(ref)})]" for ref in iso.refs)
+    # A boxed banner like the allergy one: it decides how to enter the room. Violet = charted, orange = unknown.
+    cls = "" if iso.status == "charted" else " unknown"
+    cites = " ".join(f'<span class="nva-ref">({html_text(ref)})</span>' for ref in iso.refs)
     text = iso.text.removeprefix("ISOLATION: ")
-    st.markdown(f"{isolation_badge(iso.status, iso.badge)} **{md(text)}** {cites}".rstrip())
+    st.html(
+        f'<div class="nva-isolation{cls}" role="note"><strong>{html_text(iso.badge)}</strong> — '
+        f"{html_text(text)} {cites}</div>"
+    )
 
 
 def news2_banner(news: Any) -> None:

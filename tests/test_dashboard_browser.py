@@ -249,3 +249,33 @@ def test_keyboard_reaches_citations_without_chart_toolbars(
     # A visible focus ring on every stop (not the current-page highlight alone).
     assert all(s["outline"].startswith("solid") for s in cited), cited[:3]
     page.close()
+
+
+def test_isolation_in_the_census_row_and_patient_header(
+    app: tuple[str, Any], ward: dict[str, Any], tmp_path: Path
+) -> None:
+    """Issue 15.3: a demo patient on contact precautions shows it, in words beside the colour, cited Flag/<id>."""
+    base, context = app
+    views = ward["views"]
+    isolated = next(v for v in views if v.header.isolation.status == "charted")
+    none = next(v for v in views if v.header.isolation.status == "none")
+    iso = isolated.header.isolation
+    page = context.new_page()
+    page.goto(base)
+    wait_rendered(page, ("Ward census", isolated.chart.patient.name), timeout=180)
+    n = views.index(isolated)
+    assert iso.badge in page.locator(f".st-key-census-row-{n}").inner_text()
+    assert "ISOLATION" not in page.locator(f".st-key-census-row-{views.index(none)}").inner_text()
+    screenshot(page, Path(SHOTS or tmp_path) / "census-isolation.png", max_height=1400)
+    page.goto(f"{base}/?patient={isolated.patient_id}")
+    line = iso.lines[0]
+    wait_rendered(page, (iso.badge, line.text, "What to do now"), timeout=180)
+    header = _text(page)
+    assert line.line in header and f"({iso.ref})" in header
+    # The badge is drawn in colour, and its words say what it is (never colour alone).
+    badge = page.get_by_text(iso.badge, exact=True).first
+    assert badge.is_visible()
+    screenshot(page, Path(SHOTS or tmp_path) / "patient-isolation.png", max_height=1400)
+    page.goto(f"{base}/?patient={none.patient_id}")
+    wait_rendered(page, ("Isolation:", "No isolation charted"), timeout=180)
+    page.close()

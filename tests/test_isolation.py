@@ -13,7 +13,6 @@ from assistant.demo_ward import generate_demo_ward
 from assistant.normalize import build_chart
 from assistant.summary.handoff import compose_handoff
 from assistant.terminology import isolation_codes
-from assistant.textsafe import markdown_text as md
 from connectors.bulk_export import bulk_export
 from connectors.bundle_dir import BundleDirSource
 from connectors.ndjson_dir import NdjsonDirSource
@@ -254,6 +253,22 @@ def test_flag_refused_by_the_server_reads_not_retrieved(ward, fhir_server_factor
     assert views.census_row(view).isolation.badge == "ISOLATION NOT RETRIEVED"
 
 
+def test_isolation_not_retrieved_alone_keeps_the_acuity_order(ward, fhir_server_factory) -> None:
+    out, keys = ward
+    flagless = fhir_server_factory(out, everything=False, unserved_types={"Flag"})
+    no_mar = fhir_server_factory(out, everything=False, unserved_types={"Flag", "MedicationAdministration"})
+    pid = keys["p05"]  # INR 4.8 on warfarin: a high flag
+    full = pipeline.patient_view(BundleDirSource(out).patient_chart(pid), NOW)
+    without_flag = pipeline.patient_view(_rest(flagless.base_url).patient_chart(pid), NOW)
+    without_mar = pipeline.patient_view(_rest(no_mar.base_url).patient_chart(pid), NOW)
+    # The banner still says Flag was not loaded, and the header says isolation was not retrieved ...
+    assert without_flag.quality.incomplete and "Flag" in without_flag.quality.banner
+    assert without_flag.header.isolation.status == "not-retrieved"
+    # ... but no flag or NEWS2 rests on Flag: the patient keeps its place; a missing MAR still goes first.
+    assert without_flag.acuity.tier == full.acuity.tier != 0
+    assert without_mar.acuity.tier == 0
+
+
 def test_a_failed_flag_search_reads_not_retrieved(ward, fhir_server_factory) -> None:
     out, keys = ward
     server = fhir_server_factory(out, everything=False)
@@ -303,10 +318,11 @@ def test_patient_page_shows_isolation_in_the_header(ward, monkeypatch, tmp_path)
         at.query_params["patient"] = keys["u2"]
         at.run()
         assert not at.exception, [e.value for e in at.exception]
-        text = "\n".join(m.value for m in at.markdown)
-        line = next(m for m in text.splitlines() if "ISOLATION" in m)
-        ref = views.isolation_status(BundleDirSource(out).patient_chart(keys["u2"]), NOW).ref
-        assert ":violet-badge[" in line and md("C. difficile") in line and md(ref) in line
+        html = "\n".join(h.value for h in at.get("html"))
+        line = next(m for m in html.splitlines() if "nva-isolation" in m)
+        iso = views.isolation_status(BundleDirSource(out).patient_chart(keys["u2"]), NOW)
+        assert 'class="nva-isolation"' in line and f"<strong>{iso.badge}</strong>" in line
+        assert "Contact precautions — C. difficile (since " in line and f"({iso.ref})" in line
         at.query_params["patient"] = keys["p01"]
         at.run()
         text = "\n".join(m.value for m in at.markdown)
