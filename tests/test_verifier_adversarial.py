@@ -192,6 +192,41 @@ def rounding_past_tolerance(sheet: FactSheet) -> Iterator[str]:
         yield f"{f.label} was {shown} {_u(latest)} at {_t(latest.time)} [{f.tag}]."
 
 
+def role_without_its_own_time(sheet: FactSheet) -> Iterator[str]:
+    """A dose role word (due, given, held) with no time of its own: every bound part is true, the role is not."""
+    for f, drug, _due, given in _due_given(sheet):
+        yield f"{drug} was due, given at {_t(given.time)} [{f.tag}]."
+        yield f"Dose was due to {drug}, given {_t(given.time)} [{f.tag}]."  # the closing note's sentence
+        yield f"{drug} dose due; given {_t(given.time)} [{f.tag}]."
+        yield f"{drug} is due and was given at {_t(given.time)} [{f.tag}]."
+
+
+def _active_orders(sheet: FactSheet) -> Iterator[tuple[Fact, str, Atom]]:
+    for f in sheet.facts:
+        ordered = next((a for a in f.atoms if a.role == "ordered" and _drug_name(a)), None)
+        if f.kind == "medication" and ordered and not any(a.role == "stopped" for a in f.atoms):
+            yield f, _drug_name(ordered), ordered  # type: ignore[misc]
+
+
+def role_against_the_record_status(sheet: FactSheet) -> Iterator[str]:
+    """'stopped' for an active order (with or without its order time), 'given today' for yesterday's dose."""
+    for f, drug, ordered in _active_orders(sheet):
+        yield f"{drug} was stopped [{f.tag}]."
+        yield f"{drug} was discontinued at {_t(ordered.time)} [{f.tag}]."
+    for f, drug, due, given in _due_given(sheet):
+        if given.time and sheet.now and given.time.date() < sheet.now.date():
+            yield f"{drug} was given today and is due at {_t(due.time)} [{f.tag}]."
+
+
+def cue_without_its_own_value(sheet: FactSheet) -> Iterator[str]:
+    """A value cue word (latest, previous) away from its number, or with none: the earlier value called latest."""
+    for f, _latest, prev in _results(sheet):
+        p, u = _v(prev, f.analyte), _u(prev)
+        yield f"{f.label} was {p} {u} at {_t(prev.time)}, the latest value [{f.tag}]."
+        yield f"{f.label} {p} {u} is the most recent result [{f.tag}]."
+        yield f"The previous {f.label} result is charted [{f.tag}]."
+
+
 ERROR_CLASSES: dict[str, Callable[[FactSheet], Iterator[str]]] = {
     "value at another time": value_at_another_time,
     "previous as latest": previous_as_latest,
@@ -204,6 +239,9 @@ ERROR_CLASSES: dict[str, Callable[[FactSheet], Iterator[str]]] = {
     "invented abbreviation": invented_abbreviation,
     "invented drug or condition": invented_drug_or_condition,
     "rounding past tolerance": rounding_past_tolerance,
+    "role word without its own time": role_without_its_own_time,
+    "role against the record's status": role_against_the_record_status,
+    "cue word without its own value": cue_without_its_own_value,
 }
 
 
@@ -227,6 +265,17 @@ def paraphrases(sheet: FactSheet) -> Iterator[str]:
     for f, drug, due, given in _due_given(sheet):
         yield f"{drug} is due at {_t(due.time)} [{f.tag}]."
         yield f"{drug} was last given at {_t(given.time)} [{f.tag}]."
+        # role words with their own time, however placed
+        yield f"At {_t(given.time)}, {drug} was given; the next dose is due at {_t(due.time)} [{f.tag}]."
+        yield f"{drug} was given at {_t(given.time)} and is due at {_t(due.time)} [{f.tag}]."
+        if given.time and sheet.now and given.time.date() == (sheet.now - timedelta(days=1)).date():
+            yield f"{drug} was last given yesterday [{f.tag}]."
+    for f, drug, _ordered in _active_orders(sheet):
+        yield f"{drug} is ordered [{f.tag}]."  # a status the order has, stated without a time
+    for f, latest, _prev in _results(sheet):
+        v, u = _v(latest, f.analyte), _u(latest)
+        yield f"{f.label} was {v} {u} at {_t(latest.time)}, the latest value [{f.tag}]."
+        yield f"The latest {f.label} was {v} {u} [{f.tag}]."
     for f in sheet.facts:
         if f.kind == "allergy":
             yield f"Allergic to {f.label} [{f.tag}]."

@@ -6,7 +6,7 @@ import re
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import cache, lru_cache
 from importlib import resources
 
@@ -187,10 +187,15 @@ class When:
 
     date: tuple[int | None, int, int] | None = None
     clock: tuple[int, int] | None = None
+    days: frozenset[tuple[int, int, int]] | None = None  # "today", "overnight": any of these days
 
     def holds(self, t: datetime | None) -> bool:
         if t is None:
             return False
+        if self.days is not None:
+            u = t.astimezone(UTC) if t.tzinfo else t
+            if (t.year, t.month, t.day) not in self.days and (u.year, u.month, u.day) not in self.days:
+                return False
         if self.date is not None:
             y, mo, d = self.date
             if (y is not None and y != t.year) or mo != t.month or d != t.day:
@@ -199,6 +204,8 @@ class When:
 
     def text(self) -> str:
         parts = []
+        if self.days:
+            parts.append(" or ".join(f"{y}-{mo:02d}-{d:02d}" for y, mo, d in sorted(self.days)))
         if self.date:
             y, mo, d = self.date
             parts.append(f"{y or '????'}-{mo:02d}-{d:02d}")
@@ -226,11 +233,16 @@ class ValueClaim:
 
 @dataclass(slots=True)
 class RoleClaim:
-    """A dose or event time: 'due 09:00', 'last given 2026-03-15 22:21', 'admitted 2026-03-11 07:00'."""
+    """A dose or event time: 'due 09:00', 'last given 2026-03-15 22:21', 'admitted 2026-03-11 07:00'.
+
+    `when` is None for a role word that carries no time of its own ("Dose was due, ... given 09:10"): it then
+    claims only a status, which the cited record must have (vocabulary.toml [roles])."""
 
     role: str  # due | given | held | ordered | stopped | admitted
-    when: When
+    when: When | None
     subject: tuple[str, str] | None
+    word: str = ""  # as written, for the reason
+    after: bool = True  # the time follows the role word ("given 09:10"), not a time said before it or none
 
 
 @dataclass(slots=True)
@@ -263,6 +275,9 @@ class Claims:
     bound_frequencies: list[tuple[tuple[str, str], str]] = field(default_factory=list)
     bound_routes: list[tuple[tuple[str, str], str]] = field(default_factory=list)
     routes: set[str] = field(default_factory=set)
+    # value cue words (previous, baseline, threshold...) with no number of their own, and the subject they stand by
+    unbound_cues: list[tuple[str, tuple[str, str] | None]] = field(default_factory=list)
+    causes: set[str] = field(default_factory=set)  # cause phrases ("due to", "secondary to") the text uses
 
 
 MONTHS = {
@@ -349,6 +364,11 @@ _ROLE_NAMES = {
     "prescribed": "ordered",
     "discontinued": "stopped",
 }
+# Value cue words that may stand apart from their number ("latest potassium was 5.9", "4.6 mmol/L, the previous
+# value"); a cue word right before its number is read by _CUE_RE.
+_CUE_WORD_RE = re.compile(
+    r"\b(previous(?:ly)?|prior|earlier|baseline|latest|most recent|newest|threshold)\b", re.I
+)
 STOPWORDS = frozenset(
     """a an the of for with on at in to and or by from as is are was were be been being this that
 these those it its his her their they he she we you i our your which who whom whose what when where while than then
@@ -452,6 +472,7 @@ def _extract(text: str, now: datetime | None = None) -> Claims:
     def relative(mt: re.Match[str]) -> None:
         if now is None:
             c.dates.add((-1, 0, 0))  # no reference day: cannot be supported
+            add(mt, "relwhen", When(None, None))
             return
         word = mt.group(1).lower()
         shift = {"yesterday": -1, "tomorrow": 1, "last night": -1}.get(word, 0)
@@ -461,6 +482,11 @@ def _extract(text: str, now: datetime | None = None) -> Claims:
             d2 = (now - timedelta(days=1)).date() if word != "tonight" else (now + timedelta(days=1)).date()
             options.add((d2.year, d2.month, d2.day))
         c.date_options.append(options)
+        # "held today" gives a role word a time of its own: a record in that role on that day (the day in the
+        # sheet's clock or in UTC, so a dose near midnight is not misread)
+        u = (now.astimezone(UTC) if now.tzinfo else now) + timedelta(days=shift)
+        days = set(options) | {(u.year, u.month, u.day)}
+        add(mt, "relwhen", When(None, None, frozenset(days)))
 
     take(_ISO_RE, iso)
     take(_DMY_RE, dmy)
@@ -511,7 +537,11 @@ def _extract(text: str, now: datetime | None = None) -> Claims:
         mentions.append(_Mention(mt.start(), mt.end(), "route", route))
     for mt in _ROLE_WORD_RE.finditer(work):
         word = " ".join(mt.group(1).lower().split())
-        mentions.append(_Mention(mt.start(), mt.end(), "role", _ROLE_NAMES.get(word, word)))
+        mentions.append(_Mention(mt.start(), mt.end(), "role", (_ROLE_NAMES.get(word, word), word)))
+    for mt in _CUE_WORD_RE.finditer(work):
+        word = " ".join(mt.group(1).lower().split())
+        mentions.append(_Mention(mt.start(), mt.end(), "cue", _CUE_ROLE.get(word, word)))
+    c.causes = {p for p in roles_config()["cause_phrases"] if re.search(rf"\b{re.escape(p)}\b", work, re.I)}
     for mt in _BREAK_RE.finditer(work):
         mentions.append(_Mention(mt.start(), mt.end(), "break"))
 
@@ -592,7 +622,36 @@ def _bind(c: Claims, mentions: list[_Mention], text: str) -> None:
     subject: tuple[str, str] | None = None
     pending_quals: list[tuple[int, str]] = []  # (end, qualifier) said before the subject: "high potassium"
     last_value: ValueClaim | None = None
-    pending_role: str | None = None
+    pending_role: tuple[str, str] | None = None  # (role, word) waiting for its time
+    pending_subject: tuple[str, str] | None = None
+    deferred: RoleClaim | None = None  # a role word a test's name interrupted, unless restated later
+    free_when: When | None = None  # a time of this clause no value or role took: "At 09:10 X was given"
+    clause: list[_Mention] = []  # this clause's mentions, for cue words that stand apart from their number
+    clause_values: list[tuple[int, ValueClaim]] = []
+    consumed: set[int] = set()  # starts of cue words read as a number's cue
+
+    def close_role() -> None:
+        nonlocal pending_role, free_when
+        if pending_role is None:
+            return
+        role, word = pending_role
+        if free_when is not None:
+            c.roles.append(RoleClaim(role, free_when, subject or pending_subject, word, after=False))
+            free_when = None
+        else:
+            c.roles.append(RoleClaim(role, None, subject or pending_subject, word, after=False))
+        pending_role = None
+
+    def close_clause() -> None:
+        nonlocal deferred
+        close_role()
+        if deferred is not None:
+            c.roles.append(deferred)
+            deferred = None
+        _bind_cues(c, clause, clause_values, consumed)
+        clause.clear()
+        clause_values.clear()
+
     prev_end = 0
     anchor_end = (
         0  # end of the last value, subject, time or clause break: cue words after it belong to the next value
@@ -600,8 +659,11 @@ def _bind(c: Claims, mentions: list[_Mention], text: str) -> None:
     for mn in mentions:
         gap = text[prev_end : mn.start]
         cue_gap = text[anchor_end : mn.start]
+        if mn.kind != "break":
+            clause.append(mn)
         if mn.kind == "break":
-            subject, last_value, pending_role = None, None, None
+            close_clause()
+            subject, last_value, pending_role, free_when = None, None, None, None
             pending_quals = []
         elif mn.kind == "subject":
             same = mn.data == subject  # "2.5 INR at 05:00": naming the test again keeps the value open
@@ -612,21 +674,35 @@ def _bind(c: Claims, mentions: list[_Mention], text: str) -> None:
             pending_quals = []
             if not same:
                 last_value = None
-            if subject[0] == "analyte":  # type: ignore[index]
-                pending_role = None  # "ordered but no INR ... (last INR 2.1 at T)": T is the INR's time
+            if subject[0] == "analyte" and pending_role is not None:  # type: ignore[index]
+                # "ordered but no INR ... (last INR 2.1 at T)": T is the INR's time; the role stands alone
+                # unless the clause says it again with a time ("Dose due: X sodium ... due 09:10")
+                if free_when is not None:
+                    close_role()
+                else:
+                    deferred = RoleClaim(pending_role[0], None, pending_subject, pending_role[1], after=False)
+                    pending_role = None
         elif mn.kind == "number":
             value, decimals, unit = mn.data  # type: ignore[misc]
             cue = _cue(cue_gap)
             if last_value is not None and re.fullmatch(r"\s*\(\s*=?\s*", gap):
                 cue = last_value.cue  # "70 mg/dL (3.9 mmol/L)": the same value in another unit
+            consumed.update(x.start for x in clause if x.kind == "cue" and anchor_end <= x.start < mn.start)
             last_value = ValueClaim(value, decimals, unit, subject, cue, None, mn.start)
             c.values.append(last_value)
+            clause_values.append((mn.start, last_value))
         elif mn.kind == "role":
-            pending_role = mn.data  # type: ignore[assignment]
+            role = mn.data  # type: ignore[assignment]
+            if deferred is not None and deferred.role == role[0]:  # type: ignore[index]
+                deferred = None  # said again: the later word carries the claim
+            if pending_role is not None and pending_role[0] != role[0]:  # type: ignore[index]
+                close_role()  # "was due, ... given 09:10": the first role word has no time of its own
+            # the same role word again ("Dose due: X due 09:19") restates it: one claim, bound to the time
+            pending_role, pending_subject = role, subject  # type: ignore[assignment]
         elif mn.kind == "when":
             when: When = mn.data  # type: ignore[assignment]
             if pending_role is not None:
-                c.roles.append(RoleClaim(pending_role, when, subject))
+                c.roles.append(RoleClaim(pending_role[0], when, subject or pending_subject, pending_role[1]))
                 pending_role = None
             elif last_value is not None and _joins(last_value.when, when):
                 if last_value.when is None:
@@ -635,6 +711,16 @@ def _bind(c: Claims, mentions: list[_Mention], text: str) -> None:
                     last_value.when = When(
                         last_value.when.date or when.date, last_value.when.clock or when.clock
                     )
+            else:
+                free_when = when
+        elif mn.kind == "relwhen":
+            if pending_role is not None:
+                c.roles.append(
+                    RoleClaim(pending_role[0], mn.data, subject or pending_subject, pending_role[1])
+                )  # type: ignore[arg-type]
+                pending_role = None
+            elif free_when is None:
+                free_when = mn.data  # type: ignore[assignment]
         elif mn.kind == "qual":
             if subject is not None:
                 c.bound_qualifiers.append((subject, mn.data))  # type: ignore[arg-type]
@@ -649,6 +735,40 @@ def _bind(c: Claims, mentions: list[_Mention], text: str) -> None:
         prev_end = max(prev_end, mn.end)
         if mn.kind in ("number", "subject", "when", "break"):
             anchor_end = max(anchor_end, mn.end)
+    close_clause()
+
+
+def _bind_cues(
+    c: Claims, clause: list[_Mention], values: list[tuple[int, ValueClaim]], consumed: set[int]
+) -> None:
+    """A cue word that is not right before its number: 'latest potassium was 5.9' (the value after the test's
+    name), '4.6 mmol/L, the previous value' (the value just before); with no value at all it is unbound."""
+    for mn in clause:
+        if mn.kind != "cue" or mn.start in consumed:
+            continue
+        cue: str = mn.data  # type: ignore[assignment]
+        before = [v for pos, v in values if pos < mn.start]
+        after = [v for pos, v in values if pos > mn.start]
+        names_next = after and any(x.kind == "subject" and mn.end <= x.start < after[0].start for x in clause)
+        if after and (names_next or not before) and after[0].cue is None:
+            after[0].cue = cue
+        elif before:
+            if before[-1].cue is None:
+                before[-1].cue = cue
+        elif after:
+            continue  # the next value already says which it is
+        else:
+            subject = next(
+                (x.data for x in reversed(clause) if x.kind == "subject" and x.start < mn.start), None
+            )
+            subject = subject or next((x.data for x in clause if x.kind == "subject"), None)
+            c.unbound_cues.append((cue, subject))  # type: ignore[arg-type]
+
+
+@cache
+def roles_config() -> dict:
+    """vocabulary.toml [roles]: which role words need their own time, and the cause phrases."""
+    return vocabulary()["roles"]
 
 
 def _joins(have: When | None, new: When) -> bool:

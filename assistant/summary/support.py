@@ -6,7 +6,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from assistant.summary.claims import Claims, ValueClaim, When, canonical_unit, extract_claims, matchers
+from assistant.summary.claims import (
+    Claims,
+    ValueClaim,
+    When,
+    canonical_unit,
+    extract_claims,
+    matchers,
+    roles_config,
+)
 from assistant.summary.display import decimals_for
 from assistant.summary.facts import Atom, Fact, Subject
 from assistant.terminology import terminology
@@ -36,6 +44,10 @@ class Support:
     words: set[str] = field(default_factory=set)
     advice: set[str] = field(default_factory=set)
     atoms: list[Atom] = field(default_factory=list)
+    # role and cue words the records' own text uses without a time or number, and the causes it states
+    unbound_roles: set[str] = field(default_factory=set)
+    unbound_cues: set[str] = field(default_factory=set)
+    causes: set[str] = field(default_factory=set)
 
     def add_claims(self, c: Claims) -> None:
         self.numbers += [(v, u) for v, _, u in c.numbers]
@@ -54,6 +66,9 @@ class Support:
         self.allergy = self.allergy or c.allergy
         self.words |= c.words
         self.advice |= c.advice
+        self.unbound_roles |= {r.role for r in c.roles if r.when is None}
+        self.unbound_cues |= {cue for cue, _ in c.unbound_cues}
+        self.causes |= c.causes
 
     def add_time(self, when: datetime | None) -> None:
         if when is not None:
@@ -112,6 +127,9 @@ def merge(supports: Iterable[Support]) -> Support:
         out.words |= s.words
         out.advice |= s.advice
         out.atoms += s.atoms
+        out.unbound_roles |= s.unbound_roles
+        out.unbound_cues |= s.unbound_cues
+        out.causes |= s.causes
     return out
 
 
@@ -216,9 +234,16 @@ def bind_values(claims: Claims, sup: Support, b: Binding) -> None:
     for v in claims.values:
         if b.reason:
             return
+        # a duration ("repeat in 6 h") is not a value of the test beside it, unless the test is itself measured in
+        # that unit (QTc 462 ms)
+        measured_in = v.subject is not None and any(
+            canonical_unit(a.unit) == v.unit
+            for a in _holders(v.subject, sup.atoms)
+            if a.role in ("latest", "previous", "baseline")
+        )
         loose = (
             v.subject is None
-            or (v.unit in m.durations)
+            or (v.unit in m.durations and not measured_in)
             or (v.subject[0] != "analyte" and v.unit is None)
             or not _holders(v.subject, sup.atoms)
         )
@@ -249,6 +274,8 @@ def _value_reason(v: ValueClaim, holders: list[Atom], fits: list[Atom], analytes
     name = _subject_name(v.subject).lower() if v.subject else "the cited facts"  # type: ignore[arg-type]
     shown = f"{v.value:g}" + (f" {v.unit}" if v.unit else "")
     same = [a for a in holders if value_holds(v, a, analytes)]
+    if v.when is not None and any(v.when.holds(a.time) for a in same) and v.cue == "latest":
+        return f"{name} {shown} at {v.when.text()} is an earlier value, not the latest"
     if v.when is not None and same:
         times = ", ".join(sorted({f"{a.time:%Y-%m-%d %H:%M}" for a in same if a.time}))
         return f"{name} {shown} was charted at {times or 'another time'}, not at {v.when.text()}"
@@ -270,21 +297,75 @@ def _value_reason(v: ValueClaim, holders: list[Atom], fits: list[Atom], analytes
 # --- roles, qualifiers, frequencies, allergies --------------------------------------------------------------
 
 
+EVENT_ROLES = ("due", "given", "held", "ordered", "stopped", "admitted")
+
+
+def _statuses(subject: Subject | None, sup: Support) -> list[str]:
+    """The event roles the cited records hold for this subject (all cited records when it has none)."""
+    atoms = [a for a in sup.atoms if a.role in EVENT_ROLES]
+    if subject is not None and _holders(subject, atoms):
+        atoms = _holders(subject, atoms)
+    return list(dict.fromkeys(a.role for a in atoms))
+
+
 def bind_roles(claims: Claims, sup: Support, b: Binding) -> None:
+    """Each role word binds to a record in that role at its own time; a role word with no time of its own claims
+    only a status, which the cited record must have (dose events always need their own time)."""
+    cfg = roles_config()
     for rc in claims.roles:
         if b.reason:
             return
         cands = [a for a in sup.atoms if a.role == rc.role]
         if rc.subject is not None and _holders(rc.subject, cands):
             cands = _holders(rc.subject, cands)
+        word = rc.word or rc.role
+        statuses = _statuses(rc.subject, sup)
+        if rc.when is None:
+            if rc.role in sup.unbound_roles:
+                continue  # the cited record's own text says it the same way
+            if rc.role in cfg["needs_time"]:
+                b.reason = (
+                    f"'{word}' has no time of its own in the sentence (say when the dose was {rc.role})"
+                )
+            elif cands:
+                b.used += [cands[0].ref]
+            else:
+                b.reason = f"'{word}' is not the status of the cited record" + (
+                    f" ({', '.join(statuses)})" if statuses else ""
+                )
+            continue
         hits = [a for a in cands if rc.when.holds(a.time)]
         if hits:
             b.used += [hits[0].ref]
             continue
-        if not cands and rc.role in ("ordered", "stopped", "admitted") and _stamp_loose(rc.when, sup):
-            continue  # an order or admission time stated in the cited text
+        if (
+            not cands
+            and not statuses
+            and rc.role in ("ordered", "stopped", "admitted")
+            and _stamp_loose(rc.when, sup)
+        ):
+            continue  # an order or admission time stated in the cited text, which holds no event roles
         what = "the dose was" if rc.role in ("due", "given", "held") else "it was"
-        b.reason = f"{rc.when.text()} is not when {what} {rc.role}"
+        b.reason = f"{rc.when.text()} is not when {what} {rc.role}" + (
+            f" (the cited record is {', '.join(statuses)})" if statuses and not cands else ""
+        )
+
+
+def bind_cues(claims: Claims, sup: Support, b: Binding) -> None:
+    """A value cue word (previous, baseline, threshold) with no number of its own in the sentence."""
+    cfg = roles_config()
+    for cue, subject in claims.unbound_cues:
+        if b.reason:
+            return
+        if cue == "latest" or cue in sup.unbound_cues:
+            continue  # levels and trends are judged on the latest record; or the record says it the same way
+        if cue in cfg["cue_needs_record"]:
+            atoms = [a for a in sup.atoms if a.role == cue]
+            if atoms and (subject is None or not _holders(subject, sup.atoms) or _holders(subject, atoms)):
+                continue
+        b.reason = f"'{cue}' names no value in the sentence" + (
+            f" (which {_subject_name(subject).lower()} value?)" if subject else ""
+        )
 
 
 def _stamp_loose(when: When, sup: Support) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from assistant.summary.citations import (
@@ -22,6 +22,7 @@ from assistant.summary.support import (
     Binding,
     Support,
     bind_allergy,
+    bind_cues,
     bind_frequencies,
     bind_qualifiers,
     bind_roles,
@@ -168,6 +169,12 @@ class Verifier:
     ) -> Binding:
         """Sentence-level checks against all cited facts, then each bound claim against one record."""
         claims = extract_claims(text, self.sheet.now)
+        if quoted:
+            # chart text quoted word for word: its own role and cue words ("doses held today") are data; only a
+            # role with a time written after it is still a claim about a record
+            # ("today" in a note is the note's day, not the sheet's)
+            roles = [r for r in claims.roles if r.after and r.when is not None and r.when.days is None]
+            claims = replace(claims, roles=roles, unbound_cues=[])
         sup = merge(self.support(f) for f in cited)
         if direct and by_tag is not None:
             # a record cited directly lends only its own atoms, not those of the other records of its fact
@@ -176,7 +183,15 @@ class Verifier:
             ]
         b = Binding()
         b.reason = self._sentence_level(claims, sup, quoted=quoted, kinds={f.kind for f in cited})
-        for step in (bind_values, bind_roles, bind_qualifiers, bind_frequencies, bind_routes, bind_allergy):
+        for step in (
+            bind_values,
+            bind_roles,
+            bind_cues,
+            bind_qualifiers,
+            bind_frequencies,
+            bind_routes,
+            bind_allergy,
+        ):
             if b.reason:
                 break
             step(claims, sup, b)
@@ -234,6 +249,9 @@ class Verifier:
             return f"'{q}' is not what the cited facts say"
         for sv in sorted(claims.severities - sup.severities):
             return f"{sv} severity is not in the cited facts"
+        for cause in sorted(claims.causes - sup.causes):
+            if not quoted:
+                return f"'{cause}' states a cause the cited records do not state"
         if claims.negation and not sup.negation and not quoted:
             return "negative claim the cited facts do not make"
         for verb in sorted(claims.advice - sup.advice):
