@@ -324,7 +324,9 @@ def retrospective(args, work: Path, templates: list, small: tuple[Path, int], la
     by_rule = Counter(e["rule_id"] for e in episodes)
     patients_with = len({e["patient"] for e in episodes})
     doses = sum(e["doses_count"] for e in episodes)
-    instant = sum(1 for e in episodes if e["end_reason"] == "order-stop-unknown" and not e["duration_hours"])
+    instants = [e for e in episodes if e["end_reason"] == "order-stop-unknown" and not e["duration_hours"]]
+    instant = len(instants)
+    instant_rules = Counter(e["rule_id"] for e in instants)
     base_cpu: list[float] = []
     base_n, base_s = baseline(large_dir, args.baseline_seconds, cpu=base_cpu)
     base_rate = base_n / base_s
@@ -378,8 +380,10 @@ def retrospective(args, work: Path, templates: list, small: tuple[Path, int], la
         f"1,000 with at least one); {doses * per_k:.0f} doses per 1,000 patients given while an episode held (Synthea "
         "exports no MedicationAdministration, so this is 0 here). "
         f"{instant * per_k:.0f} per 1,000 are instants (an order stopped with no stop time and no renewal: only "
-        "its prescribing moment is known, e.g. Synthea writing the same prescription twice at one moment). "
-        "Per rule, per 1,000 patients:",
+        "its prescribing moment is known; "
+        + (", ".join(f"`{r}` {n * per_k:.0f}" for r, n in instant_rules.most_common()) or "none")
+        + "; copies of one stopped prescription written at one moment are no episode, rule "
+        "`duplicate-order-record`). Per rule, per 1,000 patients:",
         "",
         "| Rule | Episodes per 1,000 patients |",
         "|---|---:|",
