@@ -81,7 +81,8 @@ def test_markdown_text_breaks_autolinks_and_keeps_plain_punctuation() -> None:
 
 # --- the hostile chart in the browser -------------------------------------------------------------------
 def _inject(demo: Path, beacon: str) -> str:
-    """Put hostile text in a flagged patient's name, admission reason, drugs and code status; return the id."""
+    """Put hostile text in a flagged patient's name, admission reason, drugs, code status, notes and isolation;
+    return the id."""
     from assistant.rules.engine import evaluate
     from connectors import open_source
 
@@ -109,6 +110,22 @@ def _inject(demo: Path, beacon: str) -> str:
             for content in r.get("content", []):
                 body = base64.b64encode(f"Note body {text}".encode()).decode()
                 content.setdefault("attachment", {})["data"] = body
+    # An isolation Flag in the chart's own words (issue 15.3): the header, handoff and PDF print them.
+    bundle["entry"].append(
+        {
+            "resource": {
+                "resourceType": "Flag",
+                "id": f"{pid}-hostile-isolation",
+                "status": "active",
+                "code": {
+                    "coding": [{"system": "http://snomed.info/sct", "code": "409529001"}],
+                    "text": f"Contact precautions {text}",
+                },
+                "subject": {"reference": f"Patient/{pid}"},
+                "period": {"start": "2025-01-05T07:00:00+00:00"},
+            }
+        }
+    )
     path.write_text(json.dumps(bundle), encoding="utf-8")
     return pid
 
@@ -215,6 +232,7 @@ def test_hostile_chart_renders_inert_in_chromium(tmp_path: Path) -> None:
         patient = checks[0][1]
         assert patient["heading"] == f"Flags ({expected})", patient["heading"]
         assert patient["flagBoxes"] == expected and patient["flagsVisible"] == expected
+        assert "ISOLATION · Contact — Contact precautions <style>" in patient["text"]  # shown, as written
         for where, c in checks:
             assert c["url"].startswith(base), (where, c["url"])
             assert not c["injected"], (where, c["injected"])
