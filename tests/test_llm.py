@@ -570,14 +570,14 @@ def test_onnx_prefix_cache_gives_the_same_text_as_a_cold_start(onnx_backend):
         "Glucose 182 mg/dL (high) at 2026-03-16 05:10",
         "Potassium 5.9 mmol/L (high) at 2026-03-16 04:30",
     ]
-    warm_engine = onnx_backend.engine()
+    warm_engine = onnx_backend.engine()  # the batched engine (default); its prefix cache is on the model
     answers = []
     for fact in [*facts, "Say hello.", *facts]:
         msgs = [system, ChatMessage("user", f"FACT: {fact}")]
-        answers.append((onnx_backend.chat(msgs, max_tokens=24).text, warm_engine.last_reused))
+        answers.append((onnx_backend.chat(msgs, max_tokens=24).text, warm_engine.model.last_reused))
     # The second fact and the repeats found the shared system prompt in a cache ...
     assert answers[1][1] > 10 and answers[4][1] > 10
-    # ... and the greedy text equals what a fresh engine (no cache at all) writes for the same prompt.
+    # ... and the greedy text equals what a fresh sequential engine (no cache at all) writes for the same prompt.
     cold = OnnxEngine(onnx_backend.model_dir(), 2)
     for i, fact in enumerate(facts):
         ids = cold.encode_chat([system, ChatMessage("user", f"FACT: {fact}")])

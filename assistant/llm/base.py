@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -194,6 +195,57 @@ class LlmBackend(ABC):
         timeout: float | None = None,
     ) -> ChatStream:
         """Start a completion and return a ChatStream of text deltas."""
+
+    def stream_many(
+        self,
+        requests: Sequence[Sequence[ChatMessage]],
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        temperature: float = 0.0,
+        json_schema: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        stop: str | None = None,
+        group: Hashable | None = None,
+    ) -> list[ChatStream]:
+        """Several completions for one caller, one stream each, in the order given.
+
+        `stop`: a regular expression; a completion ends as soon as its text so far matches (finish_reason
+        "stop"). `group`: calls passing the same key are one caller (one turn in a batched backend's round-robin;
+        default: each call its own). In-process batched backends decode all of them together (and with other
+        callers'); this default starts each call only when its stream is first read, so reading them in order is
+        calling `stream()` in turn and a stream never read costs nothing.
+        """
+        kwargs = {"max_tokens": max_tokens, "temperature": temperature, "json_schema": json_schema}
+        return [ChatStream(self._lazy(m, kwargs, timeout, stop)) for m in requests]
+
+    def _lazy(
+        self, messages: Sequence[ChatMessage], kwargs: dict[str, Any], timeout: float | None, stop: str | None
+    ) -> Generator[str, None, ChatResult]:
+        clock = Clock()
+        pattern = re.compile(stop) if stop else None
+        inner = self.stream(messages, timeout=timeout, **kwargs)
+        text = ""
+        try:
+            for delta in inner:
+                text += delta
+                yield delta
+                if pattern is not None and pattern.search(text):
+                    break
+        finally:
+            if not inner.done:
+                inner.close()
+        if inner.done:
+            return inner.result
+        return ChatResult(
+            text=text,
+            model=self.model,
+            backend=self.name,
+            prompt_tokens=None,
+            completion_tokens=None,
+            latency_s=clock.elapsed(),
+            first_token_s=None,
+            finish_reason="stop",
+        )
 
     def close(self) -> None:  # noqa: B027 -- optional hook, most backends hold nothing
         """Release connections; the backend must not be used afterwards."""

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ EXPORT_FORMAT = 1  # bump when the export recipe changes, so an old copy is not 
 SLOT_TOKENS = 1024  # KV capacity of one cached generator (~47 MB for SmolLM2-135M)
 MAX_SLOTS = 3  # prompt families kept warm at once: per-fact, synopsis, one more
 BUILD_TIMEOUT_S = 900.0
+KV_HEADROOM = 64  # free positions per row when a batch buffer is (re)built
 SAME_PREFIX_MIN = 16  # fewer shared tokens than this: a different prompt family, take a free slot if any
 
 
@@ -281,11 +282,200 @@ _ENGINES_LOCK = threading.Lock()
 
 
 def load_engine(path: Path, threads: int) -> OnnxEngine:
-    """The engine for `path`, loaded once per process."""
+    """The sequential engine for `path`, loaded once per process (kept to measure against the batched one)."""
     with _ENGINES_LOCK:
         if path not in _ENGINES:
             _ENGINES[path] = OnnxEngine(path, threads)
         return _ENGINES[path]
+
+
+@dataclass
+class _Prefix:
+    """A prompt whose keys and values are kept: later prompts that start the same way skip its pre-fill."""
+
+    tokens: list[int]
+    kv: list[Any]  # per layer key, value: [1, kv_heads, len(tokens), head_size]
+    used: float = 0.0
+
+
+class OnnxBatchModel:
+    """The exported decoder driven directly with ONNX Runtime, so rows of one batch may differ in length.
+
+    ONNX Runtime GenAI 0.18 appends tokens only once per generator when batch_size > 1 (no prefix reuse, no
+    continuous batching), and its GroupQueryAttention pre-fills with a past only one row at a time. So: each
+    prompt is pre-filled alone on top of a cached prefix (per-fact and synopsis system prompts), then all rows
+    decode together, right-padded, each row's own length in the attention mask (GQA reads only that many keys).
+    Greedy rows give the same tokens as the one-at-a-time path (tests/test_onnx_batch.py).
+    """
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import numpy as np
+        import onnxruntime as ort
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from tokenizers import Tokenizer
+
+        clock = Clock()
+        self.np = np
+        cfg = json.loads((path / "genai_config.json").read_text())["model"]
+        dec = cfg["decoder"]
+        self.layers = int(dec["num_hidden_layers"])
+        self.kv_heads = int(dec["num_key_value_heads"])
+        self.head_size = int(dec["head_size"])
+        names = dec["inputs"]
+        outs = dec["outputs"]
+        self.in_ids, self.in_mask = names["input_ids"], names["attention_mask"]
+        self.past_names = [
+            names[f"past_{kind}_names"] % i for i in range(self.layers) for kind in ("key", "value")
+        ]
+        self.out_names = [outs["logits"]] + [
+            outs[f"present_{kind}_names"] % i for i in range(self.layers) for kind in ("key", "value")
+        ]
+        eos = cfg["eos_token_id"]
+        self.eos = frozenset(int(t) for t in (eos if isinstance(eos, list) else [eos]))
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(
+            str(path / dec["filename"]), so, providers=["CPUExecutionProvider"]
+        )
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        self.id_dtype = np.int64 if "int64" in types[self.in_ids] else np.int32
+        self.mask_dtype = np.int64 if "int64" in types[self.in_mask] else np.int32
+        self.kv_dtype = np.float16 if "float16" in types[self.past_names[0]] else np.float32
+        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        template = path / "chat_template.jinja"
+        if not template.is_file():
+            raise LlmConfigError(f"{path} has no chat_template.jinja: delete the folder to export it again")
+        self.template = ImmutableSandboxedEnvironment().from_string(template.read_text())
+        self.prefixes: list[_Prefix] = []
+        self.last_reused = 0
+        self.load_s = clock.elapsed()
+        log.info("loaded ONNX model %s for batched decoding in %.2fs", path.name, self.load_s)
+
+    def encode_chat(self, msgs: Sequence[ChatMessage]) -> list[int]:
+        text = self.template.render(messages=[m.as_dict() for m in msgs], add_generation_prompt=True)
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def _run(self, ids: Any, mask: Any, past: Sequence[Any]) -> tuple[Any, list[Any]]:
+        feed = {self.in_ids: ids.astype(self.id_dtype), self.in_mask: mask.astype(self.mask_dtype)}
+        feed.update(zip(self.past_names, past, strict=True))
+        out = self.session.run(self.out_names, feed)
+        return out[0], out[1:]
+
+    def prefill(self, ids: list[int]) -> tuple[list[Any], Any]:
+        np = self.np
+        best, have = None, 0
+        for p in self.prefixes:
+            n = min(_common_prefix(p.tokens, ids), len(ids) - 1)
+            if n > have:
+                best, have = p, n
+        if best is None or have < SAME_PREFIX_MIN:
+            best, have = None, 0
+            past = [np.zeros((1, self.kv_heads, 0, self.head_size), self.kv_dtype)] * (2 * self.layers)
+        else:
+            past = [np.ascontiguousarray(a[:, :, :have]) for a in best.kv]
+            best.used = time.monotonic()
+        logits, present = self._run(
+            np.asarray([ids[have:]]), np.ones((1, len(ids)), dtype=self.mask_dtype), past
+        )
+        self.last_reused = have
+        if best is None:  # a new prompt family: keep it for the prompts that follow
+            if len(self.prefixes) >= MAX_SLOTS:
+                self.prefixes.remove(min(self.prefixes, key=lambda p: p.used))
+            self.prefixes.append(_Prefix(list(ids), present, time.monotonic()))
+        return present, logits[0, -1]
+
+    def merge(
+        self, batch: _KvBatch | None, keep: Sequence[int], new: Sequence[list[Any]], lengths: Sequence[int]
+    ) -> _KvBatch:
+        np = self.np
+        rows = len(keep) + len(new)
+        cap = -(-(max(lengths) + KV_HEADROOM) // 32) * 32
+        idx = np.asarray(list(keep), dtype=np.int64)
+        arrays = []
+        for j in range(2 * self.layers):
+            a = np.zeros((rows, self.kv_heads, cap, self.head_size), self.kv_dtype)
+            if len(idx) and batch is not None:
+                w = min(cap, batch.arrays[j].shape[2])
+                a[: len(idx), :, :w] = batch.arrays[j][idx, :, :w]
+            for i, cache in enumerate(new):
+                n = cache[j].shape[2]
+                a[len(idx) + i, :, :n] = cache[j][0]
+            arrays.append(a)
+        return _KvBatch(self, arrays)
+
+    def step(self, batch: _KvBatch, tokens: Sequence[int], lengths: Sequence[int]) -> tuple[_KvBatch, Any]:
+        np = self.np
+        if max(lengths) + 1 > batch.cap:  # a row outgrew the buffer: copy into a wider one
+            batch = self.merge(batch, range(len(tokens)), [], lengths)
+        lens = np.asarray(list(lengths))
+        # Each row attends to its own tokens only; GQA writes the new token's keys and values at that row's
+        # length, in place (past and present share one buffer, so no per-step copy of the cache).
+        mask = np.arange(int(lens.max()) + 1)[None, :] < (lens + 1)[:, None]
+        io = batch.io
+        io.bind_cpu_input(self.in_ids, np.asarray(list(tokens), dtype=self.id_dtype).reshape(-1, 1))
+        io.bind_cpu_input(self.in_mask, mask.astype(self.mask_dtype))
+        self.session.run_with_iobinding(io)
+        logits = io.get_outputs()[0].numpy()
+        return batch, logits[:, -1]
+
+
+class _KvBatch:
+    """The key/value buffers of a batch, [rows, kv_heads, capacity, head_size] per layer, bound in place."""
+
+    def __init__(self, model: OnnxBatchModel, arrays: list[Any]) -> None:
+        import onnxruntime as ort
+
+        self.arrays = arrays
+        self.cap = arrays[0].shape[2]
+        self.io = model.session.io_binding()
+        self.io.bind_output(model.out_names[0])  # logits first: step() reads get_outputs()[0]
+        for past, present, a in zip(model.past_names, model.out_names[1:], arrays, strict=True):
+            value = ort.OrtValue.ortvalue_from_numpy(a)  # shares the numpy array's memory
+            self.io.bind_ortvalue_input(past, value)
+            self.io.bind_ortvalue_output(present, value)
+
+
+class BatchEngine:
+    """The batched model and the one scheduler thread that drives it (per process and model folder)."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        from .batching import BatchScheduler
+
+        self.path = path
+        self.model = OnnxBatchModel(path, threads)
+        self.scheduler = BatchScheduler(self.model, name="onnx-batch")
+        self.load_s = self.model.load_s
+
+    def encode_chat(self, msgs: Sequence[ChatMessage]) -> list[int]:
+        return self.model.encode_chat(msgs)
+
+    def prefill(self, msgs: Sequence[ChatMessage]) -> None:
+        """Put a prompt prefix in the prefix cache (warm-up), through the scheduler like any request."""
+        from .batching import read_events
+
+        req = self.scheduler.submit(self.encode_chat(msgs), max_tokens=1, timeout=120.0)
+        gen = read_events(req)
+        try:
+            while True:
+                next(gen)
+        except StopIteration:
+            pass
+
+
+_BATCH_ENGINES: dict[Path, BatchEngine] = {}
+
+
+def load_batch_engine(path: Path, threads: int) -> BatchEngine:
+    """The batched engine for `path`, loaded once per process."""
+    with _ENGINES_LOCK:
+        if path not in _BATCH_ENGINES:
+            _BATCH_ENGINES[path] = BatchEngine(path, threads)
+        return _BATCH_ENGINES[path]
 
 
 def default_cache_dir(settings: LlmSettings) -> Path:
@@ -304,8 +494,11 @@ class OnnxBackend(LlmBackend):
     name = "onnx"
     small_model = True
 
-    def __init__(self, settings: LlmSettings) -> None:
+    def __init__(self, settings: LlmSettings, *, batched: bool = True) -> None:
         self.settings = settings
+        # batched: one scheduler merges every caller's requests into shared decode steps (the default);
+        # False: the earlier one-generation-at-a-time engine on ONNX Runtime GenAI (benchmarks compare the two)
+        self.batched = batched
         path = Path(settings.model_path).expanduser() if settings.model_path else None
         self._ready_dir: Path | None = path if path is not None and is_onnx_dir(path) else None
         self.source = None if self._ready_dir else resolve_model_source(settings.model_path)
@@ -326,7 +519,10 @@ class OnnxBackend(LlmBackend):
             )
         return self._ready_dir
 
-    def engine(self) -> OnnxEngine:
+    def engine(self) -> Any:
+        """The process-wide engine: BatchEngine (batched) or OnnxEngine (sequential)."""
+        if self.batched:
+            return load_batch_engine(self.model_dir(), self.settings.torch_threads)
         return load_engine(self.model_dir(), self.settings.torch_threads)
 
     def load(self) -> None:
@@ -350,6 +546,14 @@ class OnnxBackend(LlmBackend):
     ) -> ChatStream:
         msgs = check_messages(messages)
         check_params(max_tokens, temperature)
+        if self.batched:
+            return self.stream_many(
+                [msgs],
+                max_tokens=max_tokens,
+                temperature=temperature,
+                json_schema=json_schema,
+                timeout=timeout,
+            )[0]
         engine = self.engine()
         return ChatStream(
             self._run(
@@ -360,6 +564,47 @@ class OnnxBackend(LlmBackend):
                 json_schema is not None,
                 timeout or self.settings.timeout,
             )
+        )
+
+    def stream_many(
+        self,
+        requests: Sequence[Sequence[ChatMessage]],
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        temperature: float = 0.0,
+        json_schema: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        stop: str | None = None,
+        group: Hashable | None = None,
+    ) -> list[ChatStream]:
+        """Submit all now, as one caller: the scheduler decodes them together with other callers' requests.
+
+        The group's first request runs first (its caller's first sentence comes early), the rest join the shared
+        batch. Each stream carries only its own row's text; closing one cancels only that one."""
+        if not self.batched:
+            return super().stream_many(
+                requests,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                json_schema=json_schema,
+                timeout=timeout,
+                stop=stop,
+                group=group,
+            )
+        from .batching import submit_streams
+
+        engine: BatchEngine = self.engine()
+        return submit_streams(
+            self,
+            engine.scheduler,
+            engine.encode_chat,
+            requests,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            timeout=timeout or self.settings.timeout,
+            stop=stop,
+            group=group,
+            schema_asked=json_schema is not None,
         )
 
     def _run(
@@ -426,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     backend = OnnxBackend(settings)
     clock = Clock()
     path = backend.model_dir()
-    load_engine(path, settings.torch_threads)
+    load_batch_engine(path, settings.torch_threads)
     log.info("ONNX model ready in %s (%.1fs, export %.1fs)", path, clock.elapsed(), backend.prepare_s)
     return 0
 

@@ -24,7 +24,7 @@ from assistant.summary.facts import (
 )
 from assistant.summary.suggest import enabled as suggestions_enabled
 from assistant.summary.suggest import suggest_contradictions
-from assistant.summary.synopsis import compose_synopsis
+from assistant.summary.synopsis import SYNOPSIS_MAX_TOKENS, compose_synopsis, synopsis_request
 from assistant.summary.verifier import Sentence, SentenceSplitter, Verifier
 from assistant.summary.vocab import vocabulary
 
@@ -83,6 +83,7 @@ PER_FACT_KINDS = frozenset(
     {"result", "medication", "administration", "pending", "encounter", "condition", "demographics", "news2"}
 )
 PER_FACT_MAX_TOKENS = 60
+SENTENCE_END = r"[.!?]\s"  # the first sentence is complete (a batched backend stops the row there)
 PER_FACT_LIMIT = 8  # facts phrased by a small model; the rest keep their template sentences
 SMALL_MODEL_BACKENDS = frozenset({"transformers", "llama-cpp", "onnx"})
 
@@ -336,6 +337,7 @@ class _Composer:
         self.verifier = Verifier(sheet)
         self.res = res
         self.t0 = t0
+        self.synopsis_stream: Any | None = None  # started with the per-fact prompts, read after the body
 
     def show(self, s: Sentence) -> Sentence:
         self.res.sentences.append(s)
@@ -396,7 +398,7 @@ def _compose(
 
     if usable and prompt_mode(backend, mode) == "per-fact":
         res.notes.append("per-fact prompting (small local model): one fact per call")
-        yield from _per_fact(for_chart(backend, chart), c, shown, prompt_facts, timeout)
+        yield from _per_fact(for_chart(backend, chart), c, shown, prompt_facts, timeout, with_synopsis=True)
     elif usable:
         # served models: the whole sheet at once; verified sentences stream as they come, then each shown fact
         # no model sentence covered gets its template sentence (carrying the dropped model text, if any)
@@ -434,7 +436,7 @@ def _compose(
                 yield c.show(s)
     # Synopsis and suggestions come after the body (not streamed): read them from the result (H6, issue 16).
     model = for_chart(backend, chart) if usable else None
-    syn = compose_synopsis(sheet, model, c.verifier, timeout=timeout)
+    syn = compose_synopsis(sheet, model, c.verifier, timeout=timeout, stream=c.synopsis_stream)
     res.synopsis, res.synopsis_source = syn.sentences, syn.source
     if usable and syn.note:
         res.notes.append(syn.note)
@@ -450,53 +452,149 @@ def _per_fact(
     shown: list[Fact],
     prompt_facts: int,
     timeout: float | None,
+    *,
+    with_synopsis: bool = False,
 ) -> Generator[Sentence, None, None]:
-    """One LLM call per fact, in display order; a fact whose sentence fails shows its template in its place."""
+    """One LLM prompt per fact, all submitted at once (a batched backend decodes them together), read and shown in
+    display order; a fact whose sentence fails shows its template in its place.
+
+    `with_synopsis`: the synopsis prompt is submitted right after the first fact's, so it overlaps the body; its
+    stream is left in `c.synopsis_stream` for compose_synopsis."""
     res = c.res
     t_llm = time.perf_counter()
     prompt_tokens = completion_tokens = 0
     budget = min(prompt_facts, PER_FACT_LIMIT)
-    broken = False
+    asked: list[Fact] = []
     for fact in shown:
-        if broken or budget <= 0 or fact.kind not in PER_FACT_KINDS or fact.quoted:
-            s = c.template(fact)
-            if s is not None:
-                yield c.show(s)
-            continue
-        budget -= 1
-        try:
-            text, used = _first_sentence_streamed(backend, build_fact_messages(fact), timeout)
-        except Exception as exc:  # noqa: BLE001 -- any backend failure ends in the template summary, not a crash
-            log.warning("LLM per-fact call failed (%s); template sentences shown", type(exc).__name__)
-            res.notes.append(f"LLM unavailable ({type(exc).__name__}); the template summary is shown")
-            broken = True
-            s = c.template(fact)
-            if s is not None:
-                yield c.show(s)
-            continue
-        if used is not None:
-            prompt_tokens += used.prompt_tokens or 0
-            completion_tokens += used.completion_tokens or 0
-        first = _first_sentence(text)
-        failed: Sentence | None = None
-        if first:
-            raw = first if re.search(r"\[F\d+\]", first) else f"{first.rstrip()} [{fact.tag}]"
-            s = c.verifier.verify(raw, origin="llm")
-            s.group = fact.group
-            if s.verified and set(s.tags) == {fact.tag}:
-                yield c.show(s)
+        if budget > 0 and fact.kind in PER_FACT_KINDS and not fact.quoted:
+            asked.append(fact)
+            budget -= 1
+    streams: dict[str, Any] = {}
+    broken = False
+    try:
+        streams = _submit(backend, c, asked, timeout, with_synopsis)
+    except Exception as exc:  # noqa: BLE001 -- any backend failure ends in the template summary, not a crash
+        log.warning("LLM per-fact submit failed (%s); template sentences shown", type(exc).__name__)
+        res.notes.append(f"LLM unavailable ({type(exc).__name__}); the template summary is shown")
+        broken = True
+    try:
+        for fact in shown:
+            stream = streams.pop(fact.tag, None)
+            if broken or stream is None:
+                if stream is not None:
+                    stream.close()
+                s = c.template(fact)
+                if s is not None:
+                    yield c.show(s)
                 continue
-            if s.verified:
-                s.verified = False
-                s.reason = f"cites {', '.join(s.tags)} but was asked about {fact.tag}"
-            res.dropped.append(s)
-            failed = s
-        t = c.template(fact, failed)
-        if t is not None:
-            yield c.show(t)
+            try:
+                text, used = _first_sentence_streamed(stream)
+            except Exception as exc:  # noqa: BLE001 -- any backend failure ends in the template summary
+                log.warning("LLM per-fact call failed (%s); template sentences shown", type(exc).__name__)
+                res.notes.append(f"LLM unavailable ({type(exc).__name__}); the template summary is shown")
+                broken = True
+                for rest in streams.values():
+                    rest.close()  # the remaining facts show their templates; stop their generation now
+                streams.clear()
+                s = c.template(fact)
+                if s is not None:
+                    yield c.show(s)
+                continue
+            if used is not None:
+                prompt_tokens += used.prompt_tokens or 0
+                completion_tokens += used.completion_tokens or 0
+            first = _first_sentence(text)
+            failed: Sentence | None = None
+            if first:
+                raw = first if re.search(r"\[F\d+\]", first) else f"{first.rstrip()} [{fact.tag}]"
+                s = c.verifier.verify(raw, origin="llm")
+                s.group = fact.group
+                if s.verified and set(s.tags) == {fact.tag}:
+                    yield c.show(s)
+                    continue
+                if s.verified:
+                    s.verified = False
+                    s.reason = f"cites {', '.join(s.tags)} but was asked about {fact.tag}"
+                res.dropped.append(s)
+                failed = s
+            t = c.template(fact, failed)
+            if t is not None:
+                yield c.show(t)
+    finally:
+        for rest in streams.values():  # the consumer stopped early: cancel what is still generating
+            rest.close()
+        if broken and c.synopsis_stream is not None:
+            c.synopsis_stream.close()
+            c.synopsis_stream = None
     res.prompt_tokens = prompt_tokens or None
     res.completion_tokens = completion_tokens or None
     res.llm_latency_s = time.perf_counter() - t_llm
+
+
+def _submit(
+    backend: Any, c: _Composer, asked: list[Fact], timeout: float | None, with_synopsis: bool
+) -> dict[str, Any]:
+    """Start every per-fact prompt (and the synopsis, second) as one caller; tag -> stream."""
+    group = object()  # this patient's summary: one turn in a batched backend's round-robin
+    many = getattr(backend, "stream_many", None)
+
+    def start(messages: list[list[Any]], max_tokens: int, stop: str | None) -> list[Any]:
+        if many is None:  # a backend without stream_many: one call each, started when read
+            return [_LazyStream(backend, m, max_tokens, timeout) for m in messages]
+        return list(
+            many(messages, max_tokens=max_tokens, temperature=0.0, timeout=timeout, stop=stop, group=group)
+        )
+
+    streams: dict[str, Any] = {}
+    msgs = [build_fact_messages(f) for f in asked]
+    if asked:
+        streams[asked[0].tag] = start(msgs[:1], PER_FACT_MAX_TOKENS, SENTENCE_END)[0]
+    if with_synopsis:
+        syn = synopsis_request(c.sheet, backend)
+        if syn is not None:
+            c.synopsis_stream = start([syn], SYNOPSIS_MAX_TOKENS, None)[0]
+    if len(asked) > 1:
+        for fact, stream in zip(asked[1:], start(msgs[1:], PER_FACT_MAX_TOKENS, SENTENCE_END), strict=True):
+            streams[fact.tag] = stream
+    return streams
+
+
+class _LazyStream:
+    """Calls `backend.stream` when first read (for backends without stream_many)."""
+
+    def __init__(
+        self, backend: Any, messages: list[Any], max_tokens: int, stop: str | None, timeout: Any
+    ) -> None:
+        self._args = (backend, messages, max_tokens, timeout)
+        self._inner: Any = None
+        self.done = False
+
+    def __iter__(self) -> _LazyStream:
+        return self
+
+    def __next__(self) -> str:
+        if self._inner is None:
+            backend, messages, max_tokens, timeout = self._args
+            self._inner = backend.stream(messages, max_tokens=max_tokens, temperature=0.0, timeout=timeout)
+        try:
+            return next(self._inner)
+        except StopIteration:
+            self.done = True
+            raise
+
+    @property
+    def result(self) -> Any:
+        return self._inner.result
+
+    def close(self) -> None:
+        if self._inner is not None and not getattr(self._inner, "done", True):
+            self._inner.close()
+
+    def __enter__(self) -> _LazyStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _sheet_mode(
@@ -569,15 +667,14 @@ def _take(c: _Composer, raw: str, seen: set[str], shown_tags: set[str]) -> Sente
     return s
 
 
-def _first_sentence_streamed(backend: Any, messages: list[Any], timeout: float | None) -> tuple[str, Any]:
-    """Stream one answer and stop generating once its first sentence is complete: one fact, one sentence."""
-    stream = backend.stream(messages, max_tokens=PER_FACT_MAX_TOKENS, temperature=0.0, timeout=timeout)
+def _first_sentence_streamed(stream: Any) -> tuple[str, Any]:
+    """Read one answer until its first sentence is complete (then stop it): one fact, one sentence."""
     text = ""
     try:
         for delta in stream:
             text += delta
             if re.search(
-                r"[.!?]\s", text
+                SENTENCE_END, text
             ):  # a full stop is an end only once whitespace follows ("5.9" is not)
                 break
     finally:

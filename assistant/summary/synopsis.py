@@ -107,21 +107,40 @@ def template_synopsis(
     return out
 
 
+def synopsis_request(sheet: FactSheet, backend: Any | None) -> list[ChatMessage] | None:
+    """The synopsis prompt for this sheet and backend (None when there is nothing to ask), so a caller can start
+    it early, e.g. batched with the per-fact prompts, and pass the stream to `compose_synopsis`."""
+    small = bool(getattr(backend, "small_model", False))
+    facts = synopsis_facts(sheet, SMALL_MODEL_FACTS if small else SYNOPSIS_FACTS)
+    if not facts or backend is None or not getattr(backend, "available", False):
+        return None
+    return build_messages(facts)
+
+
 def compose_synopsis(
-    sheet: FactSheet, backend: Any | None, verifier: Verifier | None = None, *, timeout: float | None = None
+    sheet: FactSheet,
+    backend: Any | None,
+    verifier: Verifier | None = None,
+    *,
+    timeout: float | None = None,
+    stream: Any | None = None,
 ) -> Synopsis:
     """Ask the model for a synopsis and keep the sentences that verify; the template synopsis otherwise.
 
-    `backend` must already be the one for this patient (de-identifying when facts leave the machine). Never
-    raises for LLM trouble. Never empty while the sheet has a fact with a template sentence.
+    `backend` must already be the one for this patient (de-identifying when facts leave the machine). `stream`:
+    the answer to `synopsis_request(sheet, backend)` already started (max_tokens SYNOPSIS_MAX_TOKENS); it is
+    read here and closed. Never raises for LLM trouble. Never empty while the sheet has a fact with a template
+    sentence.
     """
     verifier = verifier or Verifier(sheet)
     small = bool(getattr(backend, "small_model", False))
     facts = synopsis_facts(sheet, SMALL_MODEL_FACTS if small else SYNOPSIS_FACTS)
     t0 = time.perf_counter()
-    if not facts:
-        return Synopsis([], "template", note="no facts to summarize")
-    if backend is None or not getattr(backend, "available", False):
+    if not facts or backend is None or not getattr(backend, "available", False):
+        if stream is not None:
+            stream.close()
+        if not facts:
+            return Synopsis([], "template", note="no facts to summarize")
         return Synopsis(template_synopsis(sheet, verifier, facts), "template", note="no LLM backend")
     dropped: list[Sentence] = []
     shown: list[Sentence] = []
@@ -155,9 +174,11 @@ def compose_synopsis(
         # a small model's third sentence rarely verifies and costs a second on 2 cores
         written_cap = 2 if small else MAX_SENTENCES + 2
         splitter = SentenceSplitter()
-        with backend.stream(
-            build_messages(facts), max_tokens=SYNOPSIS_MAX_TOKENS, temperature=0.0, timeout=timeout
-        ) as stream:
+        if stream is None:
+            stream = backend.stream(
+                build_messages(facts), max_tokens=SYNOPSIS_MAX_TOKENS, temperature=0.0, timeout=timeout
+            )
+        with stream:
             for delta in stream:
                 for raw in splitter.feed(delta):
                     judge(raw)

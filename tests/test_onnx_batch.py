@@ -1,0 +1,294 @@
+"""Batched in-process generation: every row reaches only its own caller, early stops and failures stay local."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from assistant.llm import ChatMessage, LlmError, LlmTimeout
+from assistant.llm.fake import BatchingFakeBackend, ScriptedBackend
+
+NOW = datetime(2026, 3, 16, 7, 0, tzinfo=UTC)
+
+
+def _prompt(text: str) -> list[ChatMessage]:
+    return [ChatMessage("user", text)]
+
+
+def _echo(messages: list[ChatMessage]) -> str:
+    """Answers with the prompt's own words, so a row that reached another caller shows."""
+    return f"answer to {messages[-1].content} ends here."
+
+
+# --- the scheduler with a scripted model (no weights) -----------------------------------------------
+
+
+def test_concurrent_callers_each_get_only_their_own_rows():
+    backend = BatchingFakeBackend(_echo, step_s=0.002)
+    results: dict[tuple[int, int], str] = {}
+
+    def caller(c: int) -> None:
+        streams = backend.stream_many([_prompt(f"caller {c} request {i}") for i in range(6)], max_tokens=50)
+        for i, s in enumerate(streams):
+            results[(c, i)] = s.collect().text
+
+    threads = [threading.Thread(target=caller, args=(c,)) for c in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 18
+    for (c, i), text in results.items():
+        assert text == f"answer to caller {c} request {i} ends here."
+    assert backend.engine.widest > 3  # rows of different callers shared decode steps
+    backend.close()
+
+
+def test_a_callers_first_request_runs_alone_then_callers_take_turns():
+    backend = BatchingFakeBackend(_echo, step_s=0.003)
+    firsts: dict[str, float] = {}
+    lasts: dict[str, float] = {}
+
+    def caller(name: str) -> None:
+        streams = backend.stream_many([_prompt(f"{name}{i}") for i in range(5)], max_tokens=50)
+        for i, s in enumerate(streams):
+            for _ in s:
+                firsts.setdefault(f"{name}{i}", time.perf_counter())
+            lasts[f"{name}{i}"] = time.perf_counter()
+
+    a = threading.Thread(target=caller, args=("a",))
+    b = threading.Thread(target=caller, args=("b",))
+    a.start()
+    time.sleep(0.01)
+    b.start()
+    a.join(30)
+    b.join(30)
+    # each caller's first answer is finished before any of its other requests starts ...
+    assert lasts["a0"] <= min(firsts[f"a{i}"] for i in range(1, 5))
+    assert lasts["b0"] <= min(firsts[f"b{i}"] for i in range(1, 5))
+    # ... and the second caller's first answer does not wait for the first caller's whole batch
+    assert lasts["b0"] < max(lasts[f"a{i}"] for i in range(5))
+    backend.close()
+
+
+def test_closing_one_stream_stops_only_that_row():
+    backend = BatchingFakeBackend(_echo, step_s=0.005)
+    long = _prompt(" ".join(f"w{i}" for i in range(40)))
+    streams = backend.stream_many([long, _prompt("kept one"), _prompt("kept two")], max_tokens=200)
+    first = next(streams[0])
+    streams[0].close()
+    assert first and not streams[0].done
+    assert streams[1].collect().text == "answer to kept one ends here."
+    assert streams[2].collect().text == "answer to kept two ends here."
+    # the closed row left the batch: a new request is still answered
+    assert backend.stream(_prompt("after"), max_tokens=50).collect().text == "answer to after ends here."
+    backend.close()
+
+
+def test_a_timed_out_request_fails_alone():
+    backend = BatchingFakeBackend(_echo, step_s=0.01)
+    slow = backend.stream(_prompt(" ".join(f"w{i}" for i in range(60))), max_tokens=500, timeout=0.15)
+    others = backend.stream_many([_prompt("one"), _prompt("two")], max_tokens=50, timeout=30)
+    with pytest.raises(LlmTimeout):
+        slow.collect()
+    assert [s.collect().text for s in others] == ["answer to one ends here.", "answer to two ends here."]
+    backend.close()
+
+
+def test_stop_pattern_ends_a_row_and_the_result_says_so():
+    backend = BatchingFakeBackend(lambda m: "First one. Second one. Third.")
+    (s,) = backend.stream_many([_prompt("x")], max_tokens=50, stop=r"[.!?]\s")
+    assert s.collect().text == "First one. " and s.result.finish_reason == "stop"
+    capped = backend.stream(_prompt("y"), max_tokens=2).collect()
+    assert capped.text == "First one. " and capped.finish_reason == "length"
+    backend.close()
+
+
+def test_an_engine_error_fails_the_rows_of_that_step_and_the_next_requests_are_served():
+    backend = BatchingFakeBackend(_echo, step_s=0.002)
+    backend.engine.fail_steps = 1
+    streams = backend.stream_many([_prompt("a"), _prompt("b")], max_tokens=50)
+    with pytest.raises(LlmError):
+        streams[0].collect()
+    assert backend.stream(_prompt("c"), max_tokens=50).collect().text == "answer to c ends here."
+    # a request whose pre-fill fails fails alone
+    bad = BatchingFakeBackend([RuntimeError("bad prompt"), "fine then."])
+    broken, fine = bad.stream_many([_prompt("p"), _prompt("q")], max_tokens=50)
+    with pytest.raises(LlmError, match="RuntimeError"):
+        broken.collect()
+    assert fine.collect().text == "fine then."
+    backend.close()
+    bad.close()
+
+
+def test_default_stream_many_starts_each_call_only_when_read():
+    scripted = ScriptedBackend(["One. Two.", "Three. Four."])
+    streams = scripted.stream_many([_prompt("a"), _prompt("b")], max_tokens=9, stop=r"[.!?]\s")
+    assert scripted.calls == []
+    assert streams[0].collect().text == "One. "
+    assert len(scripted.calls) == 1 and scripted.calls[0][1]["max_tokens"] == 9
+    streams[1].close()
+    assert len(scripted.calls) == 1  # never read, never asked
+
+
+# --- the composer over the batching scheduler -------------------------------------------------------
+
+
+def _answer(messages: list[ChatMessage]) -> str:
+    """Per-fact: the fact's own words (verifies); synopsis: nothing usable (template synopsis)."""
+    last = messages[-1].content
+    if last.startswith("FACT: "):
+        return last.removeprefix("FACT: ").split(" (")[0].rstrip(".") + ". Then it rambles on."
+    return "Nothing to add here."
+
+
+@pytest.fixture(scope="module")
+def ward_charts(demo_ward_dir):
+    from assistant.rules.engine import evaluate
+    from connectors import open_source
+
+    with open_source(demo_ward_dir) as src:
+        charts = [src.patient_chart(pid) for pid in src.iter_patient_ids()]
+    return [(c, evaluate(c, now=NOW)) for c in charts[:4]]
+
+
+def _summary(res) -> list[tuple[str, str, tuple[str, ...]]]:
+    return [(s.origin, s.text, tuple(s.citations)) for s in res.sentences]
+
+
+def test_patients_opened_at_once_get_exactly_their_own_summaries(ward_charts):
+    """Safety: concurrent summaries through one batched engine equal the same summaries made one at a time."""
+    from assistant.summary.composer import compose
+
+    alone = [
+        compose(c, f, backend=ScriptedBackend(_answer), now=NOW, mode="per-fact") for c, f in ward_charts
+    ]
+    assert all(any(s.origin == "llm" for s in r.sentences) for r in alone)
+    backend = BatchingFakeBackend(_answer, step_s=0.002)
+    together: dict[int, object] = {}
+
+    def one(i: int) -> None:
+        c, f = ward_charts[i]
+        together[i] = compose(c, f, backend=backend, now=NOW, mode="per-fact")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(ward_charts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert backend.engine.widest > 1
+    for i in range(len(ward_charts)):
+        res = together[i]
+        assert res.patient == alone[i].patient
+        assert _summary(res) == _summary(alone[i])
+        own = {ref for fact in res.facts.facts for ref in fact.provenance}
+        others = {
+            ref for j, r in enumerate(alone) if j != i for fact in r.facts.facts for ref in fact.provenance
+        }
+        cited = {
+            cit for s in res.sentences for cit in s.citations if "/" in cit and not cit.startswith("rule:")
+        }
+        assert cited and cited <= own and not cited & (others - own)
+        assert res.synopsis and res.synopsis_source == "template"
+    backend.close()
+
+
+def test_an_engine_failure_mid_summary_ends_in_the_template_summary(ward_charts):
+    from assistant.summary.composer import compose, template_summary
+
+    chart, findings = ward_charts[0]
+    backend = BatchingFakeBackend(_answer, step_s=0.002)
+    backend.engine.fail_steps = 10_000  # every decode step fails
+    res = compose(chart, findings, backend=backend, now=NOW, mode="per-fact")
+    plain = template_summary(chart, findings, now=NOW)
+    assert all(s.origin == "template" and s.verified for s in res.sentences)
+    assert [s.text for s in res.sentences] == [s.text for s in plain.sentences]
+    assert any("LLM unavailable" in n for n in res.notes)
+    assert res.synopsis and res.synopsis_source == "template"
+    backend.close()
+
+
+def test_the_synopsis_is_submitted_with_the_per_fact_prompts(ward_charts):
+    from assistant.summary.composer import compose
+
+    chart, findings = ward_charts[0]
+    backend = BatchingFakeBackend(_answer)
+    compose(chart, findings, backend=backend, now=NOW, mode="per-fact")
+    kinds = ["fact" if m[-1].content.startswith("FACT: ") else "synopsis" for m in backend.calls]
+    assert kinds.count("synopsis") == 1 and kinds.index("synopsis") == 1  # right after the first fact
+    backend.close()
+
+
+# --- the real model (needs the exported ONNX copy) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def onnx_pair():
+    from assistant.llm.config import LlmSettings
+    from assistant.llm.onnx_backend import OnnxBackend, is_onnx_dir, onnx_copy_dir
+    from assistant.llm.transformers_backend import default_gguf
+    from tests.llm_server import model_cache_dir
+
+    cache = model_cache_dir().parent
+    if not is_onnx_dir(onnx_copy_dir(default_gguf(), cache)):
+        pytest.skip(f"no ONNX export under {cache}: tests/test_llm.py or `make model` prepares it")
+    settings = LlmSettings(backend="onnx", cache_dir=str(cache))
+    return OnnxBackend(settings, batched=False), OnnxBackend(settings, batched=True)
+
+
+FACTS = [
+    "Potassium 5.9 mmol/L (high) at 2026-03-16 04:30",
+    "Dose due: Metoprolol 25 mg PO twice daily due 2026-03-16 09:00",
+    "Creatinine 1.40 mg/dL (high) at 2026-03-15 22:00",
+    "Hemoglobin 9.1 g/dL (low) at 2026-03-16 04:30",
+]
+
+
+def _fact_prompts(facts: list[str]) -> list[list[ChatMessage]]:
+    from assistant.summary.composer import build_fact_messages
+    from assistant.summary.facts import Fact
+
+    return [
+        build_fact_messages(Fact(tag="F1", kind="result", label="x", text=t, provenance=())) for t in facts
+    ]
+
+
+@pytest.mark.slow
+def test_batched_rows_give_the_sequential_greedy_text(onnx_pair):
+    """Rows of different lengths (right-padded, own attention length each) and prompt families (per-fact and
+    synopsis) in one batch: the same greedy text as one generation at a time."""
+    from assistant.summary import synopsis
+    from assistant.summary.composer import SENTENCE_END
+    from assistant.summary.facts import Fact
+
+    sequential, batched = onnx_pair
+    syn = synopsis.build_messages([Fact(tag="F1", kind="result", label="x", text=FACTS[0], provenance=())])
+    prompts = [*_fact_prompts(FACTS), syn]
+    want = [sequential.chat(p, max_tokens=40).text for p in prompts]
+    got = [s.collect().text for s in batched.stream_many(prompts, max_tokens=40)]
+    assert got == want
+    batched.chat(prompts[1], max_tokens=2)
+    assert batched.engine().model.last_reused > 100  # a per-fact prompt found the shared prefix in the cache
+    stopped = [s.collect().text for s in batched.stream_many(prompts[:2], max_tokens=40, stop=SENTENCE_END)]
+    assert all(w.startswith(s.strip()) for s, w in zip(stopped, want, strict=False))
+
+
+@pytest.mark.slow
+def test_two_callers_on_the_real_model_each_get_their_own_text(onnx_pair):
+    sequential, batched = onnx_pair
+    sets = [FACTS[:2], FACTS[2:]]
+    want = [[sequential.chat(p, max_tokens=30).text for p in _fact_prompts(s)] for s in sets]
+    got: dict[int, list[str]] = {}
+
+    def caller(i: int) -> None:
+        got[i] = [s.collect().text for s in batched.stream_many(_fact_prompts(sets[i]), max_tokens=30)]
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert got == {0: want[0], 1: want[1]}
