@@ -604,6 +604,7 @@ class ChartBuilder:
         chart.results.sort(key=lambda r: (r.time or _EPOCH, r.ref))
         chart.administrations.sort(key=lambda a: (a.time or _EPOCH, a.ref))
         chart.notes.sort(key=lambda n: (n.time or _EPOCH, n.ref))
+        chart.isolation.sort(key=lambda i: (i.start or _EPOCH, i.ref))  # the same order from every source
         self._check_stale_latest(chart)
         if self.duplicates:
             self.issues.append(duplicate_issue(self.duplicates, patient.ref))
