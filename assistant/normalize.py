@@ -1050,7 +1050,8 @@ class ChartBuilder:
     def _flag(self, r: dict, ref: str) -> IsolationFact | None:
         """An isolation Flag (a listed SNOMED CT precaution code, or a listed phrase in its words), else None."""
         codes = isolation_codes()
-        if r.get("status") in codes.withdrawn_statuses:
+        raw_status = r.get("status")
+        if isinstance(raw_status, str) and raw_status in codes.withdrawn_statuses:
             return None  # entered in error: it never was true
         # The code decides first: a flag about something else costs nothing when its other fields are malformed.
         code = _get(r, "code", dict, ref)

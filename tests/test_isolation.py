@@ -99,14 +99,16 @@ def test_bad_shapes_become_issues_and_cost_nothing_else() -> None:
     bad_period = flag("bad-period", text="Contact precautions", start=3)
     bad_period["period"]["end"] = "tomorrow"
     no_status = flag("no-status", code=DROPLET, text="Droplet precautions", status=None, start=3)
-    chart = chart_of(bad_code, bad_period, no_status)
+    list_status = flag("list-status", status=["active"], start=3)  # a wrong type costs only that field
+    chart = chart_of(bad_code, bad_period, no_status, list_status)
     issues = {(i.source, i.code, i.severity) for i in chart.issues}
     assert ("Flag/bad-code", "invalid-resource", "error") in issues
     assert ("Flag/bad-period", "invalid-resource", "error") in issues
     assert ("Flag/no-status", "flag-status-unknown", "warning") in issues
     current = {i.ref: i for i in chart.current_isolation(NOW)}
     # An unreadable end keeps the flag shown (the issue says why); a missing status is shown, not hidden.
-    assert set(current) == {"Flag/bad-period", "Flag/no-status"}
+    assert set(current) == {"Flag/bad-period", "Flag/no-status", "Flag/list-status"}
+    assert ("Flag/list-status", "invalid-resource", "error") in issues
     assert current["Flag/no-status"].status == "unknown"
     assert chart.patient.name == "Iso Test"
     iso = views.isolation_status(chart, NOW)
