@@ -52,8 +52,12 @@ def test_the_closing_note_sentence_and_its_variants_are_dropped_with_a_reason(sh
         v, drug = Verifier(sheet), _drug(f)
         amount = next(a for a in f.atoms if a.role == "ordered" and a.value is not None and a.unit)
         dose = f"{amount.value:g} {amount.unit}"
+        # the closing note's sentence: "due to <drug>" is the role word "due" before a drug, with no time of its own
         reported = v.verify(f"Dose was due to {drug} {dose}, given {_t(given.time)} [{f.tag}].")
-        assert not reported.verified and "'due to' states a cause" in (reported.reason or "")
+        assert not reported.verified and "'due' has no time of its own" in (reported.reason or "")
+        assert v.verify(f"Dose was due to {drug} at {_t(due.time)} [{f.tag}].").verified
+        caused = v.verify(f"{drug} {dose} was given due to high risk at {_t(given.time)} [{f.tag}].")
+        assert not caused.verified and "'due to' states a cause" in (caused.reason or "")
         undated = v.verify(f"Dose was due, {drug} {dose}, given {_t(given.time)} [{f.tag}].")
         assert not undated.verified and "'due' has no time of its own" in (undated.reason or "")
         # the same facts said with each role's own time pass, however ordered

@@ -541,7 +541,18 @@ def _extract(text: str, now: datetime | None = None) -> Claims:
     for mt in _CUE_WORD_RE.finditer(work):
         word = " ".join(mt.group(1).lower().split())
         mentions.append(_Mention(mt.start(), mt.end(), "cue", _CUE_ROLE.get(word, word)))
-    c.causes = {p for p in roles_config()["cause_phrases"] if re.search(rf"\b{re.escape(p)}\b", work, re.I)}
+    # "Dose was due to vancomycin ..." is the role word "due" before a drug (a dose of it was due), not a cause
+    dose_due: list[tuple[int, int]] = []
+    for mt in re.finditer(r"\bdue\s+to\b", work, re.I):
+        nxt = min((x for x in mentions if x.start >= mt.end()), key=lambda x: x.start, default=None)
+        if nxt is not None and nxt.kind == "subject" and nxt.data[0] != "analyte":  # type: ignore[index]
+            if not re.search(r"[;:.]", work[mt.end() : nxt.start]):
+                mentions.append(_Mention(mt.start(), mt.end(), "role", ("due", "due")))
+                dose_due.append(mt.span())
+    causal = work
+    for a, b in dose_due:
+        causal = causal[:a] + " " * (b - a) + causal[b:]
+    c.causes = {p for p in roles_config()["cause_phrases"] if re.search(rf"\b{re.escape(p)}\b", causal, re.I)}
     for mt in _BREAK_RE.finditer(work):
         mentions.append(_Mention(mt.start(), mt.end(), "break"))
 
@@ -648,7 +659,7 @@ def _bind(c: Claims, mentions: list[_Mention], text: str) -> None:
         if deferred is not None:
             c.roles.append(deferred)
             deferred = None
-        _bind_cues(c, clause, clause_values, consumed)
+        _bind_cues(c, clause, clause_values, consumed, text)
         clause.clear()
         clause_values.clear()
 
@@ -738,16 +749,25 @@ def _bind(c: Claims, mentions: list[_Mention], text: str) -> None:
     close_clause()
 
 
+_COMPARED_RE = re.compile(
+    r"\b(above|below|over|under|beyond|exceed\w*|more than|less than|greater than|higher than|lower than|than|"
+    r"from|since|versus|vs|compared (?:with|to))\b[^;:,.]{0,20}$|[<>≥≤][^;:,.]{0,20}$",
+    re.I,
+)
+
+
 def _bind_cues(
-    c: Claims, clause: list[_Mention], values: list[tuple[int, ValueClaim]], consumed: set[int]
+    c: Claims, clause: list[_Mention], values: list[tuple[int, ValueClaim]], consumed: set[int], text: str
 ) -> None:
     """A cue word that is not right before its number: 'latest potassium was 5.9' (the value after the test's
-    name), '4.6 mmol/L, the previous value' (the value just before); with no value at all it is unbound."""
+    name), '4.6 mmol/L, the previous value' (the value just before); with no value at all, or as the object of a
+    comparison ('5.9, above the threshold', 'up from the previous value'), it names no value of its own."""
     for mn in clause:
         if mn.kind != "cue" or mn.start in consumed:
             continue
         cue: str = mn.data  # type: ignore[assignment]
-        before = [v for pos, v in values if pos < mn.start]
+        compared = bool(_COMPARED_RE.search(text[max(0, mn.start - 40) : mn.start]))
+        before = [] if compared else [v for pos, v in values if pos < mn.start]
         after = [v for pos, v in values if pos > mn.start]
         names_next = after and any(x.kind == "subject" and mn.end <= x.start < after[0].start for x in clause)
         if after and (names_next or not before) and after[0].cue is None:
@@ -755,7 +775,7 @@ def _bind_cues(
         elif before:
             if before[-1].cue is None:
                 before[-1].cue = cue
-        elif after:
+        elif after and not compared:
             continue  # the next value already says which it is
         else:
             subject = next(
