@@ -75,6 +75,7 @@ pages.append(
     st.Page(PAGES / "status.py", title="Settings and status", icon=":material/settings:", url_path="status")
 )
 render.start_llm_warmup(services.app_config())  # once per server process, in the background
+services.settle_process()  # once per server process, before any chart is read
 nav = st.navigation(pages)
 with st.sidebar:
     render.user_box(user)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import sqlite3
 import threading
@@ -48,6 +49,30 @@ DEMO_DIRNAME = "demo-ward"
 DEMO_WARD_REF = "Location/ward-4b"
 SEVERITIES = ("high", "medium", "low")
 _DEMO_LOCK = threading.Lock()
+_FROZEN = threading.Event()
+_FREEZE_LOCK = threading.Lock()
+
+
+def settle_process() -> None:
+    """Once per server process, before any chart is read: load the non-patient resources every page needs (rule
+    catalogue, connectors) and move every object alive so far out of the cyclic GC's reach (gc.freeze).
+
+    Why: a census builds ~23 charts per session, which triggers a full collection during the run; without this it
+    walks every module object (pandas, altair, streamlit) each time, 0.3-1 s on 2 shared cores (issue 15 census
+    budget). app.py calls this before the first page runs, so what is frozen is modules and catalogues; nothing is
+    shared between sessions by it (frozen objects are still freed by reference counting)."""
+    if _FROZEN.is_set():
+        return
+    with _FREEZE_LOCK:
+        if _FROZEN.is_set():
+            return
+        import connectors  # noqa: F401 - imported here so its module objects are frozen too
+        from assistant.rules.engine import default_catalogue
+
+        default_catalogue()
+        gc.collect()
+        gc.freeze()
+        _FROZEN.set()
 
 
 # --- who is using the app ------------------------------------------------------------------------------
