@@ -278,4 +278,12 @@ def test_isolation_in_the_census_row_and_patient_header(
     screenshot(page, Path(SHOTS or tmp_path) / "patient-isolation.png", max_height=1400)
     page.goto(f"{base}/?patient={none.patient_id}")
     wait_rendered(page, ("Isolation:", "No isolation charted"), timeout=180)
+    # The I-PASS handoff says it in the same words, first in the patient's summary.
+    page.goto(f"{base}/handoff")
+    wait_rendered(page, ("Ward handoff", "I — Illness severity"), timeout=180)
+    page.get_by_text("Print-friendly layout").click()  # every patient's I-PASS drawn (not only the top three)
+    wait_rendered(page, ("Ward overview", iso.text), timeout=180)
+    printed = _text(page)
+    assert iso.badge in printed and printed.index(iso.badge) < printed.index(iso.text)  # overview row first
+    screenshot(page, Path(SHOTS or tmp_path) / "handoff-isolation.png", max_height=2400)
     page.close()

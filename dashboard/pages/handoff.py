@@ -53,6 +53,12 @@ def pending_text(item: object) -> str:
     return text
 
 
+def isolation_badge(r: services.HandoffRow) -> str:
+    """'ISOLATION · Contact' / 'ISOLATION NOT RETRIEVED' from the core's header ('' when none is charted)."""
+    iso = getattr(getattr(r.view, "header", None), "isolation", None)
+    return iso.badge if iso is not None else ""
+
+
 def patient_name(r: services.HandoffRow) -> str:
     return r.view.chart.patient.name if r.view.chart else f"Patient/{r.patient_id}"
 
@@ -65,7 +71,12 @@ table = pd.DataFrame(
             "NEWS2": r.view.news2_total,
             "Severity": one_line(r.level),
             "Flags": services.flag_counts(r.view),
-            "Top flags": one_line("; ".join(f"{f.severity.upper()}: {f.title}" for f in r.view.findings[:2])),
+            "Top flags": one_line(
+                "; ".join(
+                    [isolation_badge(r)] * bool(isolation_badge(r))
+                    + [f"{f.severity.upper()}: {f.title}" for f in r.view.findings[:2]]
+                )
+            ),
             "Pending": one_line(
                 "; ".join(pending_text(p) for p in r.pending[:3])
                 + (f" (+{len(r.pending) - 3})" if len(r.pending) > 3 else "")
