@@ -331,3 +331,23 @@ def test_patient_page_shows_isolation_in_the_header(ward, monkeypatch, tmp_path)
         assert "**Isolation:** :gray[No isolation charted]" in text
     finally:
         config.set_option("server.address", old_address)
+
+
+def test_nva_census_text_names_isolation(ward) -> None:
+    from assistant.cli import main
+
+    out_dir, keys = ward
+    out = io.StringIO()
+    assert main(["census", str(out_dir), "--ward", "4B Med-Surg", "--now", NOW.isoformat()], out=out) == 0
+    text = out.getvalue()
+    chart = BundleDirSource(out_dir).patient_chart(keys["p11"])
+    block = text.split(chart.patient_ref, 1)[1].split("\nbed ", 1)[0]
+    iso = views.isolation_status(chart, NOW)
+    assert f"{iso.text}  ({iso.ref})" in block
+    src = BundleDirSource(out_dir)
+    charted = [
+        e.patient_id
+        for e in src.ward_census("Location/ward-4b")
+        if views.isolation_status(src.patient_chart(e.patient_id), NOW).status == "charted"
+    ]
+    assert len(charted) >= 2 and text.count("ISOLATION: ") == len(charted)  # none charted prints nothing

@@ -148,6 +148,10 @@ def census_text(ward: Any) -> str:
             news += " (incomplete)"
         age = f" ({r.age})" if r.age is not None else ""
         lines.append(f"{r.bed or '-'}  {r.name}{age}  {news}  [{r.acuity.label}]  {r.patient_ref}")
+        # Isolation (assistant.views.Isolation) when charted or not retrieved; nothing when none is charted.
+        iso = getattr(r, "isolation", None)
+        if iso is not None and iso.status != "none":
+            lines.append(f"    {iso.text}" + (f"  ({', '.join(iso.refs)})" if iso.refs else ""))
         for b in r.badges:
             lines.append(f"    {b.severity.upper()}: {b.title}")
         for d in r.due_next_hour:
