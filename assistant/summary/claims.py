@@ -543,12 +543,18 @@ def _extract(text: str, now: datetime | None = None) -> Claims:
         mentions.append(_Mention(mt.start(), mt.end(), "cue", _CUE_ROLE.get(word, word)))
     # "Dose was due to vancomycin ..." is the role word "due" before a drug (a dose of it was due), not a cause
     dose_due: list[tuple[int, int]] = []
-    for mt in re.finditer(r"\bdue\s+to\b", work, re.I):
+    for mt in re.finditer(r"\b(doses?\s+(?:(?:was|is|were|are)\s+)?)?due\s+to\b", work, re.I):
         nxt = min((x for x in mentions if x.start >= mt.end()), key=lambda x: x.start, default=None)
-        if nxt is not None and nxt.kind == "subject" and nxt.data[0] != "analyte":  # type: ignore[index]
-            if not re.search(r"[;:.]", work[mt.end() : nxt.start]):
-                mentions.append(_Mention(mt.start(), mt.end(), "role", ("due", "due")))
-                dose_due.append(mt.span())
+        drug_next = (
+            nxt is not None
+            and nxt.kind == "subject"
+            and nxt.data[0] != "analyte"  # type: ignore[index]
+            and not re.search(r"[;:.]", work[mt.end() : nxt.start])
+        )
+        if mt.group(1) or drug_next:  # "Dose was due to prednisone ...": a drug the terminology may not know
+            start = mt.start() + mt.group(0).lower().rfind("due")
+            mentions.append(_Mention(start, mt.end(), "role", ("due", "due")))
+            dose_due.append((start, mt.end()))
     causal = work
     for a, b in dose_due:
         causal = causal[:a] + " " * (b - a) + causal[b:]
