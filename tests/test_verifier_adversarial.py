@@ -354,6 +354,21 @@ def test_every_wrong_sentence_of_synthea_patients_is_dropped(synthea_sheets, gro
     assert not passed, f"{group}: shown although wrong: {passed}"
 
 
+@pytest.mark.parametrize(
+    "gen", [role_without_its_own_time, role_against_the_record_status, cue_without_its_own_value]
+)
+def test_role_and_cue_classes_are_dropped_on_every_demo_patient(demo_sheets, gen):
+    """The role-word classes beyond the per-class sample: every sentence of the whole ward (a few hundred)."""
+    verifiers = _verifiers(demo_sheets)
+    total, passed = 0, []
+    for source, sheet in demo_sheets:
+        for sentence in gen(sheet):
+            total += 1
+            if verifiers[id(sheet)].verify(sentence).verified:
+                passed.append((source, sentence))
+    assert total >= 50 and not passed, (total, passed[:5])
+
+
 def test_the_suite_has_at_least_80_sentences_in_every_class(demo_sheets):
     cases = _cases(demo_sheets)
     assert sum(len(v) for v in cases.values()) >= 80
