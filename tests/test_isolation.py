@@ -296,41 +296,63 @@ def test_bulk_export_and_ndjson_carry_flags(ward, fhir_server_factory, tmp_path)
 # --- dashboard ----------------------------------------------------------------------------------------------
 
 
-def test_patient_page_shows_isolation_in_the_header(ward, monkeypatch, tmp_path) -> None:
+@pytest.fixture
+def local_app(monkeypatch, tmp_path):
+    """The dashboard in local demo mode on a source the test names (AppTest, loopback only)."""
     pytest.importorskip("streamlit")
     from streamlit import config
-    from streamlit.testing.v1 import AppTest
 
     from dashboard import services
 
-    out, keys = ward
     monkeypatch.setattr(services, "auth_configured", lambda: False)
     old_address = config.get_option("server.address")
     config.set_option("server.address", "127.0.0.1")
     for name, value in {
-        "NVA_SOURCE": str(out),
         "NVA_LLM_BACKEND": "none",
         "NVA_DATA_DIR": str(tmp_path / "data"),
         "NVA_SECRETS_FILE": str(tmp_path / "no-secrets.toml"),
     }.items():
         monkeypatch.setenv(name, value)
-    try:
-        app = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
-        at = AppTest.from_file(app, default_timeout=60)
-        at.query_params["patient"] = keys["u2"]
+
+    def open_patient(source: str, patient_id: str):
+        from streamlit.testing.v1 import AppTest
+
+        monkeypatch.setenv("NVA_SOURCE", source)
+        at = AppTest.from_file(
+            str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py"), default_timeout=90
+        )
+        at.query_params["patient"] = patient_id
         at.run()
         assert not at.exception, [e.value for e in at.exception]
-        html = "\n".join(h.value for h in at.get("html"))
-        line = next(m for m in html.splitlines() if "nva-isolation" in m)
-        iso = views.isolation_status(BundleDirSource(out).patient_chart(keys["u2"]), NOW)
-        assert 'class="nva-isolation"' in line and f"<strong>{iso.badge}</strong>" in line
-        assert "Contact precautions — C. difficile (since " in line and f"({iso.ref})" in line
-        at.query_params["patient"] = keys["p01"]
-        at.run()
-        text = "\n".join(m.value for m in at.markdown)
-        assert "**Isolation:** :gray[No isolation charted]" in text
-    finally:
-        config.set_option("server.address", old_address)
+        return at
+
+    yield open_patient
+    config.set_option("server.address", old_address)
+
+
+def test_patient_page_says_isolation_not_retrieved_when_the_server_refuses_flag(
+    ward, local_app, fhir_server_factory
+) -> None:
+    out, keys = ward
+    server = fhir_server_factory(out, everything=False, unserved_types={"Flag"})
+    at = local_app(server.base_url, keys["u2"])
+    html = "\n".join(h.value for h in at.get("html"))
+    line = next(m for m in html.splitlines() if "nva-isolation" in m)
+    assert 'class="nva-isolation unknown"' in line and "ISOLATION NOT RETRIEVED" in line
+    assert "Isolation not retrieved" in line and "No isolation charted" not in html
+
+
+def test_patient_page_shows_isolation_in_the_header(ward, local_app) -> None:
+    out, keys = ward
+    at = local_app(str(out), keys["u2"])
+    html = "\n".join(h.value for h in at.get("html"))
+    line = next(m for m in html.splitlines() if "nva-isolation" in m)
+    iso = views.isolation_status(BundleDirSource(out).patient_chart(keys["u2"]), NOW)
+    assert 'class="nva-isolation"' in line and f"<strong>{iso.badge}</strong>" in line
+    assert "Contact precautions — C. difficile (since " in line and f"({iso.ref})" in line
+    at = local_app(str(out), keys["p01"])
+    text = "\n".join(m.value for m in at.markdown)
+    assert "**Isolation:** :gray[No isolation charted]" in text
 
 
 def test_nva_census_text_names_isolation(ward) -> None:
