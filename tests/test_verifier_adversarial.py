@@ -220,11 +220,13 @@ def role_against_the_record_status(sheet: FactSheet) -> Iterator[str]:
 
 def cue_without_its_own_value(sheet: FactSheet) -> Iterator[str]:
     """A value cue word (latest, previous) away from its number, or with none: the earlier value called latest."""
-    for f, _latest, prev in _results(sheet):
+    for f, latest, prev in _results(sheet):
         p, u = _v(prev, f.analyte), _u(prev)
         yield f"{f.label} was {p} {u} at {_t(prev.time)}, the latest value [{f.tag}]."
         yield f"{f.label} {p} {u} is the most recent result [{f.tag}]."
         yield f"The previous {f.label} result is charted [{f.tag}]."
+        if latest.direction in ("rising", "falling"):
+            yield f"{f.label} is {latest.direction} from admission [{f.tag}]."  # a trend's origin with no value
 
 
 ERROR_CLASSES: dict[str, Callable[[FactSheet], Iterator[str]]] = {

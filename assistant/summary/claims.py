@@ -367,7 +367,7 @@ _ROLE_NAMES = {
 # Value cue words that may stand apart from their number ("latest potassium was 5.9", "4.6 mmol/L, the previous
 # value"); a cue word right before its number is read by _CUE_RE.
 _CUE_WORD_RE = re.compile(
-    r"\b(previous(?:ly)?|prior|earlier|baseline|latest|most recent|newest|threshold)\b", re.I
+    r"\b(previous(?:ly)?|prior|earlier|baseline|latest|most recent|newest|threshold|from)\b", re.I
 )
 STOPWORDS = frozenset(
     """a an the of for with on at in to and or by from as is are was were be been being this that
@@ -540,7 +540,10 @@ def _extract(text: str, now: datetime | None = None) -> Claims:
         mentions.append(_Mention(mt.start(), mt.end(), "role", (_ROLE_NAMES.get(word, word), word)))
     for mt in _CUE_WORD_RE.finditer(work):
         word = " ".join(mt.group(1).lower().split())
-        mentions.append(_Mention(mt.start(), mt.end(), "cue", _CUE_ROLE.get(word, word)))
+        # "from" is kept as itself: it names a trend's earlier value only beside a direction ("rising from")
+        mentions.append(
+            _Mention(mt.start(), mt.end(), "cue", word if word == "from" else _CUE_ROLE.get(word, word))
+        )
     # "Dose was due to vancomycin ..." is the role word "due" before a drug (a dose of it was due), not a cause
     dose_due: list[tuple[int, int]] = []
     for mt in re.finditer(r"\b(doses?\s+(?:(?:was|is|were|are)\s+)?)?due\s+to\b", work, re.I):
@@ -772,6 +775,14 @@ def _bind_cues(
         if mn.kind != "cue" or mn.start in consumed:
             continue
         cue: str = mn.data  # type: ignore[assignment]
+        if cue == "from":
+            # "falling from admission": a trend's origin with no value; "a note from nursing" is no cue at all
+            after_from = any(pos > mn.start for pos, _ in values)
+            trend = any(x.kind == "qual" and x.data in ("rising", "falling") for x in clause)
+            if trend and not after_from:
+                subject = next((x.data for x in clause if x.kind == "subject"), None)
+                c.unbound_cues.append(("from", subject))  # type: ignore[arg-type]
+            continue
         compared = bool(_COMPARED_RE.search(text[max(0, mn.start - 40) : mn.start]))
         before = [] if compared else [v for pos, v in values if pos < mn.start]
         after = [v for pos, v in values if pos > mn.start]
