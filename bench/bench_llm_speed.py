@@ -23,8 +23,18 @@ from bench.common import median, patient_views, stamp, table  # noqa: E402
 from connectors import open_source  # noqa: E402
 
 ANCHOR_ISO = "2026-03-16T07:00:00+00:00"
-OPTIONS = ("onnx-int8", "onnx-int4", "transformers", "transformers-batched", "llama-cpp")
+OPTIONS = ("onnx-sequential", "onnx-batched")  # the default run: the chosen path, before and after batching
+ALL_OPTIONS = (
+    "onnx-sequential",
+    "onnx-batched",
+    "onnx-int8",
+    "onnx-int4",
+    "transformers",
+    "transformers-batched",
+    "llama-cpp",
+)
 SECTION = "## Embedded model speed options (issue 16)"
+BATCH_SECTION = "## Embedded model: sequential vs batched (issue 16)"
 SPEED_FACT = "Potassium 5.9 mmol/L (high) at 2026-03-16 04:30"
 
 
@@ -91,14 +101,19 @@ def _summaries(backend: Any, views: list[Any], timeout: float) -> dict[str, Any]
 
 def _concurrent(backend: Any, views: list[Any], timeout: float) -> list[float]:
     """Two patients opened at once (two threads, as two dashboard sessions): each one's whole-summary time."""
+    return [t for t, _ in _pair(backend, views, timeout)]
+
+
+def _pair(backend: Any, views: list[Any], timeout: float) -> list[tuple[float, float | None]]:
+    """Two patients at once: (whole summary s, first verified model sentence s) for each."""
     from assistant import pipeline
 
-    out: list[float] = [0.0, 0.0]
+    out: list[tuple[float, float | None]] = [(0.0, None), (0.0, None)]
 
     def one(i: int) -> None:
         t0 = time.perf_counter()
-        pipeline.summary_stream(views[i], backend, (), timeout=timeout).collect()
-        out[i] = time.perf_counter() - t0
+        res = pipeline.summary_stream(views[i], backend, (), timeout=timeout).collect()
+        out[i] = (time.perf_counter() - t0, res.first_llm_sentence_s)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
     for t in threads:
@@ -106,6 +121,29 @@ def _concurrent(backend: Any, views: list[Any], timeout: float) -> list[float]:
     for t in threads:
         t.join()
     return out
+
+
+def _rows_speed(backend: Any, views: list[Any]) -> dict[str, float]:
+    """Aggregate decode rate of one patient's per-fact prompts submitted together (all rows, wall clock)."""
+    from assistant.summary.composer import (
+        PER_FACT_KINDS,
+        PER_FACT_LIMIT,
+        PER_FACT_MAX_TOKENS,
+        build_fact_messages,
+    )
+    from assistant.summary.facts import build_fact_sheet
+
+    tokens, wall = 0, 0.0
+    for view in views[:3]:
+        sheet = build_fact_sheet(view.chart, view.findings, now=view.now)
+        facts = [f for f in sheet.facts if f.kind in PER_FACT_KINDS and not f.quoted][:PER_FACT_LIMIT]
+        t0 = time.perf_counter()
+        streams = backend.stream_many(
+            [build_fact_messages(f) for f in facts], max_tokens=PER_FACT_MAX_TOKENS, temperature=0.0
+        )
+        tokens += sum(s.collect().completion_tokens or 0 for s in streams)
+        wall += time.perf_counter() - t0
+    return {"rows_tokens": tokens, "rows_wall_s": wall}
 
 
 def _batched_generate(views: list[Any], runs: int) -> dict[str, Any]:
@@ -145,7 +183,15 @@ def _batched_generate(views: list[Any], runs: int) -> dict[str, Any]:
     return {"batch_totals": totals, "batch_tokens": tokens}
 
 
-def worker(option: str, ward: Path, limit: int | None, timeout: float, work: Path) -> dict[str, Any]:
+def worker(
+    option: str,
+    ward: Path,
+    limit: int | None,
+    timeout: float,
+    work: Path,
+    model_cache: str | None = None,
+    pairs: int = 6,
+) -> dict[str, Any]:
     """One option in its own process, so peak RSS and first-run preparation are its own."""
     from assistant.llm import make_backend
 
@@ -157,7 +203,18 @@ def worker(option: str, ward: Path, limit: int | None, timeout: float, work: Pat
         out["prepare_s"] = None
         out["peak_rss_mb"] = _peak_rss_mb()
         return out
-    if option.startswith("onnx"):
+    if option in ("onnx-sequential", "onnx-batched"):
+        from assistant.llm.config import LlmSettings
+        from assistant.llm.onnx_backend import OnnxBackend, prepare_onnx
+        from assistant.llm.transformers_backend import default_gguf
+
+        cache = Path(model_cache) if model_cache else work / "models"
+        c0 = time.perf_counter()
+        path, _ = prepare_onnx(default_gguf(), cache)
+        out["prepare_s"] = time.perf_counter() - c0
+        settings = LlmSettings(backend="onnx", model_path=str(path), timeout=timeout)
+        backend = OnnxBackend(settings, batched=option == "onnx-batched")
+    elif option.startswith("onnx"):
         from assistant.llm.onnx_backend import prepare_onnx
         from assistant.llm.transformers_backend import default_gguf
 
@@ -219,9 +276,23 @@ def worker(option: str, ward: Path, limit: int | None, timeout: float, work: Pat
     out["load_total_s"] = time.perf_counter() - t0
     out["tokens_per_s"], out["first_token_s"] = _decode_speed(backend)
     out.update(_summaries(backend, views, timeout))
+    if option in ("onnx-sequential", "onnx-batched"):
+        out.update(_rows_speed(backend, views))
+        # pairs of demo-ward patients opened at once; each pair against the same two alone (from _summaries)
+        out["pairs"] = []
+        for k in range(min(pairs, len(views) // 2)):
+            both = _pair(backend, views[2 * k : 2 * k + 2], timeout)
+            out["pairs"].append(
+                {
+                    "together": [t for t, _ in both],
+                    "first_llm": [f for _, f in both],
+                    "alone": out["totals"][2 * k : 2 * k + 2],
+                }
+            )
     out["concurrent"] = _concurrent(backend, views[:2], timeout)
     out["single"] = out["totals"][:2]
     out["peak_rss_mb"] = _peak_rss_mb()
+    out["load_end"] = os.getloadavg()[0]
     return out
 
 
@@ -236,12 +307,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slow-patients", type=int, default=4, help="patients for the transformers option")
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--out", default="docs/BENCHMARKS_summary.md")
+    ap.add_argument("--pairs", type=int, default=6, help="pairs of patients opened at once (onnx-* options)")
+    ap.add_argument(
+        "--model-cache", help="folder holding (or to hold) the ONNX export (default: a temp folder)"
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--ward", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        res = worker(args.worker, Path(args.ward), args.patients or None, args.timeout, Path(args.work))
+        res = worker(
+            args.worker,
+            Path(args.ward),
+            args.patients or None,
+            args.timeout,
+            Path(args.work),
+            args.model_cache,
+            args.pairs,
+        )
         sys.stdout.write("RESULT " + json.dumps(res) + "\n")
         return 0
 
@@ -253,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         n = args.slow_patients if option.startswith("transformers") else args.patients
         cmd = [sys.executable, "-m", "bench.bench_llm_speed", "--worker", option, "--ward", str(ward)]
         cmd += ["--work", str(tmp), "--patients", str(n), "--timeout", str(args.timeout)]
+        cmd += ["--pairs", str(args.pairs)] + (
+            ["--model-cache", args.model_cache] if args.model_cache else []
+        )
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
@@ -262,17 +348,85 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{option}: {results[-1]}\n")
     shutil.rmtree(tmp, ignore_errors=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    text = render(results)
+    compared = [r for r in results if r["option"] in ("onnx-sequential", "onnx-batched")]
+    others = [r for r in results if r not in compared]
+    text, section = (render_batched(compared), BATCH_SECTION) if compared else (render(others), SECTION)
+    if compared and others:
+        text += render(others)
     out = Path(args.out)
     doc = out.read_text(encoding="utf-8") if out.is_file() else ""
     # this script's section replaces its previous run; the rest of the page (bench_summary's) stays
-    start = doc.find(SECTION)
+    start = doc.find(section)
     if start >= 0:
-        end = doc.find("\n## ", start + len(SECTION))
+        end = doc.find("\n## ", start + len(section))
         doc = doc[:start].rstrip("\n") + (doc[end:] if end >= 0 else "")
     out.write_text(doc.rstrip("\n") + "\n" + text, encoding="utf-8")
     sys.stdout.write(text)
     return 0
+
+
+def _survival(r: dict[str, Any]) -> str:
+    return f"{r['llm_verified']}/{r['llm_written']} ({r['llm_verified'] / max(1, r['llm_written']):.0%})"
+
+
+def render_batched(results: list[dict[str, Any]]) -> str:
+    """Sequential cached engine vs the batched scheduler, same run, same patients."""
+    rows, notes = [], []
+    for r in results:
+        if "skipped" in r:
+            notes.append(f"{r['option']}: not run ({r['skipped']})")
+            continue
+        ratios = [max(p["together"]) / (sum(p["alone"]) / 2) for p in r["pairs"] if p["alone"]]
+        firsts2 = [f for p in r["pairs"] for f in p["first_llm"] if f is not None]
+        rows.append(
+            [
+                r["option"],
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['rows_tokens'] / r['rows_wall_s']:.1f}" if r.get("rows_wall_s") else "n/a",
+                _s(r["first_llm"]),
+                _s(r["totals"]),
+                f"{median(ratios):.2f}x / {max(ratios):.2f}x ({len(ratios)} pairs)" if ratios else "n/a",
+                _s(firsts2),
+                _survival(r),
+                f"{r['synopsis_llm_patients']}/{r['patients']}",
+                f"{r['peak_rss_mb']:.0f} MB",
+            ]
+        )
+        notes.append(
+            f"{r['option']}: {r['patients']} patients; load + warm-up {r['load_total_s']:.1f} s "
+            f"(warm-up {r['warm_s']:.1f} s); load average at its end {r.get('load_end', float('nan')):.1f}"
+        )
+    headers = [
+        "engine",
+        "decode tokens/s (one prompt)",
+        "tokens/s, a patient's per-fact prompts together",
+        "first verified model sentence (median / max)",
+        "whole summary incl. synopsis (median / max)",
+        "two patients at once: slower / same two alone (median / max)",
+        "first verified sentence, two at once (median / max)",
+        "model sentences verified",
+        "synopsis model-written",
+        "peak RSS",
+    ]
+    return "\n".join(
+        [
+            "",
+            BATCH_SECTION,
+            "",
+            f"Run {stamp()}. Load average at the end: {os.getloadavg()[0]:.1f} (shared machine: figures move with "
+            "the load). Dashboard path (`pipeline.summary_stream`, flags in their own column), demo ward seed 7, "
+            "greedy, model warmed at start. Each engine in its own process, same patients. Targets: first verified "
+            "model sentence <= 1 s, whole summary <= 5 s, two patients at once <= 1.5x one.",
+            "",
+            table(headers, rows),
+            "",
+            *[f"- {n}" for n in notes],
+            "",
+            "Reproduce: `.venv/bin/python -m bench.bench_llm_speed` (`--patients`, `--pairs`, `--model-cache DIR` "
+            "to reuse an export; `--options onnx-int8,onnx-int4,transformers,...` for the older side-by-side).",
+            "",
+        ]
+    )
 
 
 def render(results: list[dict[str, Any]]) -> str:

@@ -124,6 +124,13 @@ def test_an_engine_error_fails_the_rows_of_that_step_and_the_next_requests_are_s
     bad.close()
 
 
+def test_sampled_rows_stay_within_their_own_answer():
+    backend = BatchingFakeBackend(_echo)
+    text = backend.stream(_prompt("hot"), max_tokens=50, temperature=0.7).collect().text
+    assert text == "answer to hot ends here."  # peaked logits: sampling can only pick the row's own word
+    backend.close()
+
+
 def test_default_stream_many_starts_each_call_only_when_read():
     scripted = ScriptedBackend(["One. Two.", "Three. Four."])
     streams = scripted.stream_many([_prompt("a"), _prompt("b")], max_tokens=9, stop=r"[.!?]\s")

@@ -98,7 +98,8 @@ def choose(logits: np.ndarray, temperature: float, rng: np.random.Generator | No
     """Greedy (temperature 0) or top-50 sampling from one row's logits."""
     if temperature <= 0 or rng is None:
         return int(np.argmax(logits))
-    top = np.argpartition(logits, -50)[-50:]
+    k = min(50, logits.shape[-1])
+    top = np.argpartition(logits, -k)[-k:]
     z = logits[top].astype(np.float64) / temperature
     p = np.exp(z - z.max())
     return int(top[rng.choice(len(top), p=p / p.sum())])

@@ -127,7 +127,7 @@ class FakeBatchModel:
         import numpy as np
 
         out = np.zeros(width or len(self.vocab), dtype=np.float32)
-        out[answer[pos] if pos < len(answer) else 0] = 1.0
+        out[answer[pos] if pos < len(answer) else 0] = 100.0  # sampling, too, can only pick this word
         return out
 
     def prefill(self, ids: list[int]) -> tuple[Any, Any]:

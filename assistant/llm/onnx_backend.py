@@ -396,12 +396,16 @@ class OnnxBatchModel:
         rows = len(keep) + len(new)
         cap = -(-(max(lengths) + KV_HEADROOM) // 32) * 32
         idx = np.asarray(list(keep), dtype=np.int64)
+        old = batch.release() if batch is not None else None  # consumed: freed layer by layer below
         arrays = []
         for j in range(2 * self.layers):
             a = np.zeros((rows, self.kv_heads, cap, self.head_size), self.kv_dtype)
-            if len(idx) and batch is not None:
-                w = min(cap, batch.arrays[j].shape[2])
-                a[: len(idx), :, :w] = batch.arrays[j][idx, :, :w]
+            if old is not None:
+                src, old[j] = old[j], None  # at most one layer held twice (peak memory)
+                if len(idx):
+                    w = min(cap, src.shape[2])
+                    a[: len(idx), :, :w] = src[idx, :, :w]
+                del src
             for i, cache in enumerate(new):
                 n = cache[j].shape[2]
                 a[len(idx) + i, :, :n] = cache[j][0]
@@ -438,6 +442,12 @@ class _KvBatch:
             value = ort.OrtValue.ortvalue_from_numpy(a)  # shares the numpy array's memory
             self.io.bind_ortvalue_input(past, value)
             self.io.bind_ortvalue_output(present, value)
+
+    def release(self) -> list[Any]:
+        """Give up the buffers (the binding goes, so each layer's array is freed once the caller drops it)."""
+        arrays, self.arrays = self.arrays, []
+        self.io = None  # type: ignore[assignment]
+        return arrays
 
 
 class BatchEngine:
