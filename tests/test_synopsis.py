@@ -134,3 +134,23 @@ def test_embedded_model_synopsis_is_verified_or_template(sheet):
     v = Verifier(sheet)
     for s in syn.sentences:
         assert s.verified and v.verify(s.raw, origin=s.origin).verified
+
+
+def test_a_synopsis_started_early_is_read_from_its_stream(sheet):
+    """The composer submits the synopsis with the per-fact prompts; compose_synopsis then reads that stream."""
+    from assistant.llm.fake import BatchingFakeBackend
+    from assistant.summary.synopsis import SYNOPSIS_MAX_TOKENS, synopsis_request
+
+    facts = synopsis_facts(sheet)
+    answer = " ".join(_tagged(f) for f in facts[:2] if f.sentence)
+    backend = BatchingFakeBackend([answer])
+    messages = synopsis_request(sheet, backend)
+    assert messages == build_messages(synopsis_facts(sheet, SMALL_MODEL_FACTS))  # small model: fewer facts
+    (stream,) = backend.stream_many([messages], max_tokens=SYNOPSIS_MAX_TOKENS)
+    syn = compose_synopsis(sheet, backend, stream=stream)
+    assert syn.source == "llm" and syn.sentences and len(backend.calls) == 1  # no second request
+    assert synopsis_request(sheet, None) is None
+    # a stream handed over for a backend that cannot be used is closed, and the template synopsis shown
+    (unused,) = backend.stream_many([messages], max_tokens=SYNOPSIS_MAX_TOKENS)
+    assert compose_synopsis(sheet, None, stream=unused).source == "template"
+    backend.close()
