@@ -352,21 +352,32 @@ def audit_patients(
     *,
     origin: str,
     progress: Callable[[int, int], None] | None = None,
+    period: tuple[datetime, datetime] | None = None,
 ) -> list[dict[str, Any]]:
-    """The audit runner's per-patient step over some patients (the dashboard's "audit this ward")."""
+    """The audit runner's per-patient step over some patients (the dashboard's "audit this ward"); with `period`
+    (start, end) the retrospective audit's episodes, as `nva audit --period`."""
     from assistant.audit.runner import audit_record
+    from assistant.audit.unit import Judgement
     from assistant.rules.engine import default_catalogue
     from connectors.base import PatientRecord
     from connectors.errors import FhirError
 
     catalogue = default_catalogue()
+    judgement = Judgement(now=now.isoformat())
+    if period is not None:
+        judgement = Judgement(
+            now=now.isoformat(),
+            retrospective=True,
+            period_start=as_utc(period[0]).isoformat(),
+            period_end=as_utc(period[1]).isoformat(),
+        )
     rows = []
     for i, pid in enumerate(patient_ids):
         try:
             record = source.patient_resources(pid)
         except FhirError as exc:
             record = PatientRecord(patient_id=pid, error=exc, origin=origin)
-        rows.append(audit_record(record, now, catalogue))
+        rows.append(audit_record(record, now, catalogue, judgement))
         if progress is not None:
             progress(i + 1, len(patient_ids))
     return rows

@@ -647,20 +647,43 @@ def audit_run_status(lines: Any) -> dict[str, Any] | None:
     return report.parse_run_status(lines)
 
 
+def is_episodes(rows: list[dict[str, Any]]) -> bool:
+    """Rows of a retrospective run (episodes with a start) rather than findings at one moment."""
+    return bool(rows) and all("start" in r and "end_reason" in r for r in rows)
+
+
 def audit_csv(rows: list[dict[str, Any]]) -> bytes:
-    """The filtered findings as CSV, in the column layout of `nva audit --format csv`."""
-    return report.findings_csv(rows).encode("utf-8")
+    """The filtered findings (or episodes) as CSV, in the column layout of `nva audit --format csv` (`--period`)."""
+    fields = report.EPISODE_FIELDS if is_episodes(rows) else report.CSV_FIELDS
+    return report.findings_csv(rows, fields).encode("utf-8")
 
 
-def run_ward_audit(cfg: AppConfig, ward_ref: str | None, progress: Any = None) -> Path:
-    """Audit every patient on the ward with the audit runner's per-patient step; writes JSONL under the data dir."""
+def run_ward_audit(
+    cfg: AppConfig,
+    ward_ref: str | None,
+    progress: Any = None,
+    period: tuple[datetime, datetime] | None = None,
+) -> Path:
+    """Audit every patient on the ward with the audit runner's per-patient step; writes JSONL under the data dir.
+    With `period` (start, end): the retrospective audit (episodes, as `nva audit --period`)."""
     now = cfg.rules_now()
     ids = [e.patient_id for e in ward_census(cfg, ward_ref)]
-    rows = pipeline.audit_patients(session_source(cfg), ids, now, origin=cfg.source, progress=progress)
+    rows = pipeline.audit_patients(
+        session_source(cfg), ids, now, origin=cfg.source, progress=progress, period=period
+    )
     slug = (ward_ref or "all").split("/")[-1]
-    out = audit_dir(cfg) / f"audit-{slug}-{datetime.now(UTC):%Y%m%dT%H%M%S}.jsonl"
+    kind = "-period" if period is not None else ""
+    out = audit_dir(cfg) / f"audit-{slug}{kind}-{datetime.now(UTC):%Y%m%dT%H%M%S}.jsonl"
     status = pipeline.audit_status(rows, session_source(cfg))
-    report.write_output(lambda: rows, out, fmt="jsonl", now=now.isoformat(), source=cfg.source, status=status)
+    report.write_output(
+        lambda: rows,
+        out,
+        fmt="jsonl",
+        now=now.isoformat(),
+        source=cfg.source,
+        status=status,
+        retrospective=period is not None,
+    )
     return out
 
 

@@ -374,7 +374,7 @@ def test_audit_page_shows_an_incomplete_retrospective_run_with_its_episodes(env:
     at = _app(page="pages/audit.py")
     banners = " ".join(e.value for e in at.error)
     assert "INCOMPLETE AUDIT" in banners and "MedicationAdministration" in banners
-    assert {m.label: m.value for m in at.metric}["Findings"] == str(len(episodes))
+    assert {m.label: m.value for m in at.metric}["Episodes"] == str(len(episodes))  # episodes, not findings
     table = at.dataframe[0].value
     assert "Hours" in table.columns and "Doses given while it held" in table.columns
 

@@ -287,3 +287,148 @@ def test_isolation_in_the_census_row_and_patient_header(
     assert iso.badge in printed and printed.index(iso.badge) < printed.index(iso.text)  # overview row first
     screenshot(page, Path(SHOTS or tmp_path) / "handoff-isolation.png", max_height=2400)
     page.close()
+
+
+def test_retrospective_audit_drill_down_lists_doses_and_the_csv_names_patients(
+    app: tuple[str, Any], ward: dict[str, Any]
+) -> None:
+    from datetime import timedelta
+
+    from assistant.audit.report import episode_rows
+    from assistant.pipeline import audit_patients
+    from connectors import open_source
+
+    base, context = app
+    views = ward["views"]
+    period = (ANCHOR - timedelta(hours=72), ANCHOR)  # the page's default period before the judged time
+    with open_source(ward["demo"]) as src:
+        ids = [e.patient_id for e in src.ward_census(WARD)]
+        episodes = episode_rows(audit_patients(src, ids, ANCHOR, origin="test", period=period))
+    by_ref = {v.chart.patient.ref: v for v in views}
+    dosed = [e for e in episodes if e["doses"]]
+    assert dosed, "the demo ward plants doses given while a contradiction held"
+    target = max(dosed, key=lambda e: (len(e["doses"]), e["patient"]))["patient"]
+    patient = by_ref[target]
+    name, bed = patient.chart.patient.name, patient.header.bed
+
+    def human(iso: str) -> str:
+        return f"{datetime.fromisoformat(iso):%d %b %Y %H:%M} UTC"
+
+    page = context.new_page()
+    page.goto(f"{base}/audit")
+    wait_rendered(page, ("Audit", "What to audit"), timeout=180)
+    page.get_by_text("A past period (episodes)").click()
+    wait_rendered(page, ("Period before the judged time", "Audit the period"), timeout=60)
+    page.get_by_role("button", name="Audit the period").click()
+    page.wait_for_function(
+        """(n) => { const m = document.querySelector('[data-testid="stMetric"]');
+                   return !!m && m.innerText.includes('Episodes') && m.innerText.trim().endsWith(String(n)); }""",
+        arg=len(episodes),
+        timeout=300_000,
+    )
+    wait_rendered(page, ("Download CSV", "Patient evidence"), timeout=120)
+
+    # The drill-down picker names the patient by bed and name; the episodes show human times and every dose.
+    picker = page.locator('[data-testid="stSelectbox"] input').last
+    picker.click()
+    options = page.get_by_role("option").all_inner_texts()
+    assert any(o.startswith(f"{bed} · {name} · ") and target in o for o in options), options[:5]
+    picker.fill(name)
+    page.keyboard.press("Enter")
+    wait_rendered(page, ("Held", "Doses given while it held"), timeout=120)
+    text = _text(page)
+    mine = [e for e in episodes if e["patient"] == target]
+    assert text.count("Held ") >= len(mine)
+    for e in mine:
+        assert e["title"] in text and f"from {human(e['start'])}" in text
+        if e["end"]:
+            assert f"until {human(e['end'])}" in text
+        for d in e["doses"]:
+            assert f"{human(d['time'])} · {d['text']}" in text, d
+            assert d["time"] not in text, "dose times are shown as human times, not ISO strings"
+    assert "nan" not in text.split("Patient evidence", 1)[1].split(), "a missing end is blank, never 'nan'"
+
+    # The CSV is named for the run and carries name and bed beside each episode.
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Download CSV").click()
+    download = dl.value
+    fname = download.suggested_filename
+    assert fname.startswith("audit-ward-4b-period-") and fname.endswith(".csv") and ".jsonl" not in fname
+    rows = list(csv.DictReader(io.StringIO(Path(download.path()).read_text(encoding="utf-8"))))
+    assert rows and list(rows[0])[:3] == ["name", "bed", "ward_name"]
+    assert {"start", "end", "duration_hours", "doses_count"} <= set(rows[0])
+    assert sorted((r["patient"], r["rule_id"], r["start"]) for r in rows) == sorted(
+        (e["patient"], e["rule_id"], e["start"]) for e in episodes
+    )
+    for r in rows:
+        v = by_ref[r["patient"]]
+        assert (r["name"], r["bed"]) == (v.chart.patient.name, v.header.bed)
+        assert r["ward_name"] == v.header.ward
+    page.close()
+
+
+APP_PAGES = ["Ward census", "Patient", "Ward handoff", "Audit", "Access log", "Settings and status"]
+SIDEBAR_NAV = """() => [...document.querySelectorAll('[data-testid="stSidebarNav"] a')]
+  .map(a => a.innerText.trim().split('\\n').pop().trim())"""
+
+
+def _fresh_server_env(ward: dict[str, Any], tmp_path: Path, secrets: str = "") -> dict[str, str]:
+    path = tmp_path / "secrets.toml"
+    path.write_text(secrets, encoding="utf-8")
+    return {
+        "NVA_SOURCE": str(ward["demo"]),
+        "NVA_DATA_DIR": str(tmp_path / "data"),
+        "NVA_LLM_BACKEND": "none",
+        "NVA_SECRETS_FILE": str(path),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+
+
+def test_a_page_url_opened_first_shows_the_app_navigation(
+    app: tuple[str, Any], ward: dict[str, Any], tmp_path: Path
+) -> None:
+    """A fresh server's first session opened by a page URL (Streamlit would run the page file alone and list the
+    pages/ folder's file names) gets the app's navigation and page; so do later sessions on other URLs."""
+    browser = app[1].browser  # the module's chromium (one Playwright per thread), a new server and context
+    with streamlit_server(_fresh_server_env(ward, tmp_path)) as base:
+        context = browser.new_context(viewport={"width": 1440, "height": 1000})
+        page = context.new_page()
+        page.goto(f"{base}/audit")
+        wait_rendered(page, ("What to audit", "Local demo mode"), timeout=240)
+        assert page.url.startswith(f"{base}/audit")
+        assert page.evaluate(SIDEBAR_NAV) == APP_PAGES
+        for path, heading in (("access-log", "Access log"), ("status", "Settings and status")):
+            other = context.new_page()
+            other.goto(f"{base}/{path}")
+            wait_rendered(other, (heading, "Local demo mode"), timeout=120)
+            assert other.evaluate(SIDEBAR_NAV) == APP_PAGES, path
+            other.close()
+        context.close()
+
+
+AUTH_SECRETS = """[auth]
+redirect_uri = "http://127.0.0.1:8501/oauth2callback"
+cookie_secret = "a-long-random-cookie-secret"
+client_id = "nva"
+client_secret = "x"
+server_metadata_url = "https://login.example.org/.well-known/openid-configuration"
+"""
+
+
+def test_a_page_url_opened_first_still_asks_to_sign_in(
+    app: tuple[str, Any], ward: dict[str, Any], tmp_path: Path
+) -> None:
+    """With sign-in configured, a fresh server's first session on /audit gets the sign-in page: no audit page, no
+    page list, no patient."""
+    browser = app[1].browser
+    with streamlit_server(_fresh_server_env(ward, tmp_path, AUTH_SECRETS)) as base:
+        context = browser.new_context(viewport={"width": 1440, "height": 1000})
+        page = context.new_page()
+        page.goto(f"{base}/audit")
+        wait_rendered(page, ("Sign in with your hospital account",), timeout=240)
+        text = _text(page)
+        assert "What to audit" not in text and "Audit run" not in text
+        assert page.evaluate(SIDEBAR_NAV) == []
+        assert not any(v.chart.patient.name in text for v in ward["views"])
+        context.close()

@@ -7,7 +7,7 @@ import io
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,10 +154,11 @@ def _csv_row(f: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def findings_csv(rows: Iterable[dict[str, Any]]) -> str:
-    """Finding rows as CSV text in the column layout of `nva audit --format csv` (the dashboard's download)."""
+def findings_csv(rows: Iterable[dict[str, Any]], fields: Sequence[str] = CSV_FIELDS) -> str:
+    """Finding (or, with EPISODE_FIELDS, episode) rows as CSV text in the column layout of `nva audit --format csv`
+    (the dashboard's download)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore")
     writer.writeheader()
     for f in rows:
         writer.writerow(_csv_row(f))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import datetime
+import math
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,11 @@ from assistant.textsafe import one_line
 from dashboard import render, services
 
 MAX_NAMED = 300  # patients looked up for name, bed and ward; beyond this the table shows ids only
+END_REASONS = {
+    "resolved": "resolved",
+    "period-end": "still holding at the end of the period",
+    "order-stop-unknown": "ended with its order, whose stop time is not recorded",
+}
 
 cfg, user = render.boot("audit")
 ward_ref = render.ward_picker(cfg, user)
@@ -27,14 +33,39 @@ st.caption(
 )
 
 ss = st.session_state
+PERIODS = (24, 48, 72, 168, 336, 720)  # hours before the judged time
+mode_col, period_col = st.columns([2, 3], vertical_alignment="bottom")
+mode = mode_col.radio(
+    "What to audit",
+    ("now", "period"),
+    format_func=lambda m: "Flags at the judged time" if m == "now" else "A past period (episodes)",
+    horizontal=True,
+    key="audit-mode",
+)
+period = None
+if mode == "period":
+    hours = period_col.select_slider(
+        "Period before the judged time",
+        options=PERIODS,
+        value=72,
+        format_func=lambda h: f"{h // 24} days" if h >= 48 else f"{h} h",
+        key="audit-period",
+        help="The retrospective audit: each contradiction as an episode (start, end, doses given while it held).",
+    )
+    period = (cfg.rules_now() - timedelta(hours=hours), cfg.rules_now())
+    period_col.caption(f"From {period[0]:%d %b %Y %H:%M} to {period[1]:%d %b %Y %H:%M} UTC")
 col_run, col_up, col_new = st.columns([2, 2, 1.3], vertical_alignment="bottom")
 runs = services.audit_runs(cfg)
 with col_new:
-    if st.button(f"Audit {ward_name} now", key="audit-start", icon=":material/play_arrow:", type="primary"):
+    label_now = f"Audit {ward_name} now" if period is None else "Audit the period"
+    if st.button(label_now, key="audit-start", icon=":material/play_arrow:", type="primary"):
         render.record_or_stop(cfg, user, "audit-run", ward_ref or "all-patients", once=False)
         bar = st.progress(0.0, text="Auditing…")
         path = services.run_ward_audit(
-            cfg, ward_ref, lambda i, n: bar.progress(i / max(n, 1), text=f"Audited {i} of {n} patients")
+            cfg,
+            ward_ref,
+            lambda i, n: bar.progress(i / max(n, 1), text=f"Audited {i} of {n} patients"),
+            period=period,
         )
         ss["audit_run"] = str(path)
         st.rerun()
@@ -83,9 +114,14 @@ if not rows:
     st.stop()
 
 
+def absent(value: Any) -> bool:
+    """None, blank or the NaN pandas puts in a missing cell (an episode still holding has no end)."""
+    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+
+
 def human_time(value: Any) -> str:
     """ISO strings as '06 Jan 2025 05:00 UTC' (blank when absent, as written when unreadable)."""
-    if value in (None, ""):
+    if absent(value):
         return ""
     try:
         when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
@@ -164,8 +200,11 @@ if wards:
     mask &= df.ward.astype(str).isin(wards)
 view = df[mask]
 
+episodic = services.is_episodes(
+    rows
+)  # a retrospective run: each row is an episode, not a finding at one moment
 m1, m2, m3, m4 = st.columns(4)
-m1.metric("Findings", len(view))
+m1.metric("Episodes" if episodic else "Findings", len(view))
 m2.metric("Patients", view.patient.nunique())
 m3.metric("High", int((view.severity == "high").sum()))
 m4.metric("Rules firing", view.rule_id.nunique())
@@ -266,8 +305,8 @@ if pick:
             period = " · ".join(
                 x
                 for x in (
-                    f"from {human_time(f.get('start'))}" if f.get("start") else "",
-                    f"until {human_time(f.get('end'))}" if f.get("end") else "",
+                    f"from {human_time(f.get('start'))}" if not absent(f.get("start")) else "",
+                    f"until {human_time(f.get('end'))}" if not absent(f.get("end")) else "",
                 )
                 if x
             )
@@ -276,6 +315,9 @@ if pick:
                 + (f" :gray[{md(period)}]" if period else "")
             )
             st.markdown(md(f.get("message", ""), multiline=True))
+            if not absent(f.get("duration_hours")):  # a retrospective episode: how long it held, how it ended
+                ended = END_REASONS.get(str(f.get("end_reason") or ""), one_line(f.get("end_reason") or ""))
+                st.markdown(f"**Held** {float(f['duration_hours']):.1f} h · {md(ended)}")
             values = [
                 {
                     "Evidence": one_line(v.get("label")),
@@ -292,20 +334,14 @@ if pick:
                 st.caption("Evidence: " + md(", ".join(f.get("evidence") or [])))
             doses = [d for d in f.get("doses") or [] if isinstance(d, dict)]
             if doses:
-                st.markdown(f"**Doses given while it held:** {len(doses)}")
-                st.dataframe(
-                    pd.DataFrame(
-                        [
-                            {
-                                "Time": human_time(d.get("time")),
-                                "Dose": one_line(d.get("text") or d.get("dose") or ""),
-                                "Source": one_line(d.get("ref")),
-                            }
-                            for d in doses
-                        ]
-                    ),
-                    hide_index=True,
-                    width="stretch",
+                # A list, not a grid: each dose is read (and found by a screen reader) as a line of text.
+                st.markdown(
+                    f"**Doses given while it held:** {len(doses)}\n\n"
+                    + "\n".join(
+                        f"- {md(human_time(d.get('time')) or 'time not recorded')} · "
+                        f"{md(d.get('text') or d.get('dose') or '')} · {md(d.get('ref') or '')}"
+                        for d in doses
+                    )
                 )
-            if f.get("action"):
+            if not absent(f.get("action")):
                 st.markdown(f"**Suggested nursing action:** {md(f['action'])}")
