@@ -338,8 +338,10 @@ def illness_severity(view: PatientView) -> str:
 def audit_status(rows: Sequence[dict[str, Any]], source: Any = None) -> Any:
     """The run status (complete or what is missing) of per-patient audit rows, as `nva audit` reports it."""
     from assistant.audit.status import RunStatus
+    from assistant.rules.engine import default_catalogue, types_read
 
     status = RunStatus.of_source(source)
+    status.keep_needed(types_read(default_catalogue()))
     for row in rows:
         status.add_row(row)
     return status

@@ -408,6 +408,30 @@ def test_a_server_that_serves_fewer_types_gives_an_incomplete_audit_that_says_wh
     assert "25 patients" in page  # the header agrees with stdout
 
 
+def test_a_type_no_rule_reads_is_said_but_does_not_make_the_audit_incomplete(ward, tmp_path):
+    """A server without Flag (isolation, read by no rule) still gives a complete audit; with a rule's type also
+    missing, only that type is the gap."""
+    from tests import fhir_test_server as server_mod
+
+    runs = {}
+    for name, unserved in (("flag", ["Flag"]), ("both", ["Flag", "MedicationAdministration"])):
+        with server_mod.FhirTestServer(
+            ward, export_polls=1, export_retry_after=0, unserved_types=unserved
+        ) as srv:
+            jsonl = tmp_path / f"{name}.jsonl"
+            rc, text = run_cli(srv.base_url, "--out", str(jsonl), "--now", ANCHOR.isoformat())
+        runs[name] = (rc, text, read_status(jsonl), read_findings(jsonl))
+    rc, text, status, _ = runs["flag"]
+    assert rc == 0 and not text.startswith("INCOMPLETE"), text
+    assert status is None  # a complete run writes no run-status line
+    assert "Flag not retrieved" in text and "no audit rule reads it" in text  # said on the command line
+    rc, text, status, _ = runs["both"]
+    assert rc == 3 and set(status["missing_types"]) == {"MedicationAdministration"}, text
+    assert "Flag" not in status["banner"]
+    # the verdicts with and without Flag are the same where every type a rule reads was served
+    assert {f["rule_id"] for f in runs["flag"][3]} >= {f["rule_id"] for f in runs["both"][3]}
+
+
 def test_period_parsing_and_its_typed_errors(ward, tmp_path, capsys):
     from assistant.audit.cli import parse_period
 

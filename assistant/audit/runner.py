@@ -16,8 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from assistant.audit.status import RunStatus
-from assistant.audit.unit import AuditOptions, Judgement, ResultSink, Unit, audit_record, run_unit
+from assistant.audit.unit import (
+    AuditOptions,
+    Judgement,
+    ResultSink,
+    Unit,
+    audit_record,
+    cached_catalogue,
+    run_unit,
+)
 from assistant.normalize import CHART_TYPES
+from assistant.rules.engine import types_read
 from connectors.base import FhirSource, PatientRecord
 from connectors.partition import PartitionedExport, partition_export
 
@@ -291,6 +300,7 @@ def run_audit(
     if export is not None:
         for rtype, why in export.missing_types.items():
             status.missing_types.setdefault(rtype, why)
+    status.keep_needed(types_read(cached_catalogue(options.catalogue_path)))
     status.add_global_issues(global_issues)
     for row in checkpoint.rows():
         summary.patients += 0 if row["error"] and ":" in row["patient"] else 1

@@ -38,6 +38,14 @@ class RunStatus:
             notes=list(getattr(completeness, "notes", None) or []),
         )
 
+    def keep_needed(self, needed: frozenset[str]) -> None:
+        """Types no rule reads (`needed`: the catalogue's) cannot change a verdict: said in the notes, not a gap."""
+        for rtype in sorted(t for t in self.missing_types if t not in needed and t != "*"):
+            why = self.missing_types.pop(rtype)
+            note = f"{rtype} not retrieved ({why}); no audit rule reads it"
+            if note not in self.notes:
+                self.notes.append(note)
+
     @property
     def complete(self) -> bool:
         return not (self.missing_types or self.export_errors or self.incomplete_patients)

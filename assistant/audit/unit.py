@@ -18,6 +18,7 @@ from assistant.rules.engine import (
     load_catalogue,
     not_judged_rules,
     stale_data,
+    types_read,
 )
 from assistant.rules.retrospective import episodes, period_of
 from connectors.base import PatientRecord
@@ -91,10 +92,15 @@ def audit_record(
         "issues": [],
         "error": None,
     }
-    # Types this chart may lack (refused for the whole source or failed for this patient): the chart is incomplete.
-    missing = dict(record.missing_types)
+    # Types this chart may lack (refused for the whole source or failed for this patient): the chart is incomplete
+    # for the audit when a rule reads one of them. A type no rule reads (e.g. Flag, isolation) is said, not judged.
+    needed = types_read(catalogue)
+    missing = {t: why for t, why in record.missing_types.items() if t in needed or t == "*"}
+    unread = sorted(t for t in record.missing_types if t not in missing)
     if missing:
         row["incomplete"] = {"missing_types": sorted(missing), "reasons": missing}
+    if unread:
+        row["unread_types"] = unread
     if record.error is not None:
         row["patient"] = record.patient_id if ":" in record.patient_id else row["patient"]
         row["error"] = {"code": "unreadable", "message": str(record.error), "source": record.origin}

@@ -1033,6 +1033,11 @@ def required_types(rule: Rule) -> frozenset[str]:
     return frozenset(types)
 
 
+def types_read(catalogue: Catalogue) -> frozenset[str]:
+    """Every resource type some rule of the catalogue reads: a type outside it cannot change an audit's verdicts."""
+    return frozenset(t for r in catalogue.rules for t in required_types(r))
+
+
 def not_judged_rules(catalogue: Catalogue, missing_types: Iterable[str]) -> frozenset[str]:
     """Rules that cannot be judged when these resource types are missing ("*": an unknown part is missing).
 
