@@ -136,7 +136,7 @@ def test_live_copies_hold_as_a_data_quality_episode_until_one_is_stopped():
     assert got[0].start == datetime(2025, 5, 10, 9, tzinfo=UTC)
 
 
-def test_two_nsaids_prescribed_at_one_instant_stay_an_episode():
+def test_two_nsaids_prescribed_at_one_instant_stay_an_episode(tmp_path):
     # A drug prescribed while another of its class was active is a prescribing event even when its duration is
     # unknown: the 0-hour instant is kept for duplicate-therapy.
     chart = _chart(
@@ -151,6 +151,17 @@ def test_two_nsaids_prescribed_at_one_instant_stay_an_episode():
     assert [(e.rule_id, e.duration_hours, e.end_reason) for e in got] == [
         ("duplicate-therapy", 0.0, "order-stop-unknown")
     ]
+    # said as one instant of unknown exposure, never "0.0 h" (which reads as no exposure)
+    assert got[0].duration_text == "at one instant (duration unknown)"
+    from assistant.audit.report import write_output
+
+    out = tmp_path / "instant.html"
+    row = {"patient": "Patient/p", "ward": None, "findings": [], "issues": [], "error": None, "resources": 2}
+    row["episodes"] = [{"patient": "Patient/p", **got[0].to_dict()}]
+    write_output(
+        lambda: [row], out, fmt="html", now="2018-01-01T00:00:00+00:00", source="t", retrospective=True
+    )
+    assert "duration unknown" in out.read_text() and "0.0 h" not in out.read_text()
 
 
 # --- golden: Synthea, expectation from the raw bundles --------------------------------------------------------

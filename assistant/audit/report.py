@@ -13,6 +13,7 @@ from typing import Any
 
 from assistant.audit.status import RunStatus
 from assistant.model import SEVERITY_ORDER
+from assistant.rules.retrospective import duration_text
 from assistant.textsafe import html_text
 
 FORMATS = ("jsonl", "csv", "html")
@@ -424,7 +425,7 @@ def _episode_span(f: dict[str, Any]) -> str:
     end = f["end"] or "period end"
     doses = f" — {f['doses_count']} doses given meanwhile" if f.get("doses_count") else ""
     return (
-        f"<em>{html_text(f['start'])} to {html_text(end)} ({html_text(f['duration_hours'])} h, "
+        f"<em>{html_text(f['start'])} to {html_text(end)} ({html_text(duration_text(f['duration_hours']))}, "
         f"{html_text(f['end_reason'])}{html_text(doses)})</em> "
     )
 

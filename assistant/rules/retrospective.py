@@ -65,6 +65,10 @@ class Episode:
     def doses_count(self) -> int:
         return len(self.doses)
 
+    @property
+    def duration_text(self) -> str:
+        return duration_text(self.duration_hours)
+
     def holds_at(self, t: datetime) -> bool:
         return self.start <= t and (self.end is None or t < self.end or (t == self.end == self.start))
 
@@ -72,6 +76,17 @@ class Episode:
         data = _plain(asdict(self))
         data["doses_count"] = self.doses_count
         return data
+
+
+def duration_text(hours: float | str | None) -> str:
+    """How long an episode held, in words: a 0-hour episode is one instant whose exposure is unknown, not 'none'."""
+    try:
+        value = float(hours)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "duration not recorded"
+    if value <= 0:
+        return "at one instant (duration unknown)"
+    return f"{value:.1f} h"
 
 
 def _plain(value: Any) -> Any:

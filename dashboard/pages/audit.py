@@ -13,6 +13,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from assistant.rules.retrospective import duration_text
 from assistant.textsafe import markdown_text as md
 from assistant.textsafe import one_line
 from dashboard import render, services
@@ -317,7 +318,7 @@ if pick:
             st.markdown(md(f.get("message", ""), multiline=True))
             if not absent(f.get("duration_hours")):  # a retrospective episode: how long it held, how it ended
                 ended = END_REASONS.get(str(f.get("end_reason") or ""), one_line(f.get("end_reason") or ""))
-                st.markdown(f"**Held** {float(f['duration_hours']):.1f} h · {md(ended)}")
+                st.markdown(f"**Held** {md(duration_text(f['duration_hours']))} · {md(ended)}")
             values = [
                 {
                     "Evidence": one_line(v.get("label")),
