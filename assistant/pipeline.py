@@ -10,7 +10,7 @@ from typing import Any
 
 from assistant.model import EvidenceValue, Finding
 from assistant.rules.engine import stale_data
-from assistant.rules.news2 import News2Score, news2, news2_table
+from assistant.rules.news2 import NEWS2_FLAG_CATEGORY, News2Score, news2, news2_table
 from assistant.summary.facts import News2, news2_from_rules
 from assistant.views import (
     PatientView,
@@ -86,7 +86,7 @@ def news2_flags(chart: Any, now: datetime, score: News2Score | None = None) -> l
         Finding(
             patient=chart.patient_ref,
             rule_id=str(spec["rule_id"]),
-            category="early-warning",
+            category=NEWS2_FLAG_CATEGORY,
             severity=str(spec["severity"]),
             title=title,
             message=message,

@@ -12,7 +12,7 @@ from typing import Any
 
 from assistant.model import SEVERITY_ORDER, Chart, CodeStatus, DataQualityIssue, Finding, Result
 from assistant.normalize import code_status
-from assistant.rules.news2 import News2Score, news2, news2_table
+from assistant.rules.news2 import NEWS2_FLAG_CATEGORY, News2Score, news2, news2_table
 from assistant.summary.display import show_result
 from assistant.summary.facts import administration_facts, bed_label, critical_side, vocabulary
 
@@ -651,8 +651,10 @@ class Acuity:
 def acuity(findings: list[Finding], news: News2Now | None, *, failed: bool = False, bed: str = "") -> Acuity:
     """One ordering for census and handoff: flags and NEWS2 bands in the same tiers (assistant/data/acuity.toml)."""
     table = acuity_table()
-    highs = sum(1 for f in findings if f.severity == "high")
-    mediums = sum(1 for f in findings if f.severity == "medium")
+    # NEWS2's own escalation flags restate the band, which is counted once as the band: count the other flags.
+    others = [f for f in findings if f.category != NEWS2_FLAG_CATEGORY]
+    highs = sum(1 for f in others if f.severity == "high")
+    mediums = sum(1 for f in others if f.severity == "medium")
     band = news.band if news is not None and news.total is not None else ""
     total = news.total if news is not None and news.total is not None else -1
     chosen = None

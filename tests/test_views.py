@@ -246,6 +246,27 @@ def test_acuity_puts_flags_and_news2_bands_together() -> None:
     assert beds[0].key[-1] == views.bed_sort_key("bed 2")
 
 
+def test_acuity_counts_the_news2_band_once_not_again_as_its_own_flag(demo_ward_dir, demo_anchor) -> None:
+    """NEWS2 >= 5 raises an escalation flag; the acuity reasons and tie-break count the band, not that flag too."""
+    from assistant.pipeline import news2_flags
+    from connectors.bundle_dir import BundleDirSource
+
+    source = BundleDirSource(demo_ward_dir)
+    seen = 0
+    for pid in sorted(source.iter_patient_ids()):
+        chart = source.patient_chart(pid)
+        flags = news2_flags(chart, demo_anchor)
+        if not any(f.severity == "high" for f in flags):
+            continue
+        seen += 1
+        score = views.build_patient_view(chart, demo_anchor, []).header.news2
+        got = views.acuity(flags, score)
+        assert any(r.startswith(f"NEWS2 {score.total}") for r in got.reasons), got.reasons
+        assert not any("high-severity flag" in r for r in got.reasons), got.reasons
+        assert got.key == views.acuity([], score).key  # its own flag adds nothing to the order
+    assert seen >= 1  # the demo ward has a patient with NEWS2 >= 5
+
+
 def test_census_row_and_ward_view_follow_acuity() -> None:
     a = _view(make_chart(), [high_k_finding(), medium_finding()])
     quiet_chart = make_chart()

@@ -12,6 +12,10 @@ import yaml
 
 from assistant.model import Chart, Result
 
+# Category of the findings NEWS2 >= 5 and a single parameter of 3 raise (assistant.pipeline.news2_flags): they
+# restate the score, so counts of "other" flags leave them out.
+NEWS2_FLAG_CATEGORY = "early-warning"
+
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser when libyaml is present
 NEWS2_PATH = Path(__file__).with_name("news2.yaml")
 

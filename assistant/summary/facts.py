@@ -18,6 +18,7 @@ from assistant.model import (
     Result,
     format_number,
 )
+from assistant.rules.news2 import NEWS2_FLAG_CATEGORY
 from assistant.summary.citations import make_visible, neutralise_tags
 from assistant.summary.claims import extract_claims, stem
 from assistant.summary.display import in_unit, reported, show_result
@@ -968,7 +969,7 @@ def illness_severity_fact(
         for f in findings
         if f.patient == patient
         and f.severity == "high"
-        and not (news2 is not None and f.category == "early-warning")
+        and not (news2 is not None and f.category == NEWS2_FLAG_CATEGORY)
     ]
     reasons: list[str] = []
     level = "stable"
