@@ -689,7 +689,7 @@ def bed_sort_key(bed: str) -> tuple:
 @dataclass(frozen=True, slots=True)
 class DeltaItem:
     kind: str  # result-new | result-changed | order-started | order-stopped | dose-given | dose-held |
-    # dose-refused | dose-missed | note | news2
+    # dose-refused | dose-missed | note | isolation-started | isolation-lifted | news2
     time: datetime | None
     text: str
     refs: tuple[str, ...] = ()
@@ -787,6 +787,12 @@ def patient_delta(
     for n in chart.notes:
         if _in(n.time, since, now):
             items.append(DeltaItem("note", n.time, f"Note: {n.title}", (n.ref,)))
+    for iso in chart.isolation:
+        words = f"{iso.kind_label} — {iso.text}" if iso.text else iso.kind_label
+        if _in(iso.start, since, now) and iso.is_current(now):
+            items.append(DeltaItem("isolation-started", iso.start, f"Isolation started: {words}", (iso.ref,)))
+        if _in(iso.end, since, now):
+            items.append(DeltaItem("isolation-lifted", iso.end, f"Isolation lifted: {words}", (iso.ref,)))
     before = news2(chart, now=since)
     before_total = before.total if before.parameters else None
     current = news2(chart, now=now)

@@ -373,3 +373,21 @@ def test_nva_census_text_names_isolation(ward) -> None:
         if views.isolation_status(src.patient_chart(e.patient_id), NOW).status == "charted"
     ]
     assert len(charted) >= 2 and text.count("ISOLATION: ") == len(charted)  # none charted prints nothing
+
+
+def test_since_last_shift_says_isolation_started_and_lifted() -> None:
+    chart = chart_of(
+        flag("new", text="Contact precautions — MRSA", start=3),  # started inside the last 12 h
+        flag("old", text="Contact precautions — C. difficile", start=40),  # started before: not news
+        flag("lifted", code=DROPLET, text="Droplet — influenza", status="inactive", start=30, end=5),
+        flag("future", code=DROPLET, text="Droplet from tomorrow", start=-20),  # not in force: not "started"
+    )
+    delta = views.patient_delta(chart, NOW, NOW - timedelta(hours=12))
+    got = {(i.kind, i.refs) for i in delta.items if i.kind.startswith("isolation")}
+    assert got == {("isolation-started", ("Flag/new",)), ("isolation-lifted", ("Flag/lifted",))}
+    texts = [i.text for i in delta.items if i.kind.startswith("isolation")]
+    assert "Isolation started: Contact — Contact precautions — MRSA" in texts
+    assert any(t.startswith("Isolation lifted: ") and "influenza" in t for t in texts)
+    # a shorter look-back no longer reaches the lift 5 h ago
+    short = views.patient_delta(chart, NOW, NOW - timedelta(hours=4))
+    assert {i.kind for i in short.items if i.kind.startswith("isolation")} == {"isolation-started"}

@@ -131,6 +131,8 @@ DELTA_WORDS = {
     "dose-refused": "dose(s) refused",
     "dose-missed": "dose(s) missed",
     "note": "note(s)",
+    "isolation-started": "isolation started",
+    "isolation-lifted": "isolation lifted",
     "news2": "NEWS2 change",  # shown as "NEWS2 a -> b"
 }
 
