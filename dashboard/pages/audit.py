@@ -265,6 +265,8 @@ table = table.rename(
 )
 if not show_names:
     table = table.drop(columns=["Patient", "Bed", "Ward"])
+elif (table["Ward"] == table["Ward id"]).all():  # the run recorded the ward by name: one column says it
+    table = table.drop(columns=["Ward id"])
 st.dataframe(table, hide_index=True, width="stretch", height=min(36 * (len(table) + 1) + 4, 420))
 records = view.drop(columns=[] if show_names else ["name", "bed", "ward_name"]).to_dict("records")
 st.download_button(

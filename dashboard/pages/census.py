@@ -86,7 +86,8 @@ def due_cell(r: Any) -> str:
     if not due:
         return none()
     lines = [
-        f"{render.fmt_clock(d.time)} {esc(d.label)}"
+        (badge("orange", "LATE") if d.state == "late" else "")
+        + f"{render.fmt_clock(d.time)} {esc(d.label)}"
         + (f" {badge('red', 'HOLD — see flag')}" if d.hold else "")
         for d in due[:3]
     ]

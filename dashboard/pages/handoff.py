@@ -122,6 +122,7 @@ if printable:
         pd.DataFrame(
             [
                 {k: md(v) if isinstance(v, str) else ("—" if pd.isna(v) else v) for k, v in row.items()}
+                | {"Bed": md(str(row["Bed"])).replace(" ", "\u00a0")}  # "bed 18" on one line
                 for row in table.to_dict("records")
             ]
         )
@@ -132,13 +133,17 @@ else:
         table,
         hide_index=True,
         width="stretch",
-        height=min(38 * (len(table) + 1) + 4, 900),
+        height=min(35 * (len(table) + 1) + 3, 900),  # the grid's row height: no empty rows under the last one
         on_select="rerun",
         selection_mode="single-row",
         key="handoff-table",
         column_config={
+            "Bed": st.column_config.TextColumn(width="small"),
             "NEWS2": st.column_config.NumberColumn(format="%d", width="small"),
-            "Top flags": st.column_config.TextColumn(width="large"),
+            "Severity": st.column_config.TextColumn(width="small"),
+            "Flags": st.column_config.TextColumn(width="small"),
+            # Pending (HOLD marks, overdue doses) is what the next shift acts on: it gets the room, not the flags.
+            "Top flags": st.column_config.TextColumn(width="medium"),
             "Pending": st.column_config.TextColumn(width="large"),
         },
     )
