@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -59,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--out", default=str(REPO / "docs" / "BENCHMARKS.md"), help="appends/replaces its section"
     )
+    ap.add_argument(
+        "--baseline-ref",
+        help="a git revision to measure side by side: its census first paint, new sessions alternating with ours "
+        "under the same load (the tree is exported with `git archive` into a temp dir)",
+    )
     args = ap.parse_args(argv)
     missing = missing_requirements()
     if missing:
@@ -73,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     anchor = datetime.now(UTC).replace(hour=7, minute=0, second=0, microsecond=0)
     load_before = os.getloadavg()[0]
     census_paint: list[float] = []
+    baseline_paint: list[float] = []
+    loads: list[float] = []
     census_done: list[float] = []
     patient_s: list[float] = []
     handoff_s: list[float] = []
@@ -99,14 +107,34 @@ def main(argv: list[str] | None = None) -> int:
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
         }
-        with streamlit_server(env) as base, chromium() as context:
+        baseline_dir = Path(tmp) / "baseline"
+        if args.baseline_ref:
+            baseline_dir.mkdir()
+            archive = subprocess.run(
+                ["git", "-C", str(REPO), "archive", args.baseline_ref], capture_output=True, check=True
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", str(baseline_dir)], input=archive, check=True)
+        with contextlib.ExitStack() as stack:
+            base = stack.enter_context(streamlit_server(env))
+            old = stack.enter_context(streamlit_server(env, cwd=baseline_dir)) if args.baseline_ref else None
+            context = stack.enter_context(chromium())
             page = context.new_page()
             # Warm-up: the server imports pandas/altair/rules and opens its stores once per process.
-            page.goto(base)
-            wait_rendered(page, ("Ward census", views[-1].chart.patient.name), timeout=300)
+            for url in (base, old) if old else (base,):
+                page.goto(url)
+                _poll(page, FIRST_ROW, timeout=300)
+                wait_rendered(page, ("Ward census", views[-1].chart.patient.name), timeout=300)
             page.goto(f"{base}/handoff")
             wait_rendered(page, ("Ward handoff", "I — Illness severity"), timeout=300)
             for i in range(args.runs):
+                loads.append(os.getloadavg()[0])
+                if old:  # the baseline first, then ours: alternating new sessions under the same load
+                    page.goto("about:blank")
+                    t0 = time.perf_counter()
+                    page.goto(old)
+                    _poll(page, FIRST_ROW)
+                    baseline_paint.append(time.perf_counter() - t0)
+                    wait_rendered(page, ("Ward census",), timeout=120)
                 page.goto("about:blank")
                 t0 = time.perf_counter()
                 page.goto(base)  # a new session: nothing cached in the session, the server process is warm
@@ -133,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                 wait_rendered(page, ("Ward handoff", "I — Illness severity", "Export PDF"), timeout=120)
                 handoff_s.append(time.perf_counter() - t0)
                 print(
-                    f"run {i + 1}: census first row {census_paint[-1]:.2f} s (all rows {census_done[-1]:.2f} s), "
-                    f"patient {patient_s[-1]:.2f} s, handoff {handoff_s[-1]:.2f} s"
+                    f"run {i + 1} (load {loads[-1]:.1f}): census first row {census_paint[-1]:.2f} s "
+                    f"(all rows {census_done[-1]:.2f} s), patient {patient_s[-1]:.2f} s, handoff {handoff_s[-1]:.2f} s"
+                    + (f"; baseline census first row {baseline_paint[-1]:.2f} s" if baseline_paint else "")
                 )
 
     load_after = os.getloadavg()[0]
@@ -151,10 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     def runs(xs: list[float]) -> str:
         return ", ".join(f"{x:.2f}" for x in xs)
 
+    baseline_row = (
+        f"| Census first paint, same runs, baseline `{args.baseline_ref}` (sessions alternating with the above) | "
+        f"{statistics.median(baseline_paint):.2f} s | {runs(baseline_paint)} | - | - |\n"
+        if baseline_paint
+        else ""
+    )
     report = f"""{SECTION}
 
 Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Machine: {_machine()}.
-Load: 1-minute load average {load_before:.1f} before, {load_after:.1f} after (shared machine: upper bounds).
+Load: 1-minute load average {load_before:.1f} before, {load_after:.1f} after, {min(loads):.1f}-{max(loads):.1f} at
+the start of the runs (shared machine: upper bounds).
 Data: demo ward 4B Med-Surg, {len(views)} patients; NVA_LLM_BACKEND=none; guideline store
 {"ingested (" + args.data_dir + ")" if args.data_dir else "empty"}.
 Method: `bench/bench_dashboard.py --runs {args.runs}`: `streamlit run` on 127.0.0.1, Playwright driving Debian chromium
@@ -166,7 +202,7 @@ navigation per page is not counted.
 | Measure | Median | Runs (s) | Target | Result |
 | --- | --- | --- | --- | --- |
 | Census first paint (first row) | {med["cp"]:.2f} s | {runs(census_paint)} | <= {CENSUS_BUDGET_S:.0f} s | {"met" if ok_c else "**missed**"} |
-| Census server work: `pipeline.ward_view` for {len(views)} patients, CPU time | {statistics.median(cpu):.2f} s | {runs(cpu)} | - | - |
+{baseline_row}| Census server work: `pipeline.ward_view` for {len(views)} patients, CPU time | {statistics.median(cpu):.2f} s | {runs(cpu)} | - | - |
 | Census, all {len(views)} rows rendered | {med["cd"]:.2f} s | {runs(census_done)} | - | - |
 | Patient view after selection (header, flags, NEWS2, due doses) | {med["p"]:.2f} s | {runs(patient_s)} | <= {PATIENT_BUDGET_S:.0f} s | {"met" if ok_p else "**missed**"} |
 | Ward handoff, {len(views)} patients (no LLM) | {med["h"]:.2f} s | {runs(handoff_s)} | <= {HANDOFF_BUDGET_S:.0f} s | {"met" if ok_h else "**missed**"} |

@@ -66,13 +66,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def streamlit_server(env: Mapping[str, str], *, cwd: Path = REPO, startup_s: float = 90.0) -> Iterator[str]:
-    """`streamlit run dashboard/app.py` on 127.0.0.1; yields the base URL once /_stcore/health answers."""
+    """`streamlit run dashboard/app.py` (of the tree at `cwd`) on 127.0.0.1; yields the base URL once
+    /_stcore/health answers."""
     port = free_port()
     streamlit = Path(sys.executable).with_name("streamlit")
     cmd = [
         str(streamlit),
         "run",
-        str(REPO / "dashboard" / "app.py"),
+        str(Path(cwd) / "dashboard" / "app.py"),
         "--server.address",
         "127.0.0.1",
         "--server.port",
