@@ -438,25 +438,38 @@ class OnnxBatchModel:
     def merge(
         self, batch: _KvBatch | None, keep: Sequence[int], new: Sequence[list[Any]], lengths: Sequence[int]
     ) -> _KvBatch:
+        """Rows `keep` of `batch` (in order) then the `new` caches. In place when they fit the buffers: only
+        moved and new rows are copied; otherwise into larger buffers (rows and positions rounded up)."""
         np = self.np
-        rows = len(keep) + len(new)
-        cap = -(-(max(lengths) + KV_HEADROOM) // 32) * 32
-        idx = np.asarray(list(keep), dtype=np.int64)
-        old = batch.release() if batch is not None else None  # consumed: freed layer by layer below
-        arrays = []
+        rows, k = len(keep) + len(new), len(keep)
+        need = max(lengths) + 1
+        if batch is None or rows > batch.row_cap or need > batch.cap:
+            row_cap = max(4, 1 << (rows - 1).bit_length())
+            cap = -(-(max(lengths) + KV_HEADROOM) // 64) * 64
+            old = batch.release() if batch is not None else None  # consumed: freed layer by layer
+            arrays = []
+            for j in range(2 * self.layers):
+                a = np.empty((row_cap, self.kv_heads, cap, self.head_size), self.kv_dtype)
+                if old is not None:
+                    src, old[j] = old[j], None  # at most one layer held twice (peak memory)
+                    for i, r in enumerate(keep):
+                        a[i, :, : lengths[i]] = src[r, :, : lengths[i]]
+                    del src
+                arrays.append(a)
+            batch = _KvBatch(self, arrays)
+        else:
+            for j in range(2 * self.layers):
+                a = batch.arrays[j]
+                for i, r in enumerate(keep):  # keep is ascending, so a row only moves down onto a free slot
+                    if r != i:
+                        a[i, :, : lengths[i]] = a[r, :, : lengths[i]]
         for j in range(2 * self.layers):
-            a = np.zeros((rows, self.kv_heads, cap, self.head_size), self.kv_dtype)
-            if old is not None:
-                src, old[j] = old[j], None  # at most one layer held twice (peak memory)
-                if len(idx):
-                    w = min(cap, src.shape[2])
-                    a[: len(idx), :, :w] = src[idx, :, :w]
-                del src
+            a = batch.arrays[j]
             for i, cache in enumerate(new):
                 n = cache[j].shape[2]
-                a[len(idx) + i, :, :n] = cache[j][0]
-            arrays.append(a)
-        return _KvBatch(self, arrays)
+                a[k + i, :, :n] = cache[j][0]
+        batch.bind(rows)
+        return batch
 
     def step(self, batch: _KvBatch, tokens: Sequence[int], lengths: Sequence[int]) -> tuple[_KvBatch, Any]:
         np = self.np
@@ -464,7 +477,8 @@ class OnnxBatchModel:
             batch = self.merge(batch, range(len(tokens)), [], lengths)
         lens = np.asarray(list(lengths))
         # Each row attends to its own tokens only; GQA writes the new token's keys and values at that row's
-        # length, in place (past and present share one buffer, so no per-step copy of the cache).
+        # length, in place (past and present share one buffer, so no per-step copy of the cache). Positions
+        # past a row's length hold stale values that its attention length never reaches.
         mask = np.arange(int(lens.max()) + 1)[None, :] < (lens + 1)[:, None]
         io = batch.io
         io.bind_cpu_input(self.in_ids, np.asarray(list(tokens), dtype=self.id_dtype).reshape(-1, 1))
@@ -475,24 +489,33 @@ class OnnxBatchModel:
 
 
 class _KvBatch:
-    """The key/value buffers of a batch, [rows, kv_heads, capacity, head_size] per layer, bound in place."""
+    """Key/value buffers of a batch, [row capacity, kv_heads, positions, head_size] per layer; the first `rows`
+    rows are bound to the session in place (a contiguous view, so nothing is copied per step)."""
 
     def __init__(self, model: OnnxBatchModel, arrays: list[Any]) -> None:
+        self.model = model
+        self.arrays = arrays
+        self.row_cap = arrays[0].shape[0]
+        self.cap = arrays[0].shape[2]
+        self.rows = 0
+        self.io: Any = None
+
+    def bind(self, rows: int) -> None:
         import onnxruntime as ort
 
-        self.arrays = arrays
-        self.cap = arrays[0].shape[2]
+        model = self.model
+        self.rows = rows
         self.io = model.session.io_binding()
         self.io.bind_output(model.out_names[0])  # logits first: step() reads get_outputs()[0]
-        for past, present, a in zip(model.past_names, model.out_names[1:], arrays, strict=True):
-            value = ort.OrtValue.ortvalue_from_numpy(a)  # shares the numpy array's memory
+        for past, present, a in zip(model.past_names, model.out_names[1:], self.arrays, strict=True):
+            value = ort.OrtValue.ortvalue_from_numpy(a[:rows])  # shares the numpy array's memory
             self.io.bind_ortvalue_input(past, value)
             self.io.bind_ortvalue_output(present, value)
 
     def release(self) -> list[Any]:
         """Give up the buffers (the binding goes, so each layer's array is freed once the caller drops it)."""
         arrays, self.arrays = self.arrays, []
-        self.io = None  # type: ignore[assignment]
+        self.io = None
         return arrays
 
 
