@@ -15,7 +15,10 @@ import streamlit as st  # noqa: E402
 
 from dashboard import render, services  # noqa: E402
 
-PAGES = Path(__file__).resolve().parent / "pages"
+# Not `pages/`: Streamlit runs a folder of that name beside the main script as an old-style multipage app until the
+# first st.navigation() call of the process, so a server's first session opened on /audit would run that file alone
+# (the folder's file names in the sidebar, no sign-in gate; issue 15).
+PAGES = Path(__file__).resolve().parent / "screens"
 
 # The favicon is drawn here: a `:material/...:` or emoji icon is fetched from a font CDN by the browser, and NVA
 # makes no outside request at run time.
@@ -44,7 +47,7 @@ if gate.user is None:
     def refused() -> None:
         render.gate_page(gate)
 
-    # Always through st.navigation: without it streamlit would list dashboard/pages/ in the sidebar.
+    # Always through st.navigation: the app's pages only, hidden while nobody is let in.
     st.navigation([st.Page(refused, title="NVA", url_path="nva", default=True)], position="hidden").run()
     st.stop()
 

@@ -1418,7 +1418,7 @@ def ipass_block(row: services.HandoffRow, key: str, interactive: bool) -> None:
 
 
 # --- ward census -----------------------------------------------------------------------------------------
-PATIENT_PAGE = "pages/patient.py"
+PATIENT_PAGE = "screens/patient.py"
 BAND_BADGE = {"high": "red", "medium": "orange", "low-medium": "yellow", "low": "green"}
 BAND_LABEL = {"high": "High", "medium": "Medium", "low-medium": "Low-medium", "low": "Low"}
 

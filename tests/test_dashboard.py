@@ -129,7 +129,7 @@ def test_patient_picker_sets_the_url(env: Path, ward_facts: dict) -> None:
     # The landing page is the ward census (issue 15): every patient as a link to the patient view.
     links = " | ".join(p.proto.label for p in at.get("page_link"))
     assert all(ward_facts["charts"][p].patient.name in links for p in ward_facts["census"])
-    at.switch_page("pages/patient.py").run()
+    at.switch_page("screens/patient.py").run()
     assert "Choose a patient" in " ".join(i.value for i in at.info)
     picker = at.selectbox(key="nva_patient")
     names = [ward_facts["charts"][p].patient.name for p in ward_facts["census"]]
@@ -201,7 +201,7 @@ def test_chart_error_issue_shows_which_part_failed(
 
 
 def test_handoff_lists_the_ward_by_acuity_with_ipass(env: Path, ward_facts: dict) -> None:
-    at = _app(page="pages/handoff.py")
+    at = _app(page="screens/handoff.py")
     table = next(d.value for d in at.dataframe if "NEWS2" in getattr(d.value, "columns", []))
     assert len(table) == len(ward_facts["census"])
     assert set(table["Patient"]) == {c.patient.name for c in ward_facts["charts"].values()}
@@ -243,7 +243,7 @@ def test_handoff_pdf_has_every_patient(env: Path, ward_facts: dict) -> None:
 
 
 def test_audit_run_filters_drill_down_and_csv(env: Path, ward_facts: dict) -> None:
-    at = _app(page="pages/audit.py")
+    at = _app(page="screens/audit.py")
     assert any("No audit run yet" in i.value for i in at.info)
     at.button(key="audit-start").click().run()
     assert not at.exception
@@ -286,7 +286,7 @@ def test_audit_csv_and_jsonl_reader() -> None:
 
 
 def test_status_page_reports_source_llm_store_and_now(env: Path) -> None:
-    at = _app(page="pages/status.py")
+    at = _app(page="screens/status.py")
     text = _md(at)
     assert str(env) in text and "demo ward anchor" in text and ANCHOR.strftime("%Y-%m-%d %H:%M") in text
     assert "Backend **none**" in text
@@ -371,7 +371,7 @@ def test_audit_page_shows_an_incomplete_retrospective_run_with_its_episodes(env:
     status = read_status(out)
     episodes = read_findings(out)
     assert status is not None and "MedicationAdministration" in status["missing_types"] and episodes
-    at = _app(page="pages/audit.py")
+    at = _app(page="screens/audit.py")
     banners = " ".join(e.value for e in at.error)
     assert "INCOMPLETE AUDIT" in banners and "MedicationAdministration" in banners
     assert {m.label: m.value for m in at.metric}["Episodes"] == str(len(episodes))  # episodes, not findings

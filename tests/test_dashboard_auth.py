@@ -130,7 +130,7 @@ def _rows(path: Path) -> list[tuple]:
 def test_demo_mode_is_bannered_on_loopback(env: Path, ward: dict) -> None:
     at = _app()
     assert "Local demo mode" in "\n".join(m.value for m in at.sidebar.markdown)
-    at.switch_page("pages/audit.py").run()  # the demo shows every page
+    at.switch_page("screens/audit.py").run()  # the demo shows every page
     assert not at.exception and "## Audit" in _text(at)
 
 
@@ -142,7 +142,7 @@ def test_demo_mode_refuses_a_non_loopback_address(env: Path, ward: dict, address
     assert "refuses to start in local demo mode" in text and "--server.address 127.0.0.1" in text
     assert not any(name in text for name in ward["names"].values())
     with pytest.raises(ValueError, match="Could not find a navigation page"):
-        at.switch_page("pages/patient.py")
+        at.switch_page("screens/patient.py")
 
 
 def test_sign_in_is_asked_before_anything(signed_in: Path, ward: dict) -> None:
@@ -210,11 +210,11 @@ def test_a_view_that_cannot_be_logged_is_not_shown(
 
 def test_auditor_gets_audit_and_access_log_pages_nurse_does_not(signed_in: Path, ward: dict) -> None:
     at = _app(NURSE)
-    for page in ("pages/audit.py", "pages/access_log.py"):
+    for page in ("screens/audit.py", "screens/access_log.py"):
         with pytest.raises(ValueError, match="Could not find a navigation page"):
             at.switch_page(page)
     # Reached directly (a typed URL, a stale link), the page itself refuses and logs the refusal.
-    direct = _app(NURSE, script=str(REPO / "dashboard" / "pages" / "audit.py"))
+    direct = _app(NURSE, script=str(REPO / "dashboard" / "screens" / "audit.py"))
     assert "may not open the audit" in _text(direct) and not direct.button
     assert ("nina@example.org", "nurse", "access-denied", "page:audit", "page not allowed for role") in _rows(
         signed_in
@@ -222,11 +222,11 @@ def test_auditor_gets_audit_and_access_log_pages_nurse_does_not(signed_in: Path,
 
     at = _app(AUDITOR)
     assert at.selectbox(key="nva_ward").options == ["4B Med-Surg", "5A Cardiology"]
-    at.switch_page("pages/audit.py").run()
+    at.switch_page("screens/audit.py").run()
     assert not at.exception and "## Audit" in _text(at)
     at.button(key="audit-start").click().run()
     assert not at.exception
-    at.switch_page("pages/access_log.py").run()
+    at.switch_page("screens/access_log.py").run()
     assert not at.exception and "## Access log" in _text(at)
     table = next(d.value for d in at.dataframe if "Action" in getattr(d.value, "columns", []))
     assert {"access-denied", "audit-run", "audit-view", "access-log-view"} <= set(table["Action"])
@@ -237,10 +237,10 @@ def test_auditor_gets_audit_and_access_log_pages_nurse_does_not(signed_in: Path,
 
 def test_handoff_export_is_for_charge_nurses_and_logged(signed_in: Path, ward: dict) -> None:
     at = _app(NURSE)
-    at.switch_page("pages/handoff.py").run()
+    at.switch_page("screens/handoff.py").run()
     assert not at.exception and not [t for t in at.toggle if t.key == "handoff-print"]
     at = _app(CHARGE)
-    at.switch_page("pages/handoff.py").run()
+    at.switch_page("screens/handoff.py").run()
     at.toggle(key="handoff-print").set_value(True).run()
     assert not at.exception
     actions = [(r[0], r[2], r[3]) for r in _rows(signed_in)]
@@ -256,7 +256,7 @@ def test_a_user_without_a_role_sees_only_the_no_role_page(signed_in: Path, ward:
     assert not any(name in text for name in ward["names"].values())
     assert not at.selectbox and not at.dataframe
     with pytest.raises(ValueError, match="Could not find a navigation page"):
-        at.switch_page("pages/patient.py")
+        at.switch_page("screens/patient.py")
     assert _rows(signed_in) == [
         ("stranger@example.org", "none", "access-denied", "nva", "signed in without an NVA role")
     ]
@@ -296,7 +296,7 @@ def _assert_closed(at: AppTest, ward: dict, needle: str) -> None:
     assert not any(name in text for name in ward["names"].values())
     assert "Local demo mode" not in "\n".join(m.value for m in at.sidebar.markdown)
     with pytest.raises(ValueError, match="Could not find a navigation page"):
-        at.switch_page("pages/patient.py")
+        at.switch_page("screens/patient.py")
 
 
 def test_invalid_nva_secrets_file_stops_the_app_even_on_loopback(
@@ -365,7 +365,7 @@ def test_bad_claims_get_the_no_role_page_and_are_logged(signed_in: Path, ward: d
 def test_access_log_page_shows_a_red_banner_when_the_chain_breaks(signed_in: Path, ward: dict) -> None:
     def page() -> AppTest:
         at = _app(AUDITOR)
-        at.switch_page("pages/access_log.py").run()
+        at.switch_page("screens/access_log.py").run()
         assert not at.exception
         return at
 

@@ -394,8 +394,8 @@ def _fresh_server_env(ward: dict[str, Any], tmp_path: Path, secrets: str = "") -
 def test_a_page_url_opened_first_shows_the_app_navigation(
     app: tuple[str, Any], ward: dict[str, Any], tmp_path: Path
 ) -> None:
-    """A fresh server's first session opened by a page URL (Streamlit would run the page file alone and list the
-    pages/ folder's file names) gets the app's navigation and page; so do later sessions on other URLs."""
+    """A fresh server's first session opened by a page URL gets the app's navigation and page (with a `pages/` folder
+    Streamlit would run the page file alone and list the folder's file names); so do later sessions on other URLs."""
     browser = app[1].browser  # the module's chromium (one Playwright per thread), a new server and context
     with streamlit_server(_fresh_server_env(ward, tmp_path)) as base:
         context = browser.new_context(viewport={"width": 1440, "height": 1000})

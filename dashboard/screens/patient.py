@@ -46,7 +46,7 @@ if pid is None:
     if pid is None:
         st.markdown("## Patient view")
         st.info("Choose a patient in the sidebar, or from the ward census.", icon=":material/person_search:")
-        st.page_link("pages/census.py", label="Ward census", icon=":material/groups:")
+        st.page_link("screens/census.py", label="Ward census", icon=":material/groups:")
         st.stop()
     drawn = True
 else:

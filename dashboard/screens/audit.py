@@ -298,7 +298,7 @@ pick = st.selectbox(
 if pick:
     pid = pick.split("/", 1)[-1]
     st.page_link(
-        "pages/patient.py",
+        "screens/patient.py",
         label="Open the patient view",
         icon=":material/person:",
         query_params={"patient": pid},
