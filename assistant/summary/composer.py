@@ -83,6 +83,9 @@ PER_FACT_KINDS = frozenset(
     {"result", "medication", "administration", "pending", "encounter", "condition", "demographics", "news2"}
 )
 PER_FACT_MAX_TOKENS = 60
+# The synopsis prompt goes after the first facts' (a batched backend runs a caller's first 3 before the rest):
+# its long pre-fill then does not delay the first sentence, and its decode overlaps the other facts'.
+SYNOPSIS_AFTER = 3
 SENTENCE_END = r"[.!?]\s"  # the first sentence is complete (a batched backend stops the row there)
 PER_FACT_LIMIT = 8  # facts phrased by a small model; the rest keep their template sentences
 SMALL_MODEL_BACKENDS = frozenset({"transformers", "llama-cpp", "onnx"})
@@ -458,8 +461,8 @@ def _per_fact(
     """One LLM prompt per fact, all submitted at once (a batched backend decodes them together), read and shown in
     display order; a fact whose sentence fails shows its template in its place.
 
-    `with_synopsis`: the synopsis prompt is submitted right after the first fact's, so it overlaps the body; its
-    stream is left in `c.synopsis_stream` for compose_synopsis."""
+    `with_synopsis`: the synopsis prompt is submitted after the first SYNOPSIS_AFTER facts', so it overlaps the
+    body; its stream is left in `c.synopsis_stream` for compose_synopsis."""
     res = c.res
     t_llm = time.perf_counter()
     prompt_tokens = completion_tokens = 0
@@ -534,7 +537,7 @@ def _per_fact(
 def _submit(
     backend: Any, c: _Composer, asked: list[Fact], timeout: float | None, with_synopsis: bool
 ) -> dict[str, Any]:
-    """Start every per-fact prompt (and the synopsis, second) as one caller; tag -> stream."""
+    """Start every per-fact prompt (and the synopsis after the first few) as one caller; tag -> stream."""
     group = object()  # this patient's summary: one turn in a batched backend's round-robin
     many = getattr(backend, "stream_many", None)
 
@@ -547,14 +550,17 @@ def _submit(
 
     streams: dict[str, Any] = {}
     msgs = [build_fact_messages(f) for f in asked]
-    if asked:
-        streams[asked[0].tag] = start(msgs[:1], PER_FACT_MAX_TOKENS, SENTENCE_END)[0]
+    lead = SYNOPSIS_AFTER
+    for fact, stream in zip(asked[:lead], start(msgs[:lead], PER_FACT_MAX_TOKENS, SENTENCE_END), strict=True):
+        streams[fact.tag] = stream
     if with_synopsis:
         syn = synopsis_request(c.sheet, backend)
         if syn is not None:
             c.synopsis_stream = start([syn], SYNOPSIS_MAX_TOKENS, None)[0]
-    if len(asked) > 1:
-        for fact, stream in zip(asked[1:], start(msgs[1:], PER_FACT_MAX_TOKENS, SENTENCE_END), strict=True):
+    if len(asked) > lead:
+        for fact, stream in zip(
+            asked[lead:], start(msgs[lead:], PER_FACT_MAX_TOKENS, SENTENCE_END), strict=True
+        ):
             streams[fact.tag] = stream
     return streams
 
