@@ -69,7 +69,7 @@ def test_a_callers_first_requests_run_first_then_callers_take_turns():
     b.join(30)
     # each caller's first answers (LEAD_REQUESTS of them) run before its other requests start ...
     for name in ("a", "b"):
-        lead = min(lasts[f"{name}{i}"] for i in range(LEAD_REQUESTS))
+        lead = max(lasts[f"{name}{i}"] for i in range(LEAD_REQUESTS))
         assert lead <= min(firsts[f"{name}{i}"] for i in range(LEAD_REQUESTS, 5))
     # ... and the second caller's first answer does not wait for the first caller's whole batch
     assert lasts["b0"] < max(lasts[f"a{i}"] for i in range(5))

@@ -111,8 +111,8 @@ class BatchScheduler:
     """One thread owns the model: it pre-fills new requests (round-robin across groups) and decodes all active
     rows together, one token per row per step. Each row streams only to its own request's queue.
 
-    A group's first `lead` requests run before its others are admitted (until one of them finishes), so every
-    caller gets its first sentence early; the rest of its requests then join the shared batch. Finished, cancelled and timed-out rows leave the batch at
+    A group's first `lead` requests run before its others are admitted (until all of them finished), so every
+    caller gets its first sentences early; the rest of its requests then join the shared batch. Finished, cancelled and timed-out rows leave the batch at
     once; an error in a shared step fails the rows in that step (their callers fall back), not the scheduler.
     """
 
@@ -266,7 +266,8 @@ class BatchScheduler:
                 (
                     k
                     for k, g in groups.items()
-                    if g.waiting and (g.finished > 0 or g.admitted < self.lead)  # a group's lead goes first
+                    # a group's lead goes first and alone: pre-filling others would stall its decode steps
+                    if g.waiting and (g.admitted < self.lead or g.finished >= g.admitted)
                 ),
                 None,
             )
