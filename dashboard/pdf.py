@@ -102,16 +102,24 @@ def ward_handoff_pdf(
     )
     pdf.ln(1.5)
     with pdf.table(
-        col_widths=(16, 36, 18, 16, 100), text_align="LEFT", line_height=3.8, first_row_as_headings=True
+        # Compact enough that a ward of ~25 patients fits the overview on page 1 (issue 15.7); the full flags,
+        # holds and pending items are on each patient's page.
+        col_widths=(14, 32, 18, 14, 108),
+        text_align="LEFT",
+        line_height=3.0,
+        padding=0.6,
+        first_row_as_headings=True,
     ) as table:
-        pdf.set_font(f, "", 7)
+        pdf.set_font(f, "", 6.5)
         table.row([t(x) for x in ("Bed", "Patient", "NEWS2", "Severity", "Top flags / holds / pending")])
         for r in rows:
-            flags = "; ".join(f"{x.severity.upper()}: {x.title}" for x in r.view.findings[:3])
+            flags = "; ".join(f"{x.severity.upper()}: {x.title}" for x in r.view.findings[:2])
+            more = len(r.view.findings) - 2
+            flags += f" (+{more} more)" if more > 0 else ""
             holds = list(getattr(r.view, "holds", {}) or {})
             orders = {o.ref: o.text for o in r.view.chart.orders} if r.view.chart else {}
             hold = "; ".join(f"HOLD {orders.get(h, 'order')}" for h in holds[:2])
-            pending = "; ".join(_pending(p) for p in r.pending[:2])
+            pending = "; ".join(_pending(p) for p in r.pending[:1])
             iso = _isolation(r.view)
             flags = "; ".join(x for x in (iso.badge if iso is not None else "", flags) if x)
             table.row(

@@ -233,13 +233,15 @@ def test_handoff_pdf_has_every_patient(env: Path, ward_facts: dict) -> None:
     rows = []
     for pid, chart in ward_facts["charts"].items():
         view = services.PatientView(pid, chart, findings=ward_facts["findings"][pid], now=ANCHOR)
-        rows.append(services.HandoffRow(view, None, "", []))
+        rows.append(services.HandoffRow(view, None, "", services.pending_items(view)))
     data = pdf.ward_handoff_pdf("4B Med-Surg", rows, ANCHOR)
     assert data.startswith(b"%PDF")
-    text = " ".join(page.extract_text() for page in PdfReader(io.BytesIO(data)).pages)
-    text = " ".join(text.split())
+    pages = [" ".join(page.extract_text().split()) for page in PdfReader(io.BytesIO(data)).pages]
+    text = " ".join(pages)
     for chart in ward_facts["charts"].values():
         assert chart.patient.name in text
+        assert chart.patient.name in pages[0]  # the overview of the whole ward is page 1 (issue 15.7)
+    assert len(pages) <= 1 + len(rows)  # then at most one page per (typical) patient
 
 
 def test_audit_run_filters_drill_down_and_csv(env: Path, ward_facts: dict) -> None:
