@@ -154,3 +154,26 @@ def test_a_synopsis_started_early_is_read_from_its_stream(sheet):
     (unused,) = backend.stream_many([messages], max_tokens=SYNOPSIS_MAX_TOKENS)
     assert compose_synopsis(sheet, None, stream=unused).source == "template"
     backend.close()
+
+
+def test_the_template_synopsis_names_the_flags_and_does_not_repeat_them(sheets):
+    """Flags stay in the flags column (issue 15.6): the synopsis names them by title in one line, cites them, and
+    never restates a flag's message; its other sentence is about something else."""
+    with_flags = 0
+    for sheet in sheets:
+        flags = [f for f in sheet.facts if f.kind == "flag"]
+        syn = template_synopsis(sheet, Verifier(sheet))
+        assert syn and all(s.verified and len(s.shown_citations) <= 3 for s in syn)
+        if not flags:
+            continue
+        with_flags += 1
+        line = syn[0]
+        assert line.text.startswith(("Flag:", "Flags:", "Flags include:")), line.text
+        assert set(line.tags) <= {f.tag for f in flags} and line.tags
+        for f in flags[:3]:
+            assert f.label.rstrip(".") in line.text
+        messages = [f.sentence.split(". ", 1)[1] for f in flags if ". " in f.sentence]
+        for s in syn:
+            assert not any(m and m in s.text for m in messages), s.text  # no flag message word for word
+        assert all(not (set(s.tags) & {f.tag for f in flags}) for s in syn[1:])
+    assert with_flags >= 10  # the demo ward plants flags on most patients

@@ -88,6 +88,13 @@ def build_messages(facts: Sequence[Fact]) -> list[ChatMessage]:
     ]
 
 
+FLAG_TITLES = 3  # at most three citations a sentence (issue 15.6)
+
+
+def _strip(text: str) -> str:
+    return text.strip().rstrip(".")
+
+
 def template_synopsis(
     sheet: FactSheet, verifier: Verifier, facts: Sequence[Fact] | None = None
 ) -> list[Sentence]:
@@ -95,8 +102,24 @@ def template_synopsis(
     facts = list(facts) if facts is not None else synopsis_facts(sheet)
     facts.sort(key=lambda f: (not f.must_cover, f.priority, int(f.tag[1:])))
     out: list[Sentence] = []
+    # The flags column already says each flag in full: the synopsis names them in one line (titles only) and
+    # spends its other sentence on what the flags do not say (issue 15.6).
+    flags = [f for f in sheet.facts if f.kind == "flag" and f.sentence]
+    if flags:
+        shown = flags[:FLAG_TITLES]
+        titles = "; ".join(_strip(f.label) for f in shown)
+        # No count: a number must be in a cited record, and the flags column counts them.
+        lead = "Flags include" if len(flags) > len(shown) else "Flag" if len(flags) == 1 else "Flags"
+        s = verifier.verify(f"{lead}: {titles}. " + "".join(f"[{f.tag}]" for f in shown), origin="template")
+        if s.verified:
+            s.section = "synopsis"
+            out.append(s)
+        else:  # the titles are the rule catalogue's words; if one fails, the flags column still has them all
+            log.warning("template synopsis flag line failed verification: %s", s.reason)
     for fact in facts:
-        if not fact.sentence:
+        if len(out) >= MAX_SENTENCES - 1:
+            break
+        if not fact.sentence or (flags and fact.kind == "flag"):
             continue
         s = verifier.verify(f"{fact.sentence.strip().rstrip('.')}. [{fact.tag}]", origin="template")
         if s.verified:
