@@ -21,6 +21,8 @@ from assistant.views import (
     default_since,
     delta_since,
     failed_view,
+    hold_map,
+    hold_text,
     sort_by_acuity,
     ward_delta,
 )
@@ -218,6 +220,8 @@ def summary_stream(
 
     if view.chart is None:
         raise ValueError(f"Patient/{view.patient_id} has no chart loaded; a summary needs one")
+    holds = {ref: hold_text(flags) for ref, flags in hold_map(view.chart, list(view.findings)).items()}
+    kwargs.setdefault("holds", holds)
     return compose_stream(
         view.chart, view.findings, tuple(passages), backend, now=view.now, news2=summary_news2(view), **kwargs
     )

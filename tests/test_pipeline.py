@@ -176,6 +176,28 @@ def test_holds_mark_every_dose_surface(ward: Any) -> None:
     assert all(h in {o.text for o in ward.patients[row.patient_id].chart.orders} for h in row.holds)
 
 
+def test_the_summary_marks_held_doses_too(ward: Any) -> None:
+    """The cited summary is a dose surface as well: a due or overdue dose of a drug a flag says not to give reads
+    HOLD — see flag first, shown or in the +N overflow; no other dose sentence carries the mark."""
+    marked = 0
+    for view in ward.patients.values():
+        res = pipeline.summary_for(view, None)
+        facts = {f.tag: f for f in res.facts.facts}
+        for s in [*res.sentences, *res.overflow]:
+            doses = [
+                facts[t]
+                for t in s.tags
+                if facts[t].kind == "administration" and facts[t].severity in ("due", "overdue")
+            ]
+            if not doses:
+                assert "HOLD — see flag" not in s.text
+                continue
+            held = any(f.provenance[0] in view.holds for f in doses)
+            assert s.text.startswith("HOLD — see flag") == held, s.text
+            marked += held
+    assert marked >= 5
+
+
 class _Retriever:
     def __init__(self, empty_for_docs: bool = False) -> None:
         self.calls: list[dict] = []

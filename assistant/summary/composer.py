@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -283,6 +283,7 @@ def compose_stream(
     mode: str = "auto",
     include_flags: bool = False,
     max_sentences: int | None = DEFAULT_MAX_SENTENCES,
+    holds: Mapping[str, str] | None = None,
 ) -> SummaryStream:
     """Stream the summary. Never raises for LLM trouble: the template sentence is shown with a note.
 
@@ -304,6 +305,7 @@ def compose_stream(
             mode=mode,
             include_flags=include_flags,
             max_sentences=max_sentences,
+            holds=holds,
         )
     )
 
@@ -335,20 +337,36 @@ def template_summary(
 class _Composer:
     """State of one composition: the verifier, the result, and the template fallback for each fact."""
 
-    def __init__(self, sheet: FactSheet, res: SummaryResult, t0: float) -> None:
+    def __init__(
+        self, sheet: FactSheet, res: SummaryResult, t0: float, holds: Mapping[str, str] | None = None
+    ) -> None:
         self.sheet = sheet
         self.verifier = Verifier(sheet)
         self.res = res
         self.t0 = t0
+        self.holds = dict(holds or {})  # medication order ref -> "HOLD — see flag: <titles>"
         self.synopsis_stream: Any | None = None  # started with the per-fact prompts, read after the body
 
     def show(self, s: Sentence) -> Sentence:
+        self.mark_hold(s)
         self.res.sentences.append(s)
         if self.res.first_sentence_s is None:
             self.res.first_sentence_s = time.perf_counter() - self.t0
         if s.origin == "llm" and self.res.first_llm_sentence_s is None:
             self.res.first_llm_sentence_s = time.perf_counter() - self.t0
         return s
+
+    def mark_hold(self, s: Sentence) -> None:
+        """A due or overdue dose of a drug a flag says not to give reads "HOLD — see flag" first (issue 15.3). The
+        mark is added after verification: it is the product's words, not a claim about the record."""
+        for tag in s.tags:
+            fact = self.verifier.facts.get(tag)
+            if fact is None or fact.kind != "administration" or fact.severity not in ("due", "overdue"):
+                continue
+            mark = self.holds.get(fact.provenance[0]) if fact.provenance else None
+            if mark and not s.text.startswith(mark):
+                s.text = f"{mark} — {s.text}"
+                return
 
     def template(self, fact: Fact, failed: Sentence | None = None) -> Sentence | None:
         """The fact's template sentence, carrying the model sentence it replaces; None when it cannot be shown."""
@@ -381,15 +399,17 @@ def _compose(
     mode: str = "auto",
     include_flags: bool = False,
     max_sentences: int | None = DEFAULT_MAX_SENTENCES,
+    holds: Mapping[str, str] | None = None,
 ) -> Generator[Sentence, None, SummaryResult]:
     t0 = time.perf_counter()
     sheet = sheet or build_fact_sheet(chart, findings, guidelines, now=now, max_facts=max_facts, news2=news2)
     res = SummaryResult(patient=sheet.patient, sentences=[], dropped=[], facts=sheet, now=now)
-    c = _Composer(sheet, res, t0)
+    c = _Composer(sheet, res, t0, holds)
     shown, overflow = select_facts(sheet, include_flags=include_flags, max_sentences=max_sentences)
     for fact in overflow:
         s = c.template(fact)
         if s is not None:
+            c.mark_hold(s)
             res.overflow.append(s)
 
     usable = backend is not None and getattr(backend, "available", False)
