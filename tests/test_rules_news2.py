@@ -135,3 +135,22 @@ def test_latest_value_counts_and_stale_or_missing_values_are_reported_missing():
     assert s.missing == ("consciousness",)
     s = score(consciousness="sleepy?")  # an answer we cannot map is not "alert"
     assert "consciousness" in s.missing
+
+
+def test_scored_values_are_shown_in_display_units_not_ucum_codes(demo_ward_dir, demo_anchor):
+    """A NEWS2 flag's evidence reads '38.6 °C' and '102 mmHg' like the rest of the app, never 'Cel' or 'mm[Hg]'."""
+    from assistant.summary.display import show_result
+    from connectors.bundle_dir import BundleDirSource
+
+    source = BundleDirSource(demo_ward_dir)
+    seen = 0
+    for pid in source.iter_patient_ids():
+        chart = source.patient_chart(pid)
+        results = {r.ref: r for r in chart.results}
+        for p in news2(chart, now=demo_anchor).parameters:
+            assert "Cel" not in p.value and "mm[Hg]" not in p.value, p.value
+            result = results[p.ref]
+            if result.analyte in ("temperature", "systolic_bp") and result.value is not None:
+                assert p.value == show_result(result) and p.value.endswith(("°C", "mmHg")), p.value
+                seen += 1
+    assert seen > 20

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from assistant.model import Chart, Result
+from assistant.summary.display import show_result
 
 # Category of the findings NEWS2 >= 5 and a single parameter of 3 raise (assistant.pipeline.news2_flags): they
 # restate the score, so counts of "other" flags leave them out.
@@ -25,7 +26,7 @@ class News2Parameter:
     name: str
     label: str
     points: int
-    value: str  # as charted, e.g. "22 /min" or "New confusion"
+    value: str  # as shown, e.g. "22 /min", "38.6 °C" or "New confusion"
     ref: str
     time: datetime | None
 
@@ -116,7 +117,8 @@ def news2(chart: Chart, *, now: datetime | None = None, table: dict[str, Any] | 
         latest = rows[-1]
         points = _band_points(spec["bands"], float(latest.value))  # type: ignore[arg-type]
         params.append(
-            News2Parameter(name, spec["label"], points, latest.display_value(), latest.ref, latest.time)
+            # shown as the rest of the app shows it ('38.6 °C', '102 mmHg'), not as UCUM codes ('Cel', 'mm[Hg]')
+            News2Parameter(name, spec["label"], points, show_result(latest), latest.ref, latest.time)
         )
     total = sum(p.points for p in params)
     top = max((p.points for p in params), default=0)
