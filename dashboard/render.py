@@ -375,7 +375,12 @@ def flags_section(view: services.PatientView, key: str) -> list[tuple[Finding, A
                 st.markdown(evidence_table(f.values, view.now))
             if f.action:
                 st.markdown(f"**Suggested nursing action:** {md(f.action)}")
-            citation_buttons(view, list(dict.fromkeys(f.evidence)), key=f"{key}-flag{n}")
+            citation_buttons(
+                view,
+                list(dict.fromkeys(f.evidence)),
+                key=f"{key}-flag{n}",
+                names={v.ref: v.label for v in f.values if v.ref},
+            )
             slots.append((f, st.empty()))
     return slots
 
@@ -408,21 +413,41 @@ def fill_guideline(slot: Any, finding: Finding) -> list[services.Passage]:
 
 
 # --- source viewer -----------------------------------------------------------------------------------
-def citation_buttons(view: services.PatientView, refs: list[str], key: str, label: str = "Sources") -> None:
+SOURCES_PER_ROW = 3
+
+
+def source_name(ref: str, names: dict[str, str] | None = None) -> str:
+    """A button's words for a cited record: what it is when the flag says (e.g. 'Pulse (2 points)'), else its type
+    and the start of its id; the full reference is the button's tooltip and the dialog's title."""
+    if names and names.get(ref):
+        return one_line(names[ref])
+    rtype, _, rid = ref.partition("/")
+    return f"{rtype} {rid[:8]}…" if len(rid) > 9 else ref
+
+
+def citation_buttons(
+    view: services.PatientView,
+    refs: list[str],
+    key: str,
+    label: str = "Sources",
+    names: dict[str, str] | None = None,
+) -> None:
+    """One button per cited record, in full rows of SOURCES_PER_ROW under a caption (no ragged grid)."""
     if not refs:
         return
-    cols = st.columns(min(len(refs), 4) + 1, vertical_alignment="center")
-    cols[0].caption(label)
-    for i, ref in enumerate(refs):
-        col = cols[1 + i % 4]
-        col.button(
-            md(ref),
-            key=f"cite-{key}-{i}",
-            type="tertiary",
-            icon=":material/description:",
-            on_click=_open_source,
-            args=(view.patient_id, ref),
-        )
+    st.caption(label)
+    for start in range(0, len(refs), SOURCES_PER_ROW):
+        cols = st.columns(SOURCES_PER_ROW)
+        for col, (i, ref) in zip(cols, enumerate(refs[start : start + SOURCES_PER_ROW], start), strict=False):
+            col.button(
+                md(source_name(ref, names)),
+                key=f"cite-{key}-{i}",
+                help=md(ref),
+                type="tertiary",
+                icon=":material/description:",
+                on_click=_open_source,
+                args=(view.patient_id, ref),
+            )
 
 
 def _open_source(patient_id: str, ref: str) -> None:
@@ -965,6 +990,18 @@ def trend_chart(results: list[Result], title: str) -> alt.LayerChart | alt.Chart
 
 
 # --- vitals & NEWS2 ------------------------------------------------------------------------------------
+def vital_tile(r: Result | None) -> tuple[str, str]:
+    """(number, unit) of a vital sign as the app shows it ('112', 'beats/min'); ('—', '') when none is charted."""
+    if r is None:
+        return "—", ""
+    from assistant.summary.display import display_unit, format_value, reported
+
+    value, unit = reported(r)
+    if value is None:
+        return one_line(show(r)), ""
+    return format_value(value, r.analyte, unit), display_unit(unit)
+
+
 def vitals_section(view: services.PatientView, key: str) -> None:
     chart = view.chart
     assert chart is not None
@@ -989,10 +1026,12 @@ def vitals_section(view: services.PatientView, key: str) -> None:
         )
     for col, (analyte, label) in zip(cols[1:], VITALS, strict=True):
         r = chart.latest(analyte)
+        # The unit goes in the label, the number alone in the tile: "112 beats/min" does not fit a seventh of the page.
+        number, unit = vital_tile(r)
         col.metric(
-            label,
-            one_line(show(r)) if r else "—",
-            help=f"{fmt_time(r.time, view.now)} · {md(r.ref)}" if r else None,
+            f"{label} ({md(unit)})" if unit else label,
+            number,
+            help=f"{md(show(r))} · {fmt_time(r.time, view.now)} · {md(r.ref)}" if r else None,
         )
     window = (view.now - timedelta(hours=72), view.now + timedelta(hours=1))
     series = {a: [r for r in chart.results_for(a) if r.value is not None and r.time] for a, _ in VITALS}
