@@ -6,7 +6,7 @@ import importlib.util
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, is_dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -259,12 +259,6 @@ def patient_header(view: services.PatientView) -> None:
         st.markdown("**Code status:** :gray[not recorded]")
     isolation_line(getattr(head, "isolation", None) if head is not None else None)
     do_now_section(view)
-
-
-def isolation_badge(status: str, words: str) -> str:
-    """Isolation as colour AND words: violet 'ISOLATION · Contact', orange 'ISOLATION NOT RETRIEVED'."""
-    colour = {"charted": "violet", "not-retrieved": "orange"}.get(status, "gray")
-    return f":{colour}-badge[{md(words)}]" if words else ""
 
 
 def isolation_line(iso: Any) -> None:
@@ -1474,107 +1468,6 @@ def delta_hours() -> float:
         return 12.0
 
 
-@dataclass(slots=True)
-class CensusLine:
-    """What one census row shows (built by the core's ward view; nothing here is judged)."""
-
-    patient_id: str
-    bed: str
-    name: str
-    age: int | None
-    news2: int | None
-    band: str
-    band_label: str
-    news2_incomplete: bool
-    badges: list[tuple[str, str]]  # (severity, title), worst first
-    holds: list[str]
-    due: list[tuple[str, datetime | None, str]]  # (label, time, hold text)
-    new_results: int | None
-    acuity: str
-    error: str | None
-    loaded_at: datetime | None
-    isolation: str = ""  # badge words from the core: "ISOLATION · Contact", "ISOLATION NOT RETRIEVED" or ""
-    isolation_status: str = ""  # charted | none | not-retrieved (assistant.views.Isolation.status)
-
-
-def census_rows(
-    cfg: services.AppConfig, ward_ref: str | None, since: datetime
-) -> tuple[list[CensusLine], Any]:
-    """The census rows in the core's acuity order and the ward's 'since last shift' delta (or None)."""
-    ward_view = getattr(services, "ward_view", None)
-    if callable(ward_view):
-        wv = ward_view(cfg, ward_ref, since=since)
-        patients = getattr(wv, "patients", {}) or {}
-        return [_census_line(r, patients.get(r.patient_id)) for r in wv.rows], getattr(wv, "delta", None)
-    views = services.ward_views(cfg, ward_ref)
-    views.sort(key=services.acuity_key)
-    return [_census_line_from_view(v, since) for v in views], None
-
-
-def _census_line(r: Any, view: Any) -> CensusLine:
-    acuity = getattr(r, "acuity", None)
-    return CensusLine(
-        patient_id=r.patient_id,
-        bed=r.bed or "",
-        name=r.name or f"Patient/{r.patient_id}",
-        age=r.age,
-        news2=r.news2,
-        band=r.news2_band or "",
-        band_label=r.news2_band_label or BAND_LABEL.get(r.news2_band or "", ""),
-        news2_incomplete=bool(getattr(r, "news2_incomplete", False)),
-        badges=[(b.severity, b.title) for b in r.badges],
-        holds=list(r.holds),
-        due=[(d.label, d.time, d.hold_text if d.hold else "") for d in r.due_next_hour],
-        new_results=r.new_results,
-        acuity=getattr(acuity, "label", "") or "",
-        error=r.error,
-        loaded_at=getattr(view, "loaded_at", None),
-        isolation=getattr(getattr(r, "isolation", None), "badge", "") or "",
-        isolation_status=getattr(getattr(r, "isolation", None), "status", "") or "",
-    )
-
-
-def _census_line_from_view(v: services.PatientView, since: datetime) -> CensusLine:
-    """Until the core ward view exists: the same row from the patient view's own facts."""
-    chart = v.chart
-    score = v.news2_score
-    band = getattr(score, "band", "") if v.news2_total is not None else ""
-    do_now = getattr(v, "do_now", None)
-    if do_now is not None:
-        due = [(d.label, d.time, d.hold_text if d.hold else "") for d in do_now]
-    elif chart is not None:
-        due = [
-            (e.order, e.time, "")
-            for e in services.mar_events(chart, v.now, past=timedelta(hours=24), ahead=timedelta(hours=1))
-            if e.state in ("due", "late")
-        ]
-    else:
-        due = []
-    holds = getattr(v, "holds", None) or {}
-    orders = {o.ref: o.text for o in chart.orders} if chart else {}
-    return CensusLine(
-        patient_id=v.patient_id,
-        bed=services.bed_label(v),
-        name=chart.patient.name if chart else f"Patient/{v.patient_id}",
-        age=services.age_of(chart, v.now) if chart else None,
-        news2=v.news2_total,
-        band=band or "",
-        band_label=BAND_LABEL.get(band or "", band or ""),
-        news2_incomplete=bool(getattr(score, "missing", None)),
-        badges=[(f.severity, f.title) for f in v.findings],
-        holds=[orders.get(ref, ref) for ref in holds],
-        due=due,
-        new_results=(
-            sum(1 for r in chart.results if r.time is not None and since <= r.time <= v.now)
-            if chart
-            else None
-        ),
-        acuity="",
-        error=v.error,
-        loaded_at=v.loaded_at,
-    )
-
-
 def news2_badge(
     total: int | None, band: str, label: str, incomplete: bool = False, *, short: bool = False
 ) -> str:
@@ -1584,63 +1477,6 @@ def news2_badge(
     words = (BAND_LABEL.get(band) if short else None) or label or BAND_LABEL.get(band, band) or "band unknown"
     text = f"{'' if short else 'NEWS2 '}{total} · {md(words)}"  # short: the column heading says NEWS2
     return f":{BAND_BADGE.get(band, 'gray')}-badge[{text}]" + (" :gray[(incomplete)]" if incomplete else "")
-
-
-def flag_badges(badges: list[tuple[str, str]]) -> str:
-    if not badges:
-        return ":gray[no flags]"
-    counts = {s: sum(1 for sev, _ in badges if sev == s) for s in services.SEVERITIES}
-    marks = " ".join(f"{severity_badge_n(s, n)}" for s, n in counts.items() if n)
-    return f"{marks}  \n:small[{md(badges[0][1])}]"
-
-
-def severity_badge_n(severity: str, n: int) -> str:
-    return f":{SEVERITY_BADGE.get(severity, 'gray')}-badge[{n} {severity.upper()}]"
-
-
-CENSUS_COLUMNS = (0.75, 1.8, 0.45, 1.7, 2.1, 1.4, 1.9, 0.7)
-
-
-def census_table(rows: list[CensusLine], since: datetime) -> None:
-    """One row per patient; the name is a page link (a Tab stop, opens in the same tab and session)."""
-    head = st.columns(CENSUS_COLUMNS, vertical_alignment="bottom")
-    for col, title in zip(
-        head,
-        ("Bed", "Patient", "Age", "NEWS2", "Flags", "Holds", "Doses due next hour", "New results"),
-        strict=True,
-    ):
-        col.markdown(f"**{title}**")
-    for n, r in enumerate(rows):
-        with st.container(key=f"census-row-{n}"):
-            cols = st.columns(CENSUS_COLUMNS, vertical_alignment="center")
-            cols[0].markdown(md(r.bed or "—"))
-            cols[1].page_link(
-                PATIENT_PAGE,
-                label=md(r.name),
-                query_params={"patient": r.patient_id},
-                icon=":material/person:",
-                help=f"Open {md(r.name)}" + (f" — {md(r.acuity)}" if r.acuity else ""),
-            )
-            if r.isolation:
-                cols[1].markdown(isolation_badge(r.isolation_status, r.isolation))
-            if r.error:
-                cols[1].caption(f":red[chart not loaded: {md(r.error)}]")
-            cols[2].markdown("—" if r.age is None else str(r.age))
-            cols[3].markdown(news2_badge(r.news2, r.band, r.band_label, r.news2_incomplete, short=True))
-            cols[4].markdown(flag_badges(r.badges))
-            cols[5].markdown(
-                "  \n".join(f":red-badge[HOLD] {md(h)}" for h in r.holds[:3]) if r.holds else ":gray[none]"
-            )
-            cols[6].markdown(
-                "  \n".join(
-                    f"{fmt_clock(t)} {md(label)}" + (" :red-badge[HOLD — see flag]" if hold else "")
-                    for label, t, hold in r.due[:3]
-                )
-                + (f"  \n:gray[+{len(r.due) - 3} more]" if len(r.due) > 3 else "")
-                if r.due
-                else ":gray[none]"
-            )
-            cols[7].markdown("—" if r.new_results is None else str(r.new_results))
 
 
 def fmt_clock(t: datetime | None) -> str:
@@ -1684,24 +1520,3 @@ def patient_delta_section(view: services.PatientView, since: datetime) -> None:
     refs = list(dict.fromkeys(r for i in delta.items for r in getattr(i, "refs", ())))[:8]
     if refs:
         citation_buttons(view, refs, key=f"delta-{view.patient_id}")
-
-
-def ward_delta_section(delta: Any, since: datetime) -> None:
-    """'Since last shift' for the ward: what the core's delta lists, per patient (newest first)."""
-    st.markdown(f"### Since last shift ({since:%d %b %H:%M} UTC)")
-    if delta is None:
-        st.caption("The shift delta is not available from this version of the core.")
-        return
-    shown = [p for p in delta.patients if p.items or p.news2_change]
-    if not shown:
-        st.caption("Nothing new since then.")
-        return
-    for p in shown:
-        change = (
-            f" · NEWS2 {p.news2_before if p.news2_before is not None else '—'} → "
-            f"{p.news2_now if p.news2_now is not None else '—'}"
-            if p.news2_change
-            else ""
-        )
-        with st.expander(f"{md(p.bed)} · {md(p.name)} — {len(p.items)} change(s){change}"):
-            st.markdown(delta_lines(p.items, 30) if p.items else "- NEWS2 changed")
