@@ -115,7 +115,9 @@ def test_census_to_patient_to_citation_and_hold(app: tuple[str, Any], ward: dict
 
     # A flag's citation, by keyboard: focus the first source button of the first flag and press Enter.
     ref = held.findings[0].evidence[0]
-    button = page.locator('[class*="st-key-flag-"] button').filter(has_text=ref.split("/")[0]).first
+    button = (
+        page.locator('[class*="st-key-flag-"] button').filter(has_text=_source_label(held.findings[0])).first
+    )
     button.focus()
     page.keyboard.press("Enter")
     wait_rendered(page, (ref, "Show raw JSON"), timeout=60)
@@ -224,6 +226,13 @@ FOCUSED = """() => { const e = document.activeElement; if (!e || e === document.
           outline: getComputedStyle(e).outlineStyle + ' ' + getComputedStyle(e).outlineWidth}; }"""
 
 
+def _source_label(finding: Any) -> str:
+    """The words on a flag's first source button: what the record is (the evidence label), not its raw id."""
+    from dashboard.render import source_name
+
+    return source_name(finding.evidence[0], {v.ref: v.label for v in finding.values if v.ref})
+
+
 def test_keyboard_reaches_citations_without_chart_toolbars(
     app: tuple[str, Any], ward: dict[str, Any]
 ) -> None:
@@ -245,7 +254,7 @@ def test_keyboard_reaches_citations_without_chart_toolbars(
     assert stops, "nothing takes keyboard focus"
     assert not [s for s in stops if s["toolbar"]], "chart toolbars are Tab stops"
     cited = [s for s in stops if s["flag"] and s["tag"] == "BUTTON"]
-    assert cited and any(view.findings[0].evidence[0].split("/")[0][:8] in s["text"] for s in cited)
+    assert cited and any(_source_label(view.findings[0])[:40] in s["text"] for s in cited)
     # A visible focus ring on every stop (not the current-page highlight alone).
     assert all(s["outline"].startswith("solid") for s in cited), cited[:3]
     page.close()
