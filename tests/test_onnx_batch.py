@@ -284,6 +284,19 @@ def test_batched_rows_give_the_sequential_greedy_text(onnx_pair):
     assert got == want
     batched.chat(prompts[1], max_tokens=2)
     assert batched.engine().model.last_reused > 100  # a per-fact prompt found the shared prefix in the cache
+    # Whatever family came first: with another prompt cached first that shares only the first tokens of the
+    # per-fact system prompt, the per-fact family is still kept and found by the next per-fact prompt.
+    system = prompts[1][0].content
+    other = [
+        ChatMessage("system", system[:60] + " Then answer in French. " * 20),
+        ChatMessage("user", "Bonjour"),
+    ]
+    batched.engine().model.prefixes.clear()
+    batched.chat(other, max_tokens=1)
+    batched.chat(prompts[1], max_tokens=1)
+    assert 16 <= batched.engine().model.last_reused < 60  # only the shared start was reused
+    batched.chat(prompts[2], max_tokens=1)
+    assert batched.engine().model.last_reused > 100
     stopped = [s.collect().text for s in batched.stream_many(prompts[:2], max_tokens=40, stop=SENTENCE_END)]
     assert all(w.startswith(s.strip()) for s, w in zip(stopped, want, strict=False))
 

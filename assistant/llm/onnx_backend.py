@@ -43,6 +43,9 @@ MAX_SLOTS = 3  # prompt families kept warm at once: per-fact, synopsis, one more
 BUILD_TIMEOUT_S = 900.0
 KV_HEADROOM = 64  # free positions per row when a batch buffer is (re)built
 SAME_PREFIX_MIN = 16  # fewer shared tokens than this: a different prompt family, take a free slot if any
+FAMILY_SHARE = (
+    0.5  # a batched pre-fill sharing less than this part of its prompt starts a prefix family of its own
+)
 
 
 def onnx_copy_dir(source: ModelSource, cache_dir: str | os.PathLike[str]) -> Path:
@@ -429,7 +432,9 @@ class OnnxBatchModel:
             np.asarray([ids[have:]]), np.ones((1, len(ids)), dtype=self.mask_dtype), past
         )
         self.last_reused = have
-        if best is None:  # a new prompt family: keep it for the prompts that follow
+        # A new prompt family (nothing shared, or only the chat template's first tokens, as the synopsis prompt
+        # shares with the per-fact one): keep it for the prompts that follow, whatever family came first.
+        if best is None or have < FAMILY_SHARE * len(ids):
             if len(self.prefixes) >= MAX_SLOTS:
                 self.prefixes.remove(min(self.prefixes, key=lambda p: p.used))
             self.prefixes.append(_Prefix(list(ids), present, time.monotonic()))
