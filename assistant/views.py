@@ -651,10 +651,14 @@ class Acuity:
 def acuity(findings: list[Finding], news: News2Now | None, *, failed: bool = False, bed: str = "") -> Acuity:
     """One ordering for census and handoff: flags and NEWS2 bands in the same tiers (assistant/data/acuity.toml)."""
     table = acuity_table()
-    # NEWS2's own escalation flags restate the band, which is counted once as the band: count the other flags.
+    # The reasons name NEWS2 once, as its band: they count the flags other than NEWS2's own escalation flag. The
+    # tie-break still counts that flag, so a NEWS2 of 5 weighs like a high-severity flag within its tier (RCP:
+    # urgent response) and does not fall below every patient with one.
     others = [f for f in findings if f.category != NEWS2_FLAG_CATEGORY]
     highs = sum(1 for f in others if f.severity == "high")
     mediums = sum(1 for f in others if f.severity == "medium")
+    rank_highs = sum(1 for f in findings if f.severity == "high")
+    rank_mediums = sum(1 for f in findings if f.severity == "medium")
     band = news.band if news is not None and news.total is not None else ""
     total = news.total if news is not None and news.total is not None else -1
     chosen = None
@@ -675,7 +679,7 @@ def acuity(findings: list[Finding], news: News2Now | None, *, failed: bool = Fal
             reasons = met
             break
     assert chosen is not None, "acuity.toml must end with a tier without criteria"
-    values = {"high_flags": -highs, "news2": -total, "medium_flags": -mediums}
+    values = {"high_flags": -rank_highs, "news2": -total, "medium_flags": -rank_mediums}
     key = (int(chosen["tier"]), *(values[k] for k in table["tie_break"]), bed_sort_key(bed))
     return Acuity(int(chosen["tier"]), str(chosen["label"]), tuple(reasons), key)
 

@@ -263,7 +263,8 @@ def test_acuity_counts_the_news2_band_once_not_again_as_its_own_flag(demo_ward_d
         got = views.acuity(flags, score)
         assert any(r.startswith(f"NEWS2 {score.total}") for r in got.reasons), got.reasons
         assert not any("high-severity flag" in r for r in got.reasons), got.reasons
-        assert got.key == views.acuity([], score).key  # its own flag adds nothing to the order
+        # in the order NEWS2 >= 5 still weighs like a high flag: before a NEWS2-0 patient with one high flag
+        assert got.key < views.acuity([high_k_finding()], views.News2Now(0, "low", "low", "")).key
     assert seen >= 1  # the demo ward has a patient with NEWS2 >= 5
 
 
