@@ -1458,14 +1458,9 @@ BAND_LABEL = {"high": "High", "medium": "Medium", "low-medium": "Low-medium", "l
 
 def delta_hours() -> float:
     """The default 'since last shift' look-back, from the acuity data file (assistant/data/acuity.toml)."""
-    import tomllib
-    from importlib import resources
+    from assistant.views import acuity_table
 
-    try:
-        data = tomllib.loads((resources.files("assistant") / "data" / "acuity.toml").read_text("utf-8"))
-        return float(data.get("delta_hours", 12.0))
-    except (OSError, ValueError):
-        return 12.0
+    return float(acuity_table()["delta_hours"])
 
 
 def news2_badge(

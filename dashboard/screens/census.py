@@ -57,11 +57,10 @@ def news2_cell(r: Any) -> str:
 
 def _isolation_badge(r: Any) -> str:
     """The core's isolation badge text (CensusRow.isolation.badge: '' when none is charted)."""
-    iso = getattr(r, "isolation", None)  # the field lands with the isolation work (assistant/views.py)
-    text = getattr(iso, "badge", "") if iso is not None else ""
-    if not text:
+    iso = r.isolation  # None for a chart that could not be read
+    if iso is None or not iso.badge:
         return ""
-    return badge("purple" if getattr(iso, "status", "") == "charted" else "orange", text) + "<br>"
+    return badge("purple" if iso.status == "charted" else "orange", iso.badge) + "<br>"
 
 
 def flags_cell(r: Any) -> str:
