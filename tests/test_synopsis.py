@@ -11,6 +11,7 @@ from assistant.summary.synopsis import (
     Synopsis,
     build_messages,
     compose_synopsis,
+    prompt_line,
     synopsis_facts,
     template_synopsis,
 )
@@ -48,6 +49,45 @@ def test_synopsis_facts_put_must_cover_first_and_skip_quoted_text(sheet):
     assert [m.role for m in msgs] == ["system", "user", "assistant", "user"]
     assert all(f"[{f.tag}]" in msgs[-1].content for f in facts)
     assert not any(f"[{f.tag}]" in msgs[0].content and f.text in msgs[0].content for f in facts)
+
+
+def test_prompt_lines_keep_values_and_times_and_drop_asides(sheets):
+    """The synopsis prompt is the long pre-fill of a summary: guidance asides and flag explanations stay out,
+    every number and time of the line's own sentence stays in."""
+    import re
+
+    from assistant.summary.facts import Fact
+
+    flag = Fact(
+        tag="F3",
+        kind="flag",
+        label="Low sodium on a thiazide or an SSRI",
+        text="medium-severity flag: Low sodium on a thiazide or an SSRI. Sodium is 127 mmol/L (2026-03-16 05:00 "
+        "UTC), below 130 mmol/L, while Sertraline 50 mg tablet is ordered; these drugs can cause hyponatraemia. "
+        "Values: Observation/na1. Action: review.",
+        provenance=(),
+    )
+    assert prompt_line(flag) == (
+        "[F3] medium-severity flag: Low sodium on a thiazide or an SSRI. Sodium is 127 mmol/L (2026-03-16 05:00), "
+        "below 130 mmol/L, while Sertraline 50 mg tablet is ordered."
+    )
+    news = Fact(
+        tag="F1",
+        kind="severity",
+        label="NEWS2",
+        text="Illness severity stable: NEWS2 0, low clinical risk (Continue routine NEWS monitoring, at least "
+        "every 12 hours)",
+        provenance=(),
+    )
+    assert prompt_line(news) == "[F1] Illness severity stable: NEWS2 0, low clinical risk"
+    # over the demo ward: no line loses a number that is not in a dropped aside
+    for sh in sheets:
+        for f in synopsis_facts(sh):
+            line = prompt_line(f)
+            assert len(line) <= len(f.text) + 6
+            kept = re.split(r" (?:Values|Action): ", f.text)[0]
+            for num in re.findall(r"\d+(?:\.\d+)?", re.sub(r" \([^()]{40,}\)", "", kept)):
+                assert num in line, (num, line)
 
 
 def test_a_verified_model_synopsis_is_shown_with_its_citations(sheet):

@@ -52,6 +52,9 @@ class BatchModel(Protocol):
     def step(self, batch: Any, tokens: Sequence[int], lengths: Sequence[int]) -> tuple[Any, np.ndarray]:
         """Feed one token per row (row b holds lengths[b] tokens before it); (batch, logits [rows, vocab])."""
 
+    def idle(self, batch: Any) -> None:
+        """The batch emptied; the model may keep its buffers for the next merge with no batch."""
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of generated token ids (special tokens left out)."""
 
@@ -205,7 +208,7 @@ class BatchScheduler:
                     batch = (
                         self.model.merge(batch, keep, [c for _, c in new], [r.length for r in rows])
                         if rows
-                        else None
+                        else self.model.idle(batch)  # None: the model may keep the buffers for the next rows
                     )
                 except Exception as exc:  # noqa: BLE001 -- fail these rows, keep serving
                     self._fail_all(groups, rows, exc)
@@ -267,7 +270,7 @@ class BatchScheduler:
                     k
                     for k, g in groups.items()
                     # a group's lead goes first and alone: pre-filling others would stall its decode steps
-                    if g.waiting and (g.admitted < self.lead or g.finished >= g.admitted)
+                    if g.waiting and (g.admitted < self.lead or g.finished >= min(self.lead, g.admitted))
                 ),
                 None,
             )

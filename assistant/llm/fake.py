@@ -108,6 +108,7 @@ class FakeBatchModel:
         self.prefills = 0
         self.widest = 0  # most rows in one decode step
         self.last_reused = 0
+        self.idles = 0  # times the batch emptied
 
     def register(self, answer: str | BaseException) -> list[int]:
         """Token ids of a prompt whose answer is `answer`."""
@@ -139,6 +140,9 @@ class FakeBatchModel:
 
     def merge(self, batch: Any, keep: Sequence[int], new: Sequence[Any], lengths: Sequence[int]) -> list[Any]:
         return [batch[i] for i in keep] + list(new)
+
+    def idle(self, batch: Any) -> None:
+        self.idles += 1
 
     def step(self, batch: list[Any], tokens: Sequence[int], lengths: Sequence[int]) -> tuple[Any, Any]:
         import time

@@ -41,7 +41,13 @@ EXPORT_FORMAT = 1  # bump when the export recipe changes, so an old copy is not 
 SLOT_TOKENS = 1024  # KV capacity of one cached generator (~47 MB for SmolLM2-135M)
 MAX_SLOTS = 3  # prompt families kept warm at once: per-fact, synopsis, one more
 BUILD_TIMEOUT_S = 900.0
-KV_HEADROOM = 64  # free positions per row when a batch buffer is (re)built
+KV_HEADROOM = 128  # free positions per row when a batch buffer is (re)built (>= a synopsis' 120 new tokens)
+# One patient's summary decodes up to 8 rows (a synopsis and per-fact prompts) of up to ~640 positions (the
+# synopsis prompt is ~620 tokens): buffers of that size (~280 MB for SmolLM2-135M) are made at warm-up and kept.
+RESERVE_ROWS, RESERVE_POSITIONS = 8, 640
+IDLE_KEEP_BYTES = (
+    320 << 20
+)  # an emptied batch keeps buffers up to this size for the next summary (no re-allocation)
 SAME_PREFIX_MIN = 16  # fewer shared tokens than this: a different prompt family, take a free slot if any
 FAMILY_SHARE = (
     0.5  # a batched pre-fill sharing less than this part of its prompt starts a prefix family of its own
@@ -399,6 +405,7 @@ class OnnxBatchModel:
         self.template = ImmutableSandboxedEnvironment().from_string(template.read_text())
         self.prefixes: list[_Prefix] = []
         self.last_reused = 0
+        self.spare: _KvBatch | None = None  # an emptied batch's buffers, reused by the next merge
         self.load_s = clock.elapsed()
         log.info("loaded ONNX model %s for batched decoding in %.2fs", path.name, self.load_s)
 
@@ -448,13 +455,18 @@ class OnnxBatchModel:
         np = self.np
         rows, k = len(keep) + len(new), len(keep)
         need = max(lengths) + 1
+        if batch is None and self.spare is not None:
+            spare, self.spare = self.spare, None
+            if rows <= spare.row_cap and need <= spare.cap:
+                batch = spare
+            else:
+                spare.release()
         if batch is None or rows > batch.row_cap or need > batch.cap:
-            row_cap = max(4, 1 << (rows - 1).bit_length())
-            cap = -(-(max(lengths) + KV_HEADROOM) // 64) * 64
+            shape = self._shape(rows, max(lengths))
             old = batch.release() if batch is not None else None  # consumed: freed layer by layer
             arrays = []
             for j in range(2 * self.layers):
-                a = np.empty((row_cap, self.kv_heads, cap, self.head_size), self.kv_dtype)
+                a = np.empty(shape, self.kv_dtype)
                 if old is not None:
                     src, old[j] = old[j], None  # at most one layer held twice (peak memory)
                     for i, r in enumerate(keep):
@@ -475,6 +487,33 @@ class OnnxBatchModel:
                 a[k + i, :, :n] = cache[j][0]
         batch.bind(rows)
         return batch
+
+    def idle(self, batch: _KvBatch | None) -> None:
+        """The batch emptied: keep its buffers for the next rows unless large (allocating and faulting in
+        ~100-300 MB again cost up to 0.8 s at the start of a summary)."""
+        if batch is not None and sum(a.nbytes for a in batch.arrays) <= IDLE_KEEP_BYTES:
+            batch.rows, batch.io = 0, None
+            self.spare = batch
+        elif batch is not None:
+            batch.release()
+
+    def reserve(self, rows: int, positions: int) -> None:
+        """Allocate and touch batch buffers now (start-up), so the first summary does not pay for them."""
+        if self.spare is None:
+            self.spare = self._new_batch(rows, positions)
+            for a in self.spare.arrays:
+                a.fill(0)
+
+    def _new_batch(self, rows: int, positions: int) -> _KvBatch:
+        shape = self._shape(rows, positions)
+        return _KvBatch(self, [self.np.empty(shape, self.kv_dtype) for _ in range(2 * self.layers)])
+
+    def _shape(self, rows: int, positions: int) -> tuple[int, int, int, int]:
+        """Buffer shape for `rows` rows of up to `positions` tokens: rows and positions rounded up, so a batch
+        is rebuilt only now and then as it grows."""
+        row_cap = max(4, 1 << (rows - 1).bit_length())
+        cap = -(-(positions + KV_HEADROOM) // 64) * 64
+        return (row_cap, self.kv_heads, cap, self.head_size)
 
     def step(self, batch: _KvBatch, tokens: Sequence[int], lengths: Sequence[int]) -> tuple[_KvBatch, Any]:
         np = self.np
@@ -537,6 +576,10 @@ class BatchEngine:
 
     def encode_chat(self, msgs: Sequence[ChatMessage]) -> list[int]:
         return self.model.encode_chat(msgs)
+
+    def reserve(self) -> None:
+        """Allocate one summary's batch buffers now (warm-up), so the first patient does not pay for them."""
+        self.model.reserve(RESERVE_ROWS, RESERVE_POSITIONS)
 
     def prefill(self, msgs: Sequence[ChatMessage]) -> None:
         """Put a prompt prefix in the prefix cache (warm-up), through the scheduler like any request."""
@@ -618,6 +661,8 @@ class OnnxBackend(LlmBackend):
         engine = self.engine()
         for msgs in prompts:
             engine.prefill(msgs)
+        if isinstance(engine, BatchEngine):
+            engine.reserve()
 
     def stream(
         self,

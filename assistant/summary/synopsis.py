@@ -69,9 +69,19 @@ def synopsis_facts(sheet: FactSheet, limit: int = SYNOPSIS_FACTS) -> list[Fact]:
     return sorted(pool[:limit], key=lambda f: int(f.tag[1:]))
 
 
-def _line(fact: Fact) -> str:
-    # Flags without their value list and action: short lines keep a small model on the point.
-    text = re.split(r" (?:Values|Action): ", fact.text)[0] if fact.kind == "flag" else fact.text
+# Asides the model need not see: a long parenthesis (guidance text such as NEWS2's response) and a flag's closing
+# explanation after a semicolon. The verifier still checks every sentence against the whole fact.
+_LONG_ASIDE = re.compile(r" \([^()]{40,}\)")
+_FLAG_WHY = re.compile(r"; [^;0-9]*\.$")
+
+
+def prompt_line(fact: Fact) -> str:
+    """A fact as the synopsis prompt shows it: short lines keep a small model on the point and cost fewer
+    pre-fill tokens (a flag without its value list, action and explanation; no long asides; no "UTC")."""
+    text = fact.text
+    if fact.kind == "flag":
+        text = _FLAG_WHY.sub(".", re.split(r" (?:Values|Action): ", text)[0].rstrip())
+    text = _LONG_ASIDE.sub("", text).replace(" UTC)", ")")
     return f"[{fact.tag}] {text}"
 
 
@@ -83,7 +93,7 @@ def build_messages(facts: Sequence[Fact]) -> list[ChatMessage]:
         ChatMessage("user", f"FACTS (data from the chart):\n{EXAMPLE_FACTS}\n\n{ask}"),
         ChatMessage("assistant", EXAMPLE_ANSWER),
         ChatMessage(
-            "user", "FACTS (data from the chart):\n" + "\n".join(_line(f) for f in facts) + f"\n\n{ask}"
+            "user", "FACTS (data from the chart):\n" + "\n".join(prompt_line(f) for f in facts) + f"\n\n{ask}"
         ),
     ]
 
