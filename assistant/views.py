@@ -690,6 +690,22 @@ def bed_sort_key(bed: str) -> tuple:
 
 
 # --- since last shift -----------------------------------------------------------------------------------------
+DELTA_LABELS = {  # what each kind of change reads as on a screen (one item)
+    "result-new": "New result",
+    "result-changed": "Result changed",
+    "order-started": "Order started",
+    "order-stopped": "Order stopped",
+    "dose-given": "Dose given",
+    "dose-held": "Dose not given",
+    "dose-refused": "Dose refused",
+    "dose-missed": "Dose missed",
+    "note": "Note",
+    "isolation-started": "Isolation started",
+    "isolation-lifted": "Isolation lifted",
+    "news2": "NEWS2 change",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class DeltaItem:
     kind: str  # result-new | result-changed | order-started | order-stopped | dose-given | dose-held |
@@ -697,6 +713,10 @@ class DeltaItem:
     time: datetime | None
     text: str
     refs: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return DELTA_LABELS.get(self.kind, self.kind)
 
 
 @dataclass(slots=True)

@@ -75,7 +75,7 @@ def _summaries(backend: Any, views: list[Any], timeout: float) -> dict[str, Any]
     """The dashboard's summary path on each patient: first verified model sentence, whole summary, synopsis."""
     from assistant import pipeline
 
-    firsts, totals, synopsis_llm, verified, written = [], [], 0, 0, 0
+    firsts, totals, synopsis_llm, verified, written, shown = [], [], 0, 0, 0, []
     for view in views:
         t0 = time.perf_counter()
         stream = pipeline.summary_stream(view, backend, (), timeout=timeout)
@@ -88,6 +88,7 @@ def _summaries(backend: Any, views: list[Any], timeout: float) -> dict[str, Any]
         llm = res.llm_sentences()
         written += len(llm)
         verified += sum(1 for s in llm if s.verified)
+        shown.append(sum(1 for s in llm if s.verified))
         synopsis_llm += res.synopsis_source == "llm"
     return {
         "patients": len(views),
@@ -96,24 +97,26 @@ def _summaries(backend: Any, views: list[Any], timeout: float) -> dict[str, Any]
         "llm_written": written,
         "llm_verified": verified,
         "synopsis_llm_patients": synopsis_llm,
+        "llm_shown": shown,
     }
 
 
 def _concurrent(backend: Any, views: list[Any], timeout: float) -> list[float]:
     """Two patients opened at once (two threads, as two dashboard sessions): each one's whole-summary time."""
-    return [t for t, _ in _pair(backend, views, timeout)]
+    return [t for t, _, _ in _pair(backend, views, timeout)]
 
 
-def _pair(backend: Any, views: list[Any], timeout: float) -> list[tuple[float, float | None]]:
-    """Two patients at once: (whole summary s, first verified model sentence s) for each."""
+def _pair(backend: Any, views: list[Any], timeout: float) -> list[tuple[float, float | None, int]]:
+    """Two patients at once: (whole summary s, first verified model sentence s, model sentences shown) each."""
     from assistant import pipeline
 
-    out: list[tuple[float, float | None]] = [(0.0, None), (0.0, None)]
+    out: list[tuple[float, float | None, int]] = [(0.0, None, 0), (0.0, None, 0)]
 
     def one(i: int) -> None:
         t0 = time.perf_counter()
         res = pipeline.summary_stream(views[i], backend, (), timeout=timeout).collect()
-        out[i] = (time.perf_counter() - t0, res.first_llm_sentence_s)
+        shown = sum(1 for s in res.llm_sentences() if s.verified)
+        out[i] = (time.perf_counter() - t0, res.first_llm_sentence_s, shown)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
     for t in threads:
@@ -284,9 +287,11 @@ def worker(
             both = _pair(backend, views[2 * k : 2 * k + 2], timeout)
             out["pairs"].append(
                 {
-                    "together": [t for t, _ in both],
-                    "first_llm": [f for _, f in both],
+                    "together": [t for t, _, _ in both],
+                    "first_llm": [f for _, f, _ in both],
+                    "llm_shown": [n for _, _, n in both],
                     "alone": out["totals"][2 * k : 2 * k + 2],
+                    "llm_shown_alone": out["llm_shown"][2 * k : 2 * k + 2],
                 }
             )
     out["concurrent"] = _concurrent(backend, views[:2], timeout)
@@ -378,6 +383,8 @@ def render_batched(results: list[dict[str, Any]]) -> str:
             continue
         ratios = [max(p["together"]) / (sum(p["alone"]) / 2) for p in r["pairs"] if p["alone"]]
         firsts2 = [f for p in r["pairs"] for f in p["first_llm"] if f is not None]
+        shown2 = [n for p in r["pairs"] for n in p.get("llm_shown", [])]
+        shown1 = [n for p in r["pairs"] for n in p.get("llm_shown_alone", [])]
         rows.append(
             [
                 r["option"],
@@ -387,6 +394,7 @@ def render_batched(results: list[dict[str, Any]]) -> str:
                 _s(r["totals"]),
                 f"{median(ratios):.2f}x / {max(ratios):.2f}x ({len(ratios)} pairs)" if ratios else "n/a",
                 _s(firsts2),
+                f"{median(shown1):g} / {median(shown2):g}" if shown2 else "n/a",
                 _survival(r),
                 f"{r['synopsis_llm_patients']}/{r['patients']}",
                 f"{r['peak_rss_mb']:.0f} MB",
@@ -404,6 +412,7 @@ def render_batched(results: list[dict[str, Any]]) -> str:
         "whole summary incl. synopsis (median / max)",
         "two patients at once: slower / same two alone (median / max)",
         "first verified sentence, two at once (median / max)",
+        "model sentences shown per patient, alone / two at once (median)",
         "model sentences verified",
         "synopsis model-written",
         "peak RSS",

@@ -1493,7 +1493,7 @@ def since_picker(cfg: services.AppConfig) -> datetime:
 
 
 def delta_lines(items: list[Any], limit: int = 40) -> str:
-    return "\n".join(f"- {fmt_clock(i.time)} · **{md(i.kind)}** · {md(i.text)}" for i in items[:limit]) + (
+    return "\n".join(f"- {fmt_clock(i.time)} · **{md(i.label)}** · {md(i.text)}" for i in items[:limit]) + (
         f"\n- … and {len(items) - limit} more" if len(items) > limit else ""
     )
 

@@ -35,7 +35,7 @@ def _illness_line(entry: Any) -> str:
 
 def test_news2_is_stated_once_and_only_other_high_flags_are_counted(ward: Any) -> None:
     entries = {p.patient: p for p in ward.handoff.patients}
-    news2_flagged = 0
+    news2_flagged = plain_count = 0
     for view in ward.patients.values():
         if view.chart is None:
             continue
@@ -47,10 +47,14 @@ def test_news2_is_stated_once_and_only_other_high_flags_are_counted(ward: Any) -
         line = _illness_line(entries[view.chart.patient_ref])
         assert len(re.findall(r"NEWS2 \d+", line)) == 1, line
         assert f"NEWS2 {score.total}, {score.band} clinical risk ({score.response.rstrip('.')})" in line, line
-        counted = re.search(r"(\d+) other high-severity flags?", line)
+        flagged = any(f.severity == "high" and f.category == "early-warning" for f in found)
+        counted = re.search(r"(\d+) (other )?high-severity flags?", line)
         assert (int(counted.group(1)) if counted else 0) == len(others), line
-        assert "high-severity flag" not in line or counted, line
+        # "other" only beside a NEWS2 that is itself a high flag (it said "1 other" when NEWS2 raised none)
+        assert not counted or bool(counted.group(2)) == flagged, line
+        plain_count += bool(counted and not flagged)
     assert news2_flagged >= 1  # the demo ward has a patient whose NEWS2 is itself a high-severity flag
+    assert plain_count >= 1  # ... and one with a high flag beside a NEWS2 that raised none
 
 
 def test_hand_built_chart_without_news2_counts_every_high_flag() -> None:

@@ -188,6 +188,11 @@ def test_shift_delta_lists_what_changed_since_a_chosen_time() -> None:
     assert kinds["note"].refs == ("DocumentReference/n1",)
     assert "DocumentReference/old" not in {r for i in delta.items for r in i.refs}
     assert [i.time for i in delta.items] == sorted((i.time for i in delta.items), reverse=True)
+    # screens show words, not the kind keys ("dose-refused" was shown as the label)
+    assert kinds["dose-refused"].label == "Dose refused" and kinds["result-new"].label == "New result"
+    from assistant.summary.cli import DELTA_WORDS
+
+    assert set(views.DELTA_LABELS) == set(DELTA_WORDS)  # every kind has a word on each surface
     # A shorter look-back shows less; the default is acuity.toml's delta_hours.
     short = views.patient_delta(chart, NOW, NOW - timedelta(hours=2))
     assert {i.kind for i in short.items} < set(kinds)

@@ -206,6 +206,7 @@ class LlmBackend(ABC):
         timeout: float | None = None,
         stop: str | None = None,
         group: Hashable | None = None,
+        optional: bool = False,
     ) -> list[ChatStream]:
         """Several completions for one caller, one stream each, in the order given.
 
@@ -214,6 +215,10 @@ class LlmBackend(ABC):
         default: each call its own). In-process batched backends decode all of them together (and with other
         callers'); this default starts each call only when its stream is first read, so reading them in order is
         calling `stream()` in turn and a stream never read costs nothing.
+
+        `optional`: the caller has a fallback for these (a template sentence), so a busy batched backend may
+        answer them with no text (finish_reason "shed") rather than make every caller wait; this default never
+        sheds.
         """
         kwargs = {"max_tokens": max_tokens, "temperature": temperature, "json_schema": json_schema}
         return [ChatStream(self._lazy(m, kwargs, timeout, stop)) for m in requests]

@@ -69,6 +69,7 @@ class Request:
     deadline: float  # time.monotonic()
     group: Hashable  # requests of one caller (e.g. one patient's summary) share a turn in the round-robin
     stop: re.Pattern[str] | None = None
+    optional: bool = False  # the caller has a fallback: answered with no text when several callers wait
     events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -139,6 +140,7 @@ class BatchScheduler:
         self._closed = False
         self.steps = 0  # decode steps run (benchmarks read it)
         self.max_rows = 0  # widest batch seen
+        self.shed = 0  # optional requests answered with no text because several callers waited
 
     def submit(
         self,
@@ -149,6 +151,7 @@ class BatchScheduler:
         timeout: float,
         group: Hashable | None = None,
         stop: str | re.Pattern[str] | None = None,
+        optional: bool = False,
     ) -> Request:
         req = Request(
             ids=list(ids),
@@ -157,6 +160,7 @@ class BatchScheduler:
             deadline=time.monotonic() + timeout,
             group=group if group is not None else object(),
             stop=re.compile(stop) if isinstance(stop, str) else stop,
+            optional=optional,
         )
         with self._cv:
             if self._closed:
@@ -261,8 +265,32 @@ class BatchScheduler:
             g.active -= 1
             g.finished += 1
 
+    def _shed(self, groups: OrderedDict[Hashable, _Group]) -> None:
+        """Several callers at once: answer their optional waiting requests with no text, so each caller's
+        work shrinks to its first answers and its required requests (on 2 cores, two patients' full work would
+        take twice as long as one's; an optional answer's caller shows its template sentence instead)."""
+        if sum(1 for g in groups.values() if g.waiting or g.active) < 2:
+            return
+        for g in groups.values():
+            for req in [r for r in g.waiting if r.optional]:
+                g.waiting.remove(req)
+                self.shed += 1
+                req.events.put(
+                    (
+                        "done",
+                        {
+                            "prompt_tokens": len(req.ids),
+                            "completion_tokens": 0,
+                            "finish_reason": "shed",
+                            "first_token_s": None,
+                            "reused": 0,
+                        },
+                    )
+                )
+
     def _admit(self, groups: OrderedDict[Hashable, _Group], busy: int) -> list[tuple[_Row, Any]]:
         """Pre-fill up to `admit_per_step` waiting requests, one group at a time in turn."""
+        self._shed(groups)
         out: list[tuple[_Row, Any]] = []
         while len(out) < self.admit_per_step and busy + len(out) < self.max_batch:
             pick = next(
@@ -393,6 +421,7 @@ def submit_streams(
     timeout: float,
     stop: str | None,
     group: Hashable | None,
+    optional: bool = False,
     schema_asked: bool = False,
 ) -> list[ChatStream]:
     """Submit every request now (one group: one caller's turn in the round-robin); one ChatStream each."""
@@ -409,6 +438,7 @@ def submit_streams(
             timeout=timeout,
             group=group,
             stop=stop,
+            optional=optional,
         )
         streams.append(ChatStream(_read(backend, req, clock, schema_asked)))
     return streams

@@ -235,6 +235,7 @@ class BatchingFakeBackend(LlmBackend):
         timeout: float | None = None,
         stop: str | None = None,
         group: Hashable | None = None,
+        optional: bool = False,
     ) -> list[ChatStream]:
         from .batching import submit_streams
 
@@ -248,6 +249,7 @@ class BatchingFakeBackend(LlmBackend):
             timeout=timeout or self.timeout,
             stop=stop,
             group=group,
+            optional=optional,
             schema_asked=json_schema is not None,
         )
 

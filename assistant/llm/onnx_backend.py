@@ -705,6 +705,7 @@ class OnnxBackend(LlmBackend):
         timeout: float | None = None,
         stop: str | None = None,
         group: Hashable | None = None,
+        optional: bool = False,
     ) -> list[ChatStream]:
         """Submit all now, as one caller: the scheduler decodes them together with other callers' requests.
 
@@ -719,6 +720,7 @@ class OnnxBackend(LlmBackend):
                 timeout=timeout,
                 stop=stop,
                 group=group,
+                optional=optional,
             )
         from .batching import submit_streams
 
@@ -733,6 +735,7 @@ class OnnxBackend(LlmBackend):
             timeout=timeout or self.settings.timeout,
             stop=stop,
             group=group,
+            optional=optional,
             schema_asked=json_schema is not None,
         )
 

@@ -485,7 +485,7 @@ def _per_fact(
     body; its stream is left in `c.synopsis_stream` for compose_synopsis."""
     res = c.res
     t_llm = time.perf_counter()
-    prompt_tokens = completion_tokens = 0
+    prompt_tokens = completion_tokens = shed = 0
     budget = min(prompt_facts, PER_FACT_LIMIT)
     asked: list[Fact] = []
     for fact in shown:
@@ -523,7 +523,9 @@ def _per_fact(
                 if s is not None:
                     yield c.show(s)
                 continue
-            if used is not None:
+            if used is not None and used.finish_reason == "shed":
+                shed += 1  # the model was busy with other patients: the template sentence, not a failure
+            elif used is not None:
                 prompt_tokens += used.prompt_tokens or 0
                 completion_tokens += used.completion_tokens or 0
             first = _first_sentence(text)
@@ -549,6 +551,10 @@ def _per_fact(
         if broken and c.synopsis_stream is not None:
             c.synopsis_stream.close()
             c.synopsis_stream = None
+    if shed:
+        res.notes.append(
+            f"{shed} fact(s) in template wording: the local model was busy with other patients' summaries"
+        )
     res.prompt_tokens = prompt_tokens or None
     res.completion_tokens = completion_tokens or None
     res.llm_latency_s = time.perf_counter() - t_llm
@@ -561,11 +567,22 @@ def _submit(
     group = object()  # this patient's summary: one turn in a batched backend's round-robin
     many = getattr(backend, "stream_many", None)
 
-    def start(messages: list[list[Any]], max_tokens: int, stop: str | None) -> list[Any]:
+    def start(
+        messages: list[list[Any]], max_tokens: int, stop: str | None, optional: bool = False
+    ) -> list[Any]:
         if many is None:  # a backend without stream_many: one call each, started when read
             return [_LazyStream(backend, m, max_tokens, timeout) for m in messages]
+        kwargs = {"optional": True} if optional else {}
         return list(
-            many(messages, max_tokens=max_tokens, temperature=0.0, timeout=timeout, stop=stop, group=group)
+            many(
+                messages,
+                max_tokens=max_tokens,
+                temperature=0.0,
+                timeout=timeout,
+                stop=stop,
+                group=group,
+                **kwargs,
+            )
         )
 
     streams: dict[str, Any] = {}
@@ -578,8 +595,9 @@ def _submit(
         if syn is not None:
             c.synopsis_stream = start([syn], SYNOPSIS_MAX_TOKENS, None)[0]
     if len(asked) > lead:
+        # optional: each has its template sentence, so a busy local model may skip them (several patients at once)
         for fact, stream in zip(
-            asked[lead:], start(msgs[lead:], PER_FACT_MAX_TOKENS, SENTENCE_END), strict=True
+            asked[lead:], start(msgs[lead:], PER_FACT_MAX_TOKENS, SENTENCE_END, optional=True), strict=True
         ):
             streams[fact.tag] = stream
     return streams

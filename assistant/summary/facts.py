@@ -964,13 +964,10 @@ def illness_severity_fact(
     cfg = vocabulary()["ipass"]
     # The NEWS2 escalation flag (category early-warning) restates NEWS2, which this line states itself: only the
     # other high-severity flags are counted, so NEWS2 is said once.
-    high = [
-        f
-        for f in findings
-        if f.patient == patient
-        and f.severity == "high"
-        and not (news2 is not None and f.category == NEWS2_FLAG_CATEGORY)
-    ]
+    own_high = [f for f in findings if f.patient == patient and f.severity == "high"]
+    high = [f for f in own_high if not (news2 is not None and f.category == NEWS2_FLAG_CATEGORY)]
+    # "other" only when NEWS2 raised a high flag itself; otherwise these are all the high flags there are
+    news2_flagged = len(high) < len(own_high)
     reasons: list[str] = []
     level = "stable"
     refs: list[str] = []
@@ -1001,7 +998,7 @@ def illness_severity_fact(
             )
     if high:
         n = len(high)
-        other = "other " if news2 is not None else ""
+        other = "other " if news2_flagged else ""
         reasons.append(f"{n} {other}high-severity flag" + ("s" if n > 1 else ""))
         refs += [r for f in high for r in f.evidence]
         if cfg["watcher_if_high_severity_flag"] and level == "stable":

@@ -147,7 +147,7 @@ def ward_delta_section(delta: Any, since: datetime) -> None:
             change = f" · NEWS2 {before} → {after}"
         items = p.items[:30]
         lines = "".join(
-            f"<li>{render.fmt_clock(i.time)} · <b>{esc(i.kind)}</b> · {esc(i.text)}</li>" for i in items
+            f"<li>{render.fmt_clock(i.time)} · <b>{esc(i.label)}</b> · {esc(i.text)}</li>" for i in items
         ) + (f"<li>… and {len(p.items) - 30} more</li>" if len(p.items) > 30 else "")
         blocks.append(
             f'<details class="nva-delta"><summary>{esc(p.bed)} · {esc(p.name)} — {len(p.items)} change(s)'
