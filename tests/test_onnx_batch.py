@@ -84,7 +84,7 @@ def test_after_its_first_answers_a_callers_other_requests_decode_together():
     streams = backend.stream_many([_prompt(f"r{i} {words}") for i in range(8)], max_tokens=50)
     assert [s.collect().text for s in streams] == [f"answer to r{i} {words} ends here." for i in range(8)]
     assert backend.engine.widest == 8 - LEAD_REQUESTS
-    assert backend.engine.idles >= 2  # the batch emptied after the lead and at the end
+    assert backend.engine.idles >= 1  # the batch emptied at the end (its buffers offered back to the model)
     backend.close()
 
 
@@ -250,6 +250,19 @@ def test_several_callers_at_once_skip_optional_requests_and_a_lone_caller_does_n
         for i, r in enumerate(extra):
             assert (r.text, r.finish_reason) in ((f"answer to {name}x{i} ends here.", "stop"), ("", "shed"))
     assert backend.scheduler.shed > 0
+    backend.close()
+
+
+def test_a_caller_that_just_finished_does_not_make_the_next_one_skip_requests():
+    """Patients opened one after another: the previous summary's last row (closed while a step runs) is gone
+    before the next caller's requests are judged, so nothing is skipped (23 of 199 model sentences were)."""
+    backend = BatchingFakeBackend(_echo, step_s=0.05)
+    (long,) = backend.stream_many([_prompt(" ".join(f"w{i}" for i in range(40)))], max_tokens=200)
+    next(long)
+    long.close()  # cancelled while the scheduler is inside a decode step
+    after = backend.stream_many([_prompt(f"n{i}") for i in range(4)], max_tokens=50, optional=True)
+    assert [s.collect().text for s in after] == [f"answer to n{i} ends here." for i in range(4)]
+    assert backend.scheduler.shed == 0
     backend.close()
 
 

@@ -202,11 +202,11 @@ class BatchScheduler:
                 return
             self._expire_waiting(groups)
             keep = [i for i, row in enumerate(active) if self._still_wanted(row)]
+            for i, row in enumerate(active):
+                if i not in keep:  # before admitting: a finished caller no longer counts as waiting (_shed)
+                    self._release(groups, row)
             new = self._admit(groups, len(keep))
             rows = [active[i] for i in keep] + [r for r, _ in new]
-            for row in active:
-                if row not in rows:
-                    self._release(groups, row)
             if len(keep) != len(active) or new:
                 try:
                     batch = (

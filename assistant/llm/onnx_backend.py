@@ -499,10 +499,16 @@ class OnnxBatchModel:
 
     def reserve(self, rows: int, positions: int) -> None:
         """Allocate and touch batch buffers now (start-up), so the first summary does not pay for them."""
-        if self.spare is None:
-            self.spare = self._new_batch(rows, positions)
-            for a in self.spare.arrays:
-                a.fill(0)
+        want = self._shape(rows, positions)
+        spare = self.spare
+        if spare is None or spare.row_cap < want[0] or spare.cap < want[2]:
+            self.spare = None
+            if spare is not None:
+                spare.release()
+            fresh = self._new_batch(rows, positions)
+            for a in fresh.arrays:
+                a.fill(0)  # fault the pages in now
+            self.spare = fresh
 
     def _new_batch(self, rows: int, positions: int) -> _KvBatch:
         shape = self._shape(rows, positions)
