@@ -83,8 +83,9 @@ PER_FACT_KINDS = frozenset(
     {"result", "medication", "administration", "pending", "encounter", "condition", "demographics", "news2"}
 )
 PER_FACT_MAX_TOKENS = 60
-# The synopsis prompt goes after the first facts' (a batched backend runs a caller's first 3 before the rest):
-# its long pre-fill then does not delay the first sentence, and its decode overlaps the other facts'.
+# The synopsis prompt goes after the first facts' (a batched backend runs a caller's first ones before the rest):
+# its long pre-fill then does not delay the first sentence, and its decode overlaps the other facts'. The first
+# SYNOPSIS_AFTER facts are required prompts; the rest are optional (a busy engine may leave them to the template).
 SYNOPSIS_AFTER = 3
 SENTENCE_END = r"[.!?]\s"  # the first sentence is complete (a batched backend stops the row there)
 PER_FACT_LIMIT = 8  # facts phrased by a small model; the rest keep their template sentences
