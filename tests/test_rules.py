@@ -651,3 +651,40 @@ def test_now_must_be_aware():
     chart = build_chart([patient()], source="t")
     with pytest.raises(ValueError, match="timezone"):
         evaluate(chart, now=datetime(2026, 1, 1))  # noqa: DTZ001
+
+
+# --- copies of one order (Synthea and real exports repeat prescriptions) --------------------------------------
+
+
+def test_an_allergy_conflict_with_a_duplicated_order_is_one_flag_citing_every_copy():
+    al = allergy("penicillin")
+    copies = [order("amoxicillin", rid=f"mr-amox-{i}") for i in range(3)]
+    doses = [d for mr in copies for d in administered(mr)]
+    findings = fired(run(al, *copies, *doses), "allergy-order-conflict")
+    assert len(findings) == 1  # it was one flag per copy
+    assert set(findings[0].evidence) == {
+        *(f"MedicationRequest/mr-amox-{i}" for i in range(3)),
+        f"AllergyIntolerance/{al['id']}",
+    }
+    # two different drugs against one allergy are still two flags
+    nsaid = allergy("ibuprofen")
+    pair = [order("ibuprofen"), order("ketorolac")]
+    assert len(fired(run(nsaid, *pair), "allergy-order-conflict")) == 2
+
+
+def test_a_dose_charted_against_one_copy_covers_the_drug_and_a_missed_drug_is_one_flag():
+    a = order("digoxin", rid="mr-d1")
+    b = order("digoxin", rid="mr-d2")
+    given = admin("digoxin", 2, request="mr-d1")
+    assert not fired(run(a, b, given), "order-not-administered")  # flagged mr-d2 before
+    old = admin("digoxin", 60, request="mr-d2")
+    (finding,) = fired(run(a, b, old), "order-not-administered")  # was one flag per copy
+    assert finding.evidence == (
+        "MedicationRequest/mr-d1",
+        "MedicationRequest/mr-d2",
+        f"MedicationAdministration/{old['id']}",
+    )
+    # a different drug is judged on its own
+    c = order("lithium carbonate", rid="mr-l")
+    flagged = fired(run(a, b, c, given), "order-not-administered")
+    assert [f.evidence[0] for f in flagged] == ["MedicationRequest/mr-l"]

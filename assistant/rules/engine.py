@@ -572,10 +572,15 @@ def _allergy_conflict(rule: Rule, ctx: RuleContext) -> list[Finding]:
     cross = set(rule.params.get("cross_reactive_classes") or ())
     out = []
     allergies: list[AllergyFact] = sorted(ctx.chart.active_allergies(), key=lambda a: a.ref)
+    # One flag per allergy and drug, citing every copy of a duplicated order (it raised one flag per copy).
+    by_drug = _by_drug(o for o in ctx.orders if o.intent != "statement")
     for allergy in allergies:
-        for order in (o for o in ctx.orders if o.intent != "statement"):
-            same = [i for i in order.ingredients if i in allergy.ingredients]
-            classes = [c for c in order.classes if c in allergy.classes and c in cross]
+        for group in by_drug.values():
+            ingredients = list(dict.fromkeys(i for o in group for i in o.ingredients))
+            same = [i for i in ingredients if i in allergy.ingredients]
+            classes = list(
+                dict.fromkeys(c for o in group for c in o.classes if c in allergy.classes and c in cross)
+            )
             if not same and not classes:
                 continue
             terms = terminology()
@@ -589,16 +594,16 @@ def _allergy_conflict(rule: Rule, ctx: RuleContext) -> list[Finding]:
                 _finding(
                     rule,
                     ctx,
-                    [order.ref, allergy.ref],
+                    [*(o.ref for o in group), allergy.ref],
                     [
-                        *_order_values([order]),
+                        *_order_values(group),
                         EvidenceValue(
                             f"Allergy: {allergy.substance}",
                             allergy.ref,
                             (", ".join(allergy.reactions) or None),
                         ),
                     ],
-                    order=_order_label(order),
+                    order=_join(_order_label(o) for o in group),
                     allergy=allergy.substance + crit,
                     reaction=reaction,
                     match=match,
@@ -777,24 +782,32 @@ def _order_not_administered(rule: Rule, ctx: RuleContext) -> list[Finding]:
     started_hours = float(rule.params.get("started_hours", 24))
     factor = float(rule.params.get("interval_factor", 1.5))
     out = []
-    for order in (o for o in ctx.orders if o.intent != "statement"):
-        interval = order.timing.interval_hours()
-        if interval is None:
-            continue  # PRN or no fixed schedule
-        started = order.start or order.authored_on
-        if started is None or started > ctx.since(started_hours):
-            continue
-        hours = max(rule.window_hours or 24, interval * factor)
-        floor = ctx.since(hours)
+    # Copies of one drug's order are judged together: a dose charted against either copy is that drug given (the
+    # duplicate itself is duplicate-order's flag), and a drug not given raises one flag citing every copy.
+    for group in _by_drug(o for o in ctx.orders if o.intent != "statement").values():
         given = [
             a
             for a in ctx.chart.administrations
-            if a.was_given and a.time is not None and a.time <= ctx.now and _covers(a, order)
+            if a.was_given and a.time is not None and a.time <= ctx.now and any(_covers(a, o) for o in group)
         ]
-        if any(a.time > floor for a in given):  # type: ignore[operator]
+        missed: list[tuple[MedicationOrder, float, float]] = []
+        for order in group:
+            interval = order.timing.interval_hours()
+            if interval is None:
+                continue  # PRN or no fixed schedule
+            started = order.start or order.authored_on
+            if started is None or started > ctx.since(started_hours):
+                continue
+            hours = max(rule.window_hours or 24, interval * factor)
+            floor = ctx.since(hours)
+            if not any(a.time > floor for a in given):  # type: ignore[operator]
+                missed.append((order, interval, hours))
+        if not missed:
             continue
+        order, interval, hours = missed[0]
         last = max(given, key=lambda a: a.time) if given else None  # type: ignore[arg-type, return-value]
-        values = _order_values([order])
+        orders = [o for o, _, _ in missed]
+        values = _order_values(orders)
         if last is not None:
             values.append(EvidenceValue(f"Last administration: {last.text}", last.ref, None, last.time))
         out.append(
@@ -802,11 +815,11 @@ def _order_not_administered(rule: Rule, ctx: RuleContext) -> list[Finding]:
                 rule,
                 ctx,
                 [
-                    order.ref,
+                    *(o.ref for o in orders),
                     *([last.ref] if last is not None else []),
                 ],  # the stated last time cites its record
                 values,
-                order=_order_label(order),
+                order=_join(_order_label(o) for o in orders),
                 schedule=_schedule_text(order, interval),
                 hours=format_number(round(hours, 1)),
                 last=f" (last charted {_when(last.time)})" if last else " (none charted)",
