@@ -13,8 +13,8 @@ KIND_TEXT = {
     "active (a newer normal value supersedes an older abnormal one).",
     "relative-change": "Fires when the latest result, taken within the recency window, has changed from a baseline "
     "(lowest or highest earlier value in a baseline window) by the stated criterion.",
-    "allergy-conflict": "Fires for each active, non-refuted allergy and active order that share an ingredient or a "
-    "cross-reactive class.",
+    "allergy-conflict": "Fires for each active, non-refuted allergy and actively ordered drug that share an ingredient "
+    "or a cross-reactive class (copies of one drug's order are one flag citing every copy).",
     "duplicate-class": "Fires when two or more scheduled active orders of different drugs (RxNorm ingredients) fall in "
     "the same therapeutic group, unless the pair is an intended combination; two orders of one drug are a duplicate "
     "order, not two drugs of the group.",
@@ -23,8 +23,9 @@ KIND_TEXT = {
     "the same dose, route and timing (one prescription recorded more than once).",
     "administration-without-order": "Fires for each administration given in the window whose order is missing, "
     "never valid, or had ended before the dose.",
-    "order-not-administered": "Fires for each scheduled (non-PRN) active order started long enough ago that has no "
-    "given administration in its window.",
+    "order-not-administered": "Fires for each drug with a scheduled (non-PRN) active order started long enough ago "
+    "that has no given administration in its window (a dose charted against any copy of the drug's order counts; "
+    "the copies are one flag).",
     "monitoring-gap": "Fires when a matching order is active and, for some monitored test, no result exists in the "
     "window (a test group counts as done when any of its analytes was resulted).",
     "drug-condition": "Fires when a matching order is active in a patient with a listed diagnosis (by SNOMED CT or "
