@@ -26,7 +26,7 @@ FIRST_ROW = """() => { const r = document.querySelector('.st-key-census-row-0 [d
   return !!r && r.getBoundingClientRect().height > 0; }"""
 # The patient page streams sentences with "composing…" under them, then shows the finished summary with its
 # "Composed by …" caption and the synopsis ("In short").
-STREAMING = "() => document.body.innerText.includes('composing…')"
+STREAMING = "() => /composing…|Composed by/.test(document.body.innerText)"
 DONE = "() => document.body.innerText.includes('Composed by')"
 
 
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patients", type=int, default=8, help="patients opened one at a time (census order)")
     ap.add_argument("--pairs", type=int, default=3, help="pairs opened at once in two sessions")
     ap.add_argument("--model-cache", help="folder holding the ONNX export (default: NVA_DATA_DIR/models)")
+    ap.add_argument("--backend", default="onnx", help="NVA_LLM_BACKEND (none: the page and template alone)")
     args = ap.parse_args(argv)
     missing = missing_requirements()
     if missing:
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {
             "NVA_SOURCE": str(demo),
             "NVA_DATA_DIR": str(Path(tmp) / "data"),
-            "NVA_LLM_BACKEND": "onnx",
+            "NVA_LLM_BACKEND": args.backend,
             "NVA_SECRETS_FILE": str(Path(tmp) / "none.toml"),
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}; load average at the end "
             f"{os.getloadavg()[0]:.1f}. `streamlit run dashboard/app.py` on the demo ward (seed 7) with "
-            "NVA_LLM_BACKEND=onnx (the default), Debian chromium via Playwright; each patient in a new session "
+            f"NVA_LLM_BACKEND={args.backend}, Debian chromium via Playwright; each patient in a new session "
             "(nothing cached), timed from the click on its census row. Server start to the first finished "
             f"summary (model load and warm-up included): {ready_s:.0f} s.",
             "",
