@@ -277,18 +277,7 @@ class BatchScheduler:
             for req in [r for r in g.waiting if r.optional]:
                 g.waiting.remove(req)
                 self.shed += 1
-                req.events.put(
-                    (
-                        "done",
-                        {
-                            "prompt_tokens": len(req.ids),
-                            "completion_tokens": 0,
-                            "finish_reason": "shed",
-                            "first_token_s": None,
-                            "reused": 0,
-                        },
-                    )
-                )
+                _finish(req, "shed", completion_tokens=0, first_token_s=None)
 
     def _admit(self, groups: OrderedDict[Hashable, _Group], busy: int) -> list[tuple[_Row, Any]]:
         """Pre-fill up to `admit_per_step` waiting requests, one group at a time in turn."""
@@ -353,17 +342,11 @@ class BatchScheduler:
 
     def _done(self, row: _Row, reason: str, eos: bool = False) -> None:
         row.finish = reason
-        row.req.events.put(
-            (
-                "done",
-                {
-                    "prompt_tokens": len(row.req.ids),
-                    "completion_tokens": len(row.generated) + (1 if eos else 0),
-                    "finish_reason": reason,
-                    "first_token_s": row.first_token_s,
-                    "reused": row.req.reused,
-                },
-            )
+        _finish(
+            row.req,
+            reason,
+            completion_tokens=len(row.generated) + (1 if eos else 0),
+            first_token_s=row.first_token_s,
         )
 
     def _fail(self, req: Request, exc: BaseException) -> None:
@@ -377,6 +360,22 @@ class BatchScheduler:
                 row.finish = "error"
                 self._fail(row.req, err)
             self._release(groups, row)
+
+
+def _finish(req: Request, reason: str, *, completion_tokens: int, first_token_s: float | None) -> None:
+    """Tell the request's reader it is done (read_events returns this info)."""
+    req.events.put(
+        (
+            "done",
+            {
+                "prompt_tokens": len(req.ids),
+                "completion_tokens": completion_tokens,
+                "finish_reason": reason,
+                "first_token_s": first_token_s,
+                "reused": req.reused,
+            },
+        )
+    )
 
 
 def _timeout(where: str) -> LlmTimeout:

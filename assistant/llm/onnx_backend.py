@@ -45,13 +45,11 @@ KV_HEADROOM = 128  # free positions per row when a batch buffer is (re)built (>=
 # One patient's summary decodes up to 8 rows (a synopsis and per-fact prompts) of up to ~640 positions (the
 # synopsis prompt is ~620 tokens): buffers of that size (~280 MB for SmolLM2-135M) are made at warm-up and kept.
 RESERVE_ROWS, RESERVE_POSITIONS = 8, 640
-IDLE_KEEP_BYTES = (
-    320 << 20
-)  # an emptied batch keeps buffers up to this size for the next summary (no re-allocation)
+# An emptied batch keeps buffers up to this size for the next summary (no re-allocation); larger ones are freed.
+IDLE_KEEP_BYTES = 320 << 20
 SAME_PREFIX_MIN = 16  # fewer shared tokens than this: a different prompt family, take a free slot if any
-FAMILY_SHARE = (
-    0.5  # a batched pre-fill sharing less than this part of its prompt starts a prefix family of its own
-)
+# A batched pre-fill sharing less than this part of its prompt starts a prefix family of its own.
+FAMILY_SHARE = 0.5
 
 
 def onnx_copy_dir(source: ModelSource, cache_dir: str | os.PathLike[str]) -> Path:

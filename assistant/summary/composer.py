@@ -573,7 +573,6 @@ def _submit(
     ) -> list[Any]:
         if many is None:  # a backend without stream_many: one call each, started when read
             return [_LazyStream(backend, m, max_tokens, timeout) for m in messages]
-        kwargs = {"optional": True} if optional else {}
         return list(
             many(
                 messages,
@@ -582,7 +581,7 @@ def _submit(
                 timeout=timeout,
                 stop=stop,
                 group=group,
-                **kwargs,
+                optional=optional,
             )
         )
 
