@@ -81,9 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.model_cache:
             env["NVA_LLM_CACHE_DIR"] = str(Path(args.model_cache).resolve())
         t_start = time.perf_counter()
-        with streamlit_server(env, startup_s=600) as base, chromium() as context:
+        # One page per browser: a second tab in the same browser would leave the first in the background, where
+        # chromium throttles its timers and the click reached the server ~1.6 s late (measured; the figures of
+        # 2026-12-01 16:31 were taken that way). Two nurses are two browsers.
+        with streamlit_server(env, startup_s=600) as base, chromium() as context, chromium() as context2:
             page = context.new_page()
-            other = context.new_page()
+            other = context2.new_page()
             _open_census(page, base)
             # the dashboard warms the model at start; wait for a first summary so the warm-up is not counted
             t0 = _click(page, 0)

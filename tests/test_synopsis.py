@@ -185,7 +185,8 @@ def test_a_synopsis_started_early_is_read_from_its_stream(sheet):
     answer = " ".join(_tagged(f) for f in facts[:2] if f.sentence)
     backend = BatchingFakeBackend([answer])
     messages = synopsis_request(sheet, backend)
-    assert messages == build_messages(synopsis_facts(sheet, SMALL_MODEL_FACTS))  # small model: fewer facts
+    # small model: fewer facts, today's times in relative words
+    assert messages == build_messages(synopsis_facts(sheet, SMALL_MODEL_FACTS), sheet.now)
     (stream,) = backend.stream_many([messages], max_tokens=SYNOPSIS_MAX_TOKENS)
     syn = compose_synopsis(sheet, backend, stream=stream)
     assert syn.source == "llm" and syn.sentences and len(backend.calls) == 1  # no second request

@@ -7,10 +7,11 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from assistant.llm import ChatMessage
-from assistant.summary.facts import Fact, FactSheet
+from assistant.summary.facts import Fact, FactSheet, relative_times
 from assistant.summary.verifier import Sentence, SentenceSplitter, Verifier
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ Rules:
 
 # One worked example in the shape the verifier binds best; small models imitate its form.
 EXAMPLE_FACTS = """[F1] Illness severity watcher: NEWS2 5 (medium clinical risk)
-[F2] Sodium 128 mmol/L (low) at 2020-01-01 05:00
-[F3] Dose due: Furosemide 40 mg PO once daily due 2020-01-01 09:00"""
+[F2] Sodium 128 mmol/L (low) at 05:00 today
+[F3] Dose due: Furosemide 40 mg PO once daily due 09:00 today"""
 EXAMPLE_ANSWER = """NEWS2 is 5, a medium clinical risk [F1].
 Sodium was low at 128 mmol/L at 05:00, and furosemide 40 mg is due at 09:00 [F2][F3]."""
 _EXAMPLE_KEYS = frozenset(
@@ -75,25 +76,30 @@ _LONG_ASIDE = re.compile(r" \([^()]{40,}\)")
 _FLAG_WHY = re.compile(r"; [^;0-9]*\.$")
 
 
-def prompt_line(fact: Fact) -> str:
+def prompt_line(fact: Fact, now: datetime | None = None) -> str:
     """A fact as the synopsis prompt shows it: short lines keep a small model on the point and cost fewer
-    pre-fill tokens (a flag without its value list, action and explanation; no long asides; no "UTC")."""
-    text = fact.text
+    pre-fill tokens (a flag without its value list, action and explanation; no long asides; no "UTC"; with `now`,
+    today's and yesterday's times as "05:00 today")."""
+    text = relative_times(fact.text, now) if now is not None else fact.text
     if fact.kind == "flag":
         text = _FLAG_WHY.sub(".", re.split(r" (?:Values|Action): ", text)[0].rstrip())
     text = _LONG_ASIDE.sub("", text).replace(" UTC)", ")")
     return f"[{fact.tag}] {text}"
 
 
-def build_messages(facts: Sequence[Fact]) -> list[ChatMessage]:
-    """Fixed system rules and example first (a prefix shared by every patient), the facts last, as data."""
+def build_messages(facts: Sequence[Fact], now: datetime | None = None) -> list[ChatMessage]:
+    """Fixed system rules and example first (a prefix shared by every patient), the facts last, as data.
+
+    `now`: for a small local model only (relative day words; a served model, perhaps de-identified, gets the
+    times as the chart states them)."""
     ask = "Write the synopsis: two or three sentences, most important first, each ending with its tags."
     return [
         ChatMessage("system", SYSTEM),
         ChatMessage("user", f"FACTS (data from the chart):\n{EXAMPLE_FACTS}\n\n{ask}"),
         ChatMessage("assistant", EXAMPLE_ANSWER),
         ChatMessage(
-            "user", "FACTS (data from the chart):\n" + "\n".join(prompt_line(f) for f in facts) + f"\n\n{ask}"
+            "user",
+            "FACTS (data from the chart):\n" + "\n".join(prompt_line(f, now) for f in facts) + f"\n\n{ask}",
         ),
     ]
 
@@ -147,7 +153,7 @@ def synopsis_request(sheet: FactSheet, backend: Any | None) -> list[ChatMessage]
     facts = synopsis_facts(sheet, SMALL_MODEL_FACTS if small else SYNOPSIS_FACTS)
     if not facts or backend is None or not getattr(backend, "available", False):
         return None
-    return build_messages(facts)
+    return build_messages(facts, sheet.now if small else None)
 
 
 def compose_synopsis(
@@ -209,7 +215,10 @@ def compose_synopsis(
         splitter = SentenceSplitter()
         if stream is None:
             stream = backend.stream(
-                build_messages(facts), max_tokens=SYNOPSIS_MAX_TOKENS, temperature=0.0, timeout=timeout
+                build_messages(facts, sheet.now if small else None),
+                max_tokens=SYNOPSIS_MAX_TOKENS,
+                temperature=0.0,
+                timeout=timeout,
             )
         with stream:
             for delta in stream:

@@ -108,11 +108,13 @@ if view.chart is not None:
         with delta_tab:
             render.patient_delta_section(view, since)
 # Header, flags and the labs table are on screen. Then the slower parts: the ward picker (server work while the
-# browser paints), trend charts (vega renders in the browser), guideline passages, the LLM summary.
+# browser paints), guideline passages, the LLM summary, and the trend charts last: vega draws them in the browser,
+# and while the local model composes on the same cores that drawing slowed the summary by ~2 s (2 cores,
+# bench/bench_dashboard_llm.py). The order is the nurse's too: flags, the cited summary, then trends.
 if not drawn:
     patient_picker(pid)
-if draw_trends is not None:
-    draw_trends()
 if view.chart is not None and summary_slot is not None:
     passages = [p for finding, slot in slots for p in render.fill_guideline(slot, finding)]
     render.summary_section(cfg, view, summary_slot, passages, suggest_slot=suggest_slot)
+if draw_trends is not None:
+    draw_trends()
