@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import machine  # noqa: E402
-from tests.browser import chromium, missing_requirements, streamlit_server, wait_rendered  # noqa: E402
+from tests.browser import (  # noqa: E402
+    CHROMIUM_FLAGS,
+    chromium_path,
+    missing_requirements,
+    streamlit_server,
+    wait_rendered,
+)
 
 SECTION = "## Embedded model in the browser (issue 16)"
 FIRST_ROW = """() => { const r = document.querySelector('.st-key-census-row-0 [data-testid="stPageLink-NavLink"]');
@@ -43,6 +51,23 @@ def _open_census(page: Any, base: str) -> None:
     page.goto("about:blank")
     page.goto(base)  # a new session: nothing cached in it
     _until(page, FIRST_ROW, timeout=300)
+
+
+@contextlib.contextmanager
+def browsers(n: int) -> Iterator[list[Any]]:
+    """One page in each of `n` chromium browsers (Debian's, tests.browser's flags)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        launched = [
+            pw.chromium.launch(executable_path=chromium_path(), args=list(CHROMIUM_FLAGS), headless=True)
+            for _ in range(n)
+        ]
+        try:
+            yield [b.new_context(viewport={"width": 1440, "height": 1000}).new_page() for b in launched]
+        finally:
+            for b in launched:
+                b.close()
 
 
 def _click(page: Any, n: int) -> float:
@@ -84,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         # One page per browser: a second tab in the same browser would leave the first in the background, where
         # chromium throttles its timers and the click reached the server ~1.6 s late (measured; the figures of
         # 2026-12-01 16:31 were taken that way). Two nurses are two browsers.
-        with streamlit_server(env, startup_s=600) as base, chromium() as context, chromium() as context2:
-            page = context.new_page()
-            other = context2.new_page()
+        with streamlit_server(env, startup_s=600) as base, browsers(2) as (page, other):
             _open_census(page, base)
             # the dashboard warms the model at start; wait for a first summary so the warm-up is not counted
             t0 = _click(page, 0)

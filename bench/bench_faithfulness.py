@@ -161,6 +161,21 @@ def _near(x: float, values: list[float], decimals: int) -> bool:
     return False
 
 
+RELATIVE_RE = re.compile(r"\b(\d{2}:\d{2}) (today|yesterday)\b")
+
+
+def spell_out_days(text: str, now: datetime) -> str:
+    """ "05:00 today" / "22:21 yesterday" (the small model's prompt form) as full UTC stamps, so the times of such
+    sentences are checked like any other."""
+    day = now.astimezone(UTC).date()
+
+    def full(m: re.Match[str]) -> str:
+        d = day - timedelta(days=1 if m.group(2) == "yesterday" else 0)
+        return f"{d:%Y-%m-%d} {m.group(1)}"
+
+    return RELATIVE_RE.sub(full, text)
+
+
 def judge(sentence: Any, raw: dict[str, Raw], patient_allergic: bool) -> str | None:
     """None when the cited raw resources hold what the sentence states; else what is wrong."""
     cited = [raw[c] for c in sentence.citations if c in raw]
@@ -173,7 +188,7 @@ def judge(sentence: Any, raw: dict[str, Raw], patient_allergic: bool) -> str | N
         if r.interval_h:
             given = sorted(t for x in cited for t in x.given)
             times += [g + timedelta(hours=r.interval_h) for g in given[-1:]]
-    text = sentence.text
+    text = spell_out_days(sentence.text, ANCHOR)
     stamps = []
     for m in STAMP_RE.finditer(text):
         t = datetime(*(int(g) for g in m.groups()), tzinfo=UTC)

@@ -95,3 +95,41 @@ def test_a_served_model_gets_the_times_as_the_chart_states_them(ward):
     fact = Fact(tag="F1", kind="result", label="K", text="K 5.9 mmol/L at 2026-03-16 05:00", provenance=())
     assert build_fact_messages(fact)[-1].content.endswith("2026-03-16 05:00")
     assert build_fact_messages(fact, NOW.astimezone(UTC))[-1].content.endswith("05:00 today")
+
+
+def test_the_faithfulness_checker_reads_relative_times_as_the_anchor_day():
+    """bench_faithfulness' independent checker must still check the time of a value written "05:00 today"."""
+    from bench.bench_faithfulness import spell_out_days
+
+    text = "Potassium was 5.9 mmol/L at 05:00 today, up from 5.1 at 22:00 yesterday."
+    assert (
+        spell_out_days(text, NOW)
+        == "Potassium was 5.9 mmol/L at 2026-03-16 05:00, up from 5.1 at 2026-03-15 22:00."
+    )
+    assert spell_out_days("seen today", NOW) == "seen today"
+
+
+def test_a_value_said_at_a_clock_time_today_is_bound_to_today_not_to_that_time_yesterday(ward):
+    """Found by the faithfulness checker: "111 mg/dL at 05:00 today" passed because 111 was charted at 05:00
+    yesterday (the day word was not bound to the value). Over the demo ward, every result whose two readings share
+    a clock time: the earlier value said "today" (either word order) is dropped, the latest one shown."""
+    pat = re.compile(
+        r"^(?P<name>[A-Za-z ]+?) (?P<v1>[\d.]+) (?P<unit>\S+) \(\w+\) at 2026-03-16 (?P<t>\d{2}:\d{2}), "
+        r"\w+ from (?P<v0>[\d.]+) \S+ at 2026-03-15 (?P=t)$"
+    )
+    checked = 0
+    for chart, findings in ward:
+        sheet = build_fact_sheet(chart, findings, now=NOW)
+        verifier = Verifier(sheet)
+        for fact in sheet.facts:
+            m = pat.match(fact.text)
+            if fact.kind != "result" or not m or m["v0"] == m["v1"]:
+                continue
+            name, unit, t = m["name"], m["unit"], m["t"]
+            for when in (f"at {t} today", f"today at {t}"):
+                ok = verifier.verify(f"{name} was {m['v1']} {unit} {when}. [{fact.tag}]", origin="llm")
+                bad = verifier.verify(f"{name} was {m['v0']} {unit} {when}. [{fact.tag}]", origin="llm")
+                assert ok.verified, (ok.text, ok.reason)
+                assert not bad.verified and "not at" in (bad.reason or ""), (bad.text, bad.reason)
+            checked += 1
+    assert checked >= 3

@@ -635,10 +635,35 @@ def _cue(gap: str) -> str | None:
     return found
 
 
+_DAY_GAP = re.compile(r"\s*(?:at|on)?\s*", re.I)
+
+
+def _join_day_words(mentions: list[_Mention], text: str) -> list[_Mention]:
+    """A time of day and the day word beside it ("05:00 today", "yesterday at 22:21") are one time: the value or
+    role it belongs to was charted then, not at that clock time on any day (a small model's prompts say times so)."""
+    out: list[_Mention] = []
+    for mn in mentions:
+        prev = out[-1] if out else None
+        if (
+            prev is not None
+            and {prev.kind, mn.kind} == {"when", "relwhen"}
+            and _DAY_GAP.fullmatch(text[prev.end : mn.start])
+        ):
+            clock, day = (prev, mn) if prev.kind == "when" else (mn, prev)
+            w: When = clock.data  # type: ignore[assignment]
+            if w.clock is not None:
+                days = day.data.days  # type: ignore[attr-defined]
+                out[-1] = _Mention(prev.start, mn.end, "when", When(w.date, w.clock, days))
+                continue
+        out.append(mn)
+    return out
+
+
 def _bind(c: Claims, mentions: list[_Mention], text: str) -> None:
     """Walk the sentence left to right: a value belongs to the analyte or drug named last in its clause, a time
     to the value or role word just before it, a qualifier to the subject it stands beside."""
     mentions.sort(key=lambda mn: (mn.start, mn.end))
+    mentions[:] = _join_day_words(mentions, text)
     subject: tuple[str, str] | None = None
     pending_quals: list[tuple[int, str]] = []  # (end, qualifier) said before the subject: "high potassium"
     last_value: ValueClaim | None = None
