@@ -39,6 +39,11 @@ def test_times_of_today_and_yesterday_read_as_words_older_ones_stay_whole():
     assert relative_times("due 2026-03-15 23:45", SYDNEY_MORNING) == "due 23:45 today"
     assert relative_times("due 2026-03-16 00:15", SYDNEY_MORNING) == "due 2026-03-16 00:15"  # tomorrow: whole
     assert relative_times("no time here 2026-03-16", NOW) == "no time here 2026-03-16"
+    # chart text can hold anything that looks like a stamp: left as written, nothing raised
+    assert (
+        relative_times("lot 2026-13-45 10:00 and 2026-03-16 05:00", NOW)
+        == "lot 2026-13-45 10:00 and 05:00 today"
+    )
 
 
 def test_relative_times_verify_and_a_shifted_day_does_not(ward):

@@ -82,7 +82,8 @@ PER_FACT_EXAMPLE = (
 )
 # Kinds a small model is asked to phrase. Dose-due (administration) and condition facts are left to their template
 # sentences: on the demo ward SmolLM2-135M's sentence verified for 8 of 36 and 9 of 28 of them (2026-12-01), so
-# asking cost a seventh of the summary's model time (3.80 s -> 3.26 s median) for 17 of 118 verified sentences (bench/bench_llm_speed.py, docs/BENCHMARKS.md).
+# asking cost a seventh of the summary's model time (3.80 s -> 3.26 s median) for 17 of 118 verified sentences
+# (docs/BENCHMARKS.md, "Embedded summary model speed").
 PER_FACT_KINDS = frozenset({"result", "medication", "pending", "encounter", "demographics", "news2"})
 PER_FACT_MAX_TOKENS = 60
 # The synopsis prompt goes after the first facts' (a batched backend runs a caller's first ones before the rest):

@@ -166,7 +166,10 @@ def relative_times(text: str, now: datetime) -> str:
     words = {today: "today", today - timedelta(days=1): "yesterday"}
 
     def short(m: re.Match[str]) -> str:
-        day = date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+        try:
+            day = date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+        except ValueError:  # not a date (chart text can hold anything): left as written
+            return m.group(0)
         return f"{m.group(4)} {words[day]}" if day in words else m.group(0)
 
     return _PROMPT_STAMP.sub(short, text)
