@@ -6,13 +6,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import machine  # noqa: E402
 from tests.browser import (  # noqa: E402
-    CHROMIUM_FLAGS,
-    chromium_path,
+    chromium_contexts,
     missing_requirements,
     streamlit_server,
     wait_rendered,
@@ -51,23 +48,6 @@ def _open_census(page: Any, base: str) -> None:
     page.goto("about:blank")
     page.goto(base)  # a new session: nothing cached in it
     _until(page, FIRST_ROW, timeout=300)
-
-
-@contextlib.contextmanager
-def browsers(n: int) -> Iterator[list[Any]]:
-    """One page in each of `n` chromium browsers (Debian's, tests.browser's flags)."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        launched = [
-            pw.chromium.launch(executable_path=chromium_path(), args=list(CHROMIUM_FLAGS), headless=True)
-            for _ in range(n)
-        ]
-        try:
-            yield [b.new_context(viewport={"width": 1440, "height": 1000}).new_page() for b in launched]
-        finally:
-            for b in launched:
-                b.close()
 
 
 def _click(page: Any, n: int) -> float:
@@ -106,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.model_cache:
             env["NVA_LLM_CACHE_DIR"] = str(Path(args.model_cache).resolve())
         t_start = time.perf_counter()
-        # One page per browser: a second tab in the same browser would leave the first in the background, where
-        # chromium throttles its timers and the click reached the server ~1.6 s late (measured; the figures of
-        # 2026-12-01 16:31 were taken that way). Two nurses are two browsers.
-        with streamlit_server(env, startup_s=600) as base, browsers(2) as (page, other):
+        # One browser per session (two nurses are two browsers): the figures of 2026-12-01 16:31 were taken in
+        # two tabs of one browser, the clicks in a throttled background tab.
+        with streamlit_server(env, startup_s=600) as base, chromium_contexts(2) as contexts:
+            page, other = (c.new_page() for c in contexts)
             _open_census(page, base)
             # the dashboard warms the model at start; wait for a first summary so the warm-up is not counted
             t0 = _click(page, 0)

@@ -182,20 +182,37 @@ def screenshot(page: Any, path: Path, *, width: int = 1440, max_height: int = 40
 
 
 @contextlib.contextmanager
-def chromium(width: int = 1440, height: int = 1000) -> Iterator[Any]:
-    """A Playwright browser context on Debian's chromium (executable_path, never a downloaded browser)."""
+def chromium_contexts(n: int, width: int = 1440, height: int = 1000) -> Iterator[list[Any]]:
+    """A Playwright context in each of `n` Debian chromium browsers (executable_path, never a downloaded browser).
+
+    One browser per user: tabs of one browser leave all but one in the background, where chromium throttles timers
+    (a click there reached the server ~1.6 s late in bench/bench_dashboard_llm.py)."""
     from playwright.sync_api import sync_playwright
 
     exe = chromium_path()
     if exe is None:
         raise BrowserError("chromium is not installed")
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=exe, args=list(CHROMIUM_FLAGS), headless=True)
+        launched: list[Any] = []
         try:
-            context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
-            yield context
+            for _ in range(n):
+                launched.append(
+                    pw.chromium.launch(executable_path=exe, args=list(CHROMIUM_FLAGS), headless=True)
+                )
+            yield [
+                b.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
+                for b in launched
+            ]
         finally:
-            browser.close()
+            for b in launched:
+                b.close()
+
+
+@contextlib.contextmanager
+def chromium(width: int = 1440, height: int = 1000) -> Iterator[Any]:
+    """A Playwright browser context on Debian's chromium."""
+    with chromium_contexts(1, width, height) as (context,):
+        yield context
 
 
 class Beacon:

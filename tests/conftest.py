@@ -40,6 +40,17 @@ def demo_ward_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_ward_judged(demo_ward_dir) -> list[tuple]:
+    """Every demo-ward chart with its rule findings at DEMO_ANCHOR, in source order (read-only: shared)."""
+    from assistant.rules.engine import evaluate
+    from connectors import open_source
+
+    with open_source(demo_ward_dir) as src:
+        charts = [src.patient_chart(pid) for pid in src.iter_patient_ids()]
+    return [(c, evaluate(c, now=DEMO_ANCHOR)) for c in charts]
+
+
 @pytest.fixture
 def fhir_server_factory():
     """Start FhirTestServer instances on 127.0.0.1; all are stopped at the end of the test."""

@@ -167,13 +167,8 @@ def _answer(messages: list[ChatMessage]) -> str:
 
 
 @pytest.fixture(scope="module")
-def ward_charts(demo_ward_dir):
-    from assistant.rules.engine import evaluate
-    from connectors import open_source
-
-    with open_source(demo_ward_dir) as src:
-        charts = [src.patient_chart(pid) for pid in src.iter_patient_ids()]
-    return [(c, evaluate(c, now=NOW)) for c in charts[:4]]
+def ward_charts(demo_ward_judged):
+    return demo_ward_judged[:4]
 
 
 def _summary(res) -> list[tuple[str, str, tuple[str, ...]]]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta, timezone
 
-import pytest
-
 from assistant.llm import ScriptedBackend
 from assistant.summary.composer import PER_FACT_KINDS, build_fact_messages, compose
 from assistant.summary.facts import Fact, build_fact_sheet, relative_times
@@ -17,16 +15,6 @@ from tests.conftest import DEMO_ANCHOR as NOW
 ISO = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}")
 # A frozen clock in a zone where the local date is already the next day: "today" is the UTC day the facts use.
 SYDNEY_MORNING = datetime(2026, 3, 16, 9, 30, tzinfo=timezone(timedelta(hours=10)))  # 2026-03-15 23:30 UTC
-
-
-@pytest.fixture(scope="module")
-def ward(demo_ward_dir):
-    from assistant.rules.engine import evaluate
-    from connectors import open_source
-
-    with open_source(demo_ward_dir) as src:
-        charts = [src.patient_chart(pid) for pid in src.iter_patient_ids()]
-    return [(c, evaluate(c, now=NOW)) for c in charts]
 
 
 def test_times_of_today_and_yesterday_read_as_words_older_ones_stay_whole():
@@ -46,11 +34,11 @@ def test_times_of_today_and_yesterday_read_as_words_older_ones_stay_whole():
     )
 
 
-def test_relative_times_verify_and_a_shifted_day_does_not(ward):
+def test_relative_times_verify_and_a_shifted_day_does_not(demo_ward_judged):
     """Over the demo ward: a fact written back with relative times verifies against its record; the same time on
     the other day (a value stated at the wrong time) is dropped."""
     checked = wrong = 0
-    for chart, findings in ward:
+    for chart, findings in demo_ward_judged:
         sheet = build_fact_sheet(chart, findings, now=NOW)
         verifier = Verifier(sheet)
         for fact in sheet.facts:
@@ -68,10 +56,10 @@ def test_relative_times_verify_and_a_shifted_day_does_not(ward):
     assert checked >= 20 and wrong >= 5
 
 
-def test_the_small_model_is_asked_short_times_and_only_the_kinds_it_phrases(ward):
+def test_the_small_model_is_asked_short_times_and_only_the_kinds_it_phrases(demo_ward_judged):
     backend = ScriptedBackend(lambda msgs: "I cannot say.")
     asked_kinds: set[str] = set()
-    for chart, findings in ward:
+    for chart, findings in demo_ward_judged:
         before = len(backend.calls)
         res = compose(chart, findings, backend=backend, now=NOW, mode="per-fact")
         prompts = [m[-1].content for m, _ in backend.calls[before:] if m[-1].content.startswith("FACT: ")]
@@ -88,8 +76,8 @@ def test_the_small_model_is_asked_short_times_and_only_the_kinds_it_phrases(ward
     assert not asked_kinds & {"administration", "condition"}
 
 
-def test_a_served_model_gets_the_times_as_the_chart_states_them(ward):
-    chart, findings = ward[0]
+def test_a_served_model_gets_the_times_as_the_chart_states_them(demo_ward_judged):
+    chart, findings = demo_ward_judged[0]
     sheet = build_fact_sheet(chart, findings, now=NOW)
     served = ScriptedBackend(["x"])  # not a small in-process model: its prompt may leave the machine
     small = ScriptedBackend(["x"])
@@ -114,7 +102,7 @@ def test_the_faithfulness_checker_reads_relative_times_as_the_anchor_day():
     assert spell_out_days("seen today", NOW) == "seen today"
 
 
-def test_a_value_said_at_a_clock_time_today_is_bound_to_today_not_to_that_time_yesterday(ward):
+def test_a_value_said_at_a_clock_time_today_is_bound_to_today_not_to_that_time_yesterday(demo_ward_judged):
     """Found by the faithfulness checker: "111 mg/dL at 05:00 today" passed because 111 was charted at 05:00
     yesterday (the day word was not bound to the value). Over the demo ward, every result whose two readings share
     a clock time: the earlier value said "today" (either word order) is dropped, the latest one shown."""
@@ -123,7 +111,7 @@ def test_a_value_said_at_a_clock_time_today_is_bound_to_today_not_to_that_time_y
         r"\w+ from (?P<v0>[\d.]+) \S+ at 2026-03-15 (?P=t)$"
     )
     checked = 0
-    for chart, findings in ward:
+    for chart, findings in demo_ward_judged:
         sheet = build_fact_sheet(chart, findings, now=NOW)
         verifier = Verifier(sheet)
         for fact in sheet.facts:

@@ -215,7 +215,7 @@ def compose_synopsis(
         splitter = SentenceSplitter()
         if stream is None:
             stream = backend.stream(
-                build_messages(facts, sheet.now if small else None),
+                synopsis_request(sheet, backend),  # the same prompt a caller may have started early
                 max_tokens=SYNOPSIS_MAX_TOKENS,
                 temperature=0.0,
                 timeout=timeout,
